@@ -1,0 +1,144 @@
+"""A catalogue entry and the ``models.yaml`` file, as pydantic models.
+
+Unknown keys are refused everywhere (``extra="forbid"``): a misspelt setting must fail at start,
+not be silently ignored. Engine settings are checked separately by vLLM's own argument parser
+(see ``appliance.engines.vllm_engine.validate_engine_settings``).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+
+
+class Task(str, enum.Enum):
+    """What a model does."""
+
+    GENERATE = "generate"  # chat and text completions
+    EMBED = "embed"  # embeddings (vLLM's pooling runner)
+
+
+class Resources(BaseModel):
+    """What a model needs from the host: devices, and memory on each."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs the model spans.")
+    memory_gib: float | None = Field(
+        None, gt=0, description="Memory needed on each device, in GiB (weights + KV cache)."
+    )
+    memory_share: float | None = Field(
+        None, gt=0, le=1, description="Share of each device's memory (vLLM gpu_memory_utilization)."
+    )
+    devices: list[int] | None = Field(
+        None, description="Pin to these device indices (as NVML numbers them)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Resources:
+        if self.memory_gib is not None and self.memory_share is not None:
+            raise ValueError("give memory_gib or memory_share, not both")
+        if self.devices is not None:
+            if len(set(self.devices)) != len(self.devices):
+                raise ValueError("devices lists a device twice")
+            if any(d < 0 for d in self.devices):
+                raise ValueError("device indices are 0 or more")
+            if len(self.devices) != self.tensor_parallel_size:
+                raise ValueError(
+                    f"devices pins {len(self.devices)} device(s) but tensor_parallel_size is "
+                    f"{self.tensor_parallel_size}"
+                )
+        return self
+
+
+class ModelSpec(BaseModel):
+    """One catalogue entry: a model the appliance can serve, locally or through a backend."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="The name clients ask for.")
+    version: str = Field("1", min_length=1, max_length=64)
+    owner: str = Field("local", min_length=1, max_length=128)
+    task: Task = Task.GENERATE
+    source: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Hub id, local folder, or package:MODULE/PATH for a model shipped inside a Python "
+            "package. Served by this appliance's own engines."
+        ),
+    )
+    backend_url: str | None = Field(
+        None, description="Base URL of another OpenAI-compatible server that serves this model."
+    )
+    autoload: bool = Field(True, description="Load at start-up.")
+    load_on_demand: bool = Field(False, description="Load when a request asks for it.")
+    keep_alive: float | None = Field(
+        None, gt=0, description="Unload after this many idle seconds (None: never)."
+    )
+    evictable: bool = Field(False, description="May be unloaded to make room for another.")
+    resources: Resources = Field(default_factory=Resources)
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM engine settings (max_model_len, dtype, ...), as vllm serve takes them.",
+    )
+
+    @field_validator("backend_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("engine")
+    @classmethod
+    def _check_engine_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = {"model", "served_model_name", "tensor_parallel_size", "runner"}
+        clash = sorted(reserved & {k.replace("-", "_") for k in value})
+        if clash:
+            raise ValueError(
+                f"{', '.join(clash)} is set by the appliance from the entry itself "
+                "(source, name, resources, task); remove it from engine"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_location(self) -> ModelSpec:
+        if (self.source is None) == (self.backend_url is None):
+            raise ValueError("give exactly one of source (served here) or backend_url (remote)")
+        if self.backend_url is not None and self.engine:
+            raise ValueError("engine settings apply to local models only, not to a backend_url")
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        """True when this appliance's own engines serve the model."""
+        return self.source is not None
+
+
+class CatalogueFile(BaseModel):
+    """The whole ``models.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry_url: str | None = Field(
+        None, description="Model registry service; models.yaml is the fallback when it is down."
+    )
+    registry_ttl: float = Field(30.0, gt=0, description="Seconds a registry answer stays fresh.")
+    models: list[ModelSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> CatalogueFile:
+        seen: set[str] = set()
+        for spec in self.models:
+            if spec.name in seen:
+                raise ValueError(f"model {spec.name!r} is declared twice")
+            seen.add(spec.name)
+        return self
