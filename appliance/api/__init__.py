@@ -1,0 +1,1 @@
+"""The HTTP edge: the app factory, middleware, error mapping and routes."""

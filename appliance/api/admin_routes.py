@@ -1,0 +1,100 @@
+"""The admin API: what the CLI's `appliance models ...` commands talk to."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from appliance.appliance import Appliance
+from appliance.catalogue.schema import ModelSpec
+from appliance.errors import NotSupportedError
+
+
+def _describe(app: Appliance, spec: ModelSpec) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": spec.name,
+        "version": spec.version,
+        "owner": spec.owner,
+        "task": spec.task.value,
+        "autoload": spec.autoload,
+        "load_on_demand": spec.load_on_demand,
+        "evictable": spec.evictable,
+        "keep_alive": spec.keep_alive,
+    }
+    if spec.is_local:
+        entry["source"] = spec.source
+        entry.update(app.supervisor.status(app.supervisor.get(spec.name)))
+    else:
+        entry["backend_url"] = spec.backend_url
+        entry.update(app.remote_status(spec))
+    return entry
+
+
+def build_admin_router(app: Appliance) -> APIRouter:
+    """The ``/admin`` routes, bound to ``app``."""
+    api = APIRouter(prefix="/admin", tags=["Admin"])
+
+    @api.get("/models", summary="Every model and its state")
+    async def list_models() -> JSONResponse:
+        """Catalogue entries with state, devices, memory, load time, in-flight requests."""
+        return JSONResponse(
+            {
+                "object": "list",
+                "catalogue_source": app.catalogue.origin.value,
+                "device_kind": app.supervisor.inventory.kind.value,
+                "data": [_describe(app, spec) for spec in app.catalogue.specs()],
+            }
+        )
+
+    @api.get("/models/{name:path}/status", summary="One model")
+    async def model_status(name: str) -> JSONResponse:
+        """One model's entry and state."""
+        return JSONResponse(_describe(app, app.catalogue.get(name)))
+
+    @api.post("/models/{name:path}/load", summary="Load a model")
+    async def load(name: str) -> JSONResponse:
+        """Load the model (evicting evictable ones if needed); answers once it is ready."""
+        app.catalogue.get(name)
+        evicted = await app.load(name)
+        body = _describe(app, app.catalogue.get(name))
+        body["evicted"] = evicted
+        return JSONResponse(body)
+
+    @api.post("/models/{name:path}/unload", summary="Unload a model")
+    async def unload(name: str) -> JSONResponse:
+        """Drain the model (bounded), then stop its engine and free its memory."""
+        app.catalogue.get(name)
+        await app.supervisor.unload(name)
+        return JSONResponse(_describe(app, app.catalogue.get(name)))
+
+    @api.post("/models/{name:path}/sleep", summary="Put a model to sleep (GPU only)")
+    async def sleep(name: str) -> JSONResponse:
+        """vLLM sleep mode frees GPU memory but keeps the engine; not on CPU."""
+        app.catalogue.get(name)
+        raise NotSupportedError(
+            f"sleep mode is not available on this appliance's devices "
+            f"({app.supervisor.inventory.kind.value}); use unload instead"
+        )
+
+    @api.post("/models/{name:path}/wake", summary="Wake a sleeping model (GPU only)")
+    async def wake(name: str) -> JSONResponse:
+        """Counterpart of sleep; not on CPU."""
+        app.catalogue.get(name)
+        raise NotSupportedError(
+            f"sleep mode is not available on this appliance's devices "
+            f"({app.supervisor.inventory.kind.value})"
+        )
+
+    @api.post("/reload", summary="Re-read models.yaml and apply the difference")
+    async def reload() -> JSONResponse:
+        """New models load, removed ones drain and unload, changed ones restart."""
+        return JSONResponse(await app.reload())
+
+    @api.get("/registry", summary="Registry status and catalogue source")
+    async def registry() -> JSONResponse:
+        """Whether the registry is up and which catalogue is in force."""
+        return JSONResponse(app.registry_status())
+
+    return api

@@ -1,0 +1,77 @@
+"""The app factory: the FastAPI app composed explicitly from an ``Appliance``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from appliance import __version__
+from appliance.api.admin_routes import build_admin_router
+from appliance.api.error_handlers import register_error_handlers
+from appliance.api.health_routes import build_health_router
+from appliance.api.middleware import RequestContextMiddleware
+from appliance.api.openai_routes import build_openai_router
+from appliance.appliance import Appliance
+from appliance.errors import ApplianceError
+from appliance.settings import Settings
+
+log = logging.getLogger("appliance")
+
+
+def create_app(settings: Settings, appliance: Appliance | None = None) -> FastAPI:
+    """Build the appliance (validating the catalogue) and its HTTP app.
+
+    Engines start in the app's lifespan, not here, so building the app is cheap and fails
+    fast on a bad configuration.
+    """
+    core = appliance or Appliance(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task[None]] = set()
+
+        def reload_on_sighup() -> None:
+            async def run() -> None:
+                try:
+                    await core.reload()
+                except ApplianceError as exc:
+                    log.error("reload refused: %s", exc.message, extra={"event": "reload"})
+
+            reloads.add(loop.create_task(run()))
+
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
+        await core.start()
+
+        async def announce_ready() -> None:
+            await core.supervisor.wait_autoload()
+            states = {h.name: h.state.value for h in core.supervisor.handles()}
+            log.info("autoload finished", extra={"event": "autoload_done", "models": states})
+
+        announcer = asyncio.create_task(announce_ready())
+        try:
+            yield
+        finally:
+            announcer.cancel()
+            log.info("shutting down", extra={"event": "shutdown"})
+            await core.stop()
+
+    app = FastAPI(
+        title="appliance",
+        version=__version__,
+        description="Several vLLM engines behind one OpenAI-compatible API.",
+        lifespan=lifespan,
+    )
+    app.state.appliance = core
+    register_error_handlers(app)
+    app.include_router(build_health_router(core.supervisor))
+    app.include_router(build_openai_router(core.router))
+    app.include_router(build_admin_router(core))
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app

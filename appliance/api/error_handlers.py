@@ -1,0 +1,88 @@
+"""Every error leaves the appliance in the OpenAI error envelope, mapped here and only here.
+
+``{"error": {"message", "type", "param", "code"}}``, with Retry-After on 429/503 answers.
+A client mistake is always a 4xx; an unexpected exception is logged and answered 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from appliance.errors import ApplianceError
+
+log = logging.getLogger("appliance.api")
+
+
+def envelope(
+    message: str, error_type: str, code: str | int | None, param: str | None = None
+) -> dict[str, Any]:
+    """The OpenAI error body."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def appliance_error_response(exc: ApplianceError) -> JSONResponse:
+    """The HTTP answer for one of the appliance's own errors."""
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    elif exc.status_code in (429, 503):
+        headers["Retry-After"] = "1"
+    return JSONResponse(
+        envelope(exc.message, exc.error_type, exc.code, exc.param),
+        status_code=exc.status_code,
+        headers=headers,
+    )
+
+
+async def _appliance_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApplianceError)
+    return appliance_error_response(exc)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    message = first.get("msg", "invalid request")
+    return JSONResponse(
+        envelope(
+            f"{param}: {message}" if param else message,
+            "invalid_request_error",
+            "invalid_request",
+            param,
+        ),
+        status_code=400,
+    )
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(
+        envelope(str(exc.detail), error_type, exc.status_code),
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error: %r", exc, exc_info=exc)
+    return JSONResponse(
+        envelope("internal error; see the appliance's log", "internal_error", "internal_error"),
+        status_code=500,
+    )
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    """Install the mapping above on ``app``."""
+    app.add_exception_handler(ApplianceError, _appliance_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,192 @@
+"""ASGI middleware: request id, body-size limit, and one access-log line per request.
+
+Written as plain ASGI (not ``BaseHTTPMiddleware``) so streamed responses pass through without
+buffering, and so the access line is written when the last byte of a stream has gone out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance.api.error_handlers import envelope
+from appliance.engines.base import Usage
+from appliance.logs import request_id_var
+
+log = logging.getLogger("appliance.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+INFO_KEY = "appliance.request"
+
+
+@dataclass
+class RequestInfo:
+    """What the route learns about a request, for the access log and metrics."""
+
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    model: str | None = None
+    endpoint: str | None = None
+    usage: Usage | None = None
+    stream: bool = False
+    first_token_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RequestObserver(Protocol):
+    """Told about every finished request (metrics implement this)."""
+
+    def on_request_done(self, info: RequestInfo, status: int, seconds: float) -> None:
+        """A request finished with ``status`` after ``seconds``."""
+        ...
+
+
+def request_info(scope: Scope) -> RequestInfo:
+    """The ``RequestInfo`` the middleware put in ``scope``."""
+    return scope[INFO_KEY]  # type: ignore[no-any-return]
+
+
+class RequestContextMiddleware:
+    """Request id in and out, body limit, access log, observer call."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        observer: RequestObserver | None = None,
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.observer = observer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = None
+        for key, value in scope.get("headers", ()):
+            if key == b"x-request-id":
+                given = value.decode("latin-1")
+                break
+        request_id = given if given and _VALID_ID.match(given) else uuid.uuid4().hex
+        # vLLM takes the request id from this header too, so the engine's logs match ours.
+        headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"x-request-id"]
+        headers.append((b"x-request-id", request_id.encode()))
+        scope["headers"] = headers
+        info = RequestInfo(request_id=request_id)
+        scope[INFO_KEY] = info
+        token = request_id_var.set(request_id)
+        status = 500
+        started = False
+        id_header = (b"x-request-id", request_id.encode())
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                started = True
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        try:
+            too_big = self._declared_too_big(scope)
+            if too_big:
+                status = 413
+                await self._send_error(send, 413, too_big, id_header)
+                started = True
+            else:
+                await self.app(scope, self._limited(receive), send_wrapper)
+        except _BodyTooLarge as exc:
+            if not started:
+                status = 413
+                await self._send_error(send, 413, str(exc), id_header)
+        except Exception:
+            log.exception("unhandled error while serving %s", scope.get("path"))
+            if not started:
+                status = 500
+                await self._send_error(
+                    send, 500, "internal error; see the appliance's log", id_header
+                )
+        finally:
+            seconds = time.perf_counter() - info.started
+            self._log(scope, info, status, seconds)
+            if self.observer is not None:
+                self.observer.on_request_done(info, status, seconds)
+            request_id_var.reset(token)
+
+    def _declared_too_big(self, scope: Scope) -> str | None:
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    return None
+                if length > self.max_body_bytes:
+                    return f"request body of {length} bytes is over the {self.max_body_bytes} limit"
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        seen = 0
+
+        async def wrapped() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise _BodyTooLarge(f"request body is over the {self.max_body_bytes} limit")
+            return message
+
+        return wrapped
+
+    @staticmethod
+    async def _send_error(
+        send: Send, status: int, message: str, id_header: tuple[bytes, bytes]
+    ) -> None:
+        code = "body_too_large" if status == 413 else "internal_error"
+        kind = "invalid_request_error" if status == 413 else "internal_error"
+        body = json.dumps(envelope(message, kind, code)).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    id_header,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    def _log(scope: Scope, info: RequestInfo, status: int, seconds: float) -> None:
+        fields: dict[str, Any] = {
+            "event": "request",
+            "method": scope.get("method"),
+            "path": scope.get("path"),
+            "status": status,
+            "latency_ms": round(seconds * 1000, 2),
+        }
+        if info.model is not None:
+            fields["model"] = info.model
+        if info.stream:
+            fields["stream"] = True
+        if info.usage is not None:
+            fields["prompt_tokens"] = info.usage.prompt_tokens
+            fields["completion_tokens"] = info.usage.completion_tokens
+        fields.update(info.extra)
+        log.info("%s %s %d", scope.get("method"), scope.get("path"), status, extra=fields)
+
+
+class _BodyTooLarge(Exception):
+    """The body grew past the limit while it was read."""

@@ -1,0 +1,186 @@
+"""The OpenAI-compatible routes: parse just enough to route, then hand over to the engine.
+
+The body is checked only for being a JSON object with a ``model`` string; everything else is
+validated by the engine (vLLM's own request models for local engines, the backend for remote
+ones), so the appliance's answers match ``vllm serve``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from appliance.api.middleware import RequestInfo, request_info
+from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
+from appliance.errors import InvalidRequestError
+from appliance.router import Router
+
+_USAGE_MARK = b'"usage":{'
+_DOC_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model"],
+                    "properties": {"model": {"type": "string"}},
+                    "additionalProperties": True,
+                }
+            }
+        },
+    }
+}
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object; ``InvalidRequestError`` (400) otherwise."""
+    raw = await request.body()
+    if not raw:
+        raise InvalidRequestError("the request body is empty; expected a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    return body
+
+
+def _model_of(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("'model' is required and must be a string", param="model")
+    return model
+
+
+async def _until_disconnect(coro: Any, request: Request) -> Reply:
+    """Run ``coro``; if the client goes away first, cancel it (which aborts it in vLLM)."""
+    work = asyncio.ensure_future(coro)
+
+    async def gone() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not work.done():
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        raise asyncio.CancelledError("client disconnected")
+    return work.result()
+
+
+async def _watch_stream(
+    chunks: AsyncIterator[bytes], info: RequestInfo, release: contextlib.AsyncExitStack
+) -> AsyncIterator[bytes]:
+    """Pass chunks through untouched; note the first one and the usage; release the model."""
+    try:
+        async for chunk in chunks:
+            if info.first_token_at is None:
+                info.first_token_at = time.perf_counter()
+            if _USAGE_MARK in chunk:
+                info.usage = _usage_of_event(chunk) or info.usage
+            yield chunk
+    finally:
+        with contextlib.suppress(Exception):
+            await chunks.aclose()  # type: ignore[attr-defined]
+        await release.aclose()
+
+
+def _usage_of_event(chunk: bytes) -> Usage | None:
+    for line in chunk.splitlines():
+        if line.startswith(b"data: {"):
+            try:
+                usage = json.loads(line[6:]).get("usage")
+            except ValueError:
+                return None
+            if usage:
+                return Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+    return None
+
+
+def build_openai_router(router: Router) -> APIRouter:
+    """The ``/v1`` routes, bound to ``router``."""
+    api = APIRouter(prefix="/v1", tags=["OpenAI"])
+
+    async def serve(request: Request, endpoint: Endpoint) -> Response:
+        info = request_info(request.scope)
+        info.endpoint = endpoint.value
+        body = await read_json_object(request)
+        model = _model_of(body)
+        info.model = model
+        info.stream = bool(body.get("stream")) and endpoint is not Endpoint.EMBEDDINGS
+        release = contextlib.AsyncExitStack()
+        try:
+            engine = await release.enter_async_context(router.engine_for(model, endpoint))
+            reply = await _until_disconnect(engine.handle(endpoint, body, request), request)
+        except BaseException:
+            await release.aclose()
+            raise
+        if isinstance(reply, JSONReply):
+            await release.aclose()
+            info.usage = reply.usage
+            return Response(
+                content=reply.body,
+                status_code=reply.status_code,
+                media_type="application/json",
+                headers=reply.headers,
+            )
+        assert isinstance(reply, StreamReply)
+        return StreamingResponse(
+            _watch_stream(reply.chunks, info, release),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", **reply.headers},
+        )
+
+    @api.post("/chat/completions", openapi_extra=_DOC_BODY, summary="Chat completion")
+    async def chat_completions(request: Request) -> Response:
+        """Chat completion, streamed (SSE) when ``stream`` is true."""
+        return await serve(request, Endpoint.CHAT)
+
+    @api.post("/completions", openapi_extra=_DOC_BODY, summary="Text completion")
+    async def completions(request: Request) -> Response:
+        """Text completion, streamed (SSE) when ``stream`` is true."""
+        return await serve(request, Endpoint.COMPLETIONS)
+
+    @api.post("/embeddings", openapi_extra=_DOC_BODY, summary="Embeddings")
+    async def embeddings(request: Request) -> Response:
+        """Embeddings of one input or a list of inputs."""
+        return await serve(request, Endpoint.EMBEDDINGS)
+
+    @api.get("/models", summary="List models")
+    async def list_models() -> JSONResponse:
+        """Every model in the catalogue, local and remote, with its state."""
+        data = []
+        for spec in router.catalogue.specs():
+            entry: dict[str, Any] = {
+                "id": spec.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": spec.owner,
+                "version": spec.version,
+                "task": spec.task.value,
+            }
+            if spec.is_local:
+                with contextlib.suppress(Exception):
+                    entry["state"] = router.supervisor.get(spec.name).state.value
+            else:
+                entry["backend_url"] = spec.backend_url
+            data.append(entry)
+        return JSONResponse({"object": "list", "data": data})
+
+    return api

@@ -1,0 +1,47 @@
+"""The catalogue in force: every model the appliance knows, and where that list came from."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+from appliance.catalogue.schema import ModelSpec
+from appliance.errors import ModelNotFoundError
+
+
+class CatalogueOrigin(str, enum.Enum):
+    """Where the catalogue in force came from."""
+
+    FILE = "file"  # models.yaml
+    REGISTRY = "registry"  # a fresh answer from the registry service
+    REGISTRY_CACHE = "registry_cache"  # the registry's last good answer; it is down now
+
+
+class Catalogue:
+    """Name -> entry, replaced whole when models.yaml is reloaded or the registry changes."""
+
+    def __init__(self, specs: Iterable[ModelSpec], origin: CatalogueOrigin) -> None:
+        self._specs = {spec.name: spec for spec in specs}
+        self.origin = origin
+
+    def get(self, name: str) -> ModelSpec:
+        """The entry named ``name``; ``ModelNotFoundError`` (404) if there is none."""
+        spec = self._specs.get(name)
+        if spec is None:
+            raise ModelNotFoundError(
+                f"The model {name!r} does not exist in this appliance's catalogue", param="model"
+            )
+        return spec
+
+    def names(self) -> list[str]:
+        """Every model name, in catalogue order."""
+        return list(self._specs)
+
+    def specs(self) -> list[ModelSpec]:
+        """Every entry, in catalogue order."""
+        return list(self._specs.values())
+
+    def replace(self, specs: Iterable[ModelSpec], origin: CatalogueOrigin) -> None:
+        """Put a new catalogue in force."""
+        self._specs = {spec.name: spec for spec in specs}
+        self.origin = origin

@@ -1,0 +1,33 @@
+"""The `appliance` entry point: composes the sub-commands."""
+
+from __future__ import annotations
+
+import typer
+
+from appliance.cli.models_cmd import models_app
+from appliance.cli.up_cmd import up
+
+app = typer.Typer(
+    name="appliance",
+    help="An all-in-one LLM inference appliance: several vLLM engines, one OpenAI API.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.command("up")(up)
+app.add_typer(models_app, name="models")
+
+
+def _add_registry() -> None:
+    try:
+        from appliance.cli.registry_cmd import registry_app
+    except ImportError:  # the registry service is optional at install time
+        return
+    app.add_typer(registry_app, name="registry")
+
+
+_add_registry()
+
+
+def main() -> None:
+    """Run the CLI."""
+    app()

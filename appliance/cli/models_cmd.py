@@ -1,0 +1,161 @@
+"""`appliance models ...`: operate a running appliance through its admin API."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+models_app = typer.Typer(help="List, load and unload models on a running appliance.")
+out = Console()
+err = Console(stderr=True)
+
+URL_OPTION = typer.Option(
+    os.environ.get("APPLIANCE_URL", "http://127.0.0.1:8000"),
+    "--url",
+    help="The appliance's base URL (or set APPLIANCE_URL).",
+)
+KEY_OPTION = typer.Option(
+    None, "--api-key", envvar="APPLIANCE_ADMIN_KEY", help="Admin API key, if keys are on."
+)
+
+
+class AdminClient:
+    """A thin client of the admin API that turns failures into a message and exit code."""
+
+    def __init__(self, url: str, api_key: str | None, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.url = url
+
+    def call(self, method: str, path: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Send one request; exit 1 with the server's message if it fails."""
+        try:
+            response = self._client.request(
+                method, path, timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
+            )
+        except httpx.HTTPError as exc:
+            err.print(f"[bold red]error:[/] cannot reach the appliance at {self.url}: {exc}")
+            raise typer.Exit(1) from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"error": {"message": response.text or response.reason_phrase}}
+        if response.status_code >= 400:
+            message = (body.get("error") or {}).get("message") if isinstance(body, dict) else None
+            err.print(
+                f"[bold red]error:[/] {message or response.reason_phrase} "
+                f"(HTTP {response.status_code})",
+                highlight=False,
+            )
+            raise typer.Exit(1)
+        return body if isinstance(body, dict) else {"data": body}
+
+
+def _gib(value: Any) -> str:
+    return f"{value:.1f} GiB" if isinstance(value, (int, float)) else "-"
+
+
+@models_app.command("list")
+def list_models(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+    """Every model in the catalogue, local and remote, with its state."""
+    body = AdminClient(url, api_key).call("GET", "/admin/models")
+    table = Table(title=f"catalogue ({body.get('catalogue_source', '?')})")
+    for column in ("NAME", "TASK", "VERSION", "OWNER", "SOURCE", "STATE"):
+        table.add_column(column)
+    for m in body.get("data", []):
+        table.add_row(
+            m["name"],
+            m["task"],
+            m["version"],
+            m["owner"],
+            m.get("source") or m.get("backend_url") or "",
+            m.get("state", "-"),
+        )
+    out.print(table)
+
+
+@models_app.command("ps")
+def ps(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+    """Models that are loaded or on their way: devices, memory, load time, requests."""
+    body = AdminClient(url, api_key).call("GET", "/admin/models")
+    table = Table(title=f"running models ({body.get('device_kind', '?')})")
+    for column in ("NAME", "STATE", "DEVICES", "MEMORY", "LOAD TIME", "IN FLIGHT", "LAST ERROR"):
+        table.add_column(column)
+    for m in body.get("data", []):
+        if m.get("state") in (None, "unloaded"):
+            continue
+        devices = ",".join(str(d) for d in m.get("devices", [])) or "-"
+        load = m.get("load_seconds")
+        table.add_row(
+            m["name"],
+            m["state"],
+            devices,
+            _gib(m.get("memory_gib")),
+            f"{load:.1f}s" if load else "-",
+            str(m.get("in_flight", 0)),
+            (m.get("last_error") or "")[:60],
+        )
+    out.print(table)
+
+
+def _with_spinner(text: str, action: Any) -> dict[str, Any]:
+    with Progress(
+        SpinnerColumn(), TextColumn(text), TimeElapsedColumn(), console=err, transient=True
+    ) as progress:
+        progress.add_task(text, total=None)
+        return action()  # type: ignore[no-any-return]
+
+
+@models_app.command("load")
+def load(name: str, url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+    """Load a model and wait until it is ready."""
+    client = AdminClient(url, api_key)
+    body = _with_spinner(
+        f"loading {name}", lambda: client.call("POST", f"/admin/models/{name}/load", timeout=3600)
+    )
+    evicted = body.get("evicted") or []
+    note = f" (evicted: {', '.join(evicted)})" if evicted else ""
+    load_s = body.get("load_seconds")
+    took = f" in {load_s:.1f}s" if load_s else ""
+    out.print(f"{name}: {body.get('state')}{took}{note}")
+
+
+@models_app.command("unload")
+def unload(name: str, url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+    """Drain a model (in-flight requests finish), then stop its engine."""
+    client = AdminClient(url, api_key)
+    body = _with_spinner(
+        f"unloading {name}",
+        lambda: client.call("POST", f"/admin/models/{name}/unload", timeout=600),
+    )
+    out.print(f"{name}: {body.get('state')}")
+
+
+@models_app.command("reload")
+def reload(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+    """Re-read models.yaml on the appliance and apply only what changed."""
+    client = AdminClient(url, api_key)
+    body = _with_spinner("reloading", lambda: client.call("POST", "/admin/reload", timeout=3600))
+    for key in ("added", "removed", "changed"):
+        names = body.get(key) or []
+        out.print(f"{key}: {', '.join(names) if names else '-'}")
+
+
+@models_app.command("sleep")
+def sleep(name: str, url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+    """Put a model to sleep (vLLM sleep mode, GPU only): frees GPU memory, keeps the engine."""
+    body = AdminClient(url, api_key).call("POST", f"/admin/models/{name}/sleep", timeout=600)
+    out.print(f"{name}: {body.get('state')}")
+
+
+@models_app.command("wake")
+def wake(name: str, url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+    """Wake a sleeping model (GPU only)."""
+    body = AdminClient(url, api_key).call("POST", f"/admin/models/{name}/wake", timeout=600)
+    out.print(f"{name}: {body.get('state')}")

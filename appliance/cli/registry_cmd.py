@@ -1,0 +1,57 @@
+"""``appliance registry ...``: run the model registry service."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from appliance.errors import ConfigError
+from appliance.registry.service import create_registry_app
+from appliance.registry.settings import TOKEN_ENV_VAR, RegistrySettings, resolve_token
+
+registry_app = typer.Typer(name="registry", no_args_is_help=True, add_completion=False)
+
+
+@registry_app.callback()
+def registry() -> None:
+    """The model registry service: the catalogue the appliances read."""
+    # A callback keeps `serve` a named subcommand even while it is the only one.
+
+
+@registry_app.command()
+def serve(
+    db: Annotated[Path, typer.Option("--db", help="SQLite database file.")] = Path("registry.db"),
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8100,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            help=f"Bearer token for writes (else --token-file, else ${TOKEN_ENV_VAR}, "
+            "else a generated one, logged at start).",
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option("--token-file", help="File holding the write token.")
+    ] = None,
+) -> None:
+    """Serve the registry API (reads open, writes need the token) until interrupted."""
+    try:
+        settings = RegistrySettings(
+            db_path=db,
+            host=host,
+            port=port,
+            token=resolve_token(token, token_file, os.environ),
+        )
+    except ConfigError as exc:
+        raise typer.BadParameter(exc.message) from exc
+    # No-op when the main CLI has configured logging already; else the generated token and
+    # the registry's own messages would go nowhere.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app = create_registry_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

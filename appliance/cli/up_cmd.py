@@ -1,0 +1,67 @@
+"""`appliance up`: validate the catalogue, start the engines, serve the API."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from appliance.errors import ConfigError
+
+err = Console(stderr=True)
+
+
+def up(
+    config: Path = typer.Option(
+        Path("models.yaml"), "--config", "-c", help="The catalogue file (models.yaml)."
+    ),
+    host: str = typer.Option("0.0.0.0", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    cpu_memory_gib: float | None = typer.Option(
+        None, help="Memory CPU engines may use together (no GPU). Default: half the RAM."
+    ),
+    shutdown_grace: float = typer.Option(
+        20.0, help="Seconds in-flight requests get to finish on Ctrl-C / SIGTERM."
+    ),
+) -> None:
+    """Start the appliance: every autoload model in the catalogue, behind one OpenAI API."""
+    # vLLM reads these at import: no phoning home, and its log lines go through ours (JSON).
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+
+    import uvicorn
+
+    from appliance.api.app import create_app
+    from appliance.logs import configure_logging
+    from appliance.settings import Settings
+
+    options: dict[str, object] = {
+        "config_path": config,
+        "host": host,
+        "port": port,
+        "log_level": log_level,
+        "shutdown_grace_seconds": shutdown_grace,
+    }
+    if cpu_memory_gib is not None:
+        options["cpu_memory_budget_gib"] = cpu_memory_gib
+    settings = Settings.model_validate(options)
+    configure_logging(settings.log_level)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        raise typer.Exit(2) from None
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+    )

@@ -1,0 +1,89 @@
+"""The interface every engine offers the rest of the appliance.
+
+Routes and the supervisor talk only to this: a local vLLM engine and a remote backend look the
+same from above. Replies carry ready-made bytes so nothing re-serialises a response on its way
+out (see the performance issue: no re-encoding of stream chunks).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from starlette.requests import Request
+
+
+class Endpoint(str, enum.Enum):
+    """The OpenAI endpoints an engine may serve."""
+
+    CHAT = "chat/completions"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one request, when known."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class JSONReply:
+    """A whole JSON answer: the body as bytes, and its status."""
+
+    status_code: int
+    body: bytes
+    usage: Usage | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StreamReply:
+    """A server-sent-events answer: ``chunks`` yields each event, already encoded.
+
+    ``usage`` is filled in by whoever iterates the stream, when the final usage event shows it.
+    """
+
+    chunks: AsyncIterator[bytes]
+    usage: Usage | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Reply = JSONReply | StreamReply
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of an engine's own load, for metrics and the admin API."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float | None = None
+
+
+class Engine(Protocol):
+    """One model's engine, local or remote."""
+
+    async def start(self) -> None:
+        """Bring the engine up; raise ``ApplianceError`` (or a subclass) if it cannot start."""
+        ...
+
+    async def stop(self) -> None:
+        """Shut the engine down and free what it holds; safe to call twice."""
+        ...
+
+    async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Reply:
+        """Answer one OpenAI request whose JSON body is ``body``."""
+        ...
+
+    def is_alive(self) -> bool:
+        """False once the engine has died (process gone, fatal error)."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """The engine's current load."""
+        ...

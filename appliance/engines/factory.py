@@ -1,0 +1,97 @@
+"""Builds the engine for a catalogue entry: a local vLLM engine or a remote backend."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from appliance.catalogue.schema import ModelSpec
+from appliance.engines.base import Engine
+from appliance.errors import ConfigError
+from appliance.supervisor.inventory import DeviceKind, Inventory
+from appliance.supervisor.placement import Allocation
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_source(spec: ModelSpec, base_dir: Path | None = None) -> str:
+    """Where vLLM should load ``spec`` from: a folder on disk, or a hub id left as it is.
+
+    ``package:MODULE/PATH`` names a folder inside an installed Python package (the MiniLM
+    embedding model ships that way); a relative path is taken from the catalogue's folder.
+    """
+    source = spec.source
+    if source is None:
+        raise ConfigError(f"model {spec.name!r}: has no source; it is served by a backend")
+    if source.startswith(PACKAGE_PREFIX):
+        module, _, inner = source[len(PACKAGE_PREFIX) :].partition("/")
+        found = importlib.util.find_spec(module) if module else None
+        if found is None or not found.submodule_search_locations:
+            raise ConfigError(
+                f"model {spec.name!r}: field 'source': Python package {module!r} is not "
+                f"installed (pip install {module.replace('_', '-')})",
+                param="source",
+            )
+        path = Path(next(iter(found.submodule_search_locations))) / inner
+        if not path.exists():
+            raise ConfigError(
+                f"model {spec.name!r}: field 'source': {inner!r} not found in package {module!r}",
+                param="source",
+            )
+        return str(path)
+    looks_local = source.startswith((".", "/", "~")) or (base_dir is not None and "/" not in source)
+    if looks_local:
+        path = Path(source).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.exists():
+            hint = (
+                " (build the tiny test models with `python scripts/build_tiny_model.py --all`)"
+                if ".models" in source
+                else ""
+            )
+            raise ConfigError(
+                f"model {spec.name!r}: field 'source': folder {str(path)!r} does not exist{hint}",
+                param="source",
+            )
+        return str(path.resolve())
+    return source  # a hub id such as meta-llama/Meta-Llama-3-8B-Instruct
+
+
+class EngineFactory:
+    """Checks entries and makes engines for them; the supervisor calls nothing else of vLLM."""
+
+    def __init__(self, *, base_dir: Path | None = None, cpu_kv_cache_gib: int = 1) -> None:
+        from appliance.engines.vllm_engine import EngineArgsBuilder
+
+        self._base_dir = base_dir
+        self._cpu_kv_cache_gib = cpu_kv_cache_gib
+        self._args = EngineArgsBuilder()
+
+    def validate(self, spec: ModelSpec) -> None:
+        """Raise ``ConfigError`` naming the model and field if ``spec`` cannot be served."""
+        if spec.is_local:
+            self._args.build(spec, resolve_source(spec, self._base_dir))
+
+    def create(self, spec: ModelSpec, allocation: Allocation, inventory: Inventory) -> Engine:
+        """A new, not yet started, engine for ``spec`` on the devices of ``allocation``."""
+        from appliance.engines.vllm_engine import VLLMEngine
+
+        env: dict[str, str] = {}
+        utilization: float | None = None
+        if inventory.kind is DeviceKind.GPU:
+            devices = [d for d in inventory.devices if d.index in allocation.devices]
+            # NVML numbers GPUs by PCI bus; CUDA's default order may differ, so pass UUIDs
+            # (or force PCI order when a UUID is unknown).
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(d.uuid or str(d.index) for d in devices)
+            utilization = allocation.memory_share
+        else:
+            # On CPU the memory set aside for the KV cache is an environment variable that
+            # vLLM's engine process reads at spawn; allocation memory bounds it.
+            kv = max(1, min(int(allocation.memory_gib), self._cpu_kv_cache_gib))
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
+        args = self._args.build(
+            spec, resolve_source(spec, self._base_dir), gpu_memory_utilization=utilization
+        )
+        return VLLMEngine(spec, args, env=env)

@@ -1,0 +1,246 @@
+"""The model registry service: the catalogue as a small REST API over a SQLite store.
+
+Reads are open to anyone who can reach the service; writes need ``Authorization: Bearer
+<token>``. Every error is answered in the OpenAI error envelope, as the appliance's own API does.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from appliance.catalogue.schema import ModelSpec
+from appliance.errors import (
+    ApplianceError,
+    AuthenticationError,
+    BodyTooLargeError,
+    InvalidRequestError,
+)
+from appliance.registry.settings import RegistrySettings
+from appliance.registry.store import RegistryEntry, RegistryStore
+
+logger = logging.getLogger("appliance.registry")
+
+# A catalogue entry is a few hundred bytes; anything near this is a mistake, not a model.
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class InvalidJSONError(InvalidRequestError):
+    """The request body is not JSON."""
+
+    code = "invalid_json"
+
+
+class InvalidSpecError(InvalidRequestError):
+    """The body is JSON but not a valid catalogue entry."""
+
+    status_code = 422
+    code = "invalid_model_spec"
+
+
+class NameMismatchError(InvalidRequestError):
+    """A PUT whose body names another model than its path."""
+
+    code = "name_mismatch"
+
+
+class RegistryList(BaseModel):
+    """The answer to a list request, shaped like OpenAI's lists."""
+
+    object: str = "list"
+    data: list[RegistryEntry]
+
+
+def create_registry_app(settings: RegistrySettings) -> FastAPI:
+    """Build the registry service over the database ``settings.db_path`` names.
+
+    When ``settings.token`` is None a random write token is generated here, once per start,
+    and logged at WARNING on ``appliance.registry`` so the operator can copy it; configure a
+    token (``--token``, ``--token-file`` or ``APPLIANCE_REGISTRY_TOKEN``) to keep it stable.
+    """
+    store = RegistryStore(settings.db_path)
+    if settings.token is not None:
+        token = settings.token.get_secret_value()
+    else:
+        token = secrets.token_urlsafe(32)
+        logger.warning(
+            "no registry token configured; writes need this generated one until restart: %s",
+            token,
+        )
+
+    app = FastAPI(
+        title="appliance model registry",
+        description="The catalogue of models the appliances serve.",
+        version="1",
+    )
+    _add_error_handlers(app)
+    require_token = _token_checker(token.encode("utf-8"))
+    writer = [Depends(require_token)]
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Liveness: the service answers and its database is readable."""
+        return {"status": "ok", "models": store.count()}
+
+    @app.get("/v1/registry/models", response_model=RegistryList)
+    def list_models() -> RegistryList:
+        """Every catalogue entry, ordered by name."""
+        return RegistryList(data=store.list())
+
+    @app.get("/v1/registry/models/{name:path}", response_model=RegistryEntry)
+    def get_model(name: str) -> RegistryEntry:
+        """One catalogue entry."""
+        return store.get(name)
+
+    @app.post(
+        "/v1/registry/models",
+        status_code=201,
+        response_model=RegistryEntry,
+        dependencies=writer,
+        openapi_extra=_spec_body_doc(),
+    )
+    async def create_model(request: Request) -> RegistryEntry:
+        """Add an entry; 409 if one of that name exists."""
+        spec = await _read_spec(request)
+        return await run_in_threadpool(store.create, spec)
+
+    @app.put(
+        "/v1/registry/models/{name:path}",
+        response_model=RegistryEntry,
+        dependencies=writer,
+        openapi_extra=_spec_body_doc(),
+        responses={201: {"description": "Created", "model": RegistryEntry}},
+    )
+    async def put_model(name: str, request: Request, response: Response) -> RegistryEntry:
+        """Create or replace the entry at ``name`` (200 replaced, 201 created)."""
+        spec = await _read_spec(request)
+        if spec.name != name:
+            raise NameMismatchError(
+                f"the body names model {spec.name!r} but the path names {name!r}", param="name"
+            )
+        entry, created = await run_in_threadpool(store.replace, spec)
+        response.status_code = 201 if created else 200
+        return entry
+
+    @app.delete("/v1/registry/models/{name:path}", status_code=204, dependencies=writer)
+    def delete_model(name: str) -> Response:
+        """Remove an entry."""
+        store.delete(name)
+        return Response(status_code=204)
+
+    return app
+
+
+def _token_checker(expected: bytes) -> Callable[[Request], None]:
+    """A dependency that refuses a request without ``Authorization: Bearer <expected>``."""
+
+    def require_token(request: Request) -> None:
+        header = request.headers.get("authorization")
+        if header is None:
+            raise AuthenticationError("writes need an Authorization: Bearer <token> header")
+        scheme, _, given = header.partition(" ")
+        # compare_digest: the time taken must not reveal how much of the token was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8"), expected
+        ):
+            raise AuthenticationError("the registry token is wrong")
+
+    return require_token
+
+
+async def _read_spec(request: Request) -> ModelSpec:
+    """The body as a ``ModelSpec``, read only after auth passed (hence not a FastAPI body param,
+    whose JSON FastAPI parses before any dependency runs)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise BodyTooLargeError(f"the body is over {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > MAX_BODY_BYTES:
+            raise BodyTooLargeError(f"the body is over {MAX_BODY_BYTES} bytes")
+    if not body.strip():
+        raise InvalidJSONError("the body is empty; send a catalogue entry as JSON")
+    try:
+        return ModelSpec.model_validate_json(bytes(body))
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise InvalidJSONError(f"the body is not valid JSON: {errors[0]['msg']}") from exc
+        raise _spec_error(errors) from exc
+
+
+def _spec_error(errors: Sequence[Mapping[str, Any]]) -> InvalidSpecError:
+    """One error naming every problem pydantic found, and the first field at fault."""
+    problems = []
+    for error in errors:
+        where = ".".join(str(part) for part in error["loc"])
+        problems.append(f"{where}: {error['msg']}" if where else error["msg"])
+    first = ".".join(str(part) for part in errors[0]["loc"]) or None
+    return InvalidSpecError("invalid model entry: " + "; ".join(problems), param=first)
+
+
+def _spec_body_doc() -> dict[str, Any]:
+    """OpenAPI text for the body the write routes read themselves."""
+    return {
+        "requestBody": {
+            "required": True,
+            "description": "A catalogue entry (the same fields as an entry of models.yaml).",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    }
+
+
+def _envelope(
+    status: int,
+    message: str,
+    error_type: str,
+    code: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The OpenAI error envelope."""
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Answer every error, ours or the framework's, in the OpenAI envelope."""
+
+    async def appliance_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApplianceError)
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else None
+        return _envelope(exc.status_code, exc.message, exc.error_type, exc.code, exc.param, headers)
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        # Only path/query parameters reach here: the write routes validate bodies themselves.
+        assert isinstance(exc, RequestValidationError)
+        error = _spec_error(exc.errors())
+        return _envelope(422, error.message, error.error_type, "invalid_request", error.param)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette's own refusals: unknown route (404), wrong method (405).
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _envelope(
+            exc.status_code, str(exc.detail), "invalid_request_error", code, None, exc.headers
+        )
+
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _envelope(500, "internal error in the registry", "internal_error", "internal_error")
+
+    app.add_exception_handler(ApplianceError, appliance_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)

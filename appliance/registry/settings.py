@@ -1,0 +1,54 @@
+"""Settings of the registry service, and where its write token comes from."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from appliance.errors import ConfigError
+
+TOKEN_ENV_VAR = "APPLIANCE_REGISTRY_TOKEN"
+
+
+class RegistrySettings(BaseModel):
+    """Where the registry keeps its data, where it listens, and the token writes need."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    db_path: Path = Field(Path("registry.db"), description="SQLite database file.")
+    host: str = Field("127.0.0.1", min_length=1, description="Address to listen on.")
+    port: int = Field(8100, ge=0, le=65535, description="Port to listen on (0: any free one).")
+    token: SecretStr | None = Field(
+        None,
+        description="Bearer token for writes; None: the service generates one at start.",
+    )
+
+
+def resolve_token(
+    token: str | None, token_file: Path | None, environ: Mapping[str, str]
+) -> SecretStr | None:
+    """The write token from ``--token``, else ``--token-file``, else the environment.
+
+    Returns None when none of them gives one (the service then generates a token). Giving both
+    ``--token`` and ``--token-file``, an unreadable file, or an empty token is a ``ConfigError``.
+    """
+    if token is not None and token_file is not None:
+        raise ConfigError("give --token or --token-file, not both")
+    if token_file is not None:
+        try:
+            # Strip: a file written with `echo` ends in a newline that is not part of the token.
+            value = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read token file {token_file}: {exc.strerror}") from exc
+        origin = f"token file {token_file}"
+    elif token is not None:
+        value, origin = token.strip(), "--token"
+    elif environ.get(TOKEN_ENV_VAR) is not None:
+        value, origin = environ[TOKEN_ENV_VAR].strip(), TOKEN_ENV_VAR
+    else:
+        return None
+    if not value:
+        raise ConfigError(f"the registry token from {origin} is empty")
+    return SecretStr(value)

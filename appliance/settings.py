@@ -1,0 +1,41 @@
+"""The appliance's settings: one object, built by the CLI, passed to the app factory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from appliance.supervisor.supervisor import SupervisorLimits
+
+
+def _default_cpu_budget_gib() -> float:
+    """Half the host's memory: what CPU engines may use together when no budget is given."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8.0
+    return round(total / 2**30 / 2, 1)
+
+
+class Settings(BaseModel):
+    """Everything ``appliance up`` can be told."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    config_path: Path = Field(Path("models.yaml"), description="The catalogue file.")
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+    cpu_memory_budget_gib: float = Field(
+        default_factory=_default_cpu_budget_gib,
+        gt=0,
+        description="Memory CPU engines may use together (only used with no GPU).",
+    )
+    cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache per CPU engine, GiB.")
+    shutdown_grace_seconds: float = Field(
+        20.0, ge=0, description="In-flight requests get this long to finish at shutdown."
+    )
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body accepted.")
+    limits: SupervisorLimits = Field(default_factory=SupervisorLimits)

@@ -1,0 +1,525 @@
+"""The supervisor: owns every local model's engine and its lifecycle.
+
+It places models on devices, loads and unloads them (draining first), lends them to requests
+(``acquire``), watches engines and restarts the ones that die, unloads idle models with a
+``keep_alive``, and applies a changed catalogue without touching what did not change. Every
+state change goes through ``Lifecycle.swap`` and is logged and reported to the observer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from appliance.catalogue.schema import ModelSpec
+from appliance.engines.base import Engine
+from appliance.errors import (
+    ApplianceError,
+    LifecycleError,
+    ModelDrainingError,
+    ModelFailedError,
+    ModelLoadingError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    ModelUnloadedError,
+    NotSupportedError,
+)
+from appliance.supervisor.inventory import DeviceKind, Inventory
+from appliance.supervisor.placement import Allocation, Demand, plan_eviction
+from appliance.supervisor.states import Lifecycle, ModelState, Transition
+
+log = logging.getLogger("appliance.supervisor")
+
+S = ModelState
+
+
+class EngineMaker(Protocol):
+    """What the supervisor needs to make engines (``appliance.engines.factory.EngineFactory``)."""
+
+    def validate(self, spec: ModelSpec) -> None:
+        """Raise ``ConfigError`` if ``spec`` cannot be served."""
+        ...
+
+    def create(self, spec: ModelSpec, allocation: Allocation, inventory: Inventory) -> Engine:
+        """A new engine for ``spec`` on ``allocation``."""
+        ...
+
+
+class SupervisorObserver(Protocol):
+    """Receives lifecycle events (metrics implement this)."""
+
+    def on_transition(self, transition: Transition) -> None:
+        """A model changed state."""
+        ...
+
+    def on_load(self, model: str, seconds: float) -> None:
+        """A model finished loading in ``seconds``."""
+        ...
+
+    def on_restart(self, model: str) -> None:
+        """The supervisor is restarting a failed engine."""
+        ...
+
+    def on_eviction(self, model: str) -> None:
+        """A model was unloaded to make room for another."""
+        ...
+
+
+@dataclass(frozen=True)
+class SupervisorLimits:
+    """The supervisor's time bounds and defaults."""
+
+    load_wait_seconds: float = 30.0  # a request waits this long for a loading model
+    drain_seconds: float = 30.0  # in-flight requests get this long to finish on unload
+    retry_after_seconds: int = 5  # what 503 answers tell clients
+    restart_max_tries: int = 3  # consecutive failed restarts before giving up
+    restart_backoff_seconds: float = 1.0  # first restart delay, doubled each try
+    watch_interval_seconds: float = 0.5  # how often engines are checked for death and idleness
+    default_memory_share: float = 0.9  # GPU share for a model that declares no memory
+    cpu_default_model_gib: float = 2.0  # CPU memory for a model that declares no memory
+
+
+@dataclass
+class ModelHandle:
+    """One catalogue model as the supervisor holds it."""
+
+    spec: ModelSpec
+    lifecycle: Lifecycle
+    engine: Engine | None = None
+    allocation: Allocation | None = None
+    in_flight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    last_error: str | None = None
+    load_seconds: float | None = None
+    failures: int = 0
+    load_task: asyncio.Task[None] | None = None
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        """The model's name."""
+        return self.spec.name
+
+    @property
+    def state(self) -> ModelState:
+        """The model's current state."""
+        return self.lifecycle.state
+
+
+class Supervisor:
+    """Owns the local models' engines; see the module docstring."""
+
+    def __init__(
+        self,
+        inventory: Inventory,
+        engines: EngineMaker,
+        *,
+        limits: SupervisorLimits | None = None,
+        observer: SupervisorObserver | None = None,
+    ) -> None:
+        self.inventory = inventory
+        self.limits = limits or SupervisorLimits()
+        self._engines = engines
+        self._observer = observer
+        self._models: dict[str, ModelHandle] = {}
+        self._watch_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._autoload: asyncio.Future[list[Any]] | None = None
+
+    # -- catalogue -------------------------------------------------------------------------
+
+    def _new_handle(self, spec: ModelSpec) -> ModelHandle:
+        handle = ModelHandle(spec=spec, lifecycle=Lifecycle(spec.name, self._on_transition))
+        handle.idle.set()
+        return handle
+
+    def _on_transition(self, transition: Transition) -> None:
+        log.info(
+            "model %s: %s -> %s (%s)",
+            transition.model,
+            transition.old.value,
+            transition.new.value,
+            transition.reason,
+            extra={
+                "event": "model_state",
+                "model": transition.model,
+                "from_state": transition.old.value,
+                "to_state": transition.new.value,
+                "reason": transition.reason,
+                "seconds_in_previous": round(transition.seconds_in_old, 3),
+            },
+        )
+        if self._observer is not None:
+            self._observer.on_transition(transition)
+
+    def handles(self) -> list[ModelHandle]:
+        """Every local model, in catalogue order."""
+        return list(self._models.values())
+
+    def get(self, name: str) -> ModelHandle:
+        """The handle of local model ``name``; ``ModelNotFoundError`` if there is none."""
+        handle = self._models.get(name)
+        if handle is None:
+            raise ModelNotFoundError(f"model {name!r} is not a local model of this appliance")
+        return handle
+
+    async def start(self, specs: Iterable[ModelSpec]) -> None:
+        """Take the catalogue's local models, start watching, and start the autoload loads.
+
+        Returns at once; ``wait_autoload`` waits for the loads to end.
+        """
+        for spec in specs:
+            if spec.is_local:
+                self._models[spec.name] = self._new_handle(spec)
+        self._watch_task = asyncio.create_task(self._watch(), name="supervisor-watch")
+        loads = [
+            self._ensure_loading(handle, "autoload at start")
+            for handle in self._models.values()
+            if handle.spec.autoload
+        ]
+        # Autoload failures are already logged and visible as `failed`; the API serves anyway.
+        self._autoload = asyncio.gather(*loads, return_exceptions=True)
+
+    async def wait_autoload(self) -> None:
+        """Wait until every autoload model started by ``start`` is ready or failed."""
+        if self._autoload is not None:
+            await asyncio.shield(self._autoload)
+
+    async def apply_catalogue(self, specs: Iterable[ModelSpec]) -> dict[str, list[str]]:
+        """Apply a new catalogue, touching only what changed; return what was done.
+
+        Every entry is validated first: an invalid catalogue changes nothing.
+        """
+        wanted = {spec.name: spec for spec in specs if spec.is_local}
+        for spec in wanted.values():
+            self._engines.validate(spec)
+        added = [name for name in wanted if name not in self._models]
+        removed = [name for name in self._models if name not in wanted]
+        changed = [
+            name
+            for name in wanted
+            if name in self._models and self._models[name].spec != wanted[name]
+        ]
+
+        async def remove(name: str) -> None:
+            await self.unload(name, reason="removed from the catalogue")
+            self._models.pop(name, None)
+
+        async def replace(name: str) -> None:
+            was_serving = self._models[name].state in (S.READY, S.LOADING, S.SLEEPING)
+            await self.unload(name, reason="changed in the catalogue")
+            self._models[name] = self._new_handle(wanted[name])
+            if was_serving or wanted[name].autoload:
+                await self._ensure_loading(self._models[name], "reloaded after a change")
+
+        async def add(name: str) -> None:
+            self._models[name] = self._new_handle(wanted[name])
+            if wanted[name].autoload:
+                await self._ensure_loading(self._models[name], "added to the catalogue")
+
+        # Removals first, so added models can use the memory they free.
+        results = await asyncio.gather(*(remove(n) for n in removed), return_exceptions=True)
+        results += await asyncio.gather(
+            *(replace(n) for n in changed), *(add(n) for n in added), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, ApplianceError):
+                log.error("catalogue change failed: %r", result)
+        # Keep catalogue order for listings.
+        self._models = {n: self._models[n] for n in wanted if n in self._models}
+        return {"added": added, "removed": removed, "changed": changed}
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _ensure_loading(self, handle: ModelHandle, reason: str) -> asyncio.Task[None]:
+        """The load task of ``handle``, started if none runs; callers may await it."""
+        if handle.load_task is None or handle.load_task.done():
+            handle.load_task = asyncio.create_task(
+                self._load(handle, reason), name=f"load-{handle.name}"
+            )
+        return handle.load_task
+
+    def _allocations(self, excluding: str) -> list[Allocation]:
+        return [
+            h.allocation
+            for h in self._models.values()
+            if h.allocation is not None and h.name != excluding
+        ]
+
+    def _demand(self, spec: ModelSpec) -> Demand:
+        demand = Demand.from_spec(spec)
+        no_memory = demand.memory_gib is None and demand.memory_share is None
+        if self.inventory.kind is DeviceKind.CPU and no_memory:
+            demand = Demand(
+                model=demand.model,
+                tensor_parallel_size=demand.tensor_parallel_size,
+                memory_gib=self.limits.cpu_default_model_gib,
+                memory_share=None,
+                devices=demand.devices,
+            )
+        return demand
+
+    async def _load(self, handle: ModelHandle, reason: str) -> None:
+        handle.lifecycle.swap((S.UNLOADED, S.FAILED), S.LOADING, reason)
+        started = time.monotonic()
+        try:
+            evictable = {
+                h.name: h.last_used
+                for h in self._models.values()
+                if h.spec.evictable and h.state is S.READY and h.name != handle.name
+            }
+            allocation, evicted = plan_eviction(
+                self._demand(handle.spec),
+                self.inventory,
+                self._allocations(handle.name),
+                evictable,
+                default_share=self.limits.default_memory_share,
+            )
+            # Reserve the devices before the slow start, so concurrent loads see them taken.
+            handle.allocation = allocation
+            for victim in evicted:
+                log.info("evicting %s to make room for %s", victim, handle.name)
+                if self._observer is not None:
+                    self._observer.on_eviction(victim)
+                await self.unload(victim, reason=f"evicted to make room for {handle.name}")
+            engine = self._engines.create(handle.spec, allocation, self.inventory)
+            await engine.start()
+        except BaseException as exc:
+            handle.allocation = None
+            handle.last_error = str(exc) if isinstance(exc, Exception) else "load cancelled"
+            target = S.FAILED if not isinstance(exc, ModelNotReadyError) else S.UNLOADED
+            if getattr(exc, "code", "") == "insufficient_resources":
+                target = S.UNLOADED  # nothing broke: it just does not fit now
+            handle.lifecycle.swap(S.LOADING, target, handle.last_error)
+            raise
+        handle.engine = engine
+        handle.load_seconds = time.monotonic() - started
+        handle.last_used = time.monotonic()
+        handle.last_error = None
+        handle.failures = 0
+        handle.lifecycle.swap(S.LOADING, S.READY, f"loaded in {handle.load_seconds:.1f}s")
+        if self._observer is not None:
+            self._observer.on_load(handle.name, handle.load_seconds)
+
+    async def load(self, name: str) -> ModelHandle:
+        """Load ``name`` (or wait for the load under way); return its handle once ready."""
+        handle = self.get(name)
+        if handle.state is S.READY:
+            return handle
+        if handle.state is S.DRAINING:
+            raise LifecycleError(f"model {name!r} is draining; load it again once it is unloaded")
+        if handle.state is S.SLEEPING:
+            raise NotSupportedError("sleep mode is not available on this platform")
+        await asyncio.shield(self._ensure_loading(handle, "load requested"))
+        return handle
+
+    # -- unloading -------------------------------------------------------------------------
+
+    async def unload(self, name: str, *, reason: str = "unload requested") -> ModelHandle:
+        """Drain ``name`` (bounded), then shut its engine down and free its devices."""
+        handle = self.get(name)
+        if handle.state is S.LOADING and handle.load_task is not None:
+            # Let the load finish (or fail) so its engine is not left behind half-built.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(handle.load_task)
+        if handle.state in (S.UNLOADED, S.DRAINING):
+            if handle.state is S.DRAINING:
+                await handle.lifecycle.wait_for((S.UNLOADED, S.FAILED), self.limits.drain_seconds)
+            return handle
+        if handle.state is S.FAILED:
+            await self._release(handle)
+            handle.lifecycle.swap(S.FAILED, S.UNLOADED, reason)
+            return handle
+        handle.lifecycle.swap((S.READY, S.SLEEPING), S.DRAINING, reason)
+        try:
+            await asyncio.wait_for(handle.idle.wait(), self.limits.drain_seconds)
+        except asyncio.TimeoutError:
+            log.warning(
+                "model %s: %d request(s) still running after %.0fs of draining; stopping anyway",
+                name,
+                handle.in_flight,
+                self.limits.drain_seconds,
+                extra={"model": name, "event": "drain_timeout"},
+            )
+        await self._release(handle)
+        handle.lifecycle.swap(S.DRAINING, S.UNLOADED, reason)
+        return handle
+
+    async def _release(self, handle: ModelHandle) -> None:
+        engine, handle.engine = handle.engine, None
+        handle.allocation = None
+        if engine is not None:
+            try:
+                await engine.stop()
+            except Exception as exc:  # a dead engine may fail to stop cleanly; it is gone anyway
+                log.warning("model %s: engine stop raised %r", handle.name, exc)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _not_ready(self, handle: ModelHandle) -> ApplianceError:
+        retry = self.limits.retry_after_seconds
+        name = handle.name
+        state = handle.state
+        if state is S.LOADING:
+            return ModelLoadingError(f"model {name!r} is still loading", retry_after=retry)
+        if state is S.DRAINING:
+            return ModelDrainingError(f"model {name!r} is being unloaded", retry_after=retry)
+        if state is S.FAILED:
+            return ModelFailedError(
+                f"model {name!r} failed: {handle.last_error or 'engine error'}", retry_after=retry
+            )
+        if state is S.SLEEPING:
+            return ModelNotReadyError(f"model {name!r} is asleep; wake it first", retry_after=retry)
+        return ModelUnloadedError(
+            f"model {name!r} is not loaded; load it with `appliance models load {name}`",
+            retry_after=retry,
+        )
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, name: str) -> AsyncIterator[Engine]:
+        """Lend ``name``'s engine to one request; wait (bounded) while it loads.
+
+        The model counts the request as in flight until the context exits, which for a stream
+        is when the stream ends; unloading waits for that.
+        """
+        handle = self.get(name)
+        if handle.state is S.UNLOADED and handle.spec.load_on_demand:
+            self._ensure_loading(handle, "load on demand")
+        if handle.state is S.LOADING:
+            await handle.lifecycle.wait_for(
+                (S.READY, S.FAILED, S.UNLOADED), self.limits.load_wait_seconds
+            )
+        engine = handle.engine
+        if handle.state is not S.READY or engine is None:
+            raise self._not_ready(handle)
+        if not engine.is_alive():
+            self._mark_failed(handle, "engine died")
+            raise self._not_ready(handle)
+        handle.in_flight += 1
+        handle.idle.clear()
+        handle.last_used = time.monotonic()
+        try:
+            yield engine
+        finally:
+            handle.in_flight -= 1
+            handle.last_used = time.monotonic()
+            if handle.in_flight == 0:
+                handle.idle.set()
+
+    # -- supervision -----------------------------------------------------------------------
+
+    def _mark_failed(self, handle: ModelHandle, reason: str) -> None:
+        if handle.state is not S.READY:
+            return
+        handle.last_error = reason
+        handle.lifecycle.swap(S.READY, S.FAILED, reason)
+        self._background(self._restart(handle))
+
+    def _background(self, work: Any) -> None:
+        """Run ``work`` as a task the supervisor keeps (and cancels at shutdown)."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restart(self, handle: ModelHandle) -> None:
+        await self._release(handle)
+        while not self._closing and handle.state is S.FAILED:
+            if handle.failures >= self.limits.restart_max_tries:
+                log.error(
+                    "model %s: giving up after %d restart(s); load it by hand once fixed",
+                    handle.name,
+                    handle.failures,
+                    extra={"model": handle.name, "event": "restart_gave_up"},
+                )
+                return
+            delay = self.limits.restart_backoff_seconds * (2**handle.failures)
+            handle.failures += 1
+            log.warning(
+                "model %s: restarting in %.1fs (try %d of %d)",
+                handle.name,
+                delay,
+                handle.failures,
+                self.limits.restart_max_tries,
+                extra={"model": handle.name, "event": "restart"},
+            )
+            await asyncio.sleep(delay)
+            if self._closing or handle.state is not S.FAILED:
+                return
+            if self._observer is not None:
+                self._observer.on_restart(handle.name)
+            failures = handle.failures
+            with contextlib.suppress(Exception):
+                await self._ensure_loading(handle, f"restart {failures} after failure")
+            if handle.state is S.READY:
+                return
+            handle.failures = failures
+
+    async def _watch(self) -> None:
+        """Find dead engines and idle models, every ``watch_interval_seconds``."""
+        while True:
+            await asyncio.sleep(self.limits.watch_interval_seconds)
+            now = time.monotonic()
+            for handle in list(self._models.values()):
+                if handle.state is not S.READY or handle.engine is None:
+                    continue
+                if not handle.engine.is_alive():
+                    self._mark_failed(handle, "engine died")
+                    continue
+                keep_alive = handle.spec.keep_alive
+                idle = handle.in_flight == 0 and now - handle.last_used > (keep_alive or 0)
+                if keep_alive is not None and idle:
+                    self._background(self.unload(handle.name, reason=f"idle for {keep_alive:.0f}s"))
+
+    # -- reporting and shutdown ------------------------------------------------------------
+
+    def status(self, handle: ModelHandle) -> dict[str, Any]:
+        """What ``GET /admin/models`` shows of one model."""
+        allocation = handle.allocation
+        stats = handle.engine.stats() if handle.engine is not None else None
+        return {
+            "state": handle.state.value,
+            "since_seconds": round(time.monotonic() - handle.lifecycle.since, 3),
+            "device_kind": self.inventory.kind.value,
+            "devices": list(allocation.devices) if allocation else [],
+            "memory_gib": allocation.memory_gib if allocation else None,
+            "load_seconds": round(handle.load_seconds, 3) if handle.load_seconds else None,
+            "in_flight": handle.in_flight,
+            "engine_running": stats.running if stats else 0,
+            "engine_waiting": stats.waiting if stats else 0,
+            "last_error": handle.last_error,
+            "restarts": handle.failures,
+        }
+
+    def all_ready(self, names: Callable[[ModelHandle], bool] | None = None) -> bool:
+        """True when every autoload model (or every model ``names`` selects) is ready."""
+        pick = names or (lambda h: h.spec.autoload)
+        return all(h.state is S.READY for h in self._models.values() if pick(h))
+
+    async def shutdown(self) -> None:
+        """Stop watching, let in-flight requests finish (bounded), stop every engine."""
+        self._closing = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+        for task in list(self._tasks):
+            task.cancel()
+        for handle in self._models.values():
+            if handle.load_task is not None and not handle.load_task.done():
+                handle.load_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await handle.load_task
+        await asyncio.gather(
+            *(
+                self.unload(h.name, reason="appliance shutting down")
+                for h in self._models.values()
+                if h.state is not S.UNLOADED
+            ),
+            return_exceptions=True,
+        )
