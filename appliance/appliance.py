@@ -14,10 +14,11 @@ from appliance.catalogue.catalogue import Catalogue, CatalogueOrigin
 from appliance.catalogue.config_file import load_catalogue_file
 from appliance.catalogue.schema import ModelSpec
 from appliance.engines.factory import EngineFactory
+from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.settings import Settings
 from appliance.supervisor.inventory import detect_inventory
-from appliance.supervisor.supervisor import Supervisor, SupervisorObserver
+from appliance.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("appliance")
 
@@ -25,12 +26,7 @@ log = logging.getLogger("appliance")
 class Appliance:
     """Everything behind the HTTP edge."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        observer: SupervisorObserver | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         config = load_catalogue_file(settings.config_path)
         self.engines = EngineFactory(
@@ -41,9 +37,15 @@ class Appliance:
             self.engines.validate(spec)
         self.inventory = detect_inventory(settings.cpu_memory_budget_gib)
         self.catalogue = Catalogue(config.models, CatalogueOrigin.FILE)
-        self.supervisor = Supervisor(
-            self.inventory, self.engines, limits=settings.limits, observer=observer
+        self.metrics = Metrics(
+            catalogue=self.catalogue,
+            registry_status=self.registry_status,
+            remote_status=self.remote_up,
         )
+        self.supervisor = Supervisor(
+            self.inventory, self.engines, limits=settings.limits, observer=self.metrics
+        )
+        self.metrics.bind(supervisor=self.supervisor)
         self.router = Router(self.catalogue, self.supervisor)
 
     async def start(self) -> None:
@@ -80,6 +82,10 @@ class Appliance:
     def remote_status(self, spec: ModelSpec) -> dict[str, Any]:
         """State of a remote model's backend."""
         return {"state": "remote"}
+
+    def remote_up(self) -> dict[str, bool]:
+        """Each remote model's backend: up or not."""
+        return {}
 
     def registry_status(self) -> dict[str, Any]:
         """Whether a registry is configured and up, and the catalogue source."""

@@ -14,6 +14,7 @@ from appliance import __version__
 from appliance.api.admin_routes import build_admin_router
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.health_routes import build_health_router
+from appliance.api.metrics_routes import build_metrics_router
 from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.openai_routes import build_openai_router
 from appliance.appliance import Appliance
@@ -71,7 +72,10 @@ def create_app(settings: Settings, appliance: Appliance | None = None) -> FastAP
     app.state.appliance = core
     register_error_handlers(app)
     app.include_router(build_health_router(core.supervisor))
-    app.include_router(build_openai_router(core.router))
+    app.include_router(build_openai_router(core.router, core.metrics))
     app.include_router(build_admin_router(core))
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.include_router(build_metrics_router(core.metrics))
+    app.add_middleware(
+        RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, observer=core.metrics
+    )
     return app

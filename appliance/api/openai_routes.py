@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from appliance.api.middleware import RequestInfo, request_info
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
 from appliance.errors import InvalidRequestError
+from appliance.metrics import Metrics
 from appliance.router import Router
 
 _USAGE_MARK = b'"usage":{'
@@ -85,13 +86,22 @@ async def _until_disconnect(coro: Any, request: Request) -> Reply:
 
 
 async def _watch_stream(
-    chunks: AsyncIterator[bytes], info: RequestInfo, release: contextlib.AsyncExitStack
+    chunks: AsyncIterator[bytes],
+    info: RequestInfo,
+    release: contextlib.AsyncExitStack,
+    metrics: Metrics,
 ) -> AsyncIterator[bytes]:
-    """Pass chunks through untouched; note the first one and the usage; release the model."""
+    """Pass chunks through untouched; time them, note the usage; release the model at the end."""
+    model = info.model or ""
+    last: float | None = None
     try:
         async for chunk in chunks:
-            if info.first_token_at is None:
-                info.first_token_at = time.perf_counter()
+            now = time.perf_counter()
+            if last is None:
+                info.first_token_at = now
+            else:
+                metrics.observe_inter_token(model, now - last)
+            last = now
             if _USAGE_MARK in chunk:
                 info.usage = _usage_of_event(chunk) or info.usage
             yield chunk
@@ -113,7 +123,7 @@ def _usage_of_event(chunk: bytes) -> Usage | None:
     return None
 
 
-def build_openai_router(router: Router) -> APIRouter:
+def build_openai_router(router: Router, metrics: Metrics) -> APIRouter:
     """The ``/v1`` routes, bound to ``router``."""
     api = APIRouter(prefix="/v1", tags=["OpenAI"])
 
@@ -126,7 +136,9 @@ def build_openai_router(router: Router) -> APIRouter:
         info.stream = bool(body.get("stream")) and endpoint is not Endpoint.EMBEDDINGS
         release = contextlib.AsyncExitStack()
         try:
+            asked = time.perf_counter()
             engine = await release.enter_async_context(router.engine_for(model, endpoint))
+            metrics.observe_queue_wait(model, time.perf_counter() - asked)
             reply = await _until_disconnect(engine.handle(endpoint, body, request), request)
         except BaseException:
             await release.aclose()
@@ -142,7 +154,7 @@ def build_openai_router(router: Router) -> APIRouter:
             )
         assert isinstance(reply, StreamReply)
         return StreamingResponse(
-            _watch_stream(reply.chunks, info, release),
+            _watch_stream(reply.chunks, info, release, metrics),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **reply.headers},
         )

@@ -26,6 +26,16 @@ def up(
     shutdown_grace: float = typer.Option(
         20.0, help="Seconds in-flight requests get to finish on Ctrl-C / SIGTERM."
     ),
+    load_wait: float = typer.Option(
+        60.0, help="Seconds a request waits for a loading model before a 503."
+    ),
+    drain_timeout: float = typer.Option(
+        30.0, help="Seconds in-flight requests get to finish when a model is unloaded."
+    ),
+    restart_tries: int = typer.Option(3, help="Restarts of a dead engine before giving up."),
+    restart_backoff: float = typer.Option(
+        2.0, help="Seconds before the first restart of a dead engine; doubles each try."
+    ),
 ) -> None:
     """Start the appliance: every autoload model in the catalogue, behind one OpenAI API."""
     # vLLM reads these at import: no phoning home, and its log lines go through ours (JSON).
@@ -38,6 +48,7 @@ def up(
     from appliance.api.app import create_app
     from appliance.logs import configure_logging
     from appliance.settings import Settings
+    from appliance.supervisor.supervisor import SupervisorLimits
 
     options: dict[str, object] = {
         "config_path": config,
@@ -45,6 +56,12 @@ def up(
         "port": port,
         "log_level": log_level,
         "shutdown_grace_seconds": shutdown_grace,
+        "limits": SupervisorLimits(
+            load_wait_seconds=load_wait,
+            drain_seconds=drain_timeout,
+            restart_max_tries=restart_tries,
+            restart_backoff_seconds=restart_backoff,
+        ),
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib

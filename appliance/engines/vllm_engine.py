@@ -22,7 +22,7 @@ import threading
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import State
 from starlette.requests import Request
 
@@ -180,7 +180,7 @@ class VLLMEngine:
         self._engine: Any = None
         self._state = State()
         self._stats = _StatsRecorder()
-        self._request_types: dict[Endpoint, Any] = {}
+        self._request_types: dict[Endpoint, TypeAdapter[Any]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -281,9 +281,11 @@ class VLLMEngine:
             raise EngineError(f"model {self.spec.name!r} has no running engine")
         handler = self._handler(endpoint)
         try:
-            parsed = self._request_types[endpoint].model_validate(body)
+            parsed = self._request_types[endpoint].validate_python(body)
         except ValidationError as exc:
             raise _invalid_request(exc) from None
+        except Exception as exc:  # vLLM's own validators raise VLLMValidationError and kin
+            return self._error_reply(exc)
         try:
             if endpoint is Endpoint.EMBEDDINGS:
                 response = await handler(parsed, request)
@@ -329,21 +331,17 @@ class VLLMEngine:
         return JSONReply(status_code=response.error.code, body=response.model_dump_json().encode())
 
 
-def _request_types() -> dict[Endpoint, Any]:
+def _request_types() -> dict[Endpoint, TypeAdapter[Any]]:
+    """vLLM's request models; a TypeAdapter each, since the embedding request is a union."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
 
     return {
-        Endpoint.CHAT: ChatCompletionRequest,
-        Endpoint.COMPLETIONS: CompletionRequest,
-        Endpoint.EMBEDDINGS: EmbeddingRequest,
+        Endpoint.CHAT: TypeAdapter(ChatCompletionRequest),
+        Endpoint.COMPLETIONS: TypeAdapter(CompletionRequest),
+        Endpoint.EMBEDDINGS: TypeAdapter(EmbeddingRequest),
     }
-
-
-def request_json_schemas() -> dict[Endpoint, dict[str, Any]]:
-    """JSON schemas of vLLM's request models, for the appliance's OpenAPI document."""
-    return {endpoint: model.model_json_schema() for endpoint, model in _request_types().items()}
 
 
 def _invalid_request(exc: ValidationError) -> InvalidRequestError:

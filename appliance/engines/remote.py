@@ -1,0 +1,562 @@
+"""Remote backends: catalogue entries with a ``backend_url``, proxied over httpx.
+
+A remote is another appliance, a ``vllm serve`` or TGI's OpenAI API. Requests go to
+``{backend_url}/v1/{endpoint}`` with the body as the client sent it; answers come back as the
+upstream's bytes (SSE streams chunk by chunk, never re-parsed). Transport failures map to the
+appliance's backend errors (503 unreachable, 504 too slow, 502 garbage), and a circuit breaker
+per backend stops a dead one from costing every request a connect attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+
+from appliance.catalogue.schema import ModelSpec
+from appliance.engines.base import Endpoint, EngineStats, JSONReply, Reply, StreamReply, Usage
+from appliance.errors import BackendError, BackendTimeoutError, BackendUnavailableError
+
+log = logging.getLogger("appliance.remote")
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """How the appliance talks to its remote backends."""
+
+    connect_timeout: float = 1.0  # a reachable LAN peer accepts in milliseconds
+    read_timeout: float = 60.0  # longest silence between two bytes of a stream
+    total_timeout: float = 600.0  # a whole non-streamed answer (long generations are slow)
+    write_timeout: float = 10.0
+    pool_timeout: float = 5.0  # waiting for a free pooled connection
+    max_connections: int = 256
+    connect_retries: int = 2  # extra tries after a connect error, and only then
+    retry_backoff: float = 0.05  # seconds before the first retry; doubles each time
+    failure_threshold: int = 5  # consecutive failures that open the breaker
+    cool_down: float = 10.0  # seconds the breaker stays open before one probe may pass
+    health_interval: float | None = 5.0  # background health check period; None: no check
+    health_timeout: float = 2.0
+    api_key_env: str | None = None  # env var holding the Bearer key sent to every backend
+    api_key_envs: Mapping[str, str] = field(default_factory=dict)  # per model name, overrides
+
+
+class BreakerState(str, enum.Enum):
+    """Where a circuit breaker stands."""
+
+    CLOSED = "closed"  # requests pass; consecutive failures are counted
+    OPEN = "open"  # requests are refused at once, without touching the network
+    HALF_OPEN = "half_open"  # the cool-down is over: one probe request may pass
+
+
+class CircuitBreaker:
+    """Opens after ``failure_threshold`` consecutive failures; one probe after ``cool_down``."""
+
+    def __init__(
+        self,
+        failure_threshold: int,
+        cool_down: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[BreakerState, BreakerState], None] | None = None,
+    ) -> None:
+        self.failure_threshold = max(1, failure_threshold)
+        self.cool_down = cool_down
+        self.failures = 0
+        self._clock = clock
+        self._on_change = on_change
+        self._opened_at: float | None = None
+        self._probing = False  # a half-open probe is in flight
+
+    @property
+    def state(self) -> BreakerState:
+        """The current state; OPEN turns HALF_OPEN by itself when the cool-down ends."""
+        if self._opened_at is None:
+            return BreakerState.CLOSED
+        if self._clock() - self._opened_at >= self.cool_down:
+            return BreakerState.HALF_OPEN
+        return BreakerState.OPEN
+
+    def admit(self) -> float | None:
+        """None if a request may go now (taking the probe slot when half-open); else Retry-After."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return None
+        if state is BreakerState.HALF_OPEN and not self._probing:
+            self._probing = True
+            self._changed(BreakerState.OPEN, BreakerState.HALF_OPEN)
+            return None
+        if state is BreakerState.OPEN:
+            assert self._opened_at is not None
+            return max(0.1, self.cool_down - (self._clock() - self._opened_at))
+        return 1.0  # half-open with its probe in flight: the probe decides soon
+
+    def record_success(self) -> None:
+        """The backend answered: close the breaker."""
+        old = self.state
+        self.failures, self._opened_at, self._probing = 0, None, False
+        if old is not BreakerState.CLOSED:
+            self._changed(old, BreakerState.CLOSED)
+
+    def record_failure(self) -> None:
+        """The backend failed; open once the threshold is reached, or if a probe failed."""
+        old = self.state
+        self.failures += 1
+        self._probing = False
+        # While OPEN the cool-down is not restarted, so failing health checks cannot keep a
+        # breaker open for ever; a failed probe (HALF_OPEN) starts a fresh cool-down.
+        if old is BreakerState.HALF_OPEN or (
+            old is BreakerState.CLOSED and self.failures >= self.failure_threshold
+        ):
+            self._opened_at = self._clock()
+            self._changed(old, BreakerState.OPEN)
+
+    def release(self) -> None:
+        """A request ended with no verdict (the client left): free the probe slot."""
+        self._probing = False
+
+    def _changed(self, old: BreakerState, new: BreakerState) -> None:
+        if self._on_change is not None:
+            self._on_change(old, new)
+
+
+def _envelope(message: str, error_type: str, code: str | int) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+
+
+def _usage(body: bytes) -> Usage | None:
+    """The ``usage`` object of a JSON answer, found from the end (it comes last) for speed."""
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None
+    rest = body[at + len(b'"usage"') :].lstrip().removeprefix(b":").lstrip()
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(rest.decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    if not isinstance(usage, dict):
+        return None
+    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+
+async def _shielded(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` to the end even when the caller is being cancelled (a client that left).
+
+    Under anyio's level cancellation every await of a cancelled task fails at once, so the
+    work runs as its own task. It is used to close upstream responses: closing an unfinished
+    one drops the connection, which is what makes vLLM abort the request upstream.
+    """
+    await asyncio.shield(asyncio.ensure_future(work))
+
+
+class _Call:
+    """One request: counted in flight until settled, and its verdict given to the breaker once."""
+
+    def __init__(self, engine: RemoteEngine) -> None:
+        self._engine = engine
+        self._settled = False
+        engine._in_flight += 1
+
+    def settle(self, ok: bool | None, error: str | None = None) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        self._engine._in_flight -= 1
+        self._engine._record(ok, error)
+
+
+class _Relay:
+    """The upstream's SSE bytes as they arrive; closing it closes the upstream response.
+
+    A class rather than a generator: ``aclose()`` must close the upstream even when iteration
+    never started, which a generator's ``aclose`` would skip.
+    """
+
+    def __init__(self, engine: RemoteEngine, response: httpx.Response, call: _Call) -> None:
+        self._engine = engine
+        self._response = response
+        self._raw = response.aiter_raw()
+        self._call = call
+        self._done = False
+        self._tail = b"\n\n"  # the last two bytes passed on, to end a cut event cleanly
+
+    def __aiter__(self) -> _Relay:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._done:
+            try:
+                chunk = await self._raw.__anext__()
+            except StopAsyncIteration:
+                await self._finish(True)
+                raise
+            except httpx.HTTPError as exc:
+                # The upstream died mid-stream: the client already has a 200 and some events,
+                # so the end is an SSE error event, as vLLM itself ends a failed stream.
+                error = self._engine._map(exc)
+                await self._finish(False, error.message)
+                event = json.dumps(_envelope(error.message, error.error_type, error.code))
+                lead = b"" if self._tail == b"\n\n" else b"\n\n"
+                return lead + b"data: " + event.encode() + b"\n\n"
+            except BaseException:
+                await self._finish(None)
+                raise
+            if chunk:
+                self._tail = (self._tail + chunk)[-2:]
+                return chunk
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Stop early: close the upstream response (the client went away)."""
+        await self._finish(None)
+
+    async def _finish(self, ok: bool | None, error: str | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._call.settle(ok, error)
+        await _shielded(self._close())
+
+    async def _close(self) -> None:
+        with contextlib.suppress(httpx.HTTPError, RuntimeError):
+            await self._raw.aclose()  # type: ignore[attr-defined]
+        await self._response.aclose()
+
+
+class RemoteEngine:
+    """One catalogue entry served by another OpenAI-compatible server at ``spec.backend_url``."""
+
+    def __init__(
+        self, spec: ModelSpec, client: httpx.AsyncClient, settings: RemoteSettings
+    ) -> None:
+        if spec.backend_url is None:
+            raise ValueError(f"model {spec.name!r} has no backend_url")
+        self.spec = spec
+        self.url = spec.backend_url
+        self._client = client
+        self._settings = settings
+        self._in_flight = 0
+        self._healthy: bool | None = None  # the last health check's verdict; None: no check yet
+        self._health_path = "/health"
+        self._health_task: asyncio.Task[None] | None = None
+        self.last_error: str | None = None
+        self.breaker = CircuitBreaker(
+            settings.failure_threshold, settings.cool_down, on_change=self._breaker_changed
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the background health check, if the settings ask for one."""
+        self.start_health_check()
+
+    def start_health_check(self) -> None:
+        """Start the health check task (needs a running event loop); idempotent."""
+        if self._settings.health_interval is None or self._health_task is not None:
+            return
+        self._health_task = asyncio.get_running_loop().create_task(
+            self._health_loop(), name=f"health {self.spec.name}"
+        )
+
+    async def stop(self) -> None:
+        """Stop the health check; requests in flight finish on the shared client."""
+        task = self._cancel_health_check()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _cancel_health_check(self) -> asyncio.Task[None] | None:
+        task, self._health_task = self._health_task, None
+        if task is not None:
+            task.cancel()
+        return task
+
+    @property
+    def up(self) -> bool:
+        """The breaker is closed and the last health check (if any) passed."""
+        return self.breaker.state is BreakerState.CLOSED and self._healthy is not False
+
+    def is_alive(self) -> bool:
+        """Whether the backend is believed to answer (see ``up``)."""
+        return self.up
+
+    def stats(self) -> EngineStats:
+        """Requests this appliance has in flight on the backend."""
+        return EngineStats(running=self._in_flight)
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Reply:
+        """Forward one request; a stream is committed only once the upstream answered 2xx/3xx."""
+        wait = self.breaker.admit()
+        if wait is not None:
+            raise BackendUnavailableError(
+                f"model {self.spec.name!r}: backend {self.url} is unavailable after "
+                f"{self.breaker.failures} consecutive failures (last: {self.last_error}); "
+                f"retry in {wait:.1f}s",
+                retry_after=wait,
+            )
+        stream = endpoint is not Endpoint.EMBEDDINGS and bool(body.get("stream"))
+        call = _Call(self)
+        response: httpx.Response | None = None
+        streaming = False  # True once a _Relay owns the open response
+        try:
+            response = await asyncio.wait_for(
+                self._send(endpoint, body, request, stream), self._settings.total_timeout
+            )
+            if stream and response.status_code < 400:
+                streaming = True
+                return StreamReply(chunks=_Relay(self, response, call))
+            raw = await asyncio.wait_for(response.aread(), self._settings.total_timeout)
+        except (httpx.HTTPError, asyncio.TimeoutError) as exc:
+            error = self._map(exc)
+            # A full local pool says nothing about the backend's health.
+            call.settle(None if isinstance(exc, httpx.PoolTimeout) else False, error.message)
+            raise error from exc
+        except BaseException:
+            call.settle(None)
+            raise
+        finally:
+            if response is not None and not streaming:
+                await _shielded(response.aclose())
+        return self._json_reply(response, raw, call)
+
+    def _json_reply(self, response: httpx.Response, raw: bytes, call: _Call) -> JSONReply:
+        status = response.status_code
+        retry_after = response.headers.get("retry-after")
+        headers = {"Retry-After": retry_after} if retry_after else {}
+        if status >= 400:
+            call.settle(status < 500, f"HTTP {status}")
+            return JSONReply(status, self._error_body(status, raw), headers=headers)
+        if not raw.lstrip().startswith(b"{"):
+            message = f"model {self.spec.name!r}: backend {self.url} answered non-JSON ({status})"
+            call.settle(False, message)
+            raise BackendError(message)
+        call.settle(True)
+        return JSONReply(status, raw, usage=_usage(raw), headers=headers)
+
+    def _error_body(self, status: int, raw: bytes) -> bytes:
+        """The upstream's error if it is an OpenAI envelope already; else one made here."""
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(raw)
+            if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+                return raw
+        text = raw.decode("utf-8", "replace").strip()[:300] or "no body"
+        message = f"model {self.spec.name!r}: backend {self.url} answered {status}: {text}"
+        if status < 500:
+            return json.dumps(_envelope(message, "invalid_request_error", status)).encode()
+        return json.dumps(_envelope(message, "backend_error", "backend_error")).encode()
+
+    async def _send(
+        self, endpoint: Endpoint, body: dict[str, Any], request: Request, stream: bool
+    ) -> httpx.Response:
+        """Send, retrying only a failed connect; the response body is not read yet."""
+        s = self._settings
+        # A non-streamed answer sends nothing until it is complete, so its read timeout is the
+        # total one; a stream must keep bytes coming.
+        timeout = httpx.Timeout(
+            connect=s.connect_timeout,
+            read=s.read_timeout if stream else s.total_timeout,
+            write=s.write_timeout,
+            pool=s.pool_timeout,
+        )
+        upstream = self._client.build_request(
+            "POST",
+            f"{self.url}/v1/{endpoint.value}",
+            content=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
+            headers=self._headers(request.headers.get("x-request-id")),
+            timeout=timeout,
+        )
+        attempt = 0
+        while True:
+            try:
+                return await self._client.send(upstream, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                # Only a failed connect is retried: no byte of the request left this host, so
+                # the upstream cannot have started the work. After that (write, read, protocol
+                # errors) it may have, and generation is not idempotent (it costs GPU time and
+                # samples a different answer), so those are never retried.
+                if attempt >= s.connect_retries:
+                    raise
+                await asyncio.sleep(s.retry_backoff * 2**attempt)
+                attempt += 1
+
+    def _headers(self, request_id: str | None) -> dict[str, str]:
+        # identity: aiter_raw passes bytes through undecoded, so they must not be compressed.
+        # The client's own Authorization is never forwarded: it is a key for this appliance.
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        if request_id:
+            headers["X-Request-Id"] = request_id
+        env = self._settings.api_key_envs.get(self.spec.name, self._settings.api_key_env)
+        key = os.environ.get(env) if env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _map(self, exc: BaseException) -> BackendError:
+        """An httpx failure as the appliance's backend error, naming the model and URL."""
+        where = f"model {self.spec.name!r}: backend {self.url}"
+        if isinstance(exc, httpx.ConnectTimeout):
+            return BackendUnavailableError(f"{where} did not accept a connection in time")
+        if isinstance(exc, httpx.ConnectError):
+            return BackendUnavailableError(f"{where} cannot be reached: {exc}")
+        if isinstance(exc, httpx.PoolTimeout):
+            return BackendUnavailableError(f"{where}: too many requests in flight to it")
+        if isinstance(exc, (httpx.TimeoutException, asyncio.TimeoutError)):
+            return BackendTimeoutError(f"{where} did not answer in time")
+        return BackendError(f"{where} failed: {type(exc).__name__}: {exc}")
+
+    def _record(self, ok: bool | None, error: str | None) -> None:
+        if ok is True:
+            self.breaker.record_success()
+            self._healthy = True
+        elif ok is False:
+            self.last_error = error
+            self.breaker.record_failure()
+        else:
+            self.breaker.release()
+
+    def _breaker_changed(self, old: BreakerState, new: BreakerState) -> None:
+        level = logging.WARNING if new is BreakerState.OPEN else logging.INFO
+        log.log(
+            level,
+            "backend %s: breaker %s -> %s",
+            self.url,
+            old.value,
+            new.value,
+            extra={"model": self.spec.name, "event": "breaker", "last_error": self.last_error},
+        )
+
+    # -- health ----------------------------------------------------------------------------
+
+    async def check_health(self) -> bool:
+        """One check: ``GET /health``, or ``GET /v1/models`` where there is no /health."""
+        headers = self._headers(None)
+        timeout = self._settings.health_timeout
+        try:
+            response = await self._client.get(
+                f"{self.url}{self._health_path}", headers=headers, timeout=timeout
+            )
+            if response.status_code in (404, 405) and self._health_path == "/health":
+                self._health_path = "/v1/models"  # TGI and vLLM have /health; others may not
+                response = await self._client.get(
+                    f"{self.url}/v1/models", headers=headers, timeout=timeout
+                )
+            ok = response.status_code < 500
+            error = None if ok else f"health check: HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            ok, error = False, f"health check: {self._map(exc).message}"
+        self._healthy = ok
+        if ok:
+            # A passing check closes an open breaker (it is the probe); it does not reset the
+            # count of a closed one, where real requests may still be failing.
+            if self.breaker.state is not BreakerState.CLOSED:
+                self.breaker.record_success()
+        else:
+            self.last_error = error
+            self.breaker.record_failure()
+        return ok
+
+    async def _health_loop(self) -> None:
+        assert self._settings.health_interval is not None
+        while True:
+            try:
+                await self.check_health()
+            except Exception:  # a bug here must not end the checks for good
+                log.exception("health check of %s failed", self.url)
+            await asyncio.sleep(self._settings.health_interval)
+
+
+class RemoteBackends:
+    """Every remote model's engine, sharing one pooled httpx client."""
+
+    def __init__(
+        self, settings: RemoteSettings | None = None, *, client: httpx.AsyncClient | None = None
+    ) -> None:
+        """``client``: bring your own (you close it); by default one is made and owned here."""
+        self.settings = settings or RemoteSettings()
+        s = self.settings
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(s.read_timeout, connect=s.connect_timeout),
+            limits=httpx.Limits(
+                max_connections=s.max_connections,
+                max_keepalive_connections=s.max_connections,
+                keepalive_expiry=30.0,
+            ),
+        )
+        self._engines: dict[str, RemoteEngine] = {}
+        self._started = False
+
+    def get(self, spec: ModelSpec) -> RemoteEngine:
+        """The engine for ``spec``, made on first use (or anew when its URL changed)."""
+        engine = self._engines.get(spec.name)
+        if engine is not None and engine.url == spec.backend_url:
+            return engine
+        if engine is not None:
+            # A replaced engine's requests in flight finish on the shared client.
+            engine._cancel_health_check()
+        engine = RemoteEngine(spec, self._client, self.settings)
+        self._engines[spec.name] = engine
+        if self._started:
+            engine.start_health_check()
+        return engine
+
+    async def sync(self, specs: Iterable[ModelSpec]) -> dict[str, list[str]]:
+        """Match the catalogue: add new remote entries, drop removed ones, replace moved ones."""
+        wanted = {spec.name: spec for spec in specs if spec.backend_url is not None}
+        changes: dict[str, list[str]] = {"added": [], "removed": [], "replaced": []}
+        for name in sorted(set(self._engines) - set(wanted)):
+            await self._engines.pop(name).stop()
+            changes["removed"].append(name)
+        for name, spec in sorted(wanted.items()):
+            old = self._engines.get(name)
+            if old is None:
+                changes["added"].append(name)
+            elif old.url != spec.backend_url:
+                await old.stop()
+                del self._engines[name]
+                changes["replaced"].append(name)
+            self.get(spec)
+        return changes
+
+    async def start(self) -> None:
+        """Start the health checks of every engine, now and as engines are added."""
+        self._started = True
+        for engine in self._engines.values():
+            await engine.start()
+
+    async def close(self) -> None:
+        """Stop every engine's health check and close the client if it is ours."""
+        self._started = False
+        for engine in self._engines.values():
+            await engine.stop()
+        self._engines.clear()
+        if self._owns_client:
+            await self._client.aclose()
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per remote model: backend URL, up, breaker state, last error, requests in flight."""
+        return {
+            name: {
+                "backend_url": engine.url,
+                "up": engine.up,
+                "breaker": engine.breaker.state.value,
+                "last_error": engine.last_error,
+                "in_flight": engine.stats().running,
+            }
+            for name, engine in sorted(self._engines.items())
+        }
+
+    def up(self) -> dict[str, bool]:
+        """Per remote model: whether its backend is up (``appliance_remote_backend_up``)."""
+        return {name: engine.up for name, engine in sorted(self._engines.items())}

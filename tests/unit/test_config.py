@@ -1,0 +1,246 @@
+"""Config validation: one test per kind of mistake, each with a message naming model and field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from appliance.catalogue.config_file import parse_catalogue
+from appliance.catalogue.schema import Task
+from appliance.engines.factory import EngineFactory
+from appliance.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def parse(text: str):
+    return parse_catalogue(textwrap.dedent(text))
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    return caught.value.message
+
+
+def test_the_default_catalogue_is_valid() -> None:
+    config = parse_catalogue((REPO / "models.yaml").read_text())
+    assert {m.name: m.task for m in config.models} == {
+        "tiny-chat": Task.GENERATE,
+        "minilm": Task.EMBED,
+    }
+
+
+def test_minimal_entry_gets_defaults() -> None:
+    config = parse("""
+        models:
+          - name: m
+            source: org/model
+    """)
+    spec = config.models[0]
+    assert spec.task is Task.GENERATE and spec.autoload and spec.resources.tensor_parallel_size == 1
+
+
+def test_invalid_yaml() -> None:
+    assert "not valid YAML" in error_of("models: [\n")
+
+
+def test_top_level_not_a_mapping() -> None:
+    assert "mapping" in error_of("- a\n- b\n")
+
+
+def test_unknown_top_level_key() -> None:
+    assert "unknown field 'modles'" in error_of("modles: []\n")
+
+
+def test_unknown_model_key_names_model_and_field() -> None:
+    message = error_of("""
+        models:
+          - name: chat
+            source: org/model
+            autolaod: true
+    """)
+    assert "model 'chat'" in message and "unknown field 'autolaod'" in message
+
+
+def test_missing_name_names_the_entry() -> None:
+    message = error_of("""
+        models:
+          - source: org/model
+    """)
+    assert "model #1" in message and "'name' is required" in message
+
+
+def test_bad_task() -> None:
+    message = error_of("""
+        models:
+          - name: chat
+            source: org/model
+            task: dance
+    """)
+    assert "model 'chat'" in message and "'task'" in message and "dance" in message
+
+
+def test_wrong_type() -> None:
+    message = error_of("""
+        models:
+          - name: chat
+            source: org/model
+            resources: {tensor_parallel_size: many}
+    """)
+    assert "resources.tensor_parallel_size" in message
+
+
+def test_out_of_range_memory_share() -> None:
+    message = error_of("""
+        models:
+          - name: chat
+            source: org/model
+            resources: {memory_share: 1.5}
+    """)
+    assert "model 'chat'" in message and "resources.memory_share" in message and "1.5" in message
+
+
+def test_both_memory_forms() -> None:
+    message = error_of("""
+        models:
+          - name: chat
+            source: org/model
+            resources: {memory_share: 0.5, memory_gib: 10}
+    """)
+    assert "not both" in message
+
+
+def test_pins_must_match_tensor_parallel() -> None:
+    message = error_of("""
+        models:
+          - name: big
+            source: org/model
+            resources: {tensor_parallel_size: 2, devices: [0]}
+    """)
+    assert "model 'big'" in message and "tensor_parallel_size" in message
+
+
+def test_source_and_backend_both_or_neither() -> None:
+    assert "exactly one of source" in error_of("""
+        models:
+          - name: chat
+    """)
+    assert "exactly one of source" in error_of("""
+        models:
+          - name: chat
+            source: org/model
+            backend_url: http://other:8000
+    """)
+
+
+def test_bad_backend_url() -> None:
+    assert "http" in error_of("""
+        models:
+          - name: chat
+            backend_url: ftp://other
+    """)
+
+
+def test_duplicate_names() -> None:
+    assert "declared twice" in error_of("""
+        models:
+          - {name: chat, source: a/b}
+          - {name: chat, source: c/d}
+    """)
+
+
+def test_bad_name() -> None:
+    assert "'name'" in error_of("""
+        models:
+          - {name: "has space", source: a/b}
+    """)
+
+
+def test_reserved_engine_setting() -> None:
+    message = error_of("""
+        models:
+          - name: chat
+            source: a/b
+            engine: {served_model_name: other}
+    """)
+    assert "model 'chat'" in message and "served_model_name" in message
+
+
+def _factory_error(text: str, tmp_path: Path) -> str:
+    config = parse(text)
+    factory = EngineFactory(base_dir=tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        for spec in config.models:
+            factory.validate(spec)
+    return caught.value.message
+
+
+def test_engine_setting_vllm_does_not_know(tmp_path: Path) -> None:
+    message = _factory_error(
+        """
+        models:
+          - name: chat
+            source: org/model
+            engine: {max_model_length: 512}
+        """,
+        tmp_path,
+    )
+    assert "model 'chat'" in message and "max_model_length" in message
+    assert "not a vLLM engine setting" in message
+
+
+def test_engine_setting_with_a_bad_value(tmp_path: Path) -> None:
+    message = _factory_error(
+        """
+        models:
+          - name: chat
+            source: org/model
+            engine: {dtype: float7}
+        """,
+        tmp_path,
+    )
+    assert "model 'chat'" in message and "dtype" in message
+
+
+def test_missing_local_folder(tmp_path: Path) -> None:
+    message = _factory_error(
+        """
+        models:
+          - name: chat
+            source: ./no/such/folder
+        """,
+        tmp_path,
+    )
+    assert "model 'chat'" in message and "does not exist" in message
+
+
+def test_missing_package(tmp_path: Path) -> None:
+    message = _factory_error(
+        """
+        models:
+          - name: emb
+            source: package:no_such_package_here/model
+            task: embed
+        """,
+        tmp_path,
+    )
+    assert "model 'emb'" in message and "not installed" in message
+
+
+def test_cli_fails_with_a_message_not_a_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "models.yaml"
+    config.write_text("models:\n  - name: chat\n    source: org/model\n    autolaod: true\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "up", "--config", str(config), "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "model 'chat'" in done.stderr and "autolaod" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
