@@ -310,13 +310,14 @@ class RemoteEngine:
         response: httpx.Response | None = None
         streaming = False  # True once a _Relay owns the open response
         try:
+            deadline = time.monotonic() + self._settings.total_timeout
             response = await asyncio.wait_for(
                 self._send(endpoint, body, request, stream), self._settings.total_timeout
             )
             if stream and response.status_code < 400:
                 streaming = True
                 return StreamReply(chunks=_Relay(self, response, call))
-            raw = await asyncio.wait_for(response.aread(), self._settings.total_timeout)
+            raw = await asyncio.wait_for(response.aread(), max(0.0, deadline - time.monotonic()))
         except (httpx.HTTPError, asyncio.TimeoutError) as exc:
             error = self._map(exc)
             # A full local pool says nothing about the backend's health.
@@ -336,7 +337,7 @@ class RemoteEngine:
         headers = {"Retry-After": retry_after} if retry_after else {}
         if status >= 400:
             call.settle(status < 500, f"HTTP {status}")
-            return JSONReply(status, self._error_body(status, raw), headers=headers)
+            return JSONReply(*self._error(status, raw), headers=headers)
         if not raw.lstrip().startswith(b"{"):
             message = f"model {self.spec.name!r}: backend {self.url} answered non-JSON ({status})"
             call.settle(False, message)
@@ -344,17 +345,22 @@ class RemoteEngine:
         call.settle(True)
         return JSONReply(status, raw, usage=_usage(raw), headers=headers)
 
-    def _error_body(self, status: int, raw: bytes) -> bytes:
-        """The upstream's error if it is an OpenAI envelope already; else one made here."""
+    def _error(self, status: int, raw: bytes) -> tuple[int, bytes]:
+        """An upstream error as it is if already an OpenAI envelope; else wrapped in one.
+
+        Wrapped, a 4xx keeps its status (the request was at fault) and a 5xx becomes 502 (the
+        backend was); an envelope keeps its status too, so a remote appliance's 503 with
+        Retry-After reaches the client as such.
+        """
         with contextlib.suppress(ValueError):
             parsed = json.loads(raw)
             if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-                return raw
+                return status, raw
         text = raw.decode("utf-8", "replace").strip()[:300] or "no body"
         message = f"model {self.spec.name!r}: backend {self.url} answered {status}: {text}"
         if status < 500:
-            return json.dumps(_envelope(message, "invalid_request_error", status)).encode()
-        return json.dumps(_envelope(message, "backend_error", "backend_error")).encode()
+            return status, json.dumps(_envelope(message, "invalid_request_error", status)).encode()
+        return 502, json.dumps(_envelope(message, "backend_error", "backend_error")).encode()
 
     async def _send(
         self, endpoint: Endpoint, body: dict[str, Any], request: Request, stream: bool
