@@ -67,6 +67,12 @@ class PermissionDeniedError(ApplianceError):
     code = "permission_denied"
 
 
+class ModelNotAllowedError(PermissionDeniedError):
+    """The key is valid but may not use this model."""
+
+    code = "model_not_allowed"
+
+
 class ModelNotFoundError(ApplianceError):
     """No model of that name in the catalogue."""
 
