@@ -14,6 +14,7 @@ from appliance.catalogue.catalogue import Catalogue, CatalogueOrigin
 from appliance.catalogue.config_file import load_catalogue_file
 from appliance.catalogue.schema import ModelSpec
 from appliance.engines.factory import EngineFactory
+from appliance.engines.remote import RemoteBackends
 from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.settings import Settings
@@ -46,7 +47,8 @@ class Appliance:
             self.inventory, self.engines, limits=settings.limits, observer=self.metrics
         )
         self.metrics.bind(supervisor=self.supervisor)
-        self.router = Router(self.catalogue, self.supervisor)
+        self.remotes = RemoteBackends(settings.remote)
+        self.router = Router(self.catalogue, self.supervisor, remote=self.remotes.get)
 
     async def start(self) -> None:
         """Load the autoload models (returns when each is ready or failed)."""
@@ -56,11 +58,14 @@ class Appliance:
                 f"{d.kind.value}{d.index} {d.total_gib:.1f} GiB" for d in self.inventory.devices
             ),
         )
+        await self.remotes.sync(self.catalogue.specs())
+        await self.remotes.start()
         await self.supervisor.start(self.catalogue.specs())
 
     async def stop(self) -> None:
         """Drain and stop every engine."""
         await self.supervisor.shutdown()
+        await self.remotes.close()
 
     async def load(self, name: str) -> list[str]:
         """Load ``name``; return the models evicted to make room."""
@@ -75,17 +80,20 @@ class Appliance:
         for spec in config.models:
             self.engines.validate(spec)
         changes = await self.supervisor.apply_catalogue(config.models)
+        await self.remotes.sync(config.models)
         self.catalogue.replace(config.models, CatalogueOrigin.FILE)
         log.info("catalogue reloaded", extra={"event": "reload", **changes})
         return changes
 
     def remote_status(self, spec: ModelSpec) -> dict[str, Any]:
-        """State of a remote model's backend."""
-        return {"state": "remote"}
+        """State of a remote model's backend: `ready` while it answers, else `unavailable`."""
+        status = dict(self.remotes.status().get(spec.name, {}))
+        status["state"] = "ready" if status.get("up", True) else "unavailable"
+        return status
 
     def remote_up(self) -> dict[str, bool]:
         """Each remote model's backend: up or not."""
-        return {}
+        return self.remotes.up()
 
     def registry_status(self) -> dict[str, Any]:
         """Whether a registry is configured and up, and the catalogue source."""

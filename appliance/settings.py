@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from appliance.api.auth import AuthConfig
+from appliance.engines.remote import RemoteSettings
 from appliance.supervisor.supervisor import SupervisorLimits
 
 
@@ -39,3 +41,5 @@ class Settings(BaseModel):
     )
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body accepted.")
     limits: SupervisorLimits = Field(default_factory=SupervisorLimits)
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
+    auth: AuthConfig = Field(default_factory=AuthConfig)

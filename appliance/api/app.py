@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from appliance import __version__
 from appliance.api.admin_routes import build_admin_router
+from appliance.api.auth import AuthMiddleware, describe_open
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.health_routes import build_health_router
 from appliance.api.metrics_routes import build_metrics_router
@@ -48,6 +49,9 @@ def create_app(settings: Settings, appliance: Appliance | None = None) -> FastAP
 
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
+        warning = describe_open(settings.auth)
+        if warning is not None:
+            log.warning(warning, extra={"event": "auth_open"})
         await core.start()
 
         async def announce_ready() -> None:
@@ -75,6 +79,8 @@ def create_app(settings: Settings, appliance: Appliance | None = None) -> FastAP
     app.include_router(build_openai_router(core.router, core.metrics))
     app.include_router(build_admin_router(core))
     app.include_router(build_metrics_router(core.metrics))
+    # Added first, so it runs inside the request-context middleware (ids and access log).
+    app.add_middleware(AuthMiddleware, config=settings.auth)
     app.add_middleware(
         RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, observer=core.metrics
     )

@@ -14,9 +14,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from appliance.api.auth import check_model_allowed, model_allowed
 from appliance.api.middleware import RequestInfo, request_info
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
 from appliance.errors import InvalidRequestError
@@ -86,29 +88,53 @@ async def _until_disconnect(coro: Any, request: Request) -> Reply:
 
 
 async def _watch_stream(
-    chunks: AsyncIterator[bytes],
-    info: RequestInfo,
-    release: contextlib.AsyncExitStack,
-    metrics: Metrics,
+    chunks: AsyncIterator[bytes], info: RequestInfo, metrics: Metrics
 ) -> AsyncIterator[bytes]:
-    """Pass chunks through untouched; time them, note the usage; release the model at the end."""
+    """Pass chunks through untouched; time them and note the usage on the way."""
     model = info.model or ""
     last: float | None = None
-    try:
-        async for chunk in chunks:
-            now = time.perf_counter()
-            if last is None:
-                info.first_token_at = now
-            else:
-                metrics.observe_inter_token(model, now - last)
-            last = now
-            if _USAGE_MARK in chunk:
-                info.usage = _usage_of_event(chunk) or info.usage
-            yield chunk
-    finally:
-        with contextlib.suppress(Exception):
-            await chunks.aclose()  # type: ignore[attr-defined]
-        await release.aclose()
+    async for chunk in chunks:
+        now = time.perf_counter()
+        if last is None:
+            info.first_token_at = now
+        else:
+            metrics.observe_inter_token(model, now - last)
+        last = now
+        if _USAGE_MARK in chunk:
+            info.usage = _usage_of_event(chunk) or info.usage
+        yield chunk
+
+
+class _ReleasingStream(StreamingResponse):
+    """A streamed answer that, however it ends, closes its source and releases the model.
+
+    Cleanup lives here rather than in the generator's ``finally``: a generator that never
+    started runs no ``finally``, and once the client has gone anyio cancels every later await
+    in the task, so the cleanup is shielded.
+    """
+
+    def __init__(
+        self,
+        watched: AsyncIterator[bytes],
+        source: AsyncIterator[bytes],
+        release: contextlib.AsyncExitStack,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(watched, media_type="text/event-stream", headers=headers)
+        self._watched = watched
+        self._source = source
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for iterator in (self._watched, self._source):
+                    with contextlib.suppress(Exception):
+                        # Closing vLLM's generator is what aborts the request in the engine.
+                        await iterator.aclose()  # type: ignore[attr-defined]
+                await self._release.aclose()
 
 
 def _usage_of_event(chunk: bytes) -> Usage | None:
@@ -133,6 +159,7 @@ def build_openai_router(router: Router, metrics: Metrics) -> APIRouter:
         body = await read_json_object(request)
         model = _model_of(body)
         info.model = model
+        check_model_allowed(request.scope, model)
         info.stream = bool(body.get("stream")) and endpoint is not Endpoint.EMBEDDINGS
         release = contextlib.AsyncExitStack()
         try:
@@ -153,9 +180,10 @@ def build_openai_router(router: Router, metrics: Metrics) -> APIRouter:
                 headers=reply.headers,
             )
         assert isinstance(reply, StreamReply)
-        return StreamingResponse(
-            _watch_stream(reply.chunks, info, release, metrics),
-            media_type="text/event-stream",
+        return _ReleasingStream(
+            _watch_stream(reply.chunks, info, metrics),
+            reply.chunks,
+            release,
             headers={"Cache-Control": "no-cache", **reply.headers},
         )
 
@@ -175,10 +203,12 @@ def build_openai_router(router: Router, metrics: Metrics) -> APIRouter:
         return await serve(request, Endpoint.EMBEDDINGS)
 
     @api.get("/models", summary="List models")
-    async def list_models() -> JSONResponse:
-        """Every model in the catalogue, local and remote, with its state."""
+    async def list_models(request: Request) -> JSONResponse:
+        """Every model in the catalogue (that the caller's key may use), with its state."""
         data = []
         for spec in router.catalogue.specs():
+            if not model_allowed(request.scope, spec.name):
+                continue
             entry: dict[str, Any] = {
                 "id": spec.name,
                 "object": "model",

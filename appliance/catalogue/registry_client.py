@@ -103,17 +103,28 @@ class RegistryClient:
     async def fetch(self) -> list[ModelSpec]:
         """Every entry in the registry; ``RegistryUnavailableError`` (or its subclass
         ``RegistryBadAnswerError``) if the registry cannot give a clean, valid list."""
+        timed_out = RegistryUnavailableError(
+            f"registry {self._url} did not answer within {self._timeout:g}s"
+        )
+        # The deadline covers the whole exchange: httpx's own timeouts are per read, so a
+        # server dripping bytes slowly would otherwise hold a fetch for ever. Not
+        # asyncio.wait_for: before Python 3.12 it can swallow a cancellation that arrives as
+        # the request completes, and then RegistryPoller.stop() would wait for ever.
+        request = asyncio.ensure_future(
+            self._client.get(self._url + MODELS_PATH, timeout=self._timeout)
+        )
         try:
-            # wait_for bounds the whole exchange: httpx's own timeouts are per read, so a
-            # server dripping bytes slowly would otherwise hold a fetch for ever.
-            response = await asyncio.wait_for(
-                self._client.get(self._url + MODELS_PATH, timeout=self._timeout),
-                self._timeout,
-            )
-        except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
-            raise RegistryUnavailableError(
-                f"registry {self._url} did not answer within {self._timeout:g}s"
-            ) from exc
+            await asyncio.wait({request}, timeout=self._timeout)
+        finally:
+            if not request.done():  # timed out, or this fetch was cancelled
+                request.cancel()
+                await asyncio.wait({request})  # let it close its connection; never raises
+        try:
+            response = request.result()
+        except asyncio.CancelledError as exc:  # cancelled above, on the deadline
+            raise timed_out from exc
+        except httpx.TimeoutException as exc:
+            raise timed_out from exc
         except httpx.HTTPError as exc:
             reason = str(exc) or type(exc).__name__
             raise RegistryUnavailableError(f"cannot reach registry {self._url}: {reason}") from exc
@@ -194,6 +205,7 @@ class RegistryPoller:
         self._on_change = on_change
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._specs: list[ModelSpec] = list(self._fallback)
         self._source = CatalogueSource.FILE
         self._delivered: tuple[list[ModelSpec], CatalogueSource] | None = None
@@ -220,6 +232,7 @@ class RegistryPoller:
         if self._task is not None:
             raise RuntimeError("the registry poller is already running")
         await self.refresh()
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="registry-poller")
 
     async def stop(self) -> None:
@@ -227,6 +240,7 @@ class RegistryPoller:
         task, self._task = self._task, None
         if task is None:
             return
+        self._stopping = True
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -261,10 +275,13 @@ class RegistryPoller:
         )
 
     async def _run(self) -> None:
-        """The background loop: wait a TTL, refresh, again."""
-        while True:
+        """The background loop: wait a TTL, refresh, again, until ``stop()``."""
+        # The flag as well as the cancel: code under refresh() (a handler, a library) that
+        # swallows the CancelledError must not keep the loop alive.
+        while not self._stopping:
             await asyncio.sleep(self._ttl)
-            await self.refresh()
+            if not self._stopping:
+                await self.refresh()
 
     def _registry_failed(self, exc: RegistryUnavailableError) -> None:
         """Record a failed fetch; log only when the registry goes from up (or unknown) to down."""

@@ -40,7 +40,10 @@ class AdminClient:
                 method, path, timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
             )
         except httpx.HTTPError as exc:
-            err.print(f"[bold red]error:[/] cannot reach the appliance at {self.url}: {exc}")
+            err.print(
+                f"[bold red]error:[/] cannot reach the appliance at {self.url}: {exc}",
+                soft_wrap=True,
+            )
             raise typer.Exit(1) from None
         try:
             body = response.json()
@@ -52,6 +55,7 @@ class AdminClient:
                 f"[bold red]error:[/] {message or response.reason_phrase} "
                 f"(HTTP {response.status_code})",
                 highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(1)
         return body if isinstance(body, dict) else {"data": body}

@@ -33,6 +33,12 @@ def up(
         30.0, help="Seconds in-flight requests get to finish when a model is unloaded."
     ),
     restart_tries: int = typer.Option(3, help="Restarts of a dead engine before giving up."),
+    api_keys: Path | None = typer.Option(
+        None,
+        "--api-keys",
+        help="YAML file of API keys (also APPLIANCE_API_KEYS / APPLIANCE_ADMIN_KEYS). "
+        "Without keys the API is open.",
+    ),
     restart_backoff: float = typer.Option(
         2.0, help="Seconds before the first restart of a dead engine; doubles each try."
     ),
@@ -46,6 +52,7 @@ def up(
     import uvicorn
 
     from appliance.api.app import create_app
+    from appliance.api.auth import load_auth_config
     from appliance.logs import configure_logging
     from appliance.settings import Settings
     from appliance.supervisor.supervisor import SupervisorLimits
@@ -65,12 +72,13 @@ def up(
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib
-    settings = Settings.model_validate(options)
-    configure_logging(settings.log_level)
+    configure_logging(log_level)
     try:
+        options["auth"] = load_auth_config(api_keys, os.environ)
+        settings = Settings.model_validate(options)
         app = create_app(settings)
     except ConfigError as exc:
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     uvicorn.run(
         app,

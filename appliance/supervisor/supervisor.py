@@ -389,12 +389,14 @@ class Supervisor:
         is when the stream ends; unloading waits for that.
         """
         handle = self.get(name)
+        load: asyncio.Task[None] | None = None
         if handle.state is S.UNLOADED and handle.spec.load_on_demand:
-            self._ensure_loading(handle, "load on demand")
-        if handle.state is S.LOADING:
-            await handle.lifecycle.wait_for(
-                (S.READY, S.FAILED, S.UNLOADED), self.limits.load_wait_seconds
-            )
+            load = self._ensure_loading(handle, "load on demand")
+        elif handle.state is S.LOADING:
+            load = handle.load_task
+        if load is not None:
+            # asyncio.wait neither raises the load's error nor cancels the load on timeout.
+            await asyncio.wait({load}, timeout=self.limits.load_wait_seconds)
         engine = handle.engine
         if handle.state is not S.READY or engine is None:
             raise self._not_ready(handle)
