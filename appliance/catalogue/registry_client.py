@@ -225,6 +225,10 @@ class RegistryPoller:
         """Where the catalogue in use came from."""
         return self._source
 
+    def replace_fallback(self, specs: Sequence[ModelSpec]) -> None:
+        """Use ``specs`` (a re-read models.yaml) as the fallback from now on."""
+        self._fallback = list(specs)
+
     async def start(self) -> None:
         """Fetch once (so the caller starts with the right catalogue), then refresh every
         ``ttl`` seconds in a background task until ``stop()``. A down registry delays this by
