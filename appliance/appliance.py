@@ -1,20 +1,24 @@
-"""The composed appliance: catalogue, supervisor and router, built from settings.
+"""The composed appliance: catalogue (file or registry), supervisor, remote backends, router.
 
-``build_appliance`` validates everything it can before any engine starts (the catalogue file,
-every local model's source and engine settings), so a wrong ``models.yaml`` fails at start
-with one clear message.
+``Appliance(settings)`` validates everything it can before any engine starts (the catalogue
+file, every local model's source and engine settings), so a wrong ``models.yaml`` fails at
+start with one clear message. ``start`` brings the catalogue's models up; a registry, when
+configured, replaces the catalogue as it changes, and only the difference is applied.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
-from appliance.catalogue.catalogue import Catalogue, CatalogueOrigin
+from appliance.catalogue.catalogue import Catalogue
 from appliance.catalogue.config_file import load_catalogue_file
+from appliance.catalogue.registry_client import CatalogueSource, RegistryClient, RegistryPoller
 from appliance.catalogue.schema import ModelSpec
 from appliance.engines.factory import EngineFactory
 from appliance.engines.remote import RemoteBackends
+from appliance.errors import ConfigError
 from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.settings import Settings
@@ -37,7 +41,7 @@ class Appliance:
         for spec in config.models:
             self.engines.validate(spec)
         self.inventory = detect_inventory(settings.cpu_memory_budget_gib)
-        self.catalogue = Catalogue(config.models, CatalogueOrigin.FILE)
+        self.catalogue = Catalogue(config.models, CatalogueSource.FILE)
         self.metrics = Metrics(
             catalogue=self.catalogue,
             registry_status=self.registry_status,
@@ -49,23 +53,55 @@ class Appliance:
         self.metrics.bind(supervisor=self.supervisor)
         self.remotes = RemoteBackends(settings.remote)
         self.router = Router(self.catalogue, self.supervisor, remote=self.remotes.get)
+        self.registry: RegistryPoller | None = None
+        if config.registry_url is not None:
+            self.registry = RegistryPoller(
+                RegistryClient(config.registry_url, timeout=settings.registry_timeout_seconds),
+                ttl=config.registry_ttl,
+                fallback=config.models,
+                on_change=self._catalogue_changed,
+            )
+        self._started = False
 
     async def start(self) -> None:
-        """Load the autoload models (returns when each is ready or failed)."""
-        log.info(
-            "devices: %s",
-            ", ".join(
-                f"{d.kind.value}{d.index} {d.total_gib:.1f} GiB" for d in self.inventory.devices
-            ),
-        )
+        """Take the catalogue (the registry's, if it answers), then start its models."""
+        log.info("devices: %s", self.inventory.describe(), extra={"event": "inventory"})
+        if self.registry is not None:
+            await self.registry.start()
         await self.remotes.sync(self.catalogue.specs())
         await self.remotes.start()
         await self.supervisor.start(self.catalogue.specs())
+        self._started = True
 
     async def stop(self) -> None:
-        """Drain and stop every engine."""
+        """Stop following the registry, drain and stop every engine, close backends."""
+        if self.registry is not None:
+            await self.registry.stop()
         await self.supervisor.shutdown()
         await self.remotes.close()
+
+    def _servable(self, specs: Sequence[ModelSpec]) -> list[ModelSpec]:
+        """The entries this appliance can serve; a bad registry entry must not stop the rest."""
+        good = []
+        for spec in specs:
+            try:
+                self.engines.validate(spec)
+            except ConfigError as exc:
+                log.error("catalogue entry skipped: %s", exc.message, extra={"model": spec.name})
+                continue
+            good.append(spec)
+        return good
+
+    async def _catalogue_changed(self, specs: list[ModelSpec], source: CatalogueSource) -> None:
+        """The registry poller's callback: put the new catalogue in force."""
+        specs = self._servable(specs)
+        if self._started:
+            changes = await self.supervisor.apply_catalogue(specs)
+            await self.remotes.sync(specs)
+            log.info(
+                "catalogue changed", extra={"event": "catalogue", "source": source.value, **changes}
+            )
+        self.catalogue.replace(specs, source)
 
     async def load(self, name: str) -> list[str]:
         """Load ``name``; return the models evicted to make room."""
@@ -75,13 +111,21 @@ class Appliance:
         return sorted(before - after - {name})
 
     async def reload(self) -> dict[str, list[str]]:
-        """Re-read the catalogue file and apply only the difference."""
+        """Re-read the catalogue file and apply only the difference.
+
+        With a registry, the file is the fallback: it is re-read (and must be valid), then the
+        registry is asked again.
+        """
         config = load_catalogue_file(self.settings.config_path)
         for spec in config.models:
             self.engines.validate(spec)
+        if self.registry is not None:
+            self.registry.replace_fallback(config.models)
+            await self.registry.refresh()
+            return {"added": [], "removed": [], "changed": []}
         changes = await self.supervisor.apply_catalogue(config.models)
         await self.remotes.sync(config.models)
-        self.catalogue.replace(config.models, CatalogueOrigin.FILE)
+        self.catalogue.replace(config.models, CatalogueSource.FILE)
         log.info("catalogue reloaded", extra={"event": "reload", **changes})
         return changes
 
@@ -97,4 +141,6 @@ class Appliance:
 
     def registry_status(self) -> dict[str, Any]:
         """Whether a registry is configured and up, and the catalogue source."""
-        return {"configured": False, "source": self.catalogue.origin.value}
+        if self.registry is None:
+            return {"configured": False, "up": None, "source": self.catalogue.origin.value}
+        return {"configured": True, **self.registry.status().model_dump(mode="json")}

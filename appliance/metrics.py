@@ -28,7 +28,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from appliance import __version__
-from appliance.catalogue.catalogue import CatalogueOrigin
+from appliance.catalogue.registry_client import CatalogueSource
 from appliance.supervisor.inventory import GIB, GpuMemory, gpu_memory_used
 from appliance.supervisor.states import ModelState
 
@@ -285,13 +285,13 @@ class _ScrapeCollector(Collector):
             source = self._m.catalogue.origin
         if source is None:
             return
-        current = source.value if isinstance(source, CatalogueOrigin) else str(source)
+        current = source.value if isinstance(source, CatalogueSource) else str(source)
         family = GaugeMetricFamily(
             "appliance_catalogue_source",
             "1 for where the catalogue in force came from.",
             labels=["source"],
         )
-        for origin in CatalogueOrigin:
+        for origin in CatalogueSource:
             family.add_metric([origin.value], 1.0 if origin.value == current else 0.0)
         yield family
 

@@ -40,6 +40,9 @@ class Settings(BaseModel):
         20.0, ge=0, description="In-flight requests get this long to finish at shutdown."
     )
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body accepted.")
+    registry_timeout_seconds: float = Field(
+        2.0, gt=0, description="How long a registry fetch may take before it counts as down."
+    )
     limits: SupervisorLimits = Field(default_factory=SupervisorLimits)
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
     auth: AuthConfig = Field(default_factory=AuthConfig)

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable
 
+from appliance.catalogue.registry_client import CatalogueSource
 from appliance.catalogue.schema import ModelSpec
 from appliance.errors import ModelNotFoundError
-
-
-class CatalogueOrigin(str, enum.Enum):
-    """Where the catalogue in force came from."""
-
-    FILE = "file"  # models.yaml
-    REGISTRY = "registry"  # a fresh answer from the registry service
-    REGISTRY_CACHE = "registry_cache"  # the registry's last good answer; it is down now
 
 
 class Catalogue:
     """Name -> entry, replaced whole when models.yaml is reloaded or the registry changes."""
 
-    def __init__(self, specs: Iterable[ModelSpec], origin: CatalogueOrigin) -> None:
+    def __init__(self, specs: Iterable[ModelSpec], origin: CatalogueSource) -> None:
         self._specs = {spec.name: spec for spec in specs}
         self.origin = origin
 
@@ -41,7 +33,7 @@ class Catalogue:
         """Every entry, in catalogue order."""
         return list(self._specs.values())
 
-    def replace(self, specs: Iterable[ModelSpec], origin: CatalogueOrigin) -> None:
+    def replace(self, specs: Iterable[ModelSpec], origin: CatalogueSource) -> None:
         """Put a new catalogue in force."""
         self._specs = {spec.name: spec for spec in specs}
         self.origin = origin

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from appliance import __version__
 from appliance.api.metrics_routes import build_metrics_router
 from appliance.api.middleware import RequestInfo
-from appliance.catalogue.catalogue import Catalogue, CatalogueOrigin
+from appliance.catalogue.catalogue import Catalogue
+from appliance.catalogue.registry_client import CatalogueSource
 from appliance.catalogue.schema import ModelSpec
 from appliance.engines.base import EngineStats, Usage
 from appliance.metrics import Metrics
@@ -68,7 +69,7 @@ class FakeSupervisor:
         return list(self.models)
 
 
-def catalogue(*names: str, origin: CatalogueOrigin = CatalogueOrigin.FILE) -> Catalogue:
+def catalogue(*names: str, origin: CatalogueSource = CatalogueSource.FILE) -> Catalogue:
     return Catalogue([ModelSpec(name=n, source=f"models/{n}") for n in names], origin)
 
 
@@ -210,7 +211,7 @@ def test_catalogue_changes_are_followed(make_metrics: Any) -> None:
     cat = catalogue("llama")
     m = make_metrics(cat=cat)
     m.on_request_done(request("mistral"), 404, 0.1)
-    cat.replace([ModelSpec(name="mistral", source="models/mistral")], CatalogueOrigin.FILE)
+    cat.replace([ModelSpec(name="mistral", source="models/mistral")], CatalogueSource.FILE)
     m.on_request_done(request("mistral"), 200, 0.1)
     s = scrape(m)
     assert (
@@ -341,7 +342,7 @@ def test_registry_and_catalogue_source(make_metrics: Any) -> None:
     }
     assert sources == {"file": 0, "registry": 0, "registry_cache": 1}
 
-    status.update(up=True, source=CatalogueOrigin.REGISTRY)
+    status.update(up=True, source=CatalogueSource.REGISTRY)
     s = scrape(m)
     assert value(s, "appliance_registry_up") == 1
     assert value(s, "appliance_catalogue_source", source="registry") == 1
@@ -349,7 +350,7 @@ def test_registry_and_catalogue_source(make_metrics: Any) -> None:
 
 
 def test_without_registry_status_source_comes_from_the_catalogue(make_metrics: Any) -> None:
-    s = scrape(make_metrics(cat=catalogue("llama", origin=CatalogueOrigin.FILE)))
+    s = scrape(make_metrics(cat=catalogue("llama", origin=CatalogueSource.FILE)))
     assert names_of(s, "appliance_registry_up") == []
     assert value(s, "appliance_catalogue_source", source="file") == 1
     assert value(s, "appliance_catalogue_source", source="registry") == 0
