@@ -105,10 +105,10 @@ class Appliance:
 
     async def load(self, name: str) -> list[str]:
         """Load ``name``; return the models evicted to make room."""
-        before = {h.name for h in self.supervisor.handles() if h.state.value == "ready"}
+        handle = self.supervisor.get(name)
+        was_ready = handle.state.value == "ready"
         await self.supervisor.load(name)
-        after = {h.name for h in self.supervisor.handles() if h.state.value == "ready"}
-        return sorted(before - after - {name})
+        return [] if was_ready else list(handle.evicted)
 
     async def reload(self) -> dict[str, list[str]]:
         """Re-read the catalogue file and apply only the difference.

@@ -20,6 +20,7 @@ from appliance.catalogue.schema import ModelSpec
 from appliance.engines.base import Engine
 from appliance.errors import (
     ApplianceError,
+    InsufficientResourcesError,
     LifecycleError,
     ModelDrainingError,
     ModelFailedError,
@@ -98,6 +99,7 @@ class ModelHandle:
     load_seconds: float | None = None
     failures: int = 0
     load_task: asyncio.Task[None] | None = None
+    evicted: list[str] = field(default_factory=list)  # what the last load unloaded for room
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -283,6 +285,7 @@ class Supervisor:
             )
             # Reserve the devices before the slow start, so concurrent loads see them taken.
             handle.allocation = allocation
+            handle.evicted = list(evicted)
             for victim in evicted:
                 log.info("evicting %s to make room for %s", victim, handle.name)
                 if self._observer is not None:
@@ -292,10 +295,11 @@ class Supervisor:
             await engine.start()
         except BaseException as exc:
             handle.allocation = None
-            handle.last_error = str(exc) if isinstance(exc, Exception) else "load cancelled"
-            target = S.FAILED if not isinstance(exc, ModelNotReadyError) else S.UNLOADED
-            if getattr(exc, "code", "") == "insufficient_resources":
-                target = S.UNLOADED  # nothing broke: it just does not fit now
+            cancelled = not isinstance(exc, Exception)
+            handle.last_error = "load cancelled" if cancelled else str(exc)
+            # Nothing broke when a load is cancelled or the model does not fit now.
+            no_room = isinstance(exc, InsufficientResourcesError)
+            target = S.UNLOADED if cancelled or no_room else S.FAILED
             handle.lifecycle.swap(S.LOADING, target, handle.last_error)
             raise
         handle.engine = engine
