@@ -9,7 +9,6 @@ from fastapi.responses import JSONResponse
 
 from appliance.appliance import Appliance
 from appliance.catalogue.schema import ModelSpec
-from appliance.errors import NotSupportedError
 
 
 def _describe(app: Appliance, spec: ModelSpec) -> dict[str, Any]:
@@ -70,22 +69,18 @@ def build_admin_router(app: Appliance) -> APIRouter:
         return JSONResponse(_describe(app, app.catalogue.get(name)))
 
     @api.post("/models/{name:path}/sleep", summary="Put a model to sleep (GPU only)")
-    async def sleep(name: str) -> JSONResponse:
-        """vLLM sleep mode frees GPU memory but keeps the engine; not on CPU."""
+    async def sleep(name: str, level: int = 1) -> JSONResponse:
+        """vLLM sleep mode: frees GPU memory, keeps the engine; 501 where there is no GPU."""
         app.catalogue.get(name)
-        raise NotSupportedError(
-            f"sleep mode is not available on this appliance's devices "
-            f"({app.supervisor.inventory.kind.value}); use unload instead"
-        )
+        await app.supervisor.sleep(name, level)
+        return JSONResponse(_describe(app, app.catalogue.get(name)))
 
     @api.post("/models/{name:path}/wake", summary="Wake a sleeping model (GPU only)")
     async def wake(name: str) -> JSONResponse:
-        """Counterpart of sleep; not on CPU."""
+        """Counterpart of sleep."""
         app.catalogue.get(name)
-        raise NotSupportedError(
-            f"sleep mode is not available on this appliance's devices "
-            f"({app.supervisor.inventory.kind.value})"
-        )
+        await app.supervisor.wake(name)
+        return JSONResponse(_describe(app, app.catalogue.get(name)))
 
     @api.post("/reload", summary="Re-read models.yaml and apply the difference")
     async def reload() -> JSONResponse:

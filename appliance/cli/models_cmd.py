@@ -152,9 +152,16 @@ def reload(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
 
 
 @models_app.command("sleep")
-def sleep(name: str, url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+def sleep(
+    name: str,
+    level: int = typer.Option(1, min=1, max=2, help="1: weights to CPU memory; 2: dropped."),
+    url: str = URL_OPTION,
+    api_key: str | None = KEY_OPTION,
+) -> None:
     """Put a model to sleep (vLLM sleep mode, GPU only): frees GPU memory, keeps the engine."""
-    body = AdminClient(url, api_key).call("POST", f"/admin/models/{name}/sleep", timeout=600)
+    body = AdminClient(url, api_key).call(
+        "POST", f"/admin/models/{name}/sleep?level={level}", timeout=600
+    )
     out.print(f"{name}: {body.get('state')}")
 
 

@@ -80,6 +80,14 @@ class Engine(Protocol):
         """Answer one OpenAI request whose JSON body is ``body``."""
         ...
 
+    async def sleep(self, level: int) -> None:
+        """Free the engine's GPU memory, keeping the engine (vLLM sleep mode)."""
+        ...
+
+    async def wake_up(self) -> None:
+        """Undo ``sleep``."""
+        ...
+
     def is_alive(self) -> bool:
         """False once the engine has died (process gone, fatal error)."""
         ...

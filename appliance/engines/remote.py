@@ -25,7 +25,12 @@ from starlette.requests import Request
 
 from appliance.catalogue.schema import ModelSpec
 from appliance.engines.base import Endpoint, EngineStats, JSONReply, Reply, StreamReply, Usage
-from appliance.errors import BackendError, BackendTimeoutError, BackendUnavailableError
+from appliance.errors import (
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    NotSupportedError,
+)
 
 log = logging.getLogger("appliance.remote")
 
@@ -284,6 +289,14 @@ class RemoteEngine:
     def up(self) -> bool:
         """The breaker is closed and the last health check (if any) passed."""
         return self.breaker.state is BreakerState.CLOSED and self._healthy is not False
+
+    async def sleep(self, level: int) -> None:
+        """A remote backend's memory is its own business."""
+        raise NotSupportedError(f"model {self.spec.name!r} is remote: sleep it on its own server")
+
+    async def wake_up(self) -> None:
+        """See ``sleep``."""
+        raise NotSupportedError(f"model {self.spec.name!r} is remote: wake it on its own server")
 
     def is_alive(self) -> bool:
         """Whether the backend is believed to answer (see ``up``)."""

@@ -243,6 +243,18 @@ class VLLMEngine:
             # shutdown() joins processes; keep the event loop free while it does.
             await asyncio.to_thread(engine.shutdown)
 
+    async def sleep(self, level: int) -> None:
+        """vLLM sleep mode: level 1 offloads weights to CPU memory, level 2 drops them."""
+        if self._engine is None:
+            raise EngineError(f"model {self.spec.name!r} has no running engine")
+        await self._engine.sleep(level)
+
+    async def wake_up(self) -> None:
+        """Bring a sleeping engine's memory back."""
+        if self._engine is None:
+            raise EngineError(f"model {self.spec.name!r} has no running engine")
+        await self._engine.wake_up()
+
     def is_alive(self) -> bool:
         """False once vLLM reports the engine dead (its core process died or raised)."""
         engine = self._engine

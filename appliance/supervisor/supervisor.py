@@ -319,9 +319,84 @@ class Supervisor:
         if handle.state is S.DRAINING:
             raise LifecycleError(f"model {name!r} is draining; load it again once it is unloaded")
         if handle.state is S.SLEEPING:
-            raise NotSupportedError("sleep mode is not available on this platform")
+            await asyncio.shield(self._ensure_waking(handle, "load requested while asleep"))
+            return handle
         await asyncio.shield(self._ensure_loading(handle, "load requested"))
         return handle
+
+    # -- sleep mode (GPU only) -------------------------------------------------------------
+
+    async def sleep(self, name: str, level: int = 1) -> ModelHandle:
+        """Put a ready model to sleep with vLLM's sleep mode: GPU memory freed, engine kept.
+
+        Level 1 keeps the weights in CPU memory (fast wake), level 2 drops them. New requests
+        are refused from the start; those in flight get ``drain_seconds`` to finish.
+        """
+        handle = self.get(name)
+        if self.inventory.kind is not DeviceKind.GPU:
+            raise NotSupportedError(
+                "sleep mode needs a GPU (vLLM's sleep mode is CUDA-only); this appliance runs "
+                f"on {self.inventory.kind.value}: use `appliance models unload {name}` instead"
+            )
+        if level not in (1, 2):
+            raise LifecycleError(f"sleep level must be 1 or 2, not {level}")
+        if not handle.spec.engine.get("enable_sleep_mode"):
+            raise LifecycleError(
+                f"model {name!r} was not started with sleep mode; add "
+                "`enable_sleep_mode: true` to its engine settings"
+            )
+        if handle.state is S.SLEEPING:
+            return handle
+        if handle.state is not S.READY or handle.engine is None:
+            raise LifecycleError(
+                f"model {name!r} is {handle.state.value}; only a ready model sleeps"
+            )
+        handle.lifecycle.swap(S.READY, S.SLEEPING, f"sleep level {level} requested")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(handle.idle.wait(), self.limits.drain_seconds)
+        try:
+            await handle.engine.sleep(level)
+        except Exception as exc:
+            handle.last_error = f"sleep failed: {exc}"
+            handle.lifecycle.swap(S.SLEEPING, S.FAILED, handle.last_error)
+            self._background(self._restart(handle))
+            raise
+        return handle
+
+    async def wake(self, name: str) -> ModelHandle:
+        """Wake a sleeping model (or wait for the wake under way)."""
+        handle = self.get(name)
+        if handle.state is S.READY:
+            return handle
+        if handle.state not in (S.SLEEPING, S.LOADING):
+            raise LifecycleError(f"model {name!r} is {handle.state.value}, not asleep")
+        if handle.state is S.SLEEPING:
+            await asyncio.shield(self._ensure_waking(handle, "wake requested"))
+        elif handle.load_task is not None:
+            await asyncio.shield(handle.load_task)
+        return handle
+
+    def _ensure_waking(self, handle: ModelHandle, reason: str) -> asyncio.Task[None]:
+        if handle.load_task is None or handle.load_task.done():
+            handle.load_task = asyncio.create_task(
+                self._wake(handle, reason), name=f"wake-{handle.name}"
+            )
+        return handle.load_task
+
+    async def _wake(self, handle: ModelHandle, reason: str) -> None:
+        engine = handle.engine
+        assert engine is not None, "a sleeping model keeps its engine"
+        handle.lifecycle.swap(S.SLEEPING, S.LOADING, reason)
+        started = time.monotonic()
+        try:
+            await engine.wake_up()
+        except Exception as exc:
+            handle.last_error = f"wake failed: {exc}"
+            handle.lifecycle.swap(S.LOADING, S.FAILED, handle.last_error)
+            self._background(self._restart(handle))
+            raise
+        handle.last_used = time.monotonic()
+        handle.lifecycle.swap(S.LOADING, S.READY, f"awake in {time.monotonic() - started:.1f}s")
 
     # -- unloading -------------------------------------------------------------------------
 
@@ -396,6 +471,8 @@ class Supervisor:
         load: asyncio.Task[None] | None = None
         if handle.state is S.UNLOADED and handle.spec.load_on_demand:
             load = self._ensure_loading(handle, "load on demand")
+        elif handle.state is S.SLEEPING and handle.spec.load_on_demand:
+            load = self._ensure_waking(handle, "wake on demand")
         elif handle.state is S.LOADING:
             load = handle.load_task
         if load is not None:

@@ -16,12 +16,15 @@ from appliance.catalogue.schema import ModelSpec
 from appliance.engines.base import EngineStats, JSONReply
 from appliance.errors import (
     InsufficientResourcesError,
+    LifecycleError,
     ModelDrainingError,
     ModelFailedError,
     ModelLoadingError,
+    ModelNotReadyError,
     ModelUnloadedError,
+    NotSupportedError,
 )
-from appliance.supervisor.inventory import Inventory, cpu_inventory
+from appliance.supervisor.inventory import Device, DeviceKind, Inventory, cpu_inventory
 from appliance.supervisor.placement import Allocation
 from appliance.supervisor.states import ModelState, Transition
 from appliance.supervisor.supervisor import Supervisor, SupervisorLimits
@@ -39,6 +42,7 @@ class FakeEngine:
         self.fail = fail
         self.alive = False
         self.stopped = 0
+        self.sleeping = 0
 
     async def start(self) -> None:
         await asyncio.sleep(self.start_delay)
@@ -49,6 +53,12 @@ class FakeEngine:
     async def stop(self) -> None:
         self.alive = False
         self.stopped += 1
+
+    async def sleep(self, level: int) -> None:
+        self.sleeping = level
+
+    async def wake_up(self) -> None:
+        self.sleeping = 0
 
     async def handle(self, endpoint: Any, body: Any, request: Any) -> JSONReply:
         return JSONReply(200, b"{}")
@@ -333,3 +343,66 @@ def test_apply_catalogue_touches_only_the_difference() -> None:
         assert all(h.state is S.READY for h in sup.handles())
 
     run(body, budget=20.0)
+
+
+def test_sleep_is_refused_without_a_gpu() -> None:
+    async def body(sup: Supervisor, maker: FakeMaker, rec: Recorder) -> None:
+        await sup.start([spec("a", engine={"enable_sleep_mode": True})])
+        await sup.wait_autoload()
+        with pytest.raises(NotSupportedError, match="needs a GPU"):
+            await sup.sleep("a")
+        assert sup.get("a").state is S.READY
+
+    run(body)
+
+
+def gpu_run(body: Callable[[Supervisor, FakeMaker, Recorder], Awaitable[T]]) -> T:
+    """Like ``run`` on one simulated 80 GiB GPU."""
+
+    async def main() -> T:
+        maker = FakeMaker()
+        recorder = Recorder()
+        inventory = Inventory((Device(0, "H100", 80.0, DeviceKind.GPU, "GPU-0"),))
+        supervisor = Supervisor(inventory, maker, limits=LIMITS, observer=recorder)
+        try:
+            return await body(supervisor, maker, recorder)
+        finally:
+            await supervisor.shutdown()
+
+    return asyncio.run(main())
+
+
+def test_sleep_and_wake_on_a_gpu() -> None:
+    async def body(sup: Supervisor, maker: FakeMaker, rec: Recorder) -> None:
+        await sup.start(
+            [
+                spec("a", engine={"enable_sleep_mode": True}),
+                spec("b", load_on_demand=True, engine={"enable_sleep_mode": True}),
+            ]
+        )
+        await sup.wait_autoload()
+        await sup.sleep("a", level=1)
+        assert sup.get("a").state is S.SLEEPING and maker.made[0].sleeping == 1
+        with pytest.raises(ModelNotReadyError):
+            async with sup.acquire("a"):
+                pass
+        await sup.wake("a")
+        assert sup.get("a").state is S.READY and maker.made[0].sleeping == 0
+        # A load_on_demand model wakes for a request.
+        await sup.sleep("b", level=2)
+        async with sup.acquire("b") as engine:
+            assert engine.is_alive()
+        assert sup.get("b").state is S.READY
+        assert len(maker.made) == 2  # woken, not reloaded
+
+    gpu_run(body)
+
+
+def test_sleep_needs_sleep_mode_enabled() -> None:
+    async def body(sup: Supervisor, maker: FakeMaker, rec: Recorder) -> None:
+        await sup.start([spec("a")])
+        await sup.wait_autoload()
+        with pytest.raises(LifecycleError, match="enable_sleep_mode"):
+            await sup.sleep("a")
+
+    gpu_run(body)
