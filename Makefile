@@ -41,7 +41,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check appliance scripts tests
 
 bench: $(MODELS)
-	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install -e '.[$(EXTRA),dev,bench]'
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .models

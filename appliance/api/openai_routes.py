@@ -25,6 +25,7 @@ from appliance.errors import InvalidRequestError
 from appliance.metrics import Metrics
 from appliance.router import Router
 
+CLIENT_CLOSED_REQUEST = 499
 _USAGE_MARK = b'"usage":{'
 _DOC_BODY = {
     "requestBody": {
@@ -64,8 +65,9 @@ def _model_of(body: dict[str, Any]) -> str:
     return model
 
 
-async def _until_disconnect(coro: Any, request: Request) -> Reply:
-    """Run ``coro``; if the client goes away first, cancel it (which aborts it in vLLM)."""
+async def _until_disconnect(coro: Any, request: Request) -> Reply | None:
+    """Run ``coro``; if the client goes away first, cancel it (which aborts it in vLLM) and
+    return None."""
     work = asyncio.ensure_future(coro)
 
     async def gone() -> None:
@@ -83,7 +85,7 @@ async def _until_disconnect(coro: Any, request: Request) -> Reply:
         work.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await work
-        raise asyncio.CancelledError("client disconnected")
+        return None
     return work.result()
 
 
@@ -170,6 +172,10 @@ def build_openai_router(router: Router, metrics: Metrics) -> APIRouter:
         except BaseException:
             await release.aclose()
             raise
+        if reply is None:
+            await release.aclose()
+            # Nobody is listening; 499 (nginx's "client closed request") is for the log.
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         if isinstance(reply, JSONReply):
             await release.aclose()
             info.usage = reply.usage

