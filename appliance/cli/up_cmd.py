@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import typer
@@ -11,6 +12,10 @@ from rich.console import Console
 from appliance.errors import ConfigError
 
 err = Console(stderr=True)
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def up(
@@ -80,6 +85,11 @@ def up(
     except ConfigError as exc:
         err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    # Uvicorn drains and shuts down on SIGTERM/SIGINT, then re-raises the signal with the
+    # handlers it found; these make that a clean exit (0) rather than death by signal, since
+    # by then the shutdown did finish.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     uvicorn.run(
         app,
         host=settings.host,

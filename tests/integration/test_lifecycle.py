@@ -6,6 +6,7 @@ expects (noted at the top of each).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -87,6 +88,7 @@ class Stream(threading.Thread):
             "max_tokens": tokens,
             "ignore_eos": True,
             "stream": True,
+            "stream_options": {"include_usage": True},
         }
         self.events: list[str] = []
         self.first = threading.Event()
@@ -101,12 +103,16 @@ class Stream(threading.Thread):
                     self.first.set()
 
     def completed(self, tokens: int) -> bool:
-        """Every token arrived, then [DONE], with no error event."""
-        return (
-            self.status == 200
-            and self.events[-1:] == ["data: [DONE]"]
-            and len(self.events) == tokens + 1
-            and not any('"error"' in e for e in self.events)
+        """Every token arrived (per the closing usage event), then [DONE], and no error.
+
+        Events are not counted: under load vLLM puts several tokens in one event.
+        """
+        if self.status != 200 or self.events[-1:] != ["data: [DONE]"] or len(self.events) < 3:
+            return False
+        usage = json.loads(self.events[-2][len("data: ") :]).get("usage") or {}
+        text_events = [json.loads(e[len("data: ") :]) for e in self.events[:-2]]
+        return usage.get("completion_tokens") == tokens and all(
+            "error" not in event for event in text_events
         )
 
 

@@ -3,6 +3,7 @@ and no engine process is left behind."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ def test_sigterm_during_a_stream(workdir: Path) -> None:
             "max_tokens": 200,
             "ignore_eos": True,
             "stream": True,
+            "stream_options": {"include_usage": True},
         }
         with httpx.stream(
             "POST", f"{appliance.url}/v1/completions", json=body, timeout=120
@@ -51,7 +53,7 @@ def test_sigterm_during_a_stream(workdir: Path) -> None:
     assert took < 60
     # The stream in flight was allowed to finish: 200 tokens and the closing [DONE].
     assert received[-1] == "data: [DONE]"
-    assert len(received) == 201
+    assert json.loads(received[-2][len("data: ") :])["usage"]["completion_tokens"] == 200
     deadline = time.monotonic() + 10
     while any(alive(pid) for pid in engine_processes) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -1,0 +1,279 @@
+"""Issue 4: two appliances on loopback federated through the registry, and vLLM's own server
+as a remote backend.
+
+Appliance A serves a tiny model; the registry says that model lives at A's URL; appliance B
+(configured with the registry, no engines of its own) proxies to A.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.integration.harness import MODELS_DIR, ApplianceProcess, free_port, tiny_chat
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "registry-token-for-tests"
+MESSAGES = [{"role": "user", "content": "federate me"}]
+
+
+class Registry:
+    """`appliance registry serve` in a subprocess."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.db = workdir / "registry.db"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "registry.log"
+
+    def start(self) -> None:
+        """Start and wait for /health."""
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "appliance",
+                "registry",
+                "serve",
+                "--db",
+                str(self.db),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--token",
+                TOKEN,
+            ],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise TimeoutError(self.log.read_text())
+
+    def put(self, entry: dict[str, Any]) -> None:
+        """Create or replace one entry."""
+        response = httpx.put(
+            f"{self.url}/v1/registry/models/{entry['name']}",
+            json=entry,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=10,
+        )
+        assert response.status_code in (200, 201), response.text
+
+    def stop(self) -> None:
+        """Terminate."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def boxes(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ApplianceProcess, ApplianceProcess, Registry]]:
+    """A serves tiny-chat; the registry points tiny-chat at A; B follows the registry."""
+    registry = Registry(tmp_path_factory.mktemp("registry"))
+    registry.start()
+    a = ApplianceProcess(tmp_path_factory.mktemp("box-a"), [tiny_chat("tiny-chat")]).start()
+    registry.put({"name": "tiny-chat", "backend_url": a.url, "owner": "box-a", "version": "1"})
+    b = ApplianceProcess(
+        tmp_path_factory.mktemp("box-b"), [], registry_url=registry.url, registry_ttl=1
+    ).start()
+    yield a, b, registry
+    b.stop()
+    a.stop()
+    registry.stop()
+
+
+def completion(url: str, stream: bool) -> tuple[int, str]:
+    """Greedy completion through ``url``: (status, text)."""
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    if not stream:
+        reply = client.completions.create(
+            model="tiny-chat",
+            prompt="federation",
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        return 200, reply.choices[0].text
+    chunks = client.completions.create(
+        model="tiny-chat",
+        prompt="federation",
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    return 200, "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def test_b_answers_with_a_tokens(
+    boxes: tuple[ApplianceProcess, ApplianceProcess, Registry],
+) -> None:
+    a, b, _ = boxes
+    for stream in (False, True):
+        assert completion(b.url, stream) == completion(a.url, stream)
+    chat_a = OpenAI(base_url=f"{a.url}/v1", api_key="x").chat.completions.create(
+        model="tiny-chat",
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    chat_b = OpenAI(base_url=f"{b.url}/v1", api_key="x").chat.completions.create(
+        model="tiny-chat",
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    assert chat_b.choices[0].message.content == chat_a.choices[0].message.content
+    models = httpx.get(f"{b.url}/v1/models").json()["data"]
+    assert [m["id"] for m in models] == ["tiny-chat"] and models[0]["backend_url"] == a.url
+    status = httpx.get(f"{b.url}/admin/registry").json()
+    assert status["configured"] and status["up"] and status["source"] == "registry"
+    # The request id travels to A.
+    r = httpx.post(
+        f"{b.url}/v1/completions",
+        json={"model": "tiny-chat", "prompt": "x", "max_tokens": 2},
+        headers={"X-Request-Id": "fed-42"},
+        timeout=60,
+    )
+    assert r.status_code == 200 and r.headers["x-request-id"] == "fed-42"
+    assert '"request_id": "fed-42"' in a.log_path.read_text()
+
+
+def test_b_keeps_serving_without_the_registry(
+    boxes: tuple[ApplianceProcess, ApplianceProcess, Registry],
+) -> None:
+    a, b, registry = boxes
+    registry.stop()
+    deadline = time.monotonic() + 15
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{b.url}/admin/registry").json()
+        if status["up"] is False:
+            break
+        time.sleep(0.2)
+    assert status["up"] is False and status["source"] == "registry_cache"
+    assert completion(b.url, False) == completion(a.url, False)
+
+
+def test_b_fails_fast_while_a_is_down_and_recovers(
+    boxes: tuple[ApplianceProcess, ApplianceProcess, Registry],
+) -> None:
+    a, b, _ = boxes
+    expected = completion(a.url, False)
+    assert a.stop() == 0
+    began = time.monotonic()
+    r = httpx.post(
+        f"{b.url}/v1/completions",
+        json={"model": "tiny-chat", "prompt": "x", "max_tokens": 2},
+        timeout=30,
+    )
+    assert time.monotonic() - began < 2.0
+    assert r.status_code in (502, 503)
+    error = r.json()["error"]
+    assert a.url in error["message"] and "tiny-chat" in error["message"]
+    a.start()  # same port
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = httpx.post(
+            f"{b.url}/v1/completions",
+            json={
+                "model": "tiny-chat",
+                "prompt": "federation",
+                "max_tokens": 12,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+            timeout=30,
+        )
+        if r.status_code == 200:
+            break
+        time.sleep(0.5)
+    assert r.status_code == 200, r.text
+    assert (200, r.json()["choices"][0]["text"]) == expected
+
+
+def test_vllm_own_server_as_a_backend(workdir: Path) -> None:
+    port = free_port()
+    log = (workdir / "vllm.log").open("ab")
+    vllm = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(MODELS_DIR / "tiny-gpt2"),
+            "--served-model-name",
+            "vllm-gpt2",
+            "--max-model-len",
+            "512",
+            "--dtype",
+            "float32",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        start_new_session=True,
+    )
+    proxy = ApplianceProcess(
+        workdir, [{"name": "vllm-gpt2", "backend_url": f"http://127.0.0.1:{port}"}]
+    )
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            assert vllm.poll() is None, (workdir / "vllm.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        proxy.start()
+        direct = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        through = OpenAI(base_url=f"{proxy.url}/v1", api_key="x")
+        kwargs: dict[str, Any] = {
+            "model": "vllm-gpt2",
+            "prompt": "proxied",
+            "max_tokens": 10,
+            "temperature": 0,
+            "extra_body": {"ignore_eos": True},
+        }
+        assert through.completions.create(**kwargs).choices[0].text == (
+            direct.completions.create(**kwargs).choices[0].text
+        )
+        streamed = through.completions.create(**kwargs, stream=True)
+        text = "".join(c.choices[0].text for c in streamed if c.choices)
+        assert text == direct.completions.create(**kwargs).choices[0].text
+        bad = httpx.post(
+            f"{proxy.url}/v1/completions",
+            json={"model": "vllm-gpt2", "prompt": "x", "temperature": -1},
+            timeout=30,
+        )
+        assert bad.status_code == 400 and "error" in bad.json()
+    finally:
+        proxy.stop()
+        os.killpg(vllm.pid, 15)
+        vllm.wait(60)

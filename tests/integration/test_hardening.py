@@ -1,0 +1,361 @@
+"""Issue 5: metrics that count exactly, API keys, fuzzing, a bounded soak, client disconnects.
+
+One appliance with API keys, serving one tiny model; tests take metric deltas, so they
+need no appliance of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.harness import ApplianceProcess, tiny_chat
+
+pytestmark = pytest.mark.integration
+
+USER = "sk-user-0123456789"
+ADMIN = "sk-admin-0123456789"
+LIMITED = "sk-limited-0123456789"
+MODEL = "tiny-chat"
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApplianceProcess]:
+    """tiny-chat behind API keys: a user, an admin, and a limited key."""
+    workdir = tmp_path_factory.mktemp("hardening")
+    keys = workdir / "keys.yaml"
+    keys.write_text(
+        yaml.safe_dump(
+            {
+                "public": ["health", "metrics"],
+                "keys": [
+                    {"name": "user", "key": USER},
+                    {"name": "ops", "key": ADMIN, "role": "admin"},
+                    {
+                        "name": "limited",
+                        "key": LIMITED,
+                        "models": ["other-model"],
+                        "requests_per_minute": 3,
+                    },
+                ],
+            }
+        )
+    )
+    keys.chmod(0o600)
+    # A longer context than the other tests, so that a stream can outlast a disconnect check.
+    proc = ApplianceProcess(
+        workdir, [tiny_chat(MODEL, engine={"max_model_len": 2048, "dtype": "float32"})]
+    )
+    proc.start("--api-keys", str(keys))
+    yield proc
+    proc.stop()
+
+
+def auth(key: str) -> dict[str, str]:
+    """The Authorization header for ``key``."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+def scrape(appliance: ApplianceProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, keyed by (name, sorted labels); parsed by prometheus-client."""
+    text = httpx.get(f"{appliance.url}/metrics", timeout=10).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    """One sample's value, 0 when absent."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def engine_running(appliance: ApplianceProcess) -> int:
+    """The engine's own count of unfinished requests."""
+    body = httpx.get(f"{appliance.url}/admin/models", headers=auth(ADMIN), timeout=10).json()
+    return int(next(m for m in body["data"] if m["name"] == MODEL)["engine_running"])
+
+
+def test_keys(appliance: ApplianceProcess) -> None:
+    url = appliance.url
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    chat = f"{url}/v1/chat/completions"
+    none = httpx.post(chat, json=body, timeout=30)
+    assert none.status_code == 401 and none.json()["error"]["code"] == "invalid_api_key"
+    wrong = httpx.post(chat, json=body, headers=auth("sk-wrong-000000000"), timeout=30)
+    assert wrong.status_code == 401
+    assert httpx.post(chat, json=body, headers=auth(USER), timeout=30).status_code == 200
+    assert httpx.post(chat, json=body, headers=auth(ADMIN), timeout=30).status_code == 200
+    user_admin = httpx.get(f"{url}/admin/models", headers=auth(USER), timeout=10)
+    assert user_admin.status_code == 403
+    assert httpx.get(f"{url}/admin/models", headers=auth(ADMIN), timeout=10).status_code == 200
+    disallowed = httpx.post(chat, json=body, headers=auth(LIMITED), timeout=30)
+    assert disallowed.status_code == 403
+    assert disallowed.json()["error"]["code"] == "model_not_allowed"
+    # The limited key may make 3 requests a minute (the 403 above was one of them).
+    statuses = [
+        httpx.post(chat, json=body, headers=auth(LIMITED), timeout=30).status_code for _ in range(3)
+    ]
+    assert statuses == [403, 403, 429]
+    limited = httpx.post(chat, json=body, headers=auth(LIMITED), timeout=30)
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    # Public routes need no key; the CLI passes the admin key.
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert httpx.get(f"{url}/metrics").status_code == 200
+    assert httpx.get(f"{url}/docs").status_code == 401
+    # Keys never reach the log.
+    log = appliance.log_path.read_text()
+    assert USER not in log and ADMIN not in log and LIMITED not in log
+    assert '"key": "limited"' in log
+
+
+def test_metrics_count_exactly(appliance: ApplianceProcess) -> None:
+    client = OpenAI(base_url=f"{appliance.url}/v1", api_key=USER, max_retries=0)
+    before = scrape(appliance)
+    for _ in range(3):
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "count me"}],
+            max_tokens=5,
+            extra_body={"ignore_eos": True},
+        )
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="count me",
+        max_tokens=7,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    assert list(stream)
+    missing = httpx.post(
+        f"{appliance.url}/v1/chat/completions",
+        json={"model": "absent", "messages": []},
+        headers=auth(USER),
+        timeout=30,
+    )
+    assert missing.status_code == 404
+    time.sleep(0.2)  # the access line (and metrics) are written after the last byte
+    after = scrape(appliance)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    chat = {"model": MODEL, "endpoint": "chat/completions"}
+    assert delta("appliance_requests_total", status="200", **chat) == 3
+    assert delta("appliance_requests_total", model=MODEL, endpoint="completions", status="200") == 1
+    assert (
+        delta("appliance_requests_total", model="", endpoint="chat/completions", status="404") == 1
+    )
+    assert delta("appliance_request_duration_seconds_count", **chat) == 3
+    assert delta("appliance_generation_tokens_total", model=MODEL) == 3 * 5 + 7
+    assert delta("appliance_time_to_first_token_seconds_count", model=MODEL) == 1
+    assert delta("appliance_inter_token_latency_seconds_count", model=MODEL) >= 1
+    assert value(after, "appliance_model_state", model=MODEL, state="ready") == 1
+    assert value(after, "appliance_model_state", model=MODEL, state="failed") == 0
+    assert value(after, "appliance_requests_in_flight", model=MODEL) == 0
+    assert value(after, "appliance_catalogue_source", source="file") == 1
+    assert value(after, "appliance_model_load_duration_seconds_count", model=MODEL) == 1
+
+
+JSON_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**40), max_value=2**40),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+MESSAGES = st.one_of(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "role": st.sampled_from(["user", "system", "assistant", "tool", "x"]),
+                "content": st.one_of(st.text(max_size=40), JSON_VALUES),
+            }
+        ),
+        max_size=3,
+    ),
+    JSON_VALUES,
+)
+FIELDS = {
+    "max_tokens": st.one_of(st.integers(-5, 8), JSON_SCALARS),
+    "temperature": st.one_of(st.floats(-2, 3, allow_nan=False), JSON_SCALARS),
+    "top_p": st.one_of(st.floats(-1, 2, allow_nan=False), JSON_SCALARS),
+    "n": st.one_of(st.integers(-1, 3), JSON_SCALARS),
+    "stop": JSON_VALUES,
+    "logprobs": JSON_VALUES,
+    "stream": st.booleans(),
+    "seed": JSON_SCALARS,
+    "unknown_field": JSON_VALUES,
+}
+
+
+def bodies(content_key: str, content: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Request bodies: mostly well-formed around the real model, with wrong pieces mixed in."""
+    base = st.fixed_dictionaries(
+        {"model": st.sampled_from([MODEL, MODEL, MODEL, "nope", ""]), content_key: content},
+        optional=FIELDS,
+    )
+    return st.one_of(base, base, base, JSON_VALUES)
+
+
+@pytest.mark.parametrize(
+    ("path", "content_key", "content"),
+    [
+        ("/v1/chat/completions", "messages", MESSAGES),
+        ("/v1/completions", "prompt", st.one_of(st.text(max_size=60), JSON_VALUES)),
+        ("/v1/embeddings", "input", st.one_of(st.text(max_size=60), JSON_VALUES)),
+    ],
+)
+def test_fuzz_never_5xx(
+    appliance: ApplianceProcess, path: str, content_key: str, content: st.SearchStrategy[Any]
+) -> None:
+    http = httpx.Client(base_url=appliance.url, headers=auth(USER), timeout=60)
+
+    @settings(
+        max_examples=200,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+    )
+    @given(body=bodies(content_key, content))
+    def check(body: Any) -> None:
+        if isinstance(body, dict) and isinstance(body.get("max_tokens"), int):
+            body["max_tokens"] = min(body["max_tokens"], 8)  # keep each case fast
+        response = http.post(path, content=json.dumps(body))
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code >= 400:
+            assert "message" in response.json()["error"]
+
+    check()
+    assert httpx.get(f"{appliance.url}/health").status_code == 200
+    assert engine_running(appliance) == 0
+
+
+def test_disconnect_aborts_in_the_engine(appliance: ApplianceProcess) -> None:
+    body = {
+        "model": MODEL,
+        "prompt": "a very long answer",
+        "max_tokens": 2000,  # seconds of work for the tiny model: longer than the checks below
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{appliance.url}/v1/completions", json=body, headers=auth(USER), timeout=60
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break
+        assert engine_running(appliance) == 1
+    deadline = time.monotonic() + 1.0
+    while engine_running(appliance) != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine_running(appliance) == 0
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_bounded_soak(appliance: ApplianceProcess) -> None:
+    """2,000 mixed requests at concurrency 64: good ones right, bad ones 4xx, nothing hangs."""
+    total, concurrency = int(os.environ.get("SOAK_REQUESTS", "2000")), 64
+    rng = random.Random(7)
+    plan = [
+        rng.choice(["good", "good", "stream", "stream", "drop", "bad", "unknown"])
+        for _ in range(total)
+    ]
+    outcomes: dict[str, int] = {}
+
+    async def one(client: httpx.AsyncClient, kind: str) -> str:
+        tokens = rng.randint(1, 6)
+        body: dict[str, Any] = {
+            "model": MODEL,
+            "prompt": f"soak {rng.random()}",
+            "max_tokens": tokens,
+            "ignore_eos": True,
+        }
+        if kind == "good":
+            r = await client.post("/v1/completions", json=body)
+            ok = r.status_code == 200 and r.json()["usage"]["completion_tokens"] == tokens
+            return "ok" if ok else f"bad-good:{r.status_code}"
+        if kind in ("stream", "drop"):
+            body.update(
+                stream=True,
+                max_tokens=tokens + (40 if kind == "drop" else 0),
+                stream_options={"include_usage": True},
+            )
+            events: list[str] = []
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    return f"bad-stream:{r.status_code}"
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[len("data: ") :])
+                        if kind == "drop" and len(events) == 2:
+                            return "ok"  # leave mid-stream
+            # Count tokens by the usage event: vLLM may put several tokens in one event.
+            done = events[-1:] == ["[DONE]"] and len(events) >= 3
+            usage = json.loads(events[-2]).get("usage") if done else None
+            ok = usage is not None and usage["completion_tokens"] == tokens
+            return "ok" if ok else f"bad-stream:{events[-2:]}"
+        if kind == "bad":
+            r = await client.post("/v1/completions", content=b'{"model": "tiny-chat", "prompt": ')
+            return "ok" if r.status_code == 400 else f"bad-bad:{r.status_code}"
+        r = await client.post("/v1/completions", json={**body, "model": "missing"})
+        return "ok" if r.status_code == 404 else f"bad-unknown:{r.status_code}"
+
+    async def run() -> None:
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(
+            base_url=appliance.url, headers=auth(USER), timeout=60, limits=limits
+        ) as client:
+            gate = asyncio.Semaphore(concurrency)
+
+            async def bounded(kind: str) -> None:
+                async with gate:
+                    result = await asyncio.wait_for(one(client, kind), 120)
+                    outcomes[result] = outcomes.get(result, 0) + 1
+
+            await asyncio.gather(*(bounded(k) for k in plan))
+
+    assert appliance.proc is not None
+    asyncio.run(run())  # warm-up round: allocator pools, caches
+    rss_before = _rss_kib(appliance.proc.pid)
+    outcomes.clear()
+    started = time.monotonic()
+    asyncio.run(run())
+    took = time.monotonic() - started
+    assert outcomes == {"ok": total}, outcomes
+    deadline = time.monotonic() + 5
+    while engine_running(appliance) != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine_running(appliance) == 0
+    rss_after = _rss_kib(appliance.proc.pid)
+    assert rss_after < rss_before * 1.10 + 20_000, (rss_before, rss_after)
+    print(f"soak: {total} requests in {took:.1f}s; RSS {rss_before} -> {rss_after} KiB")
