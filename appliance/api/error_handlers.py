@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, AuthenticationError
 
 log = logging.getLogger("appliance.api")
 
@@ -29,7 +29,7 @@ def envelope(
 
 def appliance_error_response(exc: ApplianceError) -> JSONResponse:
     """The HTTP answer for one of the appliance's own errors."""
-    headers = {}
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     elif exc.status_code in (429, 503):
@@ -64,9 +64,11 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    # Starlette's own refusals: unknown route (404), wrong method (405).
     error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return JSONResponse(
-        envelope(str(exc.detail), error_type, exc.status_code),
+        envelope(str(exc.detail), error_type, code),
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
     )

@@ -13,15 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from appliance.api.error_handlers import register_error_handlers
 from appliance.catalogue.schema import ModelSpec
 from appliance.errors import (
-    ApplianceError,
     AuthenticationError,
     BodyTooLargeError,
     InvalidRequestError,
@@ -83,7 +80,7 @@ def create_registry_app(settings: RegistrySettings) -> FastAPI:
         description="The catalogue of models the appliances serve.",
         version="1",
     )
-    _add_error_handlers(app)
+    register_error_handlers(app)
     require_token = _token_checker(token.encode("utf-8"))
     writer = [Depends(require_token)]
 
@@ -199,48 +196,3 @@ def _spec_body_doc() -> dict[str, Any]:
             "content": {"application/json": {"schema": {"type": "object"}}},
         }
     }
-
-
-def _envelope(
-    status: int,
-    message: str,
-    error_type: str,
-    code: str,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    """The OpenAI error envelope."""
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    """Answer every error, ours or the framework's, in the OpenAI envelope."""
-
-    async def appliance_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ApplianceError)
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else None
-        return _envelope(exc.status_code, exc.message, exc.error_type, exc.code, exc.param, headers)
-
-    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
-        # Only path/query parameters reach here: the write routes validate bodies themselves.
-        assert isinstance(exc, RequestValidationError)
-        error = _spec_error(exc.errors())
-        return _envelope(422, error.message, error.error_type, "invalid_request", error.param)
-
-    async def http_error(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette's own refusals: unknown route (404), wrong method (405).
-        assert isinstance(exc, StarletteHTTPException)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _envelope(
-            exc.status_code, str(exc.detail), "invalid_request_error", code, None, exc.headers
-        )
-
-    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return _envelope(500, "internal error in the registry", "internal_error", "internal_error")
-
-    app.add_exception_handler(ApplianceError, appliance_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected_error)
