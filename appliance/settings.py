@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.api.auth import AuthConfig
 from appliance.engines.remote import RemoteSettings
-from appliance.supervisor.supervisor import SupervisorLimits
+from appliance.supervisor.handle import SupervisorLimits
 
 
 def _default_cpu_budget_gib() -> float:

@@ -60,7 +60,7 @@ def up(
     from appliance.api.auth import load_auth_config
     from appliance.logs import configure_logging
     from appliance.settings import Settings
-    from appliance.supervisor.supervisor import SupervisorLimits
+    from appliance.supervisor.handle import SupervisorLimits
 
     options: dict[str, object] = {
         "config_path": config,

@@ -13,8 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from appliance.catalogue.schema import ModelSpec
 from appliance.engines.base import Engine
@@ -30,6 +29,12 @@ from appliance.errors import (
     ModelUnloadedError,
     NotSupportedError,
 )
+from appliance.supervisor.handle import (
+    EngineMaker,
+    ModelHandle,
+    SupervisorLimits,
+    SupervisorObserver,
+)
 from appliance.supervisor.inventory import DeviceKind, Inventory
 from appliance.supervisor.placement import Allocation, Demand, plan_eviction
 from appliance.supervisor.states import Lifecycle, ModelState, Transition
@@ -37,80 +42,6 @@ from appliance.supervisor.states import Lifecycle, ModelState, Transition
 log = logging.getLogger("appliance.supervisor")
 
 S = ModelState
-
-
-class EngineMaker(Protocol):
-    """What the supervisor needs to make engines (``appliance.engines.factory.EngineFactory``)."""
-
-    def validate(self, spec: ModelSpec) -> None:
-        """Raise ``ConfigError`` if ``spec`` cannot be served."""
-        ...
-
-    def create(self, spec: ModelSpec, allocation: Allocation, inventory: Inventory) -> Engine:
-        """A new engine for ``spec`` on ``allocation``."""
-        ...
-
-
-class SupervisorObserver(Protocol):
-    """Receives lifecycle events (metrics implement this)."""
-
-    def on_transition(self, transition: Transition) -> None:
-        """A model changed state."""
-        ...
-
-    def on_load(self, model: str, seconds: float) -> None:
-        """A model finished loading in ``seconds``."""
-        ...
-
-    def on_restart(self, model: str) -> None:
-        """The supervisor is restarting a failed engine."""
-        ...
-
-    def on_eviction(self, model: str) -> None:
-        """A model was unloaded to make room for another."""
-        ...
-
-
-@dataclass(frozen=True)
-class SupervisorLimits:
-    """The supervisor's time bounds and defaults."""
-
-    load_wait_seconds: float = 30.0  # a request waits this long for a loading model
-    drain_seconds: float = 30.0  # in-flight requests get this long to finish on unload
-    retry_after_seconds: int = 5  # what 503 answers tell clients
-    restart_max_tries: int = 3  # consecutive failed restarts before giving up
-    restart_backoff_seconds: float = 1.0  # first restart delay, doubled each try
-    watch_interval_seconds: float = 0.5  # how often engines are checked for death and idleness
-    default_memory_share: float = 0.9  # GPU share for a model that declares no memory
-    cpu_default_model_gib: float = 2.0  # CPU memory for a model that declares no memory
-
-
-@dataclass
-class ModelHandle:
-    """One catalogue model as the supervisor holds it."""
-
-    spec: ModelSpec
-    lifecycle: Lifecycle
-    engine: Engine | None = None
-    allocation: Allocation | None = None
-    in_flight: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-    last_error: str | None = None
-    load_seconds: float | None = None
-    failures: int = 0
-    load_task: asyncio.Task[None] | None = None
-    evicted: list[str] = field(default_factory=list)  # what the last load unloaded for room
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def name(self) -> str:
-        """The model's name."""
-        return self.spec.name
-
-    @property
-    def state(self) -> ModelState:
-        """The model's current state."""
-        return self.lifecycle.state
 
 
 class Supervisor:

@@ -24,10 +24,11 @@ from appliance.errors import (
     ModelUnloadedError,
     NotSupportedError,
 )
+from appliance.supervisor.handle import SupervisorLimits
 from appliance.supervisor.inventory import Device, DeviceKind, Inventory, cpu_inventory
 from appliance.supervisor.placement import Allocation
 from appliance.supervisor.states import ModelState, Transition
-from appliance.supervisor.supervisor import Supervisor, SupervisorLimits
+from appliance.supervisor.supervisor import Supervisor
 
 T = TypeVar("T")
 S = ModelState
