@@ -1,0 +1,1 @@
+"""The model registry service: catalogue entries in SQLite behind a small HTTP API."""
