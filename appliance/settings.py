@@ -39,6 +39,9 @@ class Settings(BaseModel):
     shutdown_grace_seconds: float = Field(
         20.0, ge=0, description="In-flight requests get this long to finish at shutdown."
     )
+    log_prompts: bool = Field(
+        False, description="Put prompts (truncated) in the access log; off by default."
+    )
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body accepted.")
     registry_timeout_seconds: float = Field(
         2.0, gt=0, description="How long a registry fetch may take before it counts as down."

@@ -81,7 +81,9 @@ def create_app(settings: Settings, appliance: Appliance | None = None) -> FastAP
     app.state.appliance = core
     register_error_handlers(app)
     app.include_router(build_health_router(core.supervisor))
-    app.include_router(build_openai_router(core.router, core.metrics))
+    app.include_router(
+        build_openai_router(core.router, core.metrics, log_prompts=settings.log_prompts)
+    )
     app.include_router(build_admin_router(core))
     app.include_router(build_metrics_router(core.metrics))
     # Added first, so it runs inside the request-context middleware (ids and access log).

@@ -151,8 +151,22 @@ def _usage_of_event(chunk: bytes) -> Usage | None:
     return None
 
 
-def build_openai_router(router: Router, metrics: Metrics) -> APIRouter:
-    """The ``/v1`` routes, bound to ``router``."""
+PROMPT_LOG_CHARS = 500
+
+
+def _prompt_of(body: dict[str, Any]) -> str:
+    """The request's prompt, messages or input, shortened for the access log."""
+    for key in ("messages", "prompt", "input"):
+        if key in body:
+            text = json.dumps(body[key], ensure_ascii=False)
+            return text[:PROMPT_LOG_CHARS] + ("..." if len(text) > PROMPT_LOG_CHARS else "")
+    return ""
+
+
+def build_openai_router(
+    router: Router, metrics: Metrics, *, log_prompts: bool = False
+) -> APIRouter:
+    """The ``/v1`` routes, bound to ``router``; prompts reach the log only if ``log_prompts``."""
     api = APIRouter(prefix="/v1", tags=["OpenAI"])
 
     async def serve(request: Request, endpoint: Endpoint) -> Response:
@@ -162,6 +176,8 @@ def build_openai_router(router: Router, metrics: Metrics) -> APIRouter:
         model = _model_of(body)
         info.model = model
         check_model_allowed(request.scope, model)
+        if log_prompts:
+            info.extra["prompt"] = _prompt_of(body)
         info.stream = bool(body.get("stream")) and endpoint is not Endpoint.EMBEDDINGS
         release = contextlib.AsyncExitStack()
         try:

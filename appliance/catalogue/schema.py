@@ -82,6 +82,14 @@ class ModelSpec(BaseModel):
         None, gt=0, description="Unload after this many idle seconds (None: never)."
     )
     evictable: bool = Field(False, description="May be unloaded to make room for another.")
+    max_queue: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Most requests in flight or waiting for this model; beyond it 429 with Retry-After "
+            "(default: the appliance's --max-queue)."
+        ),
+    )
     resources: Resources = Field(default_factory=Resources)
     engine: dict[str, Any] = Field(
         default_factory=dict,

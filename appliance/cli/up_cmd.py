@@ -37,6 +37,14 @@ def up(
     drain_timeout: float = typer.Option(
         30.0, help="Seconds in-flight requests get to finish when a model is unloaded."
     ),
+    max_queue: int = typer.Option(
+        512,
+        min=1,
+        help="Requests in flight or waiting per model before 429 (per-model: max_queue).",
+    ),
+    log_prompts: bool = typer.Option(
+        False, help="Log prompts (truncated) in the access log. Off: no prompt text is logged."
+    ),
     restart_tries: int = typer.Option(3, help="Restarts of a dead engine before giving up."),
     api_keys: Path | None = typer.Option(
         None,
@@ -73,7 +81,9 @@ def up(
             drain_seconds=drain_timeout,
             restart_max_tries=restart_tries,
             restart_backoff_seconds=restart_backoff,
+            max_queue=max_queue,
         ),
+        "log_prompts": log_prompts,
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib

@@ -63,6 +63,7 @@ class SupervisorLimits:
     watch_interval_seconds: float = 0.5  # how often engines are checked for death and idleness
     default_memory_share: float = 0.9  # GPU share for a model that declares no memory
     cpu_default_model_gib: float = 2.0  # CPU memory for a model that declares no memory
+    max_queue: int = 512  # requests in flight or waiting per model, unless the model says
 
 
 @dataclass
@@ -74,6 +75,7 @@ class ModelHandle:
     engine: Engine | None = None
     allocation: Allocation | None = None
     in_flight: int = 0
+    waiting: int = 0  # requests waiting for the model to load or wake
     last_used: float = field(default_factory=time.monotonic)
     last_error: str | None = None
     load_seconds: float | None = None

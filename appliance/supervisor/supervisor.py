@@ -28,6 +28,7 @@ from appliance.errors import (
     ModelNotReadyError,
     ModelUnloadedError,
     NotSupportedError,
+    RateLimitedError,
 )
 from appliance.supervisor.handle import (
     EngineMaker,
@@ -399,6 +400,13 @@ class Supervisor:
         is when the stream ends; unloading waits for that.
         """
         handle = self.get(name)
+        limit = handle.spec.max_queue or self.limits.max_queue
+        if handle.in_flight + handle.waiting >= limit:
+            raise RateLimitedError(
+                f"model {name!r} has {limit} requests in flight or waiting, its limit; "
+                "retry shortly",
+                retry_after=1,
+            )
         load: asyncio.Task[None] | None = None
         if handle.state is S.UNLOADED and handle.spec.load_on_demand:
             load = self._ensure_loading(handle, "load on demand")
@@ -407,8 +415,12 @@ class Supervisor:
         elif handle.state is S.LOADING:
             load = handle.load_task
         if load is not None:
-            # asyncio.wait neither raises the load's error nor cancels the load on timeout.
-            await asyncio.wait({load}, timeout=self.limits.load_wait_seconds)
+            handle.waiting += 1
+            try:
+                # asyncio.wait neither raises the load's error nor cancels the load on timeout.
+                await asyncio.wait({load}, timeout=self.limits.load_wait_seconds)
+            finally:
+                handle.waiting -= 1
         engine = handle.engine
         if handle.state is not S.READY or engine is None:
             raise self._not_ready(handle)

@@ -253,6 +253,18 @@ def test_invalid_reload_changes_nothing(appliance: ApplianceProcess) -> None:
     appliance.write_config([ALPHA, GAMMA])
 
 
+def test_sighup_reloads(appliance: ApplianceProcess) -> None:
+    # Starts: alpha and gamma ready. Leaves: alpha ready, gamma gone.
+    appliance.write_config([ALPHA])
+    assert appliance.proc is not None
+    appliance.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and chat(appliance, "gamma", timeout=5).status_code != 404:
+        time.sleep(0.2)
+    assert chat(appliance, "gamma", timeout=5).status_code == 404
+    assert chat(appliance, "alpha").status_code == 200
+
+
 def test_admin_mistakes_are_clear(appliance: ApplianceProcess) -> None:
     missing = httpx.post(f"{appliance.url}/admin/models/nope/load", timeout=10)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"

