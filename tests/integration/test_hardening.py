@@ -265,10 +265,12 @@ def test_disconnect_aborts_in_the_engine(appliance: ApplianceProcess) -> None:
     with httpx.stream(
         "POST", f"{appliance.url}/v1/completions", json=body, headers=auth(USER), timeout=60
     ) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                break
+        # Read by hand: leaving a `for` over iter_lines() closes the connection at once.
+        lines = response.iter_lines()
+        while not next(lines).startswith("data: "):
+            pass
         assert engine_running(appliance) == 1
+        response.close()  # the client goes away mid-stream
     deadline = time.monotonic() + 1.0
     while engine_running(appliance) != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
