@@ -22,7 +22,7 @@ from appliance.errors import ConfigError
 from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.settings import Settings
-from appliance.supervisor.inventory import detect_inventory
+from appliance.supervisor.inventory import DeviceKind, detect_inventory, gpu_memory_used
 from appliance.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("appliance")
@@ -46,6 +46,8 @@ class Appliance:
             catalogue=self.catalogue,
             registry_status=self.registry_status,
             remote_status=self.remote_up,
+            # Without GPUs there is nothing to read: skip NVML at every scrape.
+            gpu_memory=gpu_memory_used if self.inventory.kind is DeviceKind.GPU else list,
         )
         self.supervisor = Supervisor(
             self.inventory, self.engines, limits=settings.limits, observer=self.metrics

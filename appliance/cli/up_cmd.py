@@ -109,4 +109,7 @@ def up(
         loop="uvloop",
         http="httptools",
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        # Clients on the LAN (the OpenAI SDK pools connections) reuse them between requests;
+        # uvicorn's 5 s default closes idle ones so soon that a reuse can race the close.
+        timeout_keep_alive=75,
     )
