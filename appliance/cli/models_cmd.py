@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import httpx
@@ -16,8 +15,9 @@ out = Console()
 err = Console(stderr=True)
 
 URL_OPTION = typer.Option(
-    os.environ.get("APPLIANCE_URL", "http://127.0.0.1:8000"),
+    "http://127.0.0.1:8000",
     "--url",
+    envvar="APPLIANCE_URL",
     help="The appliance's base URL (or set APPLIANCE_URL).",
 )
 KEY_OPTION = typer.Option(
