@@ -41,6 +41,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from appliance.api.error_handlers import appliance_error_response
 from appliance.api.middleware import INFO_KEY, RequestInfo
 from appliance.api.rate_limit import Clock, KeyLimits
+from appliance.config_problems import describe, locate
 from appliance.errors import (
     ApplianceError,
     AuthenticationError,
@@ -210,30 +211,18 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 def _describe(error: Mapping[str, Any], keys: list[Any]) -> str:
     """One validation problem as text; never quotes the input, which may be a key."""
-    loc = list(error.get("loc", ()))
-    where = "top level"
-    if len(loc) >= 2 and loc[0] == "keys" and isinstance(loc[1], int):
-        entry = keys[loc[1]] if loc[1] < len(keys) else None
-        name = entry.get("name") if isinstance(entry, dict) else None
-        # A name that is itself invalid may be a pasted key; fall back to the position.
-        if isinstance(name, str) and _NAME_PATTERN.match(name):
-            where = f"key {name!r}"
-        else:
-            where = f"key #{loc[1] + 1}"
-        loc = loc[2:]
+    # A name that is itself invalid may be a pasted key; it is named by its position instead.
+    where, loc = locate(
+        error, "keys", keys, "key", name_ok=lambda name: bool(_NAME_PATTERN.match(name))
+    )
     field = ".".join(str(part) for part in loc)
-    kind = error.get("type", "")
-    if kind == "extra_forbidden":
-        return f"{where}: unknown field {field!r}"
-    if kind == "missing":
-        return f"{where}: field {field!r} is required"
-    if kind == "too_short" and field == "key":
+    if error.get("type") == "too_short" and field == "key":
         # Pydantic counts "items" for a secret; say characters, and not how many were given.
         return f"{where}: field 'key': must be at least {KEY_MIN_LENGTH} characters long"
     message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
     if not field and message.startswith("key "):
         return message  # our own cross-key check, which names the keys itself
-    return f"{where}: field {field!r}: {message}" if field else f"{where}: {message}"
+    return describe(error, where, loc, show_input=False)
 
 
 @dataclass(frozen=True)

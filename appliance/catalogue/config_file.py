@@ -13,31 +13,14 @@ import yaml
 from pydantic import ValidationError
 
 from appliance.catalogue.schema import CatalogueFile
+from appliance.config_problems import describe, locate
 from appliance.errors import ConfigError
 
 
-def _describe(error: dict[str, Any], raw: Any) -> str:
-    loc = list(error.get("loc", ()))
-    where = "top level"
-    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
-        index = loc[1]
-        entry = raw.get("models", [])[index] if isinstance(raw, dict) else None
-        name = entry.get("name") if isinstance(entry, dict) else None
-        where = f"model {name!r}" if isinstance(name, str) else f"model #{index + 1}"
-        loc = loc[2:]
-    loc = [part for part in loc if not str(part).startswith("function-after")]
-    field = ".".join(str(part) for part in loc)
-    kind = error.get("type", "")
-    if kind == "extra_forbidden":
-        return f"{where}: unknown field {field!r}"
-    if kind == "missing":
-        return f"{where}: field {field!r} is required"
-    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-    value = error.get("input")
-    got = ""
-    if kind != "model_type" and not isinstance(value, (dict, list)) and field:
-        got = f" (got {value!r})"
-    return f"{where}: field {field!r}: {message}{got}" if field else f"{where}: {message}"
+def _describe(error: Any, raw: Any) -> str:
+    models = raw.get("models", []) if isinstance(raw, dict) else []
+    where, loc = locate(error, "models", models if isinstance(models, list) else [], "model")
+    return describe(error, where, loc, show_input=True)
 
 
 def parse_catalogue(text: str, *, origin: str = "models.yaml") -> CatalogueFile:

@@ -56,6 +56,32 @@ def minilm(name: str = "minilm", **extra: Any) -> dict[str, Any]:
     return entry
 
 
+def log_tail(path: Path, lines: int = 60) -> str:
+    """The end of a log file ("" if it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_until_ok(
+    url: str, proc: subprocess.Popen[bytes], log: Path, deadline: float = START_DEADLINE
+) -> None:
+    """Poll ``url`` until it answers 200; fail with the log's tail if ``proc`` exits first or
+    ``deadline`` seconds pass."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with {proc.returncode}:\n{log_tail(log)}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url}: not ready after {deadline}s:\n{log_tail(log)}")
+
+
 def child_pids(pid: int) -> set[int]:
     """Every descendant of ``pid`` (from /proc)."""
     children: dict[int, list[int]] = {}
@@ -138,25 +164,12 @@ class ApplianceProcess:
 
     def wait_ready(self, deadline: float = START_DEADLINE) -> None:
         """Poll /ready until 200; fail with the log's tail if the process dies or time runs out."""
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"appliance exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"appliance not ready after {deadline}s:\n{self.tail()}")
+        assert self.proc is not None
+        wait_until_ok(f"{self.url}/ready", self.proc, self.log_path, deadline)
 
     def tail(self, lines: int = 60) -> str:
         """The end of the appliance's log."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def descendants(self) -> set[int]:
         """Processes the appliance started (vLLM's engine cores and workers)."""

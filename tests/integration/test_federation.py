@@ -19,7 +19,13 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.integration.harness import MODELS_DIR, ApplianceProcess, free_port, tiny_chat
+from tests.integration.harness import (
+    MODELS_DIR,
+    ApplianceProcess,
+    free_port,
+    tiny_chat,
+    wait_until_ok,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -58,14 +64,7 @@ class Registry:
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise TimeoutError(self.log.read_text())
+        wait_until_ok(f"{self.url}/health", self.proc, self.log, deadline=60)
 
     def put(self, entry: dict[str, Any]) -> None:
         """Create or replace one entry."""
@@ -242,15 +241,7 @@ def test_vllm_own_server_as_a_backend(workdir: Path) -> None:
         workdir, [{"name": "vllm-gpt2", "backend_url": f"http://127.0.0.1:{port}"}]
     )
     try:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            assert vllm.poll() is None, (workdir / "vllm.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_ok(f"http://127.0.0.1:{port}/health", vllm, workdir / "vllm.log")
         proxy.start()
         direct = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
         through = OpenAI(base_url=f"{proxy.url}/v1", api_key="x")
