@@ -7,6 +7,15 @@ place. Code below the API raises these and never chooses status codes itself.
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def envelope(
+    message: str, error_type: str, code: str | int | None, param: str | None = None
+) -> dict[str, Any]:
+    """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
 
 class ApplianceError(Exception):
     """Base of every error the appliance raises on purpose."""

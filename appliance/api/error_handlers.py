@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from appliance.errors import ApplianceError, AuthenticationError
+from appliance.errors import ApplianceError, AuthenticationError, envelope
 
 log = logging.getLogger("appliance.api")
-
-
-def envelope(
-    message: str, error_type: str, code: str | int | None, param: str | None = None
-) -> dict[str, Any]:
-    """The OpenAI error body."""
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 def appliance_error_response(exc: ApplianceError) -> JSONResponse:

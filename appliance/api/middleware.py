@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.api.error_handlers import envelope
 from appliance.engines.base import Usage
+from appliance.errors import envelope
 from appliance.logs import request_id_var
 
 log = logging.getLogger("appliance.access")

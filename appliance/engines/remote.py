@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,11 +24,13 @@ from starlette.requests import Request
 
 from appliance.catalogue.schema import ModelSpec
 from appliance.engines.base import Endpoint, EngineStats, JSONReply, Reply, StreamReply, Usage
+from appliance.engines.circuit_breaker import BreakerState, CircuitBreaker
 from appliance.errors import (
     BackendError,
     BackendTimeoutError,
     BackendUnavailableError,
     NotSupportedError,
+    envelope,
 )
 
 log = logging.getLogger("appliance.remote")
@@ -53,89 +54,6 @@ class RemoteSettings:
     health_timeout: float = 2.0
     api_key_env: str | None = None  # env var holding the Bearer key sent to every backend
     api_key_envs: Mapping[str, str] = field(default_factory=dict)  # per model name, overrides
-
-
-class BreakerState(str, enum.Enum):
-    """Where a circuit breaker stands."""
-
-    CLOSED = "closed"  # requests pass; consecutive failures are counted
-    OPEN = "open"  # requests are refused at once, without touching the network
-    HALF_OPEN = "half_open"  # the cool-down is over: one probe request may pass
-
-
-class CircuitBreaker:
-    """Opens after ``failure_threshold`` consecutive failures; one probe after ``cool_down``."""
-
-    def __init__(
-        self,
-        failure_threshold: int,
-        cool_down: float,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        on_change: Callable[[BreakerState, BreakerState], None] | None = None,
-    ) -> None:
-        self.failure_threshold = max(1, failure_threshold)
-        self.cool_down = cool_down
-        self.failures = 0
-        self._clock = clock
-        self._on_change = on_change
-        self._opened_at: float | None = None
-        self._probing = False  # a half-open probe is in flight
-
-    @property
-    def state(self) -> BreakerState:
-        """The current state; OPEN turns HALF_OPEN by itself when the cool-down ends."""
-        if self._opened_at is None:
-            return BreakerState.CLOSED
-        if self._clock() - self._opened_at >= self.cool_down:
-            return BreakerState.HALF_OPEN
-        return BreakerState.OPEN
-
-    def admit(self) -> float | None:
-        """None if a request may go now (taking the probe slot when half-open); else Retry-After."""
-        state = self.state
-        if state is BreakerState.CLOSED:
-            return None
-        if state is BreakerState.HALF_OPEN and not self._probing:
-            self._probing = True
-            self._changed(BreakerState.OPEN, BreakerState.HALF_OPEN)
-            return None
-        if state is BreakerState.OPEN:
-            assert self._opened_at is not None
-            return max(0.1, self.cool_down - (self._clock() - self._opened_at))
-        return 1.0  # half-open with its probe in flight: the probe decides soon
-
-    def record_success(self) -> None:
-        """The backend answered: close the breaker."""
-        old = self.state
-        self.failures, self._opened_at, self._probing = 0, None, False
-        if old is not BreakerState.CLOSED:
-            self._changed(old, BreakerState.CLOSED)
-
-    def record_failure(self) -> None:
-        """The backend failed; open once the threshold is reached, or if a probe failed."""
-        old = self.state
-        self.failures += 1
-        self._probing = False
-        # While OPEN the cool-down is not restarted, so failing health checks cannot keep a
-        # breaker open for ever; a failed probe (HALF_OPEN) starts a fresh cool-down.
-        if old is BreakerState.HALF_OPEN or (
-            old is BreakerState.CLOSED and self.failures >= self.failure_threshold
-        ):
-            self._opened_at = self._clock()
-            self._changed(old, BreakerState.OPEN)
-
-    def release(self) -> None:
-        """A request ended with no verdict (the client left): free the probe slot."""
-        self._probing = False
-
-    def _changed(self, old: BreakerState, new: BreakerState) -> None:
-        if self._on_change is not None:
-            self._on_change(old, new)
-
-
-def _envelope(message: str, error_type: str, code: str | int) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
 
 
 def _usage(body: bytes) -> Usage | None:
@@ -209,7 +127,7 @@ class _Relay:
                 # so the end is an SSE error event, as vLLM itself ends a failed stream.
                 error = self._engine._map(exc)
                 await self._finish(False, error.message)
-                event = json.dumps(_envelope(error.message, error.error_type, error.code))
+                event = json.dumps(envelope(error.message, error.error_type, error.code))
                 lead = b"" if self._tail == b"\n\n" else b"\n\n"
                 return lead + b"data: " + event.encode() + b"\n\n"
             except BaseException:
@@ -372,8 +290,8 @@ class RemoteEngine:
         text = raw.decode("utf-8", "replace").strip()[:300] or "no body"
         message = f"model {self.spec.name!r}: backend {self.url} answered {status}: {text}"
         if status < 500:
-            return status, json.dumps(_envelope(message, "invalid_request_error", status)).encode()
-        return 502, json.dumps(_envelope(message, "backend_error", "backend_error")).encode()
+            return status, json.dumps(envelope(message, "invalid_request_error", status)).encode()
+        return 502, json.dumps(envelope(message, "backend_error", "backend_error")).encode()
 
     async def _send(
         self, endpoint: Endpoint, body: dict[str, Any], request: Request, stream: bool

@@ -26,9 +26,8 @@ from starlette.requests import Request as StarletteRequest
 
 from appliance.catalogue.schema import ModelSpec
 from appliance.engines.base import Endpoint, JSONReply, StreamReply, Usage
+from appliance.engines.circuit_breaker import BreakerState, CircuitBreaker
 from appliance.engines.remote import (
-    BreakerState,
-    CircuitBreaker,
     RemoteBackends,
     RemoteEngine,
     RemoteSettings,
