@@ -23,6 +23,7 @@ from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.settings import Settings
 from appliance.supervisor.inventory import DeviceKind, detect_inventory, gpu_memory_used
+from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("appliance")
@@ -108,7 +109,7 @@ class Appliance:
     async def load(self, name: str) -> list[str]:
         """Load ``name``; return the models evicted to make room."""
         handle = self.supervisor.get(name)
-        was_ready = handle.state.value == "ready"
+        was_ready = handle.state is ModelState.READY
         await self.supervisor.load(name)
         return [] if was_ready else list(handle.evicted)
 

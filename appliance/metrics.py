@@ -154,7 +154,7 @@ class Metrics:
 
     def model_label(self, name: str | None) -> str:
         """``name`` if the catalogue holds it, else ``""``: labels stay a bounded set."""
-        if name is None or self.catalogue is None or name not in self.catalogue.names():
+        if name is None or self.catalogue is None or name not in self.catalogue:
             return ""
         return name
 

@@ -25,6 +25,10 @@ class Catalogue:
             )
         return spec
 
+    def __contains__(self, name: object) -> bool:
+        """Whether a model of that name is in the catalogue (a dict lookup)."""
+        return name in self._specs
+
     def names(self) -> list[str]:
         """Every model name, in catalogue order."""
         return list(self._specs)
