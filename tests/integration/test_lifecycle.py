@@ -174,7 +174,6 @@ def test_unload_with_cli_while_streaming_then_load_back(appliance: ApplianceProc
     assert listing.returncode == 0 and "alpha" in listing.stdout and "ready" in listing.stdout
     ps = cli(appliance, "ps")
     assert "alpha" in ps.stdout and "beta" not in ps.stdout
-    assert "cores" in ps.stdout  # on CPU: the cores its engine's threads are bound to
 
 
 def _engine_core_pids(appliance: ApplianceProcess) -> set[int]:
