@@ -41,9 +41,7 @@ class Appliance:
         )
         for spec in config.models:
             self.engines.validate(spec)
-        self.inventory = detect_inventory(
-            settings.cpu_memory_budget_gib, bind_cpu_cores=settings.bind_cpu_cores
-        )
+        self.inventory = detect_inventory(settings.cpu_memory_budget_gib)
         self.catalogue = Catalogue(config.models, CatalogueSource.FILE)
         self.metrics = Metrics(
             catalogue=self.catalogue,

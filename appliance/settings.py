@@ -36,13 +36,6 @@ class Settings(BaseModel):
         description="Memory CPU engines may use together (only used with no GPU).",
     )
     cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache per CPU engine, GiB.")
-    bind_cpu_cores: bool = Field(
-        default_factory=lambda: "VLLM_CPU_OMP_THREADS_BIND" not in os.environ,
-        description=(
-            "Without GPUs, give each engine's threads cores of their own; off when the "
-            "operator sets VLLM_CPU_OMP_THREADS_BIND (their binding wins)."
-        ),
-    )
     shutdown_grace_seconds: float = Field(
         20.0, ge=0, description="In-flight requests get this long to finish at shutdown."
     )

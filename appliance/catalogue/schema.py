@@ -38,16 +38,6 @@ class Resources(BaseModel):
     devices: list[int] | None = Field(
         None, description="Pin to these device indices (as NVML numbers them)."
     )
-    cpu_threads: int | None = Field(
-        None,
-        ge=1,
-        le=4096,
-        description=(
-            "CPU hosts only: cores the engine's compute threads are bound to (the appliance "
-            "picks cores no other engine uses when it can). Default: a NUMA node's cores but "
-            "one, as vLLM chooses for itself."
-        ),
-    )
 
     @model_validator(mode="after")
     def _check(self) -> Resources:

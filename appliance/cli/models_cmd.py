@@ -95,8 +95,6 @@ def ps(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
         if m.get("state") in (None, "unloaded"):
             continue
         devices = ",".join(str(d) for d in m.get("devices", [])) or "-"
-        if m.get("cpus"):
-            devices += f" (cores {','.join(str(c) for c in m['cpus'])})"
         load = m.get("load_seconds")
         table.add_row(
             m["name"],

@@ -91,9 +91,6 @@ class EngineFactory:
             # vLLM's engine process reads at spawn; allocation memory bounds it.
             kv = max(1, min(int(allocation.memory_gib), self._cpu_kv_cache_gib))
             env["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
-            if allocation.cpus:
-                # vLLM's worker binds its compute threads to these cores (read at spawn).
-                env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in allocation.cpus)
         args = self._args.build(
             spec, resolve_source(spec, self._base_dir), gpu_memory_utilization=utilization
         )

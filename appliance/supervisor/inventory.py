@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from appliance.supervisor.cpu_cores import CpuCore, read_cpu_cores
-
 logger = logging.getLogger(__name__)
 
 GIB = float(1 << 30)
@@ -49,8 +47,6 @@ class Inventory:
     """The devices of this host, all of one kind, with distinct indices."""
 
     devices: tuple[Device, ...]
-    # CPU only: the cores CPU engines' threads may be bound to; empty leaves binding to vLLM.
-    cores: tuple[CpuCore, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.devices:
@@ -117,32 +113,20 @@ def read_gpu_inventory() -> Inventory | None:
     return Inventory(tuple(devices)) if devices else None
 
 
-def cpu_inventory(memory_budget_gib: float, cores: tuple[CpuCore, ...] = ()) -> Inventory:
-    """One CPU device whose "memory" is the budget engines may share (KV cache and weights).
-
-    ``cores`` are what the engines' threads may be bound to (see ``cpu_cores``).
-    """
+def cpu_inventory(memory_budget_gib: float) -> Inventory:
+    """One CPU device whose "memory" is the budget engines may share (KV cache and weights)."""
     if memory_budget_gib <= 0:
         raise ValueError(f"CPU memory budget must be above 0 GiB, got {memory_budget_gib}")
-    return Inventory((Device(0, "cpu", float(memory_budget_gib), DeviceKind.CPU),), cores)
+    return Inventory((Device(0, "cpu", float(memory_budget_gib), DeviceKind.CPU),))
 
 
-def detect_inventory(cpu_memory_budget_gib: float, *, bind_cpu_cores: bool = True) -> Inventory:
-    """The host's GPUs when NVML finds any, else the CPU with the given memory budget.
-
-    On CPU, ``bind_cpu_cores`` has the appliance choose each engine's cores (off: vLLM's own
-    binding, for example when the operator sets ``VLLM_CPU_OMP_THREADS_BIND`` themselves).
-    """
+def detect_inventory(cpu_memory_budget_gib: float) -> Inventory:
+    """The host's GPUs when NVML finds any, else the CPU with the given memory budget."""
     gpus = read_gpu_inventory()
     if gpus is not None:
         return gpus
-    cores = read_cpu_cores() if bind_cpu_cores else ()
-    logger.info(
-        "no GPU found through NVML; using the CPU with %.1f GiB and %s",
-        cpu_memory_budget_gib,
-        f"{len(cores)} core(s) to bind engines to" if cores else "vLLM's own thread binding",
-    )
-    return cpu_inventory(cpu_memory_budget_gib, cores)
+    logger.info("no GPU found through NVML; using the CPU with %.1f GiB", cpu_memory_budget_gib)
+    return cpu_inventory(cpu_memory_budget_gib)
 
 
 def gpu_memory_used() -> list[GpuMemory]:

@@ -9,12 +9,11 @@ reserves exactly that on each of its devices.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from appliance.catalogue.schema import ModelSpec
 from appliance.errors import InsufficientResourcesError
-from appliance.supervisor.cpu_cores import choose_cores, default_thread_count
-from appliance.supervisor.inventory import Device, DeviceKind, Inventory
+from appliance.supervisor.inventory import Device, Inventory
 
 # Float slack, so that three models of 0.3 each still fit on a device whose share sums to 0.9.
 _EPSILON_GIB = 1e-6
@@ -29,7 +28,6 @@ class Demand:
     memory_gib: float | None = None  # per device; wins over memory_share
     memory_share: float | None = None  # of each device's total
     devices: tuple[int, ...] | None = None  # pinned device indices, exactly these
-    cpu_threads: int | None = None  # CPU only: cores to bind; None: vLLM's default count
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -50,7 +48,6 @@ class Demand:
             memory_gib=res.memory_gib,
             memory_share=res.memory_share,
             devices=tuple(res.devices) if res.devices is not None else None,
-            cpu_threads=res.cpu_threads,
         )
 
 
@@ -62,7 +59,6 @@ class Allocation:
     devices: tuple[int, ...]
     memory_share: float  # what to hand vLLM as gpu_memory_utilization
     reserved_gib: tuple[float, ...]  # per device, in the order of ``devices``
-    cpus: tuple[int, ...] = ()  # CPU only: cores its threads are bound to; () lets vLLM choose
 
     def __post_init__(self) -> None:
         if not self.devices or len(self.devices) != len(self.reserved_gib):
@@ -129,7 +125,7 @@ def place(
             best = (key, allocation)
     if best is None:
         raise PlacementError(_no_room_message(demand, inventory, free, default_share))
-    return _bind_cores(demand, inventory, allocations, best[1])
+    return best[1]
 
 
 def plan_eviction(
@@ -255,20 +251,6 @@ def _allocate(demand: Demand, chosen: tuple[Device, ...], default_share: float) 
         memory_share=share,
         reserved_gib=tuple(share * d.total_gib for d in chosen),
     )
-
-
-def _bind_cores(
-    demand: Demand, inventory: Inventory, allocations: Sequence[Allocation], chosen: Allocation
-) -> Allocation:
-    """On CPU, ``chosen`` with the cores its engine binds to, away from the other engines.
-
-    (A CPU inventory is one device, so a CPU engine is never tensor-parallel here: one list.)
-    """
-    if inventory.kind is not DeviceKind.CPU:
-        return chosen
-    threads = demand.cpu_threads or default_thread_count(inventory.cores)
-    cpus = choose_cores(threads, inventory.cores, (a.cpus for a in allocations))
-    return replace(chosen, cpus=cpus)
 
 
 def _no_room_message(

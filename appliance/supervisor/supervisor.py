@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -191,7 +190,13 @@ class Supervisor:
         demand = Demand.from_spec(spec)
         no_memory = demand.memory_gib is None and demand.memory_share is None
         if self.inventory.kind is DeviceKind.CPU and no_memory:
-            demand = dataclasses.replace(demand, memory_gib=self.limits.cpu_default_model_gib)
+            demand = Demand(
+                model=demand.model,
+                tensor_parallel_size=demand.tensor_parallel_size,
+                memory_gib=self.limits.cpu_default_model_gib,
+                memory_share=None,
+                devices=demand.devices,
+            )
         return demand
 
     async def _load(self, handle: ModelHandle, reason: str) -> None:
@@ -509,7 +514,6 @@ class Supervisor:
             "device_kind": self.inventory.kind.value,
             "devices": list(allocation.devices) if allocation else [],
             "memory_gib": allocation.memory_gib if allocation else None,
-            "cpus": list(allocation.cpus) if allocation else [],
             "load_seconds": round(handle.load_seconds, 3) if handle.load_seconds else None,
             "in_flight": handle.in_flight,
             "engine_running": stats.running if stats else 0,

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -180,32 +178,3 @@ def test_32_concurrent_streams_complete(serving_appliance: ApplianceProcess) -> 
         assert "".join(deltas) == "".join(expected_deltas)
         assert 1 < len(deltas) <= 13  # the role chunk, then one chunk per 1+ tokens
     assert httpx.get(f"{serving_appliance.url}/ready").status_code == 200
-
-
-def bound_cores(pid: int) -> frozenset[int]:
-    """Cores the threads of ``pid`` are pinned to (threads free to run anywhere left out)."""
-    everywhere = os.sched_getaffinity(0)
-    cores: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            affinity = os.sched_getaffinity(int(task.name))
-        except OSError:  # the thread ended meanwhile
-            continue
-        if affinity != everywhere:
-            cores |= affinity
-    return frozenset(cores)
-
-
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
-def test_cpu_engines_run_on_cores_of_their_own(serving_appliance: ApplianceProcess) -> None:
-    models = httpx.get(f"{serving_appliance.url}/admin/models").json()["data"]
-    assigned = sorted(tuple(m["cpus"]) for m in models if m["state"] == "ready")
-    assert len(assigned) == 2 and all(assigned)
-    assert not set(assigned[0]) & set(assigned[1])  # vLLM alone would give both the same core
-    # vLLM's worker processes really bound their compute threads there.
-    workers = [
-        pid
-        for pid in serving_appliance.descendants()
-        if Path(f"/proc/{pid}/comm").read_text().strip() == "VLLM::Worker"
-    ]
-    assert sorted(tuple(sorted(bound_cores(pid))) for pid in workers) == assigned

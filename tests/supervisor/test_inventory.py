@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import pytest
 
-from appliance.supervisor.cpu_cores import read_cpu_cores
 from appliance.supervisor.inventory import (
     Device,
     DeviceKind,
@@ -155,16 +154,8 @@ def test_detect_prefers_gpus(use_nvml: Callable[..., types.ModuleType]) -> None:
 def test_detect_falls_back_to_the_cpu(use_nvml: Callable[..., types.ModuleType]) -> None:
     use_nvml([], init_fails=True)
     inventory = detect_inventory(cpu_memory_budget_gib=16)
-    assert inventory.devices == (Device(0, "cpu", 16.0, DeviceKind.CPU, None),)
-    assert inventory.kind is DeviceKind.CPU
-    assert inventory.cores == read_cpu_cores()  # engines get cores of their own
-
-
-def test_cpu_binding_can_be_left_to_vllm(use_nvml: Callable[..., types.ModuleType]) -> None:
-    use_nvml([], init_fails=True)
-    inventory = detect_inventory(cpu_memory_budget_gib=16, bind_cpu_cores=False)
     assert inventory == Inventory((Device(0, "cpu", 16.0, DeviceKind.CPU, None),))
-    assert inventory.cores == ()
+    assert inventory.kind is DeviceKind.CPU
 
 
 def test_cpu_inventory_needs_a_positive_budget() -> None:

@@ -8,7 +8,6 @@ import pytest
 
 from appliance.catalogue.schema import ModelSpec
 from appliance.errors import InsufficientResourcesError
-from appliance.supervisor.cpu_cores import CpuCore
 from appliance.supervisor.inventory import Device, DeviceKind, Inventory, cpu_inventory
 from appliance.supervisor.placement import (
     Allocation,
@@ -254,43 +253,6 @@ def test_cpu_budget_follows_the_same_rules() -> None:
     assert info.value.message == (
         "model gpt2 needs 1 device(s) with 8.0 GiB each; free: cpu0 4.0/16.0 GiB"
     )
-
-
-def cpu_host(n: int) -> Inventory:
-    """A CPU inventory with ``n`` cores on one node."""
-    return cpu_inventory(16, tuple(CpuCore(i, 0) for i in range(n)))
-
-
-def test_cpu_engines_get_cores_of_their_own() -> None:
-    cpu = cpu_host(2)
-    a = put(cpu, [], "tiny-llama", memory_gib=1)
-    b = put(cpu, [a], "minilm", memory_gib=1)
-    assert (a.cpus, b.cpus) == ((0,), (1,))  # vLLM alone would bind both to core 0
-    c = put(cpu, [a, b], "tiny-mistral", memory_gib=1)
-    assert c.cpus == (0,)  # shared only once every core has an engine
-
-
-def test_cpu_threads_from_the_catalogue_entry() -> None:
-    cpu = cpu_host(8)
-    a = put(cpu, [], "big", memory_gib=1, cpu_threads=4)
-    b = put(cpu, [a], "small", memory_gib=1, cpu_threads=2)
-    assert (a.cpus, b.cpus) == ((0, 1, 2, 3), (4, 5))
-    spec = ModelSpec.model_validate(
-        {"name": "m", "source": "org/m", "resources": {"cpu_threads": 3}}
-    )
-    assert Demand.from_spec(spec).cpu_threads == 3
-
-
-def test_unloading_frees_cores() -> None:
-    cpu = cpu_host(2)
-    a = put(cpu, [], "a", memory_gib=1)
-    b = put(cpu, [a], "b", memory_gib=1)
-    assert put(cpu, [b], "c", memory_gib=1).cpus == a.cpus
-
-
-def test_no_binding_without_cores_or_on_gpus() -> None:
-    assert put(cpu_inventory(16), [], "a", memory_gib=1).cpus == ()  # left to vLLM
-    assert put(RTXx2, [], "gpu-model", memory_gib=4, cpu_threads=2).cpus == ()
 
 
 # -- eviction --------------------------------------------------------------------------------

@@ -105,16 +105,6 @@ def test_out_of_range_memory_share() -> None:
     assert "model 'chat'" in message and "resources.memory_share" in message and "1.5" in message
 
 
-def test_cpu_threads_must_be_positive() -> None:
-    message = error_of("""
-        models:
-          - name: chat
-            source: org/model
-            resources: {cpu_threads: 0}
-    """)
-    assert "model 'chat'" in message and "resources.cpu_threads" in message
-
-
 def test_both_memory_forms() -> None:
     message = error_of("""
         models:

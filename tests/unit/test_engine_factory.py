@@ -12,7 +12,6 @@ from pathlib import Path
 from appliance.catalogue.schema import ModelSpec
 from appliance.engines.factory import EngineFactory
 from appliance.engines.vllm_engine import VLLMEngine
-from appliance.supervisor.cpu_cores import CpuCore
 from appliance.supervisor.inventory import Device, DeviceKind, Inventory, cpu_inventory
 from appliance.supervisor.placement import Demand, place
 
@@ -61,23 +60,6 @@ def test_cpu_engine_gets_its_kv_cache_size_and_no_gpu(tmp_path: Path) -> None:
     assert isinstance(engine, VLLMEngine)
     assert engine._env == {"VLLM_CPU_KVCACHE_SPACE": "2"}
     assert engine._args.runner == "pooling"
-
-
-def test_cpu_engine_threads_are_bound_to_its_cores(tmp_path: Path) -> None:
-    spec = ModelSpec.model_validate(
-        {"name": "tiny", "source": "org/tiny", "resources": {"memory_gib": 1, "cpu_threads": 2}}
-    )
-    inventory = cpu_inventory(8, tuple(CpuCore(i, 0) for i in range(4)))
-    first = place(Demand.from_spec(spec), inventory, [], default_share=0.9)
-    other = place(
-        Demand.from_spec(spec.model_copy(update={"name": "other"})),
-        inventory,
-        [first],
-        default_share=0.9,
-    )
-    factory = EngineFactory(base_dir=tmp_path)
-    assert factory.create(spec, first, inventory)._env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
-    assert factory.create(spec, other, inventory)._env["VLLM_CPU_OMP_THREADS_BIND"] == "2,3"
 
 
 def test_package_source_resolves_inside_the_package(tmp_path: Path) -> None:
