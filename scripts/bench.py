@@ -1196,7 +1196,7 @@ def write_chart(summary: dict[str, Any], title: str, path: Path) -> bool:
         bars(ax2, list(range(len(extra))), [v for _, v in extra], 0.6, color="tab:gray")
         ax2.set_xticks(range(len(extra)), [name for name, _ in extra], rotation=30, ha="right")
     ax2.axhline(1.0, color="black", linewidth=1)
-    ax2.set_title("startup (lower is better), two models (higher)")
+    ax2.set_title("startup (lower better),\ntwo models (higher better)", fontsize=10)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
