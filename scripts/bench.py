@@ -49,7 +49,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -169,6 +169,8 @@ class Settings:
     warmups: int | None  # None: min(concurrency, 4)
     seed: int
     skip_two_models: bool
+    server_cpus: tuple[int, ...] | None  # CPUs every server process is confined to; None: all
+    client_cpus: tuple[int, ...] | None  # CPUs every benchmark client is confined to
     startup_timeout: float
     run_timeout: float
     out_dir: Path
@@ -252,6 +254,18 @@ def parse_ints(text: str) -> list[int]:
     return values
 
 
+def parse_cpus(text: str) -> list[int]:
+    """``"0"`` or ``"2,3"`` -> CPU numbers this process may use; refuses ones it may not."""
+    try:
+        cpus = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of CPUs: {text!r}") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not set(cpus) <= allowed:
+        raise argparse.ArgumentTypeError(f"want CPUs among {sorted(allowed)}: {text!r}")
+    return cpus
+
+
 def model_path(text: str) -> str:
     """A local folder as an absolute path (both servers see the same files); else a hub id."""
     path = Path(text)
@@ -312,6 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
     p.add_argument("--skip-two-models", action="store_true", help="one-model part only")
     p.add_argument(
+        "--server-cpus",
+        type=parse_cpus,
+        default=None,
+        help="confine both servers (and their engine processes) to these CPUs, e.g. 0",
+    )
+    p.add_argument(
+        "--client-cpus",
+        type=parse_cpus,
+        default=None,
+        help="confine the benchmark clients to these CPUs, e.g. 1 (keeps them off the servers')",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: c=1,4 (two models: 4), 8 prompts a run, 32/32 tokens",
@@ -352,6 +378,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         warmups=args.warmups,
         seed=args.seed,
         skip_two_models=args.skip_two_models,
+        server_cpus=tuple(args.server_cpus) if args.server_cpus else None,
+        client_cpus=tuple(args.client_cpus) if args.client_cpus else None,
         startup_timeout=args.startup_timeout,
         run_timeout=args.run_timeout,
         out_dir=args.out if args.out.is_absolute() else Path.cwd() / args.out,
@@ -468,6 +496,23 @@ def served_models(base_url: str) -> set[str]:
         return set()
 
 
+def confine_to(cpus: tuple[int, ...] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that confines the child (and what it spawns) to ``cpus``; None: no limit.
+
+    On a small machine the benchmark client takes a whole core; confining the client to one
+    core and both servers to the others keeps it from competing with whichever server it
+    drives, so the comparison weighs the servers, not the scheduler's luck.
+    """
+    if cpus is None:
+        return None
+    chosen = set(cpus)
+
+    def confine() -> None:
+        os.sched_setaffinity(0, chosen)
+
+    return confine
+
+
 class Server:
     """One server process: spawned in its own session, timed to ready, stopped with SIGTERM."""
 
@@ -479,8 +524,10 @@ class Server:
         ready_path: str,
         models: Sequence[Model],
         log: Path,
+        cpus: tuple[int, ...] | None = None,
     ) -> None:
         self.label = label
+        self.cpus = cpus
         self.cmd = cmd
         self.port = port
         self.ready_path = ready_path
@@ -509,6 +556,7 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=confine_to(self.cpus),
             )
 
     def is_ready(self) -> bool:
@@ -580,6 +628,7 @@ def make_servers(kind: str, models: Sequence[Model], settings: Settings, tag: st
                     "/health",
                     [model],
                     logs / f"{tag}-vllm-{model.name}.log",
+                    settings.server_cpus,
                 )
             )
         return servers
@@ -595,6 +644,7 @@ def make_servers(kind: str, models: Sequence[Model], settings: Settings, tag: st
             "/ready",
             models,
             logs / f"{tag}-appliance.log",
+            settings.server_cpus,
         )
     ]
 
@@ -679,7 +729,13 @@ def start_client(
     cmd = client_command(server.base_url, model, concurrency, settings, result)
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            preexec_fn=confine_to(settings.client_cpus),
         )
     return proc, result, log
 
@@ -1289,6 +1345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "output_len": settings.output_len,
             "rounds": settings.rounds,
             "seed": settings.seed,
+            "server_cpus": settings.server_cpus,
+            "client_cpus": settings.client_cpus,
             "client": "vllm.benchmarks.serve (backend openai, /v1/completions, random dataset)",
         },
         "summary": summary,
