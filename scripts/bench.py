@@ -777,37 +777,6 @@ def to_run(
     )
 
 
-def run_from_json(item: dict[str, Any]) -> RunResult:
-    """A ``RunResult`` back from a saved report's ``runs`` / ``two_model_runs`` entry.
-
-    Older reports lack ``total_output_tokens`` and ``duration``: they are worked back from the
-    rates (duration = completed / requests/s; tokens = output tokens/s x duration).
-    """
-    metrics = {key: float(value) for key, value in item["metrics"].items()}
-    completed = int(item["completed"])
-    duration = float(item.get("duration", float("nan")))
-    if duration != duration:
-        rate = metrics.get("request_throughput", float("nan"))
-        duration = completed / rate if rate and rate == rate else float("nan")
-    tokens = item.get("total_output_tokens")
-    if tokens is None:
-        per_s = metrics.get("output_throughput", float("nan"))
-        tokens = round(per_s * duration) if per_s == per_s and duration == duration else 0
-    start = item.get("start_unix")
-    return RunResult(
-        server=item["server"],
-        model=item["model"],
-        concurrency=int(item["concurrency"]),
-        round=int(item["round"]),
-        metrics=metrics,
-        completed=completed,
-        failed=int(item.get("failed", 0)),
-        total_output_tokens=int(tokens),
-        duration=duration,
-        start_unix=None if start is None else float(start),
-    )
-
-
 def drive(
     servers: Sequence[Server],
     models: Sequence[Model],
@@ -1271,24 +1240,11 @@ def chart_title(report: dict[str, Any]) -> str:
 def show_report(path: Path) -> int:
     """Print the tables of a saved JSON again and redraw its chart beside it.
 
-    A report written before ``AGGREGATE_DEFINITION`` gets its two-model figures (and targets)
-    worked out again from its runs, on screen and in the chart; the JSON is left as it is.
+    A report written before ``AGGREGATE_DEFINITION`` is shown as written; its two-model table
+    says how that figure was summed (and that it overstates).
     """
     report = json.loads(path.read_text())
     print(f"{path}: {report['command']}")
-    two = report["summary"].get("two_models")
-    if two is not None and "aggregate_definition" not in two and report.get("two_model_runs"):
-        runs = [run_from_json(item) for item in report["two_model_runs"]]
-        concurrencies = sorted({r.concurrency for r in runs})
-        startups = report.get("two_model_startups_s", {})
-        report["summary"]["two_models"] = summarize_two_models(concurrencies, runs, startups)
-        report["summary"]["targets"] = check_targets(report["summary"])
-        print(
-            "older report: two-model aggregates recomputed from its runs as output tokens of "
-            "both / the longer client's duration (the JSON is unchanged). Its clients did not "
-            "start measuring together and their start times were not kept: where they ran one "
-            "after the other, these figures still overstate."
-        )
     print_tables(report["summary"], report["settings"]["rounds"])
     png = path.with_suffix(".png")
     if write_chart(report["summary"], chart_title(report), png):
