@@ -9,13 +9,23 @@ configured, replaces the catalogue as it changes, and only the difference is app
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+from pydantic import SecretStr
 
 from appliance.catalogue.catalogue import Catalogue
 from appliance.catalogue.config_file import load_catalogue_file
-from appliance.catalogue.registry_client import CatalogueSource, RegistryClient, RegistryPoller
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.registry_client import (
+    READ_TOKEN_ENV,
+    CatalogueSource,
+    RegistryClient,
+    RegistryPoller,
+)
+from appliance.catalogue.schema import CatalogueFile, ModelSpec
+from appliance.catalogue.trust import RegistryGate
 from appliance.engines.factory import EngineFactory
 from appliance.engines.remote import RemoteBackends
 from appliance.errors import ConfigError
@@ -25,8 +35,32 @@ from appliance.settings import Settings
 from appliance.supervisor.inventory import DeviceKind, detect_inventory, gpu_memory_used
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
+from appliance.usage.ledger import UsageLedger
+from appliance.usage.store import UsageStore
 
 log = logging.getLogger("appliance")
+
+
+def registry_read_token(
+    config: CatalogueFile, config_path: Path, env: Mapping[str, str]
+) -> SecretStr | None:
+    """The token sent to the registry on reads: models.yaml's ``registry_token_file`` (relative
+    to models.yaml), else ``APPLIANCE_REGISTRY_READ_TOKEN``, else None."""
+    if config.registry_token_file is not None:
+        path = config.registry_token_file
+        if not path.is_absolute():
+            path = config_path.resolve().parent / path
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{config_path}: registry_token_file {str(path)!r}: cannot read it: {exc.strerror}"
+            ) from None
+        if not text:
+            raise ConfigError(f"{config_path}: registry_token_file {str(path)!r} is empty")
+        return SecretStr(text)
+    value = env.get(READ_TOKEN_ENV, "").strip()
+    return SecretStr(value) if value else None
 
 
 class Appliance:
@@ -54,12 +88,25 @@ class Appliance:
             self.inventory, self.engines, limits=settings.limits, observer=self.metrics
         )
         self.metrics.bind(supervisor=self.supervisor)
+        self.usage = UsageLedger(
+            UsageStore(settings.usage_db_path()),
+            key_names=[key.name for key in settings.auth.keys],
+            quotas=settings.quotas,
+            registry=self.metrics.registry,
+            model_label=self.metrics.model_label,
+        )
         self.remotes = RemoteBackends(settings.remote)
         self.router = Router(self.catalogue, self.supervisor, remote=self.remotes.get)
         self.registry: RegistryPoller | None = None
+        self.registry_gate = RegistryGate(config.registry_trust)
         if config.registry_url is not None:
             self.registry = RegistryPoller(
-                RegistryClient(config.registry_url, timeout=settings.registry_timeout_seconds),
+                RegistryClient(
+                    config.registry_url,
+                    timeout=settings.registry_timeout_seconds,
+                    token=registry_read_token(config, settings.config_path, os.environ),
+                    max_entries=config.registry_trust.max_entries,
+                ),
                 ttl=config.registry_ttl,
                 fallback=config.models,
                 on_change=self._catalogue_changed,
@@ -74,6 +121,7 @@ class Appliance:
         await self.remotes.sync(self.catalogue.specs())
         await self.remotes.start()
         await self.supervisor.start(self.catalogue.specs())
+        self.usage.start()
         self._started = True
 
     async def stop(self) -> None:
@@ -82,6 +130,22 @@ class Appliance:
             await self.registry.stop()
         await self.supervisor.shutdown()
         await self.remotes.close()
+        await self.usage.stop()
+
+    async def _admitted(self, specs: Sequence[ModelSpec]) -> list[ModelSpec]:
+        """The registry's entries that pass the operator's ``registry_trust`` (untrusted
+        input: a refused entry is logged and left out, the rest are served)."""
+        admitted = []
+        for spec in specs:
+            try:
+                admitted.append(await self.registry_gate.admit(spec))
+            except ConfigError as exc:
+                log.error(
+                    "registry entry refused: %s",
+                    exc.message,
+                    extra={"event": "registry_entry_refused", "model": spec.name},
+                )
+        return admitted
 
     def _servable(self, specs: Sequence[ModelSpec]) -> list[ModelSpec]:
         """The entries this appliance can serve; a bad registry entry must not stop the rest."""
@@ -97,6 +161,8 @@ class Appliance:
 
     async def _catalogue_changed(self, specs: list[ModelSpec], source: CatalogueSource) -> None:
         """The registry poller's callback: put the new catalogue in force."""
+        if source is not CatalogueSource.FILE:
+            specs = await self._admitted(specs)
         specs = self._servable(specs)
         if self._started:
             changes = await self.supervisor.apply_catalogue(specs)
@@ -123,6 +189,7 @@ class Appliance:
         for spec in config.models:
             self.engines.validate(spec)
         if self.registry is not None:
+            self.registry_gate = RegistryGate(config.registry_trust)
             self.registry.replace_fallback(config.models)
             await self.registry.refresh()
             return {"added": [], "removed": [], "changed": []}

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from appliance.catalogue.schema import ModelSpec
 from appliance.errors import ApplianceError
@@ -25,6 +25,8 @@ from appliance.errors import ApplianceError
 logger = logging.getLogger("appliance.registry")
 
 MODELS_PATH = "/v1/registry/models"
+MAX_ANSWER_BYTES = 16 * 2**20  # a catalogue entry is a few hundred bytes
+READ_TOKEN_ENV = "APPLIANCE_REGISTRY_READ_TOKEN"
 
 
 class RegistryUnavailableError(ApplianceError):
@@ -86,12 +88,24 @@ class RegistryClient:
     """Fetches the whole catalogue from one registry service."""
 
     def __init__(
-        self, url: str, *, timeout: float = 5.0, client: httpx.AsyncClient | None = None
+        self,
+        url: str,
+        *,
+        timeout: float = 5.0,
+        client: httpx.AsyncClient | None = None,
+        token: SecretStr | None = None,
+        max_entries: int = 1000,
+        max_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         """``timeout`` bounds a whole fetch, connect to last byte; ``client`` is borrowed (not
-        closed by ``aclose``) when given, else the registry client makes and owns one."""
+        closed by ``aclose``) when given, else the registry client makes and owns one (which
+        checks HTTPS certificates). ``token`` is sent as a Bearer token on reads; an answer
+        over ``max_bytes`` or with more than ``max_entries`` entries is refused."""
         self._url = url.rstrip("/")
         self._timeout = timeout
+        self._token = token
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
         self._owns_client = client is None
         self._client = client if client is not None else httpx.AsyncClient()
 
@@ -110,9 +124,7 @@ class RegistryClient:
         # server dripping bytes slowly would otherwise hold a fetch for ever. Not
         # asyncio.wait_for: before Python 3.12 it can swallow a cancellation that arrives as
         # the request completes, and then RegistryPoller.stop() would wait for ever.
-        request = asyncio.ensure_future(
-            self._client.get(self._url + MODELS_PATH, timeout=self._timeout)
-        )
+        request = asyncio.ensure_future(self._get())
         try:
             await asyncio.wait({request}, timeout=self._timeout)
         finally:
@@ -120,7 +132,7 @@ class RegistryClient:
                 request.cancel()
                 await asyncio.wait({request})  # let it close its connection; never raises
         try:
-            response = request.result()
+            status, content = request.result()
         except asyncio.CancelledError as exc:  # cancelled above, on the deadline
             raise timed_out from exc
         except httpx.TimeoutException as exc:
@@ -128,11 +140,32 @@ class RegistryClient:
         except httpx.HTTPError as exc:
             reason = str(exc) or type(exc).__name__
             raise RegistryUnavailableError(f"cannot reach registry {self._url}: {reason}") from exc
-        if response.status_code != 200:
+        if status != 200:
             raise RegistryUnavailableError(
-                f"registry {self._url} answered HTTP {response.status_code} to GET {MODELS_PATH}"
+                f"registry {self._url} answered HTTP {status} to GET {MODELS_PATH}"
             )
-        return self._parse(response.content)
+        return self._parse(content)
+
+    async def _get(self) -> tuple[int, bytes]:
+        """GET the list: its status and at most ``max_bytes`` of its body (else refused)."""
+        headers = {}
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token.get_secret_value()}"
+        request = self._client.build_request(
+            "GET", self._url + MODELS_PATH, headers=headers, timeout=self._timeout
+        )
+        response = await self._client.send(request, stream=True)
+        try:
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body.extend(chunk)
+                if len(body) > self._max_bytes:
+                    raise RegistryBadAnswerError(
+                        f"registry {self._url} answered more than {self._max_bytes} bytes"
+                    )
+            return response.status_code, bytes(body)
+        finally:
+            await response.aclose()
 
     def _parse(self, content: bytes) -> list[ModelSpec]:
         """The specs in a list answer; ``RegistryBadAnswerError`` for anything malformed."""
@@ -145,6 +178,11 @@ class RegistryClient:
                 f"registry {self._url} answered an invalid catalogue "
                 f"({exc.error_count()} error(s); {where}: {first['msg']})"
             ) from exc
+        if len(answer.data) > self._max_entries:
+            raise RegistryBadAnswerError(
+                f"registry {self._url} answered {len(answer.data)} entries, over the limit of "
+                f"{self._max_entries} (models.yaml: registry_trust.max_entries)"
+            )
         seen: set[str] = set()
         for entry in answer.data:
             if entry.name != entry.spec.name:

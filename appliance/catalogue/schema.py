@@ -8,8 +8,10 @@ not be silently ignored. Engine settings are checked separately by vLLM's own ar
 from __future__ import annotations
 
 import enum
-import re
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -54,6 +56,37 @@ class Resources(BaseModel):
                     f"{self.tensor_parallel_size}"
                 )
         return self
+
+
+def check_backend_url(value: str) -> str:
+    """``value`` if it is scheme, host, port and an optional base path, without the final
+    slash; ``ValueError`` saying what is wrong otherwise.
+
+    Credentials, a query or a fragment are refused: the URL is shown to operators, logged and
+    health-checked, and none of them belongs in a base URL (a backend's key goes in an
+    environment variable, see ``RemoteSettings.api_key_env``).
+    """
+    if any(c.isspace() or not c.isprintable() for c in value) or "\\" in value:
+        raise ValueError("must not contain spaces, control characters or backslashes")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not value.startswith(parts.scheme + "://"):
+        raise ValueError("must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("must name a host")
+    if "@" in parts.netloc:
+        raise ValueError("must not carry credentials (user:password@); use api_key_env")
+    if parts.query or "?" in value:
+        raise ValueError("must not have a query (?...)")
+    if parts.fragment or "#" in value:
+        raise ValueError("must not have a fragment (#...)")
+    if ".." in parts.path.split("/"):
+        raise ValueError("must not have '..' in its path")
+    del port  # parsed only to check it is a number in range
+    return value.rstrip("/")
 
 
 class ModelSpec(BaseModel):
@@ -101,9 +134,7 @@ class ModelSpec(BaseModel):
     def _check_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError("must be an http:// or https:// URL")
-        return value.rstrip("/")
+        return check_backend_url(value)
 
     @field_validator("engine")
     @classmethod
@@ -131,6 +162,41 @@ class ModelSpec(BaseModel):
         return self.source is not None
 
 
+class RegistryTrust(BaseModel):
+    """How far entries from the registry are trusted (models.yaml's ``registry_trust:``).
+
+    The registry is untrusted input: by default its entries may name hub ids and backend URLs
+    only, pass a short list of engine settings, and never load by themselves. Each field here
+    is the operator opening one thing more.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    autoload: bool = Field(
+        False, description="Registry entries keep their autoload and load_on_demand."
+    )
+    engine_settings: list[str] = Field(
+        default_factory=list,
+        description="Engine settings registry entries may use beyond the default allow-list.",
+    )
+    hub_orgs: list[str] | None = Field(
+        None, description="Only hub ids of these organisations (None: any organisation)."
+    )
+    backend_hosts: list[str] | None = Field(
+        None, description="Only backend_urls on these host names or addresses (None: any)."
+    )
+    backend_networks: list[IPv4Network | IPv6Network] = Field(
+        default_factory=list,
+        description=(
+            "Addresses otherwise refused to registry backends (loopback, link-local, cloud "
+            "metadata) that they may use, as networks such as 127.0.0.1/32."
+        ),
+    )
+    max_entries: int = Field(
+        1000, ge=1, description="A registry answer with more entries than this is refused."
+    )
+
+
 class CatalogueFile(BaseModel):
     """The whole ``models.yaml``."""
 
@@ -139,8 +205,22 @@ class CatalogueFile(BaseModel):
     registry_url: str | None = Field(
         None, description="Model registry service; models.yaml is the fallback when it is down."
     )
+    registry_token_file: Path | None = Field(
+        None,
+        description=(
+            "File holding the token sent to the registry on reads (else the environment "
+            "variable APPLIANCE_REGISTRY_READ_TOKEN)."
+        ),
+    )
+    registry_trust: RegistryTrust = Field(default_factory=RegistryTrust)
     registry_ttl: float = Field(30.0, gt=0, description="Seconds a registry answer stays fresh.")
     models: list[ModelSpec] = Field(default_factory=list)
+
+    @field_validator("registry_url")
+    @classmethod
+    def _check_registry_url(cls, value: str | None) -> str | None:
+        # The same rules as a backend's: a token in the URL would be logged and shown.
+        return None if value is None else check_backend_url(value)
 
     @model_validator(mode="after")
     def _unique_names(self) -> CatalogueFile:

