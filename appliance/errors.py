@@ -60,6 +60,26 @@ class BodyTooLargeError(InvalidRequestError):
     code = "body_too_large"
 
 
+class BodyTimeoutError(InvalidRequestError):
+    """The client stopped sending its request body part-way."""
+
+    status_code = 408
+    code = "body_timeout"
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """A POST body that is not declared as JSON (what a cross-site form or fetch sends)."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class HostNotAllowedError(InvalidRequestError):
+    """The Host header names a host the appliance does not answer to (DNS rebinding)."""
+
+    code = "host_not_allowed"
+
+
 class AuthenticationError(ApplianceError):
     """No API key, or a wrong one."""
 
@@ -74,6 +94,12 @@ class PermissionDeniedError(ApplianceError):
     status_code = 403
     error_type = "permission_error"
     code = "permission_denied"
+
+
+class CrossOriginError(PermissionDeniedError):
+    """A request from a web page of an origin that is not allowed (CORS is off by default)."""
+
+    code = "cross_origin_refused"
 
 
 class ModelNotAllowedError(PermissionDeniedError):
@@ -102,6 +128,13 @@ class RateLimitedError(ApplianceError):
     status_code = 429
     error_type = "rate_limit_error"
     code = "rate_limited"
+
+
+class QuotaExceededError(RateLimitedError):
+    """The key used up its token quota for the day or month; retry after the reset."""
+
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"
 
 
 class ModelNotReadyError(ApplianceError):

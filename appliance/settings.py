@@ -43,6 +43,22 @@ class Settings(BaseModel):
         False, description="Put prompts (truncated) in the access log; off by default."
     )
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body accepted.")
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest wait for the next piece of a request body (slow uploads)."
+    )
+    max_connections: int = Field(
+        1024, ge=1, description="Open connections at most; beyond it new ones get 503."
+    )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description=(
+            "Names and addresses a Host header may carry ('*': any); None: the names and "
+            "addresses this box answers to."
+        ),
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins whose web pages may call the API (CORS)."
+    )
     registry_timeout_seconds: float = Field(
         2.0, gt=0, description="How long a registry fetch may take before it counts as down."
     )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from appliance.api.auth import Role, require_role
 from appliance.appliance import Appliance
 from appliance.catalogue.schema import ModelSpec
 
@@ -33,7 +34,10 @@ def _describe(app: Appliance, spec: ModelSpec) -> dict[str, Any]:
 
 def build_admin_router(app: Appliance) -> APIRouter:
     """The ``/admin`` routes, bound to ``app``."""
-    api = APIRouter(prefix="/admin", tags=["Admin"])
+    # The role goes with the routes, wherever they are mounted (the middleware checks paths).
+    api = APIRouter(
+        prefix="/admin", tags=["Admin"], dependencies=[Depends(require_role(Role.ADMIN))]
+    )
 
     @api.get("/models", summary="Every model and its state")
     async def list_models() -> JSONResponse:

@@ -10,15 +10,18 @@ import signal
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from appliance import __version__
 from appliance.api.admin_routes import build_admin_router
 from appliance.api.auth import AuthMiddleware, describe_open
+from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.health_routes import build_health_router
 from appliance.api.metrics_routes import build_metrics_router
 from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.openai_routes import build_openai_router
+from appliance.api.peer import local_host_names
 from appliance.appliance import Appliance
 from appliance.errors import ApplianceError
 from appliance.settings import Settings
@@ -88,7 +91,24 @@ def create_app(settings: Settings, appliance: Appliance | None = None) -> FastAP
     app.include_router(build_metrics_router(core.metrics))
     # Added first, so it runs inside the request-context middleware (ids and access log).
     app.add_middleware(AuthMiddleware, config=settings.auth)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
+    # Outside CORS and the key check: a DNS-rebinding or cross-site request is refused first.
     app.add_middleware(
-        RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, observer=core.metrics
+        CrossSiteGuard,
+        allowed_hosts=settings.allowed_hosts or local_host_names(settings.host),
+        cors_origins=settings.cors_origins,
+    )
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout_seconds,
+        observer=core.metrics,
     )
     return app

@@ -1,14 +1,21 @@
 """API keys: who may call which routes, with which models, how often.
 
 Keys come from a YAML file (``--api-keys FILE``) and/or the ``APPLIANCE_API_KEYS`` and
-``APPLIANCE_ADMIN_KEYS`` environment variables. With no keys at all the API is open, as vLLM
-and Ollama are by default; the app says so loudly at start (``describe_open``).
+``APPLIANCE_ADMIN_KEYS`` environment variables.
 
-With keys, ``AuthMiddleware`` (plain ASGI, inside the request-context middleware) checks
+``AuthMiddleware`` (plain ASGI, inside the request-context middleware) checks
 ``Authorization: Bearer <key>`` on every route that is not public: ``/v1`` needs a user or
 admin key, ``/admin`` an admin key, and any other path a valid key, so that anonymous callers
-cannot map the API by its 404s. It then applies the key's rate limits. The route refuses a
-model the key may not use with ``check_model_allowed`` once it has parsed the body.
+cannot map the API by its 404s. It then applies the key's rate limits. The routers carry their
+role too (``require_role``), so a mount or ``root_path`` that moves a route keeps its role.
+The route refuses a model the key may not use with ``check_model_allowed`` once it has parsed
+the body.
+
+Without a key a caller is anonymous (``Access.anonymous_allowed``): the admin API answers
+anonymous callers only on loopback, and only while no admin key exists; ``/v1`` answers them
+only on loopback while no key exists at all, or from anywhere if the operator opened it
+(``anonymous: true`` in the keys file, ``appliance up --allow-anonymous``). The app announces
+what is open at start (``describe_open``).
 
 The key text is never logged nor put in an error message; a key is known by its ``name``.
 """
@@ -21,8 +28,9 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +44,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from appliance.admin_key import ensure_admin_key
 from appliance.api.error_handlers import appliance_error_response
 from appliance.api.middleware import INFO_KEY, RequestInfo
+from appliance.api.peer import is_loopback, peer_address
 from appliance.api.rate_limit import Clock, KeyLimits
 from appliance.config_problems import describe, locate
 from appliance.errors import (
@@ -55,6 +66,8 @@ log = logging.getLogger("appliance.auth")
 
 KEY_SCOPE = "appliance.key"
 """Where the middleware puts the caller's ``KeyIdentity`` in the ASGI scope."""
+ACCESS_SCOPE = "appliance.access"
+"""Where the middleware puts its ``Access`` policy, for the routes' role checks."""
 
 USER_KEYS_ENV = "APPLIANCE_API_KEYS"
 ADMIN_KEYS_ENV = "APPLIANCE_ADMIN_KEYS"
@@ -110,8 +123,10 @@ class ApiKey(BaseModel):
         return value
 
 
-def _all_public() -> set[PublicRoute]:
-    return set(PublicRoute)
+def _default_public() -> set[PublicRoute]:
+    # /metrics and the docs follow the keys like any route: the metrics name every model,
+    # backend and its health, and the docs map the API.
+    return {PublicRoute.HEALTH}
 
 
 class AuthConfig(BaseModel):
@@ -120,7 +135,15 @@ class AuthConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     keys: list[ApiKey] = Field(default_factory=list)
-    public: set[PublicRoute] = Field(default_factory=_all_public)
+    public: set[PublicRoute] = Field(default_factory=_default_public)
+    anonymous: bool = Field(
+        False,
+        description="Serve /v1 (not /admin) without a key to anyone who can reach the port.",
+    )
+    metrics_from: list[IPv4Network | IPv6Network] = Field(
+        default_factory=list,
+        description="Networks that may read /metrics without a key (a Prometheus server).",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> AuthConfig:
@@ -144,12 +167,18 @@ def _digest(key: str) -> bytes:
 
 
 def describe_open(config: AuthConfig) -> str | None:
-    """The warning to log at start when no key is configured (the API is open), else None."""
+    """The warning to log at start when something answers without a key, else None."""
+    if config.anonymous:
+        return (
+            "anonymous access is on: /v1 is open to anyone who can reach this port, with no "
+            "key and no per-key limits; the admin API still needs an admin key off loopback"
+        )
     if config.keys:
         return None
     return (
-        "no API keys configured: the API, admin routes included, is open to anyone who can "
-        f"reach this port; set {USER_KEYS_ENV} / {ADMIN_KEYS_ENV} or pass --api-keys FILE"
+        "no API keys configured: /v1 and the admin API answer only on loopback (this "
+        "machine); to serve the LAN set keys (--api-keys FILE, "
+        f"{USER_KEYS_ENV} / {ADMIN_KEYS_ENV}) or open /v1 with --allow-anonymous"
     )
 
 
@@ -180,6 +209,15 @@ def load_auth_config(path: Path | None, env: Mapping[str, str]) -> AuthConfig:
     except ValidationError as exc:
         problems = [_describe(error, keys) for error in exc.errors()]
         raise ConfigError(f"{origin}: " + "; ".join(problems)) from None
+
+
+def with_generated_admin_key(config: AuthConfig, path: Path) -> AuthConfig:
+    """``config`` plus the admin key kept in ``path`` (made there if missing), named
+    ``generated-admin``; its path is logged, never the key."""
+    key = ensure_admin_key(path)
+    log.info("admin key file: %s", path, extra={"event": "admin_key_file"})
+    generated = ApiKey(key=SecretStr(key), name="generated-admin", role=Role.ADMIN)
+    return AuthConfig.model_validate({**config.model_dump(), "keys": [*config.keys, generated]})
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -248,6 +286,76 @@ def check_model_allowed(scope: Scope, model: str) -> None:
         raise ModelNotAllowedError(f"this API key may not use model {model!r}", param="model")
 
 
+class Access:
+    """Who may do what without a key; one place for the loopback and anonymous rules."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        self.any_keys = bool(config.keys)
+        self.admin_keys = any(key.role is Role.ADMIN for key in config.keys)
+        self.anonymous = config.anonymous
+
+    def anonymous_allowed(self, role: Role | None, scope: Scope) -> bool:
+        """Whether a caller without a key may reach a route that needs ``role`` (None: any
+        key)."""
+        loopback = is_loopback(scope)
+        admin_ok = loopback and not self.admin_keys
+        user_ok = self.anonymous or (loopback and not self.any_keys)
+        if role is Role.ADMIN:
+            return admin_ok
+        if role is Role.USER:
+            return user_ok
+        return admin_ok or user_ok
+
+    def allowed(self, identity: KeyIdentity | None, role: Role | None, scope: Scope) -> bool:
+        """Whether ``identity`` (None: no key) may reach a route that needs ``role``."""
+        if identity is not None and (role is not Role.ADMIN or identity.role is Role.ADMIN):
+            return True
+        return self.anonymous_allowed(role, scope)
+
+    def refusal(
+        self, identity: KeyIdentity | None, role: Role | None, scope: Scope
+    ) -> ApplianceError:
+        """The error for a caller that ``allowed`` refused, saying what would let it in."""
+        if role is Role.ADMIN and not self.admin_keys:
+            return PermissionDeniedError(
+                "the admin API answers only on this machine's loopback address until an admin "
+                "key is configured (appliance up --generate-admin-key, or role: admin in the "
+                "keys file)"
+            )
+        if identity is not None:
+            return PermissionDeniedError("this route needs an admin API key")
+        if not self.any_keys:
+            return AuthenticationError(
+                "this appliance serves other machines only with an API key; the operator can "
+                "configure keys, or open /v1 with --allow-anonymous"
+            )
+        return _missing_or_wrong(scope)
+
+
+def caller_is_admin(scope: Scope) -> bool:
+    """Whether the request's caller may use the admin API (and so see backend URLs)."""
+    access = scope.get(ACCESS_SCOPE)
+    return isinstance(access, Access) and access.allowed(scope.get(KEY_SCOPE), Role.ADMIN, scope)
+
+
+def require_role(role: Role) -> Callable[[Request], None]:
+    """A route dependency refusing callers who may not use a route that needs ``role``.
+
+    Attached to the routers, so the role goes wherever the route is mounted; it fails closed
+    when the auth middleware did not run.
+    """
+
+    def check(request: Request) -> None:
+        access = request.scope.get(ACCESS_SCOPE)
+        if not isinstance(access, Access):
+            raise PermissionDeniedError("access control is not configured for this route")
+        identity = request.scope.get(KEY_SCOPE)
+        if not access.allowed(identity, role, request.scope):
+            raise access.refusal(identity, role, request.scope)
+
+    return check
+
+
 @dataclass
 class _Entry:
     digest: bytes
@@ -278,27 +386,34 @@ class AuthMiddleware:
             for key in config.keys
         ]
         self._public = frozenset().union(*(_PUBLIC_PATHS[route] for route in config.public))
+        self._metrics_from = tuple(config.metrics_from)
+        self._access = Access(config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or not self._entries:
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        scope[ACCESS_SCOPE] = self._access
         path: str = scope.get("path", "")
-        if path in self._public:
+        if path in self._public or self._metrics_scraper(path, scope):
             await self.app(scope, receive, send)
             return
-        entry = self._find(scope)
-        if entry is None:
+        needed = _needed_role(path, scope.get("root_path", ""))
+        # With no keys configured, a presented key means nothing (the OpenAI SDK always sends
+        # one): the caller is anonymous.
+        entry = self._find(scope) if self._entries else None
+        if entry is None and self._entries and _bearer(scope) is not None:
             await self._refuse(scope, receive, send, _missing_or_wrong(scope))
             return
+        identity = entry.identity if entry is not None else None
         info = scope.get(INFO_KEY)
-        if isinstance(info, RequestInfo):
-            info.extra["key"] = entry.identity.name
-        needed = _needed_role(path)
-        if needed is Role.ADMIN and entry.identity.role is not Role.ADMIN:
-            await self._refuse(
-                scope, receive, send, PermissionDeniedError("this route needs an admin API key")
-            )
+        if identity is not None and isinstance(info, RequestInfo):
+            info.extra["key"] = identity.name
+        if not self._access.allowed(identity, needed, scope):
+            await self._refuse(scope, receive, send, self._access.refusal(identity, needed, scope))
+            return
+        if entry is None:
+            await self.app(scope, receive, send)
             return
         wait = entry.limits.try_acquire()
         if wait is not None:
@@ -317,6 +432,12 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
         finally:
             entry.limits.release()
+
+    def _metrics_scraper(self, path: str, scope: Scope) -> bool:
+        if not self._metrics_from or path not in _PUBLIC_PATHS[PublicRoute.METRICS]:
+            return False
+        address = peer_address(scope)
+        return address is not None and any(address in net for net in self._metrics_from)
 
     def _find(self, scope: Scope) -> _Entry | None:
         presented = _bearer(scope)
@@ -360,8 +481,10 @@ def _missing_or_wrong(scope: Scope) -> AuthenticationError:
     return AuthenticationError("the API key is not valid")
 
 
-def _needed_role(path: str) -> Role | None:
+def _needed_role(path: str, root_path: str = "") -> Role | None:
     """The role a path needs: admin for /admin, user for /v1, None (any key) for the rest."""
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path) :]
     # Repeated slashes are collapsed so that "//admin" cannot pass as a non-admin path.
     parts = [part for part in path.split("/") if part]
     first = parts[0] if parts else ""

@@ -6,6 +6,7 @@ buffering, and so the access line is written when the last byte of a stream has 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.engines.base import Usage
-from appliance.errors import envelope
+from appliance.errors import BodyTimeoutError, BodyTooLargeError, envelope
 from appliance.logs import request_id_var
 
 log = logging.getLogger("appliance.access")
@@ -63,9 +64,12 @@ class RequestContextMiddleware:
         *,
         max_body_bytes: int,
         observer: RequestObserver | None = None,
+        body_timeout: float | None = None,
     ) -> None:
+        """``body_timeout``: longest wait for the next piece of the body before a 408."""
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         self.observer = observer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -109,6 +113,10 @@ class RequestContextMiddleware:
             if not started:
                 status = 413
                 await self._send_error(send, 413, str(exc), id_header)
+        except _BodyTooSlow as exc:
+            if not started:
+                status = 408
+                await self._send_error(send, 408, str(exc), id_header)
         except Exception:
             log.exception("unhandled error while serving %s", scope.get("path"))
             if not started:
@@ -136,11 +144,23 @@ class RequestContextMiddleware:
 
     def _limited(self, receive: Receive) -> Receive:
         seen = 0
+        body_done = False
 
         async def wrapped() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done or self.body_timeout is None:
+                # After the body, receive() waits for a disconnect for as long as a stream
+                # lasts: only the body's pieces are timed.
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout)
+                except asyncio.TimeoutError:
+                    raise _BodyTooSlow(
+                        f"the request body stalled for over {self.body_timeout:g}s"
+                    ) from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
                     raise _BodyTooLarge(f"request body is over the {self.max_body_bytes} limit")
@@ -152,8 +172,8 @@ class RequestContextMiddleware:
     async def _send_error(
         send: Send, status: int, message: str, id_header: tuple[bytes, bytes]
     ) -> None:
-        code = "body_too_large" if status == 413 else "internal_error"
-        kind = "invalid_request_error" if status == 413 else "internal_error"
+        code = {413: "body_too_large", 408: "body_timeout"}.get(status, "internal_error")
+        kind = "invalid_request_error" if status in (408, 413) else "internal_error"
         body = json.dumps(envelope(message, kind, code)).encode()
         await send(
             {
@@ -188,5 +208,11 @@ class RequestContextMiddleware:
         log.info("%s %s %d", scope.get("method"), scope.get("path"), status, extra=fields)
 
 
-class _BodyTooLarge(Exception):
+# ApplianceErrors, so that a route reading the body answers them through the one error
+# mapping; the middleware answers them itself when they surface outside a route.
+class _BodyTooLarge(BodyTooLargeError):
     """The body grew past the limit while it was read."""
+
+
+class _BodyTooSlow(BodyTimeoutError):
+    """The client stopped sending its body part-way (a slow upload holding a connection)."""

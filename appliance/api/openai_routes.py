@@ -15,10 +15,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from appliance.api.auth import check_model_allowed, model_allowed
+from appliance.api.auth import (
+    Role,
+    caller_is_admin,
+    check_model_allowed,
+    model_allowed,
+    require_role,
+)
 from appliance.api.middleware import RequestInfo, request_info
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
 from appliance.errors import InvalidRequestError
@@ -44,6 +50,13 @@ _DOC_BODY = {
 }
 
 
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of a request body; far beyond any real request, well short of the
+recursion limits of the parsers and serialisers the body meets later."""
+MAX_MODEL_NAME_CHARS = 256
+_TOO_DEEP = f"the request body is nested deeper than {MAX_JSON_DEPTH} levels"
+
+
 async def read_json_object(request: Request) -> dict[str, Any]:
     """The request body as a JSON object; ``InvalidRequestError`` (400) otherwise."""
     raw = await request.body()
@@ -53,15 +66,36 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # nested past the parser's own limit
+        raise InvalidRequestError(_TOO_DEEP) from None
+    if _nested_deeper_than(body, MAX_JSON_DEPTH):
+        raise InvalidRequestError(_TOO_DEEP)
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     return body
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` has containers nested more than ``limit`` deep (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 def _model_of(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("'model' is required and must be a string", param="model")
+    if len(model) > MAX_MODEL_NAME_CHARS:
+        # Refused before the name reaches the access log, the metrics or an error message.
+        raise InvalidRequestError(
+            f"'model' is longer than {MAX_MODEL_NAME_CHARS} characters", param="model"
+        )
     return model
 
 
@@ -167,7 +201,7 @@ def build_openai_router(
     router: Router, metrics: Metrics, *, log_prompts: bool = False
 ) -> APIRouter:
     """The ``/v1`` routes, bound to ``router``; prompts reach the log only if ``log_prompts``."""
-    api = APIRouter(prefix="/v1", tags=["OpenAI"])
+    api = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_role(Role.USER))])
 
     async def serve(request: Request, endpoint: Endpoint) -> Response:
         info = request_info(request.scope)
@@ -242,7 +276,8 @@ def build_openai_router(
             if spec.is_local:
                 with contextlib.suppress(Exception):
                     entry["state"] = router.supervisor.get(spec.name).state.value
-            else:
+            elif caller_is_admin(request.scope):
+                # Where a backend lives is the operator's business, not a user key's.
                 entry["backend_url"] = spec.backend_url
             data.append(entry)
         return JSONResponse({"object": "list", "data": data})

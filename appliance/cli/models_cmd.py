@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import httpx
@@ -9,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from appliance.admin_key import find_admin_key
 
 models_app = typer.Typer(help="List, load and unload models on a running appliance.")
 out = Console()
@@ -21,7 +24,10 @@ URL_OPTION = typer.Option(
     help="The appliance's base URL (or set APPLIANCE_URL).",
 )
 KEY_OPTION = typer.Option(
-    None, "--api-key", envvar="APPLIANCE_ADMIN_KEY", help="Admin API key, if keys are on."
+    None,
+    "--api-key",
+    envvar="APPLIANCE_ADMIN_KEY",
+    help="Admin API key (else $APPLIANCE_ADMIN_KEY, else the file --generate-admin-key wrote).",
 )
 
 
@@ -29,6 +35,8 @@ class AdminClient:
     """A thin client of the admin API that turns failures into a message and exit code."""
 
     def __init__(self, url: str, api_key: str | None, timeout: float = 30.0) -> None:
+        """``api_key``: the flag's or APPLIANCE_ADMIN_KEY's; else the generated key file's."""
+        api_key = find_admin_key(api_key, os.environ)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self.url = url

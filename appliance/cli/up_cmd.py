@@ -55,6 +55,30 @@ def up(
     restart_backoff: float = typer.Option(
         2.0, help="Seconds before the first restart of a dead engine; doubles each try."
     ),
+    allow_anonymous: bool = typer.Option(
+        False,
+        "--allow-anonymous",
+        help="Serve /v1 without a key to anyone who can reach the port (default: loopback "
+        "only, or keys). The admin API still needs an admin key off loopback.",
+    ),
+    generate_admin_key: bool = typer.Option(
+        False,
+        "--generate-admin-key",
+        help="Use the admin key in ~/.config/appliance/admin-key (or $APPLIANCE_ADMIN_KEY_FILE),"
+        " made (mode 0600) if missing; the CLI finds it there.",
+    ),
+    allowed_hosts: list[str] | None = typer.Option(
+        None,
+        "--allowed-hosts",
+        help="A name the Host header may carry (repeatable; '*': any). Default: the names "
+        "and addresses of this box.",
+    ),
+    cors_origin: list[str] | None = typer.Option(
+        None, "--cors-origin", help="An origin whose web pages may call the API (repeatable)."
+    ),
+    max_connections: int = typer.Option(
+        1024, min=1, help="Open connections at most; beyond it new requests get 503."
+    ),
 ) -> None:
     """Start the appliance: every autoload model in the catalogue, behind one OpenAI API."""
     # vLLM reads these at import: no phoning home, and its log lines go through ours (JSON).
@@ -64,8 +88,9 @@ def up(
 
     import uvicorn
 
+    from appliance.admin_key import admin_key_file
     from appliance.api.app import create_app
-    from appliance.api.auth import load_auth_config
+    from appliance.api.auth import load_auth_config, with_generated_admin_key
     from appliance.logs import configure_logging
     from appliance.settings import Settings
     from appliance.supervisor.handle import SupervisorLimits
@@ -89,7 +114,17 @@ def up(
         options["cpu_memory_budget_gib"] = cpu_memory_gib
     configure_logging(log_level)
     try:
-        options["auth"] = load_auth_config(api_keys, os.environ)
+        auth = load_auth_config(api_keys, os.environ)
+        if allow_anonymous:
+            auth = auth.model_copy(update={"anonymous": True})
+        if generate_admin_key:
+            auth = with_generated_admin_key(auth, admin_key_file(os.environ))
+        options["auth"] = auth
+        options["max_connections"] = max_connections
+        if allowed_hosts:
+            options["allowed_hosts"] = allowed_hosts
+        if cors_origin:
+            options["cors_origins"] = cors_origin
         settings = Settings.model_validate(options)
         app = create_app(settings)
     except ConfigError as exc:
@@ -112,4 +147,6 @@ def up(
         # Clients on the LAN (the OpenAI SDK pools connections) reuse them between requests;
         # uvicorn's 5 s default closes idle ones so soon that a reuse can race the close.
         timeout_keep_alive=75,
+        # Past this many open connections uvicorn answers 503 at once instead of queueing.
+        limit_concurrency=settings.max_connections,
     )

@@ -223,8 +223,12 @@ def test_unknown_routes_need_a_key(call: Call) -> None:
 
 
 def test_public_routes_by_default(call: Call) -> None:
-    for path in ("/health", "/ready", "/metrics", "/docs", "/openapi.json", "/redoc"):
+    # Issue 13: health is public; /metrics and the docs follow the keys like any route.
+    for path in ("/health", "/ready"):
         assert call("GET", path).status_code == 200, path
+    for path in ("/metrics", "/docs", "/openapi.json", "/redoc"):
+        assert_error(call("GET", path), 401, "invalid_api_key")
+        assert call("GET", path, key=USER_KEY).status_code == 200, path
 
 
 def test_public_routes_are_configurable(make_call: Callable[[AuthConfig], Call]) -> None:
@@ -433,7 +437,7 @@ def test_load_env() -> None:
         ("env-user-2", Role.USER, LIMITED_KEY),
         ("env-admin-1", Role.ADMIN, ADMIN_KEY),
     ]
-    assert config.public == set(PublicRoute)
+    assert config.public == {PublicRoute.HEALTH}
     assert load_auth_config(None, {}).keys == []
 
 
