@@ -27,6 +27,7 @@ from appliance.api.auth import (
 )
 from appliance.api.middleware import RequestInfo, request_info
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
+from appliance.engines.remote import DETAIL_SCOPE
 from appliance.errors import InvalidRequestError
 from appliance.metrics import Metrics
 from appliance.router import Router
@@ -210,6 +211,8 @@ def build_openai_router(
         model = _model_of(body)
         info.model = model
         check_model_allowed(request.scope, model)
+        # Remote engines name their backend and quote its errors only to admins.
+        request.scope[DETAIL_SCOPE] = caller_is_admin(request.scope)
         if log_prompts:
             info.extra["prompt"] = _prompt_of(body)
         info.stream = bool(body.get("stream")) and endpoint is not Endpoint.EMBEDDINGS

@@ -23,12 +23,36 @@ class Endpoint(str, enum.Enum):
     EMBEDDINGS = "embeddings"
 
 
+MAX_TOKENS_COUNTED = 2**40  # far past any request; a larger count is a backend's garbage
+
+
 @dataclass(frozen=True)
 class Usage:
     """Token counts of one request, when known."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        # Counts may come from a remote backend (untrusted): anything but a sane count is 0,
+        # so that it cannot break a request, the metrics (counters refuse negatives) or usage.
+        for name in ("prompt_tokens", "completion_tokens"):
+            value = getattr(self, name)
+            if not _is_count(value):
+                object.__setattr__(self, name, 0)
+
+    @classmethod
+    def of(cls, usage: object) -> Usage | None:
+        """The counts of an OpenAI ``usage`` object; None when it is not an object."""
+        if not isinstance(usage, dict):
+            return None
+        return cls(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+
+
+def _is_count(value: object) -> bool:
+    return (
+        isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_TOKENS_COUNTED
+    )
 
 
 @dataclass

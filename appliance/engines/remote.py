@@ -54,6 +54,12 @@ class RemoteSettings:
     health_timeout: float = 2.0
     api_key_env: str | None = None  # env var holding the Bearer key sent to every backend
     api_key_envs: Mapping[str, str] = field(default_factory=dict)  # per model name, overrides
+    max_reply_bytes: int = 256 * 2**20  # a non-streamed answer larger than this is refused
+
+
+DETAIL_SCOPE = "appliance.backend_detail"
+"""ASGI scope key: False when the caller may not see backend URLs and upstream error text
+(a user key); the route sets it. Absent: shown (the caller is the operator's own code)."""
 
 
 def _usage(body: bytes) -> Usage | None:
@@ -66,9 +72,7 @@ def _usage(body: bytes) -> Usage | None:
         usage, _ = json.JSONDecoder().raw_decode(rest.decode("utf-8", "replace"))
     except ValueError:
         return None
-    if not isinstance(usage, dict):
-        return None
-    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    return Usage.of(usage)
 
 
 async def _shielded(work: Coroutine[Any, Any, None]) -> None:
@@ -104,8 +108,11 @@ class _Relay:
     never started, which a generator's ``aclose`` would skip.
     """
 
-    def __init__(self, engine: RemoteEngine, response: httpx.Response, call: _Call) -> None:
+    def __init__(
+        self, engine: RemoteEngine, response: httpx.Response, call: _Call, detail: bool
+    ) -> None:
         self._engine = engine
+        self._detail = detail
         self._response = response
         self._raw = response.aiter_raw()
         self._call = call
@@ -125,8 +132,8 @@ class _Relay:
             except httpx.HTTPError as exc:
                 # The upstream died mid-stream: the client already has a 200 and some events,
                 # so the end is an SSE error event, as vLLM itself ends a failed stream.
-                error = self._engine._map(exc)
-                await self._finish(False, error.message)
+                error = self._engine._map(exc, self._detail)
+                await self._finish(False, self._engine._map(exc).message)
                 event = json.dumps(envelope(error.message, error.error_type, error.code))
                 lead = b"" if self._tail == b"\n\n" else b"\n\n"
                 return lead + b"data: " + event.encode() + b"\n\n"
@@ -228,12 +235,13 @@ class RemoteEngine:
 
     async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Reply:
         """Forward one request; a stream is committed only once the upstream answered 2xx/3xx."""
+        detail = bool(request.scope.get(DETAIL_SCOPE, True))
         wait = self.breaker.admit()
         if wait is not None:
+            last = f" (last: {self.last_error})" if detail else ""
             raise BackendUnavailableError(
-                f"model {self.spec.name!r}: backend {self.url} is unavailable after "
-                f"{self.breaker.failures} consecutive failures (last: {self.last_error}); "
-                f"retry in {wait:.1f}s",
+                f"{self._where(detail)} is unavailable after "
+                f"{self.breaker.failures} consecutive failures{last}; retry in {wait:.1f}s",
                 retry_after=wait,
             )
         stream = endpoint is not Endpoint.EMBEDDINGS and bool(body.get("stream"))
@@ -247,48 +255,76 @@ class RemoteEngine:
             )
             if stream and response.status_code < 400:
                 streaming = True
-                return StreamReply(chunks=_Relay(self, response, call))
-            raw = await asyncio.wait_for(response.aread(), max(0.0, deadline - time.monotonic()))
+                return StreamReply(chunks=_Relay(self, response, call, detail))
+            raw = await asyncio.wait_for(
+                self._read_capped(response), max(0.0, deadline - time.monotonic())
+            )
         except (httpx.HTTPError, asyncio.TimeoutError) as exc:
-            error = self._map(exc)
             # A full local pool says nothing about the backend's health.
-            call.settle(None if isinstance(exc, httpx.PoolTimeout) else False, error.message)
-            raise error from exc
+            ok = None if isinstance(exc, httpx.PoolTimeout) else False
+            call.settle(ok, self._map(exc).message)
+            raise self._map(exc, detail) from exc
+        except BackendError as exc:  # the reply was too large
+            call.settle(False, exc.message)
+            raise BackendError(
+                f"{self._where(detail)} answered more than {self._settings.max_reply_bytes} bytes"
+            ) from None
         except BaseException:
             call.settle(None)
             raise
         finally:
             if response is not None and not streaming:
                 await _shielded(response.aclose())
-        return self._json_reply(response, raw, call)
+        return self._json_reply(response, raw, call, detail)
 
-    def _json_reply(self, response: httpx.Response, raw: bytes, call: _Call) -> JSONReply:
+    async def _read_capped(self, response: httpx.Response) -> bytes:
+        """The whole answer, or ``BackendError`` once it passes ``max_reply_bytes``."""
+        body = bytearray()
+        # Decoded bytes: a compressed answer is capped at the size it unpacks to.
+        async for chunk in response.aiter_bytes():
+            body.extend(chunk)
+            if len(body) > self._settings.max_reply_bytes:
+                raise BackendError(f"{self._where(True)} answered too much")
+        return bytes(body)
+
+    def _where(self, detail: bool = True) -> str:
+        """How messages name the backend: its URL only for those who may see it."""
+        if detail:
+            return f"model {self.spec.name!r}: backend {self.url}"
+        return f"model {self.spec.name!r}: its backend"
+
+    def _json_reply(
+        self, response: httpx.Response, raw: bytes, call: _Call, detail: bool = True
+    ) -> JSONReply:
         status = response.status_code
         retry_after = response.headers.get("retry-after")
         headers = {"Retry-After": retry_after} if retry_after else {}
         if status >= 400:
             call.settle(status < 500, f"HTTP {status}")
-            return JSONReply(*self._error(status, raw), headers=headers)
+            return JSONReply(*self._error(status, raw, detail), headers=headers)
         if not raw.lstrip().startswith(b"{"):
-            message = f"model {self.spec.name!r}: backend {self.url} answered non-JSON ({status})"
-            call.settle(False, message)
-            raise BackendError(message)
+            call.settle(False, f"{self._where()} answered non-JSON ({status})")
+            raise BackendError(f"{self._where(detail)} answered non-JSON ({status})")
         call.settle(True)
         return JSONReply(status, raw, usage=_usage(raw), headers=headers)
 
-    def _error(self, status: int, raw: bytes) -> tuple[int, bytes]:
-        """An upstream error as it is if already an OpenAI envelope; else wrapped in one.
+    def _error(self, status: int, raw: bytes, detail: bool = True) -> tuple[int, bytes]:
+        """An upstream error as an OpenAI envelope, rebuilt (never the upstream's bytes).
 
-        Wrapped, a 4xx keeps its status (the request was at fault) and a 5xx becomes 502 (the
-        backend was); an envelope keeps its status too, so a remote appliance's 503 with
-        Retry-After reaches the client as such.
+        An upstream envelope keeps its fields (strings only, the message shortened) and its
+        status, so a remote appliance's 503 with Retry-After reaches the client as such.
+        Anything else is wrapped: a 4xx keeps its status (the request was at fault) and a 5xx
+        becomes 502 (the backend was); its text, cleaned and shortened, is shown only to
+        callers who may see the backend (``DETAIL_SCOPE``).
         """
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):
             parsed = json.loads(raw)
-            if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-                return status, raw
-        text = raw.decode("utf-8", "replace").strip()[:300] or "no body"
-        message = f"model {self.spec.name!r}: backend {self.url} answered {status}: {text}"
+            error = parsed.get("error") if isinstance(parsed, dict) else None
+            if isinstance(error, dict):
+                return status, json.dumps(_clean_envelope(error, status)).encode()
+        text = _printable(raw.decode("utf-8", "replace"), 300) or "no body"
+        where = self._where(detail)
+        message = f"{where} answered {status}: {text}" if detail else f"{where} answered {status}"
         if status < 500:
             return status, json.dumps(envelope(message, "invalid_request_error", status)).encode()
         return 502, json.dumps(envelope(message, "backend_error", "backend_error")).encode()
@@ -339,9 +375,18 @@ class RemoteEngine:
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
-    def _map(self, exc: BaseException) -> BackendError:
-        """An httpx failure as the appliance's backend error, naming the model and URL."""
-        where = f"model {self.spec.name!r}: backend {self.url}"
+    def _map(self, exc: BaseException, detail: bool = True) -> BackendError:
+        """An httpx failure as the appliance's backend error, naming the model and (with
+        ``detail``) the URL and the failure."""
+        error = self._map_detailed(exc)
+        if detail:
+            return error
+        # The same class (so the same status), without the URL and the failure's text.
+        said = {BackendTimeoutError: "did not answer in time", BackendError: "failed"}
+        return type(error)(f"{self._where(False)} {said.get(type(error), 'cannot be reached')}")
+
+    def _map_detailed(self, exc: BaseException) -> BackendError:
+        where = self._where()
         if isinstance(exc, httpx.ConnectTimeout):
             return BackendUnavailableError(f"{where} did not accept a connection in time")
         if isinstance(exc, httpx.ConnectError):
@@ -380,16 +425,12 @@ class RemoteEngine:
         headers = self._headers(None)
         timeout = self._settings.health_timeout
         try:
-            response = await self._client.get(
-                f"{self.url}{self._health_path}", headers=headers, timeout=timeout
-            )
-            if response.status_code in (404, 405) and self._health_path == "/health":
+            status = await self._health_status(self._health_path, headers, timeout)
+            if status in (404, 405) and self._health_path == "/health":
                 self._health_path = "/v1/models"  # TGI and vLLM have /health; others may not
-                response = await self._client.get(
-                    f"{self.url}/v1/models", headers=headers, timeout=timeout
-                )
-            ok = response.status_code < 500
-            error = None if ok else f"health check: HTTP {response.status_code}"
+                status = await self._health_status(self._health_path, headers, timeout)
+            ok = status < 500
+            error = None if ok else f"health check: HTTP {status}"
         except httpx.HTTPError as exc:
             ok, error = False, f"health check: {self._map(exc).message}"
         self._healthy = ok
@@ -403,6 +444,15 @@ class RemoteEngine:
             self.breaker.record_failure()
         return ok
 
+    async def _health_status(self, path: str, headers: dict[str, str], timeout: float) -> int:
+        """The status of one health request; its body is never read (it may be anything)."""
+        request = self._client.build_request(
+            "GET", f"{self.url}{path}", headers=headers, timeout=timeout
+        )
+        response = await self._client.send(request, stream=True)
+        await response.aclose()
+        return response.status_code
+
     async def _health_loop(self) -> None:
         assert self._settings.health_interval is not None
         while True:
@@ -411,6 +461,27 @@ class RemoteEngine:
             except Exception:  # a bug here must not end the checks for good
                 log.exception("health check of %s failed", self.url)
             await asyncio.sleep(self._settings.health_interval)
+
+
+def _printable(text: str, limit: int) -> str:
+    """``text`` without control characters, at most ``limit`` characters."""
+    cleaned = "".join(c if c.isprintable() else " " for c in text[: limit * 2]).strip()
+    return cleaned[:limit] + ("..." if len(cleaned) > limit else "")
+
+
+def _clean_envelope(error: dict[str, Any], status: int) -> dict[str, Any]:
+    """An upstream's error envelope rebuilt from its fields, each checked and shortened."""
+
+    def text(value: Any, limit: int) -> str | None:
+        return _printable(value, limit) if isinstance(value, str) else None
+
+    code = error.get("code")
+    return envelope(
+        text(error.get("message"), 1000) or f"the backend answered {status}",
+        text(error.get("type"), 64) or "backend_error",
+        code if isinstance(code, int) and not isinstance(code, bool) else text(code, 64),
+        text(error.get("param"), 128),
+    )
 
 
 class RemoteBackends:

@@ -1,0 +1,114 @@
+"""A remote backend is untrusted: its garbage usage, error bodies and sizes cannot hurt.
+
+The backend is an httpx mock transport answering what each test sets; the requests come as
+a route passes them, with or without the caller's right to see backend details.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from starlette.requests import Request as StarletteRequest
+
+from appliance.catalogue.schema import ModelSpec
+from appliance.engines.base import Endpoint, JSONReply, Usage
+from appliance.engines.remote import DETAIL_SCOPE, RemoteEngine, RemoteSettings
+from appliance.errors import BackendError
+
+pytestmark = pytest.mark.anyio
+URL = "http://10.1.2.3:8000"
+SETTINGS = RemoteSettings(health_interval=None, connect_retries=0, max_reply_bytes=4096)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def request(detail: bool | None) -> StarletteRequest:
+    scope: dict[str, Any] = {"type": "http", "method": "POST", "path": "/", "headers": []}
+    if detail is not None:
+        scope[DETAIL_SCOPE] = detail
+    return StarletteRequest(scope)
+
+
+async def answer(
+    handler: Callable[[httpx.Request], httpx.Response], detail: bool | None = None
+) -> JSONReply:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        engine = RemoteEngine(ModelSpec(name="r", backend_url=URL), client, SETTINGS)
+        reply = await engine.handle(Endpoint.CHAT, {"model": "r"}, request(detail))
+    assert isinstance(reply, JSONReply)
+    return reply
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": "many", "completion_tokens": [1]},
+        {"prompt_tokens": -5, "completion_tokens": 1e300},
+        {"prompt_tokens": True, "completion_tokens": None},
+        {"prompt_tokens": 10**30},
+        [1, 2],
+        "usage",
+        None,
+    ],
+)
+async def test_garbage_usage_neither_breaks_the_request_nor_counts(usage: Any) -> None:
+    body = json.dumps({"choices": [], "usage": usage}).encode()
+    reply = await answer(lambda _: httpx.Response(200, content=body))
+    assert reply.status_code == 200 and reply.body == body
+    assert reply.usage in (None, Usage(0, 0))
+
+
+def test_usage_keeps_sane_counts() -> None:
+    assert Usage.of({"prompt_tokens": 3, "completion_tokens": 4}) == Usage(3, 4)
+    assert Usage(-1, 2) == Usage(0, 2)
+
+
+async def test_upstream_error_text_is_not_shown_to_users() -> None:
+    secret = "Traceback: /srv/internal/secret.py line 3 password=hunter2"
+    reply = await answer(lambda _: httpx.Response(500, text=secret), detail=False)
+    error = json.loads(reply.body)["error"]
+    assert reply.status_code == 502
+    assert "hunter2" not in reply.body.decode() and URL not in reply.body.decode()
+    assert error["message"] == "model 'r': its backend answered 500"
+
+
+async def test_upstream_error_text_reaches_admins_cleaned() -> None:
+    reply = await answer(lambda _: httpx.Response(500, text="boom\x1b[31m\x00"), detail=True)
+    message = json.loads(reply.body)["error"]["message"]
+    assert URL in message and "boom" in message and "\x1b" not in message
+
+
+async def test_an_upstream_envelope_is_rebuilt_not_passed_through() -> None:
+    upstream = {
+        "error": {"message": "x" * 3000 + "\x07", "type": ["odd"], "code": 7, "param": None},
+        "extra": "<script>",
+    }
+    reply = await answer(lambda _: httpx.Response(503, json=upstream), detail=False)
+    body = json.loads(reply.body)
+    assert reply.status_code == 503 and set(body) == {"error"}
+    error = body["error"]
+    assert len(error["message"]) <= 1003 and "\x07" not in error["message"]
+    assert error["type"] == "backend_error" and error["code"] == 7
+
+
+async def test_a_reply_over_the_cap_is_refused() -> None:
+    huge = b'{"data": "' + b"x" * 10_000 + b'"}'
+    with pytest.raises(BackendError, match="more than 4096 bytes") as caught:
+        await answer(lambda _: httpx.Response(200, content=huge), detail=False)
+    assert URL not in caught.value.message
+
+
+async def test_connection_failures_do_not_name_the_backend_to_users() -> None:
+    def refuse(_: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connect to 10.1.2.3:8000 refused")
+
+    with pytest.raises(BackendError) as caught:
+        await answer(refuse, detail=False)
+    assert caught.value.status_code == 503 and "10.1.2.3" not in caught.value.message
