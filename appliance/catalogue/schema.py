@@ -17,6 +17,32 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
+# Engine settings the appliance derives from the entry itself; setting them in ``engine:``
+# would silently override placement (vLLM would take more memory, or other GPUs, than placed).
+RESERVED_ENGINE_KEYS: dict[str, str] = {
+    "model": "is set by the appliance from source",
+    "served_model_name": "is set by the appliance from name",
+    "tensor_parallel_size": "is set by the appliance from resources.tensor_parallel_size",
+    "runner": "is set by the appliance from task",
+    "gpu_memory_utilization": (
+        "is set by placement from resources.memory_gib or resources.memory_share"
+    ),
+    "kv_cache_memory_bytes": (
+        "would size the KV cache outside placement's budget; give resources.memory_gib instead"
+    ),
+    "device_ids": "is set by placement; pin GPUs with resources.devices",
+}
+# Engine settings that would make vLLM use more GPUs than placement gives it; 1 is allowed.
+SINGLE_ENGINE_KEYS: dict[str, str] = {
+    "pipeline_parallel_size": (
+        "placement gives an engine resources.tensor_parallel_size GPUs; use tensor parallelism"
+    ),
+    "data_parallel_size": "run several entries (or replicas behind a backend_url) instead",
+    "data_parallel_size_local": "run several entries (or replicas behind a backend_url) instead",
+    "decode_context_parallel_size": "placement does not account for context parallelism",
+    "prefill_context_parallel_size": "placement does not account for context parallelism",
+}
+
 
 class Task(str, enum.Enum):
     """What a model does."""
@@ -139,12 +165,20 @@ class ModelSpec(BaseModel):
     @field_validator("engine")
     @classmethod
     def _check_engine_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        reserved = {"model", "served_model_name", "tensor_parallel_size", "runner"}
-        clash = sorted(reserved & {k.replace("-", "_") for k in value})
-        if clash:
+        keys = {k.replace("-", "_"): v for k, v in value.items()}
+        for key, why in RESERVED_ENGINE_KEYS.items():
+            if key in keys:
+                raise ValueError(f"engine setting {key!r} {why}; remove it from engine")
+        for key, why in SINGLE_ENGINE_KEYS.items():
+            if key in keys and keys[key] not in (None, 1, "1"):
+                raise ValueError(f"engine setting {key!r} is not supported: {why}")
+        backend = keys.get("distributed_executor_backend")
+        if backend is not None and backend not in ("mp", "uni"):
             raise ValueError(
-                f"{', '.join(clash)} is set by the appliance from the entry itself "
-                "(source, name, resources, task); remove it from engine"
+                f"engine setting distributed_executor_backend={backend!r} is not supported: "
+                "with it the engine chooses its GPUs itself (Ray placement groups) and the "
+                "appliance's placement cannot account for them; use 'mp' (the default), or "
+                "serve such a model with its own `vllm serve` and name it by backend_url"
             )
         return value
 
@@ -197,10 +231,46 @@ class RegistryTrust(BaseModel):
     )
 
 
+class Packing(str, enum.Enum):
+    """How placement chooses among the GPUs a model fits on."""
+
+    SPREAD = "spread"  # the emptiest GPUs first: a GPU per model while there are empty ones
+    PACK = "pack"  # the tightest fit first: keeps whole GPUs free for big models
+
+
+class PlacementSettings(BaseModel):
+    """How models are put on GPUs (``placement:`` in ``models.yaml``); read at start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    packing: Packing = Field(Packing.SPREAD, description="spread (default) or pack.")
+    gpu_headroom_gib: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "GiB one engine takes on each of its GPUs outside its vLLM budget (its CUDA "
+            "context), which vLLM measures only after creating it."
+        ),
+    )
+    tp_headroom_gib: float = Field(
+        0.5, ge=0, description="More GiB per GPU for an engine spanning several (NCCL)."
+    )
+    sleep_host_budget_gib: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Host RAM that level-1 sleeping models may fill with their weights "
+            "(default: a quarter of the host's memory)."
+        ),
+    )
+
+
 class CatalogueFile(BaseModel):
     """The whole ``models.yaml``."""
 
     model_config = ConfigDict(extra="forbid")
+
+    placement: PlacementSettings = Field(default_factory=PlacementSettings)
 
     registry_url: str | None = Field(
         None, description="Model registry service; models.yaml is the fallback when it is down."

@@ -10,6 +10,7 @@ from appliance.catalogue.schema import ModelSpec
 from appliance.errors import InsufficientResourcesError
 from appliance.supervisor.inventory import Device, DeviceKind, Inventory, cpu_inventory
 from appliance.supervisor.placement import (
+    EXACT_PACK,
     Allocation,
     Demand,
     PlacementError,
@@ -33,7 +34,15 @@ def put(
     inventory: Inventory, allocations: Sequence[Allocation], model: str, **demand: object
 ) -> Allocation:
     """Place a model and return its allocation (the tests chain these)."""
-    return place(Demand(model, **demand), inventory, allocations, default_share=SHARE)  # type: ignore[arg-type]
+    # Exact arithmetic and best fit: these tests pin down the packing rules themselves; the
+    # headroom and spreading vLLM needs on a GPU are tested in test_gpu_placement.py.
+    return place(
+        Demand(model, **demand),  # type: ignore[arg-type]
+        inventory,
+        allocations,
+        default_share=SHARE,
+        policy=EXACT_PACK,
+    )
 
 
 def taken(model: str, devices: tuple[int, ...], gib: float, total: float) -> Allocation:
@@ -271,6 +280,7 @@ def evict(
         allocations,
         evictable,
         default_share=SHARE,
+        policy=EXACT_PACK,
     )
 
 
