@@ -32,7 +32,8 @@ from appliance.errors import ConfigError
 from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.settings import Settings
-from appliance.supervisor.inventory import DeviceKind, detect_inventory, gpu_memory_used
+from appliance.supervisor.inventory import DeviceKind, GpuMonitor, detect_inventory
+from appliance.supervisor.placement import PlacementPolicy
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
 from appliance.usage.ledger import UsageLedger
@@ -63,30 +64,54 @@ def registry_read_token(
     return SecretStr(value) if value else None
 
 
+def _sleep_host_budget_gib(configured: float | None) -> float:
+    """Host RAM that level-1 sleeping models may fill: as configured, else a quarter of RAM."""
+    if configured is not None:
+        return configured
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0.0
+    return total / 2**30 / 4
+
+
 class Appliance:
     """Everything behind the HTTP edge."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         config = load_catalogue_file(settings.config_path)
+        # The operator's environment, before the engine factory sets what vLLM must read.
+        environ = dict(os.environ)
         self.engines = EngineFactory(
             base_dir=settings.config_path.resolve().parent,
             cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
         )
         for spec in config.models:
             self.engines.validate(spec)
-        self.inventory = detect_inventory(settings.cpu_memory_budget_gib)
+        self.inventory = detect_inventory(
+            settings.cpu_memory_budget_gib, environ=environ, cuda_build=self.engines.cuda_build
+        )
+        self.gpus = GpuMonitor()
+        on_gpu = self.inventory.kind is DeviceKind.GPU
         self.catalogue = Catalogue(config.models, CatalogueSource.FILE)
         self.metrics = Metrics(
             catalogue=self.catalogue,
             registry_status=self.registry_status,
             remote_status=self.remote_up,
             # Without GPUs there is nothing to read: skip NVML at every scrape.
-            gpu_memory=gpu_memory_used if self.inventory.kind is DeviceKind.GPU else list,
+            gpu_memory=self.gpus.read if on_gpu else list,
         )
         self.supervisor = Supervisor(
-            self.inventory, self.engines, limits=settings.limits, observer=self.metrics
+            self.inventory,
+            self.engines,
+            limits=settings.limits,
+            observer=self.metrics,
+            policy=PlacementPolicy.from_settings(config.placement),
+            free_memory=self.gpus.free_gib if on_gpu else None,
+            sleep_host_budget_gib=_sleep_host_budget_gib(config.placement.sleep_host_budget_gib),
         )
+        self.supervisor.check_placement(config.models)
         self.metrics.bind(supervisor=self.supervisor)
         self.usage = UsageLedger(
             UsageStore(settings.usage_db_path()),
@@ -130,6 +155,7 @@ class Appliance:
             await self.registry.stop()
         await self.supervisor.shutdown()
         await self.remotes.close()
+        self.gpus.close()
         await self.usage.stop()
 
     async def _admitted(self, specs: Sequence[ModelSpec]) -> list[ModelSpec]:
@@ -188,6 +214,7 @@ class Appliance:
         config = load_catalogue_file(self.settings.config_path)
         for spec in config.models:
             self.engines.validate(spec)
+        self.supervisor.check_placement(config.models)
         if self.registry is not None:
             self.registry_gate = RegistryGate(config.registry_trust)
             self.registry.replace_fallback(config.models)

@@ -119,3 +119,7 @@ class Engine(Protocol):
     def stats(self) -> EngineStats:
         """The engine's current load."""
         ...
+
+    def weights_gib(self) -> float | None:
+        """Size of the model's weights, for host memory used in sleep; None when unknown."""
+        ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -88,11 +89,20 @@ class EngineFactory:
     """Checks entries and makes engines for them; the supervisor calls nothing else of vLLM."""
 
     def __init__(self, *, base_dir: Path | None = None, cpu_kv_cache_gib: int = 1) -> None:
-        from appliance.engines.vllm_engine import EngineArgsBuilder
+        from appliance.engines.vllm_engine import EngineArgsBuilder, prepare_process_environment
 
+        # Before anything imports vLLM: it reads these once, at import or first engine.
+        prepare_process_environment(os.environ)
         self._base_dir = base_dir
         self._cpu_kv_cache_gib = cpu_kv_cache_gib
         self._args = EngineArgsBuilder()
+
+    @property
+    def cuda_build(self) -> bool:
+        """Whether the installed vLLM is the CUDA build (then a host without GPUs is an error)."""
+        from appliance.engines.vllm_engine import vllm_build
+
+        return vllm_build() == "cuda"
 
     def validate(self, spec: ModelSpec) -> None:
         """Raise ``ConfigError`` naming the model and field if ``spec`` cannot be served."""

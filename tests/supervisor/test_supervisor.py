@@ -71,6 +71,9 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         return EngineStats()
 
+    def weights_gib(self) -> float | None:
+        return 1.0
+
 
 class FakeMaker:
     """Makes FakeEngines; remembers them."""
