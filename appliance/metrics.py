@@ -213,7 +213,24 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE_LATEST
+
+
+class _WithoutCreated(Collector):
+    """``registry`` less the ``_created`` series, which double every counter's output and
+    which Prometheus does not need (the process start time says as much). Filtered here rather
+    than with ``disable_created_metrics()``, which would change every registry in the process."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        """Each family of the registry, without its ``_created`` samples."""
+        for family in self._registry.collect():
+            created = family.name + "_created"
+            if any(sample.name == created for sample in family.samples):
+                family.samples = [s for s in family.samples if s.name != created]
+            yield family
 
 
 class _ScrapeCollector(Collector):

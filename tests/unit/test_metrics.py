@@ -484,3 +484,15 @@ def test_dashboard_covers_the_promised_panels() -> None:
         "gpu memory",
     ):
         assert words in titles, words
+
+
+def test_no_created_series(make_metrics: Callable[..., Metrics]) -> None:
+    """Counters and histograms come without their ``_created`` twins (issue 15)."""
+    metrics = make_metrics()
+    metrics.on_request_done(request("llama", usage=Usage(3, 4)), 200, 0.2)
+    metrics.on_load("llama", 12.0)
+    body, _ = metrics.render()
+    text = body.decode()
+    assert "appliance_requests_total{" in text
+    assert "appliance_model_load_duration_seconds_count{" in text
+    assert "_created" not in text
