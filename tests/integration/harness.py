@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,15 @@ def wait_until_ok(
             pass
         time.sleep(0.25)
     raise TimeoutError(f"{url}: not ready after {deadline}s:\n{log_tail(log)}")
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError(f"not true after {timeout}s: {what}")
+        time.sleep(0.1)
 
 
 def child_pids(pid: int) -> set[int]:

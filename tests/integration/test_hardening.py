@@ -32,6 +32,7 @@ USER = "sk-user-0123456789"
 ADMIN = "sk-admin-0123456789"
 LIMITED = "sk-limited-0123456789"
 MODEL = "tiny-chat"
+JSON = {"Content-Type": "application/json"}  # POST bodies must say so (issue 13)
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +246,7 @@ def test_fuzz_never_5xx(
     def check(body: Any) -> None:
         if isinstance(body, dict) and isinstance(body.get("max_tokens"), int):
             body["max_tokens"] = min(body["max_tokens"], 8)  # keep each case fast
-        response = http.post(path, content=json.dumps(body))
+        response = http.post(path, content=json.dumps(body), headers=JSON)
         assert response.status_code < 500, (body, response.text)
         if response.status_code >= 400:
             assert "message" in response.json()["error"]
@@ -328,7 +329,9 @@ def test_bounded_soak(appliance: ApplianceProcess) -> None:
             ok = usage is not None and usage["completion_tokens"] == tokens
             return "ok" if ok else f"bad-stream:{events[-2:]}"
         if kind == "bad":
-            r = await client.post("/v1/completions", content=b'{"model": "tiny-chat", "prompt": ')
+            r = await client.post(
+                "/v1/completions", content=b'{"model": "tiny-chat", "prompt": ', headers=JSON
+            )
             return "ok" if r.status_code == 400 else f"bad-bad:{r.status_code}"
         r = await client.post("/v1/completions", json={**body, "model": "missing"})
         return "ok" if r.status_code == 404 else f"bad-unknown:{r.status_code}"
