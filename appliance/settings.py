@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance.api.auth import AuthConfig
 from appliance.engines.remote import RemoteSettings
 from appliance.supervisor.handle import SupervisorLimits
+from appliance.usage.quotas import QuotaConfig
 
 
 def _default_cpu_budget_gib() -> float:
@@ -65,3 +66,11 @@ class Settings(BaseModel):
     limits: SupervisorLimits = Field(default_factory=SupervisorLimits)
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    usage_db: Path | None = Field(
+        None, description="SQLite file of per-key usage; default: usage.db beside the catalogue."
+    )
+    quotas: QuotaConfig = Field(default_factory=QuotaConfig)
+
+    def usage_db_path(self) -> Path:
+        """Where per-key usage is kept."""
+        return self.usage_db or self.config_path.resolve().parent / "usage.db"

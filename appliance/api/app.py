@@ -20,8 +20,10 @@ from appliance.api.error_handlers import register_error_handlers
 from appliance.api.health_routes import build_health_router
 from appliance.api.metrics_routes import build_metrics_router
 from appliance.api.middleware import RequestContextMiddleware
+from appliance.api.observers import RequestObservers
 from appliance.api.openai_routes import build_openai_router
 from appliance.api.peer import local_host_names
+from appliance.api.usage_routes import build_usage_router
 from appliance.appliance import Appliance
 from appliance.errors import ApplianceError
 from appliance.settings import Settings
@@ -85,9 +87,15 @@ def create_app(settings: Settings, appliance: Appliance | None = None) -> FastAP
     register_error_handlers(app)
     app.include_router(build_health_router(core.supervisor))
     app.include_router(
-        build_openai_router(core.router, core.metrics, log_prompts=settings.log_prompts)
+        build_openai_router(
+            core.router,
+            core.metrics,
+            log_prompts=settings.log_prompts,
+            check_quota=core.usage.check_quota,
+        )
     )
     app.include_router(build_admin_router(core))
+    app.include_router(build_usage_router(core.usage))
     app.include_router(build_metrics_router(core.metrics))
     # Added first, so it runs inside the request-context middleware (ids and access log).
     app.add_middleware(AuthMiddleware, config=settings.auth)
@@ -109,6 +117,6 @@ def create_app(settings: Settings, appliance: Appliance | None = None) -> FastAP
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
         body_timeout=settings.body_timeout_seconds,
-        observer=core.metrics,
+        observer=RequestObservers([core.metrics, core.usage]),
     )
     return app

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from appliance.api.auth import (
+    KEY_SCOPE,
     Role,
     caller_is_admin,
     check_model_allowed,
@@ -26,6 +27,7 @@ from appliance.api.auth import (
     require_role,
 )
 from appliance.api.middleware import RequestInfo, request_info
+from appliance.api.stream_usage import USAGE_MARK, ask_for_usage, hide_usage, usage_of_event
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
 from appliance.engines.remote import DETAIL_SCOPE
 from appliance.errors import InvalidRequestError
@@ -33,7 +35,6 @@ from appliance.metrics import Metrics
 from appliance.router import Router
 
 CLIENT_CLOSED_REQUEST = 499
-_USAGE_MARK = b'"usage":{'
 _DOC_BODY = {
     "requestBody": {
         "required": True,
@@ -125,21 +126,31 @@ async def _until_disconnect(coro: Any, request: Request) -> Reply | None:
 
 
 async def _watch_stream(
-    chunks: AsyncIterator[bytes], info: RequestInfo, metrics: Metrics
+    chunks: AsyncIterator[bytes], info: RequestInfo, metrics: Metrics, *, hidden_usage: bool
 ) -> AsyncIterator[bytes]:
-    """Pass chunks through untouched; time them and note the usage on the way."""
+    """Pass chunks through; time them and note the usage on the way. With ``hidden_usage``
+    the usage event the client did not ask for is read, then taken out (``stream_usage``)."""
     model = info.model or ""
     last: float | None = None
-    async for chunk in chunks:
-        now = time.perf_counter()
-        if last is None:
-            info.first_token_at = now
-        else:
-            metrics.observe_inter_token(model, now - last)
-        last = now
-        if _USAGE_MARK in chunk:
-            info.usage = _usage_of_event(chunk) or info.usage
-        yield chunk
+
+    def note(usage: Usage) -> None:
+        info.usage = usage
+
+    source = hide_usage(chunks, note) if hidden_usage else chunks
+    try:
+        async for chunk in source:
+            now = time.perf_counter()
+            if last is None:
+                info.first_token_at = now
+            else:
+                metrics.observe_inter_token(model, now - last)
+            last = now
+            if not hidden_usage and USAGE_MARK in chunk:
+                info.usage = usage_of_event(chunk) or info.usage
+            yield chunk
+    finally:
+        if source is not chunks:
+            await source.aclose()  # type: ignore[attr-defined]
 
 
 class _ReleasingStream(StreamingResponse):
@@ -174,18 +185,6 @@ class _ReleasingStream(StreamingResponse):
                 await self._release.aclose()
 
 
-def _usage_of_event(chunk: bytes) -> Usage | None:
-    for line in chunk.splitlines():
-        if line.startswith(b"data: {"):
-            try:
-                usage = json.loads(line[6:]).get("usage")
-            except ValueError:
-                return None
-            if usage:
-                return Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-    return None
-
-
 PROMPT_LOG_CHARS = 500
 
 
@@ -198,10 +197,18 @@ def _prompt_of(body: dict[str, Any]) -> str:
     return ""
 
 
+QuotaCheck = Callable[[str | None], None]
+
+
 def build_openai_router(
-    router: Router, metrics: Metrics, *, log_prompts: bool = False
+    router: Router,
+    metrics: Metrics,
+    *,
+    log_prompts: bool = False,
+    check_quota: QuotaCheck | None = None,
 ) -> APIRouter:
-    """The ``/v1`` routes, bound to ``router``; prompts reach the log only if ``log_prompts``."""
+    """The ``/v1`` routes, bound to ``router``; prompts reach the log only if ``log_prompts``;
+    ``check_quota`` is given the caller's key name and raises if it is over its quota."""
     api = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_role(Role.USER))])
 
     async def serve(request: Request, endpoint: Endpoint) -> Response:
@@ -213,9 +220,14 @@ def build_openai_router(
         check_model_allowed(request.scope, model)
         # Remote engines name their backend and quote its errors only to admins.
         request.scope[DETAIL_SCOPE] = caller_is_admin(request.scope)
+        if check_quota is not None:
+            identity = request.scope.get(KEY_SCOPE)
+            check_quota(identity.name if identity is not None else None)
         if log_prompts:
             info.extra["prompt"] = _prompt_of(body)
         info.stream = bool(body.get("stream")) and endpoint is not Endpoint.EMBEDDINGS
+        # Usage is needed for per-key accounting even when the client did not ask for it.
+        hidden_usage = info.stream and ask_for_usage(body)
         release = contextlib.AsyncExitStack()
         try:
             asked = time.perf_counter()
@@ -240,7 +252,7 @@ def build_openai_router(
             )
         assert isinstance(reply, StreamReply)
         return _ReleasingStream(
-            _watch_stream(reply.chunks, info, metrics),
+            _watch_stream(reply.chunks, info, metrics, hidden_usage=hidden_usage),
             reply.chunks,
             release,
             headers={"Cache-Control": "no-cache", **reply.headers},

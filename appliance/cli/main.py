@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from appliance.cli.doctor_cmd import doctor
 from appliance.cli.models_cmd import models_app
 from appliance.cli.up_cmd import up
+from appliance.cli.usage_cmd import usage
 
 app = typer.Typer(
     name="appliance",
@@ -14,7 +16,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("up")(up)
+app.command("doctor")(doctor)
 app.add_typer(models_app, name="models")
+app.command("usage")(usage)
 
 
 def _add_registry() -> None:

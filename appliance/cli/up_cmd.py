@@ -79,6 +79,15 @@ def up(
     max_connections: int = typer.Option(
         1024, min=1, help="Open connections at most; beyond it new requests get 503."
     ),
+    usage_db: Path | None = typer.Option(
+        None, help="SQLite file of per-key usage. Default: usage.db beside the catalogue."
+    ),
+    quotas: Path | None = typer.Option(
+        None,
+        "--quotas",
+        help="YAML file of token quotas per key: quotas: {NAME: {tokens_per_day, "
+        "tokens_per_month}}.",
+    ),
 ) -> None:
     """Start the appliance: every autoload model in the catalogue, behind one OpenAI API."""
     # vLLM reads these at import: no phoning home, and its log lines go through ours (JSON).
@@ -94,6 +103,7 @@ def up(
     from appliance.logs import configure_logging
     from appliance.settings import Settings
     from appliance.supervisor.handle import SupervisorLimits
+    from appliance.usage.quotas import load_quotas
 
     options: dict[str, object] = {
         "config_path": config,
@@ -109,6 +119,7 @@ def up(
             max_queue=max_queue,
         ),
         "log_prompts": log_prompts,
+        "usage_db": usage_db,
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib
@@ -125,6 +136,7 @@ def up(
             options["allowed_hosts"] = allowed_hosts
         if cors_origin:
             options["cors_origins"] = cors_origin
+        options["quotas"] = load_quotas(quotas)
         settings = Settings.model_validate(options)
         app = create_app(settings)
     except ConfigError as exc:
