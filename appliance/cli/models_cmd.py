@@ -97,7 +97,17 @@ def ps(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
     """Models that are loaded or on their way: devices, memory, load time, requests."""
     body = AdminClient(url, api_key).call("GET", "/admin/models")
     table = Table(title=f"running models ({body.get('device_kind', '?')})")
-    for column in ("NAME", "STATE", "DEVICES", "MEMORY", "LOAD TIME", "IN FLIGHT", "LAST ERROR"):
+    columns = (
+        "NAME",
+        "STATE",
+        "DEVICES",
+        "MEMORY",
+        "SLEEP",
+        "LOAD TIME",
+        "IN FLIGHT",
+        "LAST ERROR",
+    )
+    for column in columns:
         table.add_column(column)
     for m in body.get("data", []):
         if m.get("state") in (None, "unloaded"):
@@ -109,11 +119,21 @@ def ps(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
             m["state"],
             devices,
             _gib(m.get("memory_gib")),
+            _sleep(m),
             f"{load:.1f}s" if load else "-",
             str(m.get("in_flight", 0)),
             (m.get("last_error") or "")[:60],
         )
     out.print(table)
+
+
+def _sleep(model: dict[str, Any]) -> str:
+    """``L1 (15.0 GiB host)``, ``L2``, or ``-`` for a model that is awake."""
+    level = model.get("sleep_level")
+    if not level:
+        return "-"
+    host = model.get("host_memory_gib")
+    return f"L{level} ({host:.1f} GiB host)" if host else f"L{level}"
 
 
 def _with_spinner(text: str, action: Any) -> dict[str, Any]:

@@ -174,6 +174,28 @@ def test_starts_on_disjoint_gpus_overlap_and_changes_on_a_shared_gpu_wait() -> N
     run(body, devices=2)
 
 
+def test_an_unload_on_a_gpu_waits_for_the_start_under_way_there() -> None:
+    async def body(sup: Supervisor, maker: RecordingMaker) -> None:
+        await sup.start(
+            [
+                entry("b", resources={"memory_gib": 10}),
+                entry("a", autoload=False, resources={"memory_gib": 10}),
+            ]
+        )
+        await sup.wait_autoload()
+        maker.gates = {"a": asyncio.Event()}
+        load_a = asyncio.create_task(sup.load("a"))
+        await until(lambda: ("start", "a") in maker.log, "a's start")
+        unload_b = asyncio.create_task(sup.unload("b"))
+        await settle()
+        assert ("stop", "b") not in maker.log and not unload_b.done()
+        maker.gates["a"].set()
+        await asyncio.gather(load_a, unload_b)
+        assert maker.log.index(("started", "a")) < maker.log.index(("stop", "b"))
+
+    run(body)
+
+
 def test_overlapping_tensor_parallel_starts_do_not_deadlock() -> None:
     async def body(sup: Supervisor, maker: RecordingMaker) -> None:
         tp2 = {"tensor_parallel_size": 2, "memory_gib": 20}

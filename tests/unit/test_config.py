@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,8 @@ from appliance.catalogue.config_file import parse_catalogue
 from appliance.catalogue.schema import Task
 from appliance.engines.factory import EngineFactory
 from appliance.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -244,3 +247,34 @@ def test_cli_fails_with_a_message_not_a_traceback(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "model 'chat'" in done.stderr and "autolaod" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_up_refuses_a_catalogue_that_cannot_be_placed_with_one_line(tmp_path: Path) -> None:
+    """The same check runs on GPUs; on this CPU the budget plays the GPU's memory."""
+    tiny = REPO / ".models" / "tiny-llama"
+    config = tmp_path / "models.yaml"
+    config.write_text(
+        "models:\n"
+        + "".join(
+            f"  - name: {name}\n    source: {tiny}\n    resources: {{memory_gib: 1.5}}\n"
+            "    engine: {max_model_len: 256}\n"
+            for name in ("first", "second")
+        )
+    )
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "appliance", "up", "--config", str(config)),
+            *("--port", "1", "--cpu-memory-gib", "2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400"},
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: the autoload models do not fit together: model second needs 1 device(s) with "
+        "1.5 GiB each; free: cpu0 0.5/2.0 GiB (beside first); set autoload: false on some, or "
+        "give them less memory"
+    ]
