@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.api.auth import AuthConfig
+from appliance.api.load_gate import OnDemandLimits
 from appliance.engines.remote import RemoteSettings
 from appliance.supervisor.handle import SupervisorLimits
 from appliance.usage.quotas import QuotaConfig
@@ -60,6 +61,7 @@ class Settings(BaseModel):
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins whose web pages may call the API (CORS)."
     )
+    on_demand: OnDemandLimits = Field(default_factory=OnDemandLimits)
     registry_timeout_seconds: float = Field(
         2.0, gt=0, description="How long a registry fetch may take before it counts as down."
     )

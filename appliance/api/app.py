@@ -18,6 +18,7 @@ from appliance.api.auth import AuthMiddleware, describe_open
 from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.health_routes import build_health_router
+from appliance.api.load_gate import LoadGate
 from appliance.api.metrics_routes import build_metrics_router
 from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.observers import RequestObservers
@@ -92,6 +93,7 @@ def create_app(settings: Settings, appliance: Appliance | None = None) -> FastAP
             core.metrics,
             log_prompts=settings.log_prompts,
             check_quota=core.usage.check_quota,
+            load_gate=LoadGate(core.router, settings.on_demand),
         )
     )
     app.include_router(build_admin_router(core))

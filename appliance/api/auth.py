@@ -112,6 +112,9 @@ class ApiKey(BaseModel):
     models: list[str] | None = Field(None, description="Models the key may use; None: all.")
     requests_per_minute: int | None = Field(None, ge=1)
     max_concurrent: int | None = Field(None, ge=1)
+    may_load: bool = Field(
+        True, description="Whether a request with this key may start an on-demand load."
+    )
 
     @field_validator("key")
     @classmethod
@@ -270,6 +273,7 @@ class KeyIdentity:
     name: str
     role: Role
     models: frozenset[str] | None
+    may_load: bool = True
 
     def allows(self, model: str) -> bool:
         """Whether this key may use ``model``."""
@@ -376,6 +380,7 @@ class AuthMiddleware:
                     name=key.name,
                     role=key.role,
                     models=frozenset(key.models) if key.models is not None else None,
+                    may_load=key.may_load,
                 ),
                 limits=KeyLimits(
                     requests_per_minute=key.requests_per_minute,
@@ -493,6 +498,13 @@ def _needed_role(path: str, root_path: str = "") -> Role | None:
     if first == "v1":
         return Role.USER
     return None
+
+
+def may_load_on_demand(scope: Scope) -> bool:
+    """Whether the request's caller may start an on-demand load (callers without a key may:
+    they are on loopback, or the operator opened /v1 to them)."""
+    identity = scope.get(KEY_SCOPE)
+    return identity is None or bool(identity.may_load)
 
 
 def model_allowed(scope: Scope, model: str) -> bool:

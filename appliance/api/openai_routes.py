@@ -23,9 +23,11 @@ from appliance.api.auth import (
     Role,
     caller_is_admin,
     check_model_allowed,
+    may_load_on_demand,
     model_allowed,
     require_role,
 )
+from appliance.api.load_gate import LoadGate
 from appliance.api.middleware import RequestInfo, request_info
 from appliance.api.stream_usage import USAGE_MARK, ask_for_usage, hide_usage, usage_of_event
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
@@ -206,9 +208,11 @@ def build_openai_router(
     *,
     log_prompts: bool = False,
     check_quota: QuotaCheck | None = None,
+    load_gate: LoadGate | None = None,
 ) -> APIRouter:
     """The ``/v1`` routes, bound to ``router``; prompts reach the log only if ``log_prompts``;
-    ``check_quota`` is given the caller's key name and raises if it is over its quota."""
+    ``check_quota`` is given the caller's key name and raises if it is over its quota;
+    ``load_gate`` refuses on-demand loads the caller may not start now."""
     api = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_role(Role.USER))])
 
     async def serve(request: Request, endpoint: Endpoint) -> Response:
@@ -220,6 +224,8 @@ def build_openai_router(
         check_model_allowed(request.scope, model)
         # Remote engines name their backend and quote its errors only to admins.
         request.scope[DETAIL_SCOPE] = caller_is_admin(request.scope)
+        if load_gate is not None:
+            load_gate.check(model, may_load=may_load_on_demand(request.scope))
         if check_quota is not None:
             identity = request.scope.get(KEY_SCOPE)
             check_quota(identity.name if identity is not None else None)
