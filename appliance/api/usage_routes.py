@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import date
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from appliance.api.auth import Role, require_role
 from appliance.errors import InvalidRequestError
 from appliance.usage.ledger import UsageLedger
 
@@ -25,7 +26,9 @@ def parse_since(since: str | None) -> date | None:
 
 def build_usage_router(ledger: UsageLedger) -> APIRouter:
     """The ``/admin/usage`` route, reading ``ledger``."""
-    api = APIRouter(prefix="/admin", tags=["Admin"])
+    api = APIRouter(
+        prefix="/admin", tags=["Admin"], dependencies=[Depends(require_role(Role.ADMIN))]
+    )
 
     @api.get("/usage", summary="Requests and tokens per API key and model")
     async def usage(since: str | None = None, key: str | None = None) -> JSONResponse:

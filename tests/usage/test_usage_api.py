@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from appliance.api.auth import AuthConfig, AuthMiddleware
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.middleware import RequestInfo
 from appliance.api.usage_routes import build_usage_router
@@ -35,7 +36,10 @@ def test_admin_usage(tmp_path: Path) -> None:
     app = FastAPI()
     register_error_handlers(app)
     app.include_router(build_usage_router(ledger))
-    http = TestClient(app)
+    # No keys: the admin API answers loopback only.
+    app.add_middleware(AuthMiddleware, config=AuthConfig())
+    assert TestClient(app, client=("192.0.2.7", 5000)).get("/admin/usage").status_code == 403
+    http = TestClient(app, client=("127.0.0.1", 5000))
     body = http.get("/admin/usage", params={"key": "alice"}).json()
     assert body["data"] == [
         {
