@@ -12,7 +12,13 @@ import uvicorn
 
 from appliance.errors import ConfigError
 from appliance.registry.service import create_registry_app
-from appliance.registry.settings import TOKEN_ENV_VAR, RegistrySettings, resolve_token
+from appliance.registry.settings import (
+    READ_TOKEN_ENV_VAR,
+    TOKEN_ENV_VAR,
+    RegistrySettings,
+    resolve_read_token,
+    resolve_token,
+)
 
 registry_app = typer.Typer(name="registry", no_args_is_help=True, add_completion=False)
 
@@ -39,6 +45,14 @@ def serve(
     token_file: Annotated[
         Path | None, typer.Option("--token-file", help="File holding the write token.")
     ] = None,
+    read_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--read-token-file",
+            help=f"File holding the token reads need (else ${READ_TOKEN_ENV_VAR}; "
+            "neither: reads are open).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the registry API (reads open, writes need the token) until interrupted."""
     try:
@@ -47,6 +61,7 @@ def serve(
             host=host,
             port=port,
             token=resolve_token(token, token_file, os.environ),
+            read_token=resolve_read_token(read_token_file, os.environ),
         )
     except ConfigError as exc:
         raise typer.BadParameter(exc.message) from exc

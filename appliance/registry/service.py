@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,6 +29,8 @@ from appliance.registry.store import RegistryEntry, RegistryStore
 
 logger = logging.getLogger("appliance.registry")
 
+# Engine settings that carry credentials (hf_token, api_key, ...): never stored, never served.
+_SECRET_WORDS = re.compile(r"(^|[_-])(token|key)$|secret|password|credential", re.IGNORECASE)
 # A catalogue entry is a few hundred bytes; anything near this is a mistake, not a model.
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -83,18 +86,22 @@ def create_registry_app(settings: RegistrySettings) -> FastAPI:
     register_error_handlers(app)
     require_token = _token_checker(token.encode("utf-8"))
     writer = [Depends(require_token)]
+    reader: list[Any] = []
+    if settings.read_token is not None:
+        readers = (settings.read_token.get_secret_value().encode("utf-8"), token.encode("utf-8"))
+        reader = [Depends(_token_checker(*readers, what="reads"))]
 
     @app.get("/health")
     def health() -> dict[str, Any]:
         """Liveness: the service answers and its database is readable."""
         return {"status": "ok", "models": store.count()}
 
-    @app.get("/v1/registry/models", response_model=RegistryList)
+    @app.get("/v1/registry/models", response_model=RegistryList, dependencies=reader)
     def list_models() -> RegistryList:
         """Every catalogue entry, ordered by name."""
         return RegistryList(data=store.list())
 
-    @app.get("/v1/registry/models/{name:path}", response_model=RegistryEntry)
+    @app.get("/v1/registry/models/{name:path}", response_model=RegistryEntry, dependencies=reader)
     def get_model(name: str) -> RegistryEntry:
         """One catalogue entry."""
         return store.get(name)
@@ -138,18 +145,20 @@ def create_registry_app(settings: RegistrySettings) -> FastAPI:
     return app
 
 
-def _token_checker(expected: bytes) -> Callable[[Request], None]:
-    """A dependency that refuses a request without ``Authorization: Bearer <expected>``."""
+def _token_checker(*expected: bytes, what: str = "writes") -> Callable[[Request], None]:
+    """A dependency that refuses a request without ``Authorization: Bearer <one of
+    expected>``."""
 
     def require_token(request: Request) -> None:
         header = request.headers.get("authorization")
         if header is None:
-            raise AuthenticationError("writes need an Authorization: Bearer <token> header")
+            raise AuthenticationError(f"{what} need an Authorization: Bearer <token> header")
         scheme, _, given = header.partition(" ")
-        # compare_digest: the time taken must not reveal how much of the token was right.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode("utf-8"), expected
-        ):
+        presented = given.strip().encode("utf-8")
+        # compare_digest, against every token: the time taken must not reveal how much of a
+        # token was right, nor which one.
+        matches = [hmac.compare_digest(presented, token) for token in expected]
+        if scheme.lower() != "bearer" or not any(matches):
             raise AuthenticationError("the registry token is wrong")
 
     return require_token
@@ -169,12 +178,21 @@ async def _read_spec(request: Request) -> ModelSpec:
     if not body.strip():
         raise InvalidJSONError("the body is empty; send a catalogue entry as JSON")
     try:
-        return ModelSpec.model_validate_json(bytes(body))
+        spec = ModelSpec.model_validate_json(bytes(body))
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         if any(e["type"] == "json_invalid" for e in errors):
             raise InvalidJSONError(f"the body is not valid JSON: {errors[0]['msg']}") from exc
         raise _spec_error(errors) from exc
+    secret = sorted(k for k in spec.engine if _SECRET_WORDS.search(k))
+    if secret:
+        # Anyone who may read the registry would read them back.
+        raise InvalidSpecError(
+            f"invalid model entry: engine.{secret[0]}: secrets do not belong in the registry "
+            "(set them on the appliance, e.g. HF_TOKEN)",
+            param=f"engine.{secret[0]}",
+        )
+    return spec
 
 
 def _spec_error(errors: Sequence[Mapping[str, Any]]) -> InvalidSpecError:

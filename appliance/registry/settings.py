@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from appliance.errors import ConfigError
 
 TOKEN_ENV_VAR = "APPLIANCE_REGISTRY_TOKEN"
+READ_TOKEN_ENV_VAR = "APPLIANCE_REGISTRY_READ_TOKEN"
 
 
 class RegistrySettings(BaseModel):
@@ -24,6 +25,25 @@ class RegistrySettings(BaseModel):
         None,
         description="Bearer token for writes; None: the service generates one at start.",
     )
+    read_token: SecretStr | None = Field(
+        None,
+        description="Bearer token reads need (the write token works too); None: reads are open.",
+    )
+
+
+def resolve_read_token(token_file: Path | None, environ: Mapping[str, str]) -> SecretStr | None:
+    """The read token from ``--read-token-file``, else ``APPLIANCE_REGISTRY_READ_TOKEN``, else
+    None (reads open). Never from the command line itself, where other users can see it."""
+    if token_file is not None:
+        try:
+            value = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read token file {token_file}: {exc.strerror}") from exc
+        if not value:
+            raise ConfigError(f"the read token file {token_file} is empty")
+        return SecretStr(value)
+    value = environ.get(READ_TOKEN_ENV_VAR, "").strip()
+    return SecretStr(value) if value else None
 
 
 def resolve_token(
