@@ -32,7 +32,7 @@ from appliance.api.middleware import RequestInfo, request_info
 from appliance.api.stream_usage import USAGE_MARK, ask_for_usage, hide_usage, usage_of_event
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
 from appliance.engines.remote import DETAIL_SCOPE
-from appliance.errors import InvalidRequestError
+from appliance.errors import InvalidRequestError, ModelFailedError
 from appliance.metrics import Metrics
 from appliance.router import Router
 
@@ -237,7 +237,16 @@ def build_openai_router(
         release = contextlib.AsyncExitStack()
         try:
             asked = time.perf_counter()
-            engine = await release.enter_async_context(router.engine_for(model, endpoint))
+            try:
+                engine = await release.enter_async_context(router.engine_for(model, endpoint))
+            except ModelFailedError as exc:
+                if caller_is_admin(request.scope):
+                    raise
+                # Why an engine failed names paths and internals: the operator's to read.
+                raise ModelFailedError(
+                    f"model {model!r} failed; the operator can see why in the admin API",
+                    retry_after=exc.retry_after,
+                ) from None
             metrics.observe_queue_wait(model, time.perf_counter() - asked)
             reply = await _until_disconnect(engine.handle(endpoint, body, request), request)
         except BaseException:

@@ -79,6 +79,12 @@ def up(
     max_connections: int = typer.Option(
         1024, min=1, help="Open connections at most; beyond it new requests get 503."
     ),
+    max_concurrent_loads: int = typer.Option(
+        1, min=1, help="On-demand loads running at once; a request needing another gets 503."
+    ),
+    loads_per_minute: int = typer.Option(
+        6, min=1, help="On-demand loads started per minute; beyond it 429."
+    ),
     usage_db: Path | None = typer.Option(
         None, help="SQLite file of per-key usage. Default: usage.db beside the catalogue."
     ),
@@ -132,6 +138,10 @@ def up(
             auth = with_generated_admin_key(auth, admin_key_file(os.environ))
         options["auth"] = auth
         options["max_connections"] = max_connections
+        options["on_demand"] = {
+            "max_concurrent_loads": max_concurrent_loads,
+            "loads_per_minute": loads_per_minute,
+        }
         if allowed_hosts:
             options["allowed_hosts"] = allowed_hosts
         if cors_origin:

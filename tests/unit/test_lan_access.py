@@ -300,3 +300,40 @@ def test_generated_admin_key_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="chmod 600"):
         ensure_admin_key(path)
     assert find_admin_key(None, env) is None
+
+
+# --- failures are the operator's to read ---------------------------------------------------
+
+
+class _FailedRouter:
+    """A router whose one model failed, with a reason naming a path."""
+
+    def __init__(self) -> None:
+        from appliance.catalogue.catalogue import Catalogue
+        from appliance.catalogue.registry_client import CatalogueSource
+        from appliance.catalogue.schema import ModelSpec
+
+        self.catalogue = Catalogue([ModelSpec(name="m", source="org/m")], CatalogueSource.FILE)
+
+    def engine_for(self, model: str, endpoint: Any) -> Any:
+        from appliance.errors import ModelFailedError
+
+        raise ModelFailedError(f"model {model!r} failed: /srv/secret/weights missing")
+
+
+def test_why_a_model_failed_is_shown_to_admins_only() -> None:
+    from appliance.api.openai_routes import build_openai_router
+
+    app = FastAPI()
+    register_error_handlers(app)
+    app.include_router(build_openai_router(_FailedRouter(), None))  # type: ignore[arg-type]
+    app.add_middleware(AuthMiddleware, config=AuthConfig(keys=keys(Role.USER)))
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=2**20)
+    call = caller(app)
+    body = {"model": "m", "prompt": "x"}
+    user = call("POST", "/v1/completions", key=USER_KEY, json=body)
+    assert user.status_code == 503 and "/srv" not in user.text
+    assert "admin API" in user.json()["error"]["message"]
+    # No admin key is configured, so a user key on loopback is as good as an admin.
+    operator = call("POST", "/v1/completions", key=USER_KEY, json=body, client=LOOPBACK)
+    assert operator.status_code == 503 and "/srv/secret" in operator.text
