@@ -13,7 +13,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 PIP_ARGS ?=
 
-.PHONY: up test lint bench models venv clean
+.PHONY: up test lint bench models venv clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,26 @@ models: $(MODELS)
 up: $(MODELS)
 	HF_HUB_OFFLINE=1 $(BIN)/appliance up --config models.yaml --port $(PORT)
 
-test: $(MODELS)
+test: $(MODELS) browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The status-page test drives headless Chromium. Installed with apt where this user may (root
+# or password-less sudo); elsewhere the test skips and says how to install it.
+CHROMIUM := $(shell command -v chromium || command -v chromium-browser || command -v google-chrome)
+browser:
+ifeq ($(CHROMIUM),)
+	@if ! command -v apt-get >/dev/null; then \
+		echo "note: no Chromium and no apt-get: the status-page test will be skipped"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \
+			|| echo "note: chromium not installed: the status-page test will be skipped"; \
+	elif sudo -n true 2>/dev/null; then \
+		sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \
+			|| echo "note: chromium not installed: the status-page test will be skipped"; \
+	else \
+		echo "note: no Chromium (apt-get install chromium): the status-page test will be skipped"; \
+	fi
+endif
 
 lint: $(STAMP)
 	$(BIN)/ruff check appliance scripts tests

@@ -72,6 +72,7 @@ class Settings(BaseModel):
         None, description="SQLite file of per-key usage; default: usage.db beside the catalogue."
     )
     quotas: QuotaConfig = Field(default_factory=QuotaConfig)
+    status_page: bool = Field(True, description="Serve the status page at / and /ui.")
 
     def usage_db_path(self) -> Path:
         """Where per-key usage is kept."""

@@ -25,7 +25,10 @@ def _describe(app: Appliance, spec: ModelSpec) -> dict[str, Any]:
     }
     if spec.is_local:
         entry["source"] = spec.source
-        entry.update(app.supervisor.status(app.supervisor.get(spec.name)))
+        handle = app.supervisor.get(spec.name)
+        entry.update(app.supervisor.status(handle))
+        # Per device, in the order of "devices": what the status page draws its bars from.
+        entry["reserved_gib"] = list(handle.allocation.reserved_gib) if handle.allocation else []
     else:
         entry["backend_url"] = spec.backend_url
         entry.update(app.remote_status(spec))
@@ -47,6 +50,15 @@ def build_admin_router(app: Appliance) -> APIRouter:
                 "object": "list",
                 "catalogue_source": app.catalogue.origin.value,
                 "device_kind": app.supervisor.inventory.kind.value,
+                "devices": [
+                    {
+                        "index": device.index,
+                        "label": device.label,
+                        "name": device.name,
+                        "total_gib": device.total_gib,
+                    }
+                    for device in app.supervisor.inventory.devices
+                ],
                 "data": [_describe(app, spec) for spec in app.catalogue.specs()],
             }
         )

@@ -24,6 +24,7 @@ from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.observers import RequestObservers
 from appliance.api.openai_routes import build_openai_router
 from appliance.api.peer import local_host_names
+from appliance.api.status_page import StatusPage
 from appliance.api.usage_routes import build_usage_router
 from appliance.appliance import Appliance
 from appliance.errors import ApplianceError
@@ -109,6 +110,10 @@ def create_app(settings: Settings, appliance: Appliance | None = None) -> FastAP
             allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
             expose_headers=["X-Request-Id", "Retry-After"],
         )
+    if settings.status_page:
+        # Outside the key check: the page is static files with no data in them; every figure
+        # it shows comes from /admin and /metrics, which it calls with the key it asks for.
+        app.add_middleware(StatusPage)
     # Outside CORS and the key check: a DNS-rebinding or cross-site request is refused first.
     app.add_middleware(
         CrossSiteGuard,

@@ -94,6 +94,7 @@ def up(
         help="YAML file of token quotas per key: quotas: {NAME: {tokens_per_day, "
         "tokens_per_month}}.",
     ),
+    status_page: bool = typer.Option(True, help="Serve the status page at / and /ui."),
 ) -> None:
     """Start the appliance: every autoload model in the catalogue, behind one OpenAI API."""
     # vLLM reads these at import: no phoning home, and its log lines go through ours (JSON).
@@ -126,6 +127,7 @@ def up(
         ),
         "log_prompts": log_prompts,
         "usage_db": usage_db,
+        "status_page": status_page,
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib
