@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
@@ -40,6 +41,18 @@ from appliance.usage.ledger import UsageLedger
 from appliance.usage.store import UsageStore
 
 log = logging.getLogger("appliance")
+
+
+def _warn_if_plain_http(url: str) -> None:
+    """Say at start that a registry over plain HTTP off this host can be impersonated."""
+    parts = urlsplit(url)
+    if parts.scheme == "http" and parts.hostname not in ("localhost", "127.0.0.1", "::1"):
+        log.warning(
+            "registry %s is plain HTTP: anyone on the path can answer in its place (its "
+            "entries are still checked as untrusted); use https://",
+            url,
+            extra={"event": "registry_plain_http"},
+        )
 
 
 def registry_read_token(
@@ -125,6 +138,7 @@ class Appliance:
         self.registry: RegistryPoller | None = None
         self.registry_gate = RegistryGate(config.registry_trust)
         if config.registry_url is not None:
+            _warn_if_plain_http(config.registry_url)
             self.registry = RegistryPoller(
                 RegistryClient(
                     config.registry_url,

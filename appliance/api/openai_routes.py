@@ -81,12 +81,14 @@ async def read_json_object(request: Request) -> dict[str, Any]:
 
 def _nested_deeper_than(value: Any, limit: int) -> bool:
     """Whether ``value`` has containers nested more than ``limit`` deep (no recursion)."""
+    if not isinstance(value, (dict, list)):
+        return False
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item
         if depth > limit:
             return True
+        children = item.values() if isinstance(item, dict) else item
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
     return False
 

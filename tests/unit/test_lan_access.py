@@ -337,3 +337,13 @@ def test_why_a_model_failed_is_shown_to_admins_only() -> None:
     # No admin key is configured, so a user key on loopback is as good as an admin.
     operator = call("POST", "/v1/completions", key=USER_KEY, json=body, client=LOOPBACK)
     assert operator.status_code == 503 and "/srv/secret" in operator.text
+
+
+@pytest.mark.parametrize(
+    ("body", "deep"),
+    [(None, False), (5, False), ("x", False), ([[[]]], False), ([[[[]]]], True)],
+)
+def test_nesting_is_measured_for_any_json(body: Any, deep: bool) -> None:
+    from appliance.api.openai_routes import _nested_deeper_than
+
+    assert _nested_deeper_than(body, 3) is deep
