@@ -7,7 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -29,11 +29,21 @@ from appliance.api.usage_routes import build_usage_router
 from appliance.appliance import Appliance
 from appliance.errors import ApplianceError
 from appliance.settings import Settings
+from appliance.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("appliance")
 
 
-def create_app(settings: Settings, appliance: Appliance | None = None) -> FastAPI:
+StartupView = Callable[[Supervisor], Awaitable[None]]
+"""Shows the models loading at start (``appliance up`` in a terminal); returns when done."""
+
+
+def create_app(
+    settings: Settings,
+    appliance: Appliance | None = None,
+    *,
+    startup_view: StartupView | None = None,
+) -> FastAPI:
     """Build the appliance (validating the catalogue) and its HTTP app.
 
     Engines start in the app's lifespan, not here, so building the app is cheap and fails
@@ -72,10 +82,13 @@ def create_app(settings: Settings, appliance: Appliance | None = None) -> FastAP
             log.info("autoload finished", extra={"event": "autoload_done", "models": states})
 
         announcer = asyncio.create_task(announce_ready())
+        viewer = asyncio.create_task(startup_view(core.supervisor)) if startup_view else None
         try:
             yield
         finally:
             announcer.cancel()
+            if viewer is not None:
+                viewer.cancel()
             log.info("shutting down", extra={"event": "shutdown"})
             await core.stop()
 

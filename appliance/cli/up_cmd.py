@@ -132,6 +132,13 @@ def up(
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib
     configure_logging(log_level)
+    progress = None
+    if err.is_terminal:
+        # A person is watching: readable log lines and each model's load drawn live.
+        from appliance.cli.startup_progress import StartupProgress, log_to_console
+
+        log_to_console(err, log_level)
+        progress = StartupProgress(err)
     try:
         auth = load_auth_config(api_keys, os.environ)
         if allow_anonymous:
@@ -150,7 +157,7 @@ def up(
             options["cors_origins"] = cors_origin
         options["quotas"] = load_quotas(quotas)
         settings = Settings.model_validate(options)
-        app = create_app(settings)
+        app = create_app(settings, startup_view=progress)
     except ConfigError as exc:
         err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
