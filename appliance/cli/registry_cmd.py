@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 import uvicorn
+from pydantic import ValidationError
 
 from appliance.errors import ConfigError
 from appliance.registry.service import create_registry_app
@@ -34,16 +35,13 @@ def serve(
     db: Annotated[Path, typer.Option("--db", help="SQLite database file.")] = Path("registry.db"),
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8100,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            "--token",
-            help=f"Bearer token for writes (else --token-file, else ${TOKEN_ENV_VAR}, "
-            "else a generated one, logged at start).",
-        ),
-    ] = None,
     token_file: Annotated[
-        Path | None, typer.Option("--token-file", help="File holding the write token.")
+        Path | None,
+        typer.Option(
+            "--token-file",
+            help=f"File holding the write token (else ${TOKEN_ENV_VAR}, else one generated "
+            "into DB.token; never on the command line, where other users can read it).",
+        ),
     ] = None,
     read_token_file: Annotated[
         Path | None,
@@ -60,11 +58,17 @@ def serve(
             db_path=db,
             host=host,
             port=port,
-            token=resolve_token(token, token_file, os.environ),
+            token=resolve_token(None, token_file, os.environ),
             read_token=resolve_read_token(read_token_file, os.environ),
         )
     except ConfigError as exc:
         raise typer.BadParameter(exc.message) from exc
+    except ValidationError as exc:
+        # Field and reason only: the input is a token.
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        reason = str(first["msg"]).removeprefix("Value error, ")
+        raise typer.BadParameter(f"{where}: {reason}") from None
     # No-op when the main CLI has configured logging already; else the generated token and
     # the registry's own messages would go nowhere.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

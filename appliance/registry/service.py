@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -64,18 +66,21 @@ class RegistryList(BaseModel):
 def create_registry_app(settings: RegistrySettings) -> FastAPI:
     """Build the registry service over the database ``settings.db_path`` names.
 
-    When ``settings.token`` is None a random write token is generated here, once per start,
-    and logged at WARNING on ``appliance.registry`` so the operator can copy it; configure a
-    token (``--token``, ``--token-file`` or ``APPLIANCE_REGISTRY_TOKEN``) to keep it stable.
+    When ``settings.token`` is None a random write token is generated once and kept in a
+    file beside the database (mode 0600, ``settings.generated_token_path()``), whose path is
+    logged; the token itself is never logged. Configure one (``--token-file`` or
+    ``APPLIANCE_REGISTRY_TOKEN``) to choose it.
     """
     store = RegistryStore(settings.db_path)
     if settings.token is not None:
         token = settings.token.get_secret_value()
     else:
-        token = secrets.token_urlsafe(32)
+        path = settings.generated_token_path()
+        token = _generated_token(path)
         logger.warning(
-            "no registry token configured; writes need this generated one until restart: %s",
-            token,
+            "no registry token configured; writes need the generated one in %s",
+            path,
+            extra={"event": "registry_token_file"},
         )
 
     app = FastAPI(
@@ -143,6 +148,20 @@ def create_registry_app(settings: RegistrySettings) -> FastAPI:
         return Response(status_code=204)
 
     return app
+
+
+def _generated_token(path: Path) -> str:
+    """The token kept in ``path``, made there (random, mode 0600) if the file is missing."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(32)
+    # O_EXCL: never write through a file (or link) someone else put there first.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(token + "\n")
+    return token
 
 
 def _token_checker(*expected: bytes, what: str = "writes") -> Callable[[Request], None]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from appliance.errors import ConfigError
 
 TOKEN_ENV_VAR = "APPLIANCE_REGISTRY_TOKEN"
+TOKEN_MIN_LENGTH = 32
 READ_TOKEN_ENV_VAR = "APPLIANCE_REGISTRY_READ_TOKEN"
 
 
@@ -29,6 +30,18 @@ class RegistrySettings(BaseModel):
         None,
         description="Bearer token reads need (the write token works too); None: reads are open.",
     )
+
+    @field_validator("token", "read_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        # A short token can be guessed: the registry decides what every appliance runs.
+        if value is not None and len(value.get_secret_value()) < TOKEN_MIN_LENGTH:
+            raise ValueError(f"must be at least {TOKEN_MIN_LENGTH} characters long")
+        return value
+
+    def generated_token_path(self) -> Path:
+        """Where a generated write token is kept (beside the database, mode 0600)."""
+        return self.db_path.with_name(self.db_path.name + ".token")
 
 
 def resolve_read_token(token_file: Path | None, environ: Mapping[str, str]) -> SecretStr | None:

@@ -34,7 +34,7 @@ from appliance.registry.settings import RegistrySettings
 
 pytestmark = pytest.mark.anyio
 
-TOKEN = "t0ken"
+TOKEN = "t0ken-of-at-least-32-characters-long"
 TTL = 0.05  # seconds between polls: short, so state changes show within a few polls
 FALLBACK = [ModelSpec(name="from-yaml", source="/models/tiny")]
 

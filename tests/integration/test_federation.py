@@ -29,7 +29,7 @@ from tests.integration.harness import (
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "registry-token-for-tests"
+TOKEN = "registry-token-for-tests-32-characters"
 MESSAGES = [{"role": "user", "content": "federate me"}]
 
 
@@ -58,9 +58,9 @@ class Registry:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
-                "--token",
-                TOKEN,
             ],
+            # The token travels in the environment, never on the command line (issue 13).
+            env={**os.environ, "APPLIANCE_REGISTRY_TOKEN": TOKEN},
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
         )

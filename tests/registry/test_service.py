@@ -25,7 +25,7 @@ from appliance.errors import ConfigError
 from appliance.registry.service import MAX_BODY_BYTES, create_registry_app
 from appliance.registry.settings import TOKEN_ENV_VAR, RegistrySettings, resolve_token
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-of-at-least-32-characters"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MODELS = "/v1/registry/models"
 
@@ -195,15 +195,19 @@ def test_reads_need_no_token(client: TestClient) -> None:
     assert client.get(f"{MODELS}/m").status_code == 200
 
 
-def test_generated_token_is_logged_and_works(
-    make_client: Callable[..., TestClient], caplog: pytest.LogCaptureFixture
+def test_generated_token_is_kept_in_a_file_never_logged_and_works(
+    make_client: Callable[..., TestClient], caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="appliance.registry"):
+    # Issue 13: the token is never logged; its file (mode 0600) is.
+    with caplog.at_level(logging.DEBUG):
         client = make_client(token=None)
+    path = tmp_path / "registry.db.token"
+    token = path.read_text().strip()
+    assert len(token) >= 32 and path.stat().st_mode & 0o077 == 0
     logged = [r.getMessage() for r in caplog.records if r.name == "appliance.registry"]
-    assert len(logged) == 1
-    token = logged[0].rsplit(" ", 1)[-1]
-    assert len(token) >= 32
+    assert len(logged) == 1 and str(path) in logged[0]
+    assert all(token not in r.getMessage() for r in caplog.records)
+    assert make_client(token=None) is not None and path.read_text().strip() == token  # kept
     assert client.post(MODELS, json=entry("m")).status_code == 401
     ok = client.post(MODELS, json=entry("m"), headers={"Authorization": f"Bearer {token}"})
     assert ok.status_code == 201

@@ -107,3 +107,27 @@ def test_the_client_sends_its_read_token_and_caps_the_answer() -> None:
         fetch_with(answer, max_entries=2)
     with pytest.raises(RegistryBadAnswerError, match="more than 100 bytes"):
         fetch_with(answer, max_bytes=100)
+
+
+def test_tokens_are_at_least_32_characters(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    for field in ("token", "read_token"):
+        with pytest.raises(ValidationError, match="at least 32") as caught:
+            RegistrySettings(db_path=tmp_path / "r.db", **{field: SecretStr("x" * 31)})
+        assert "x" * 31 not in str(caught.value)
+
+
+def test_the_write_token_is_not_taken_on_the_command_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from appliance.cli.registry_cmd import registry_app
+
+    result = CliRunner().invoke(registry_app, ["serve", "--token", "t" * 40])
+    assert result.exit_code != 0 and "No such option" in result.output
+    short = tmp_path / "short"
+    short.write_text("t" * 10)
+    result = CliRunner().invoke(
+        registry_app, ["serve", "--db", str(tmp_path / "r.db"), "--token-file", str(short)]
+    )
+    assert result.exit_code != 0 and "at least 32" in result.output
