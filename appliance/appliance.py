@@ -33,6 +33,7 @@ from appliance.errors import ConfigError
 from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.settings import Settings
+from appliance.supervisor.capacity import HostCapacity
 from appliance.supervisor.inventory import DeviceKind, GpuMonitor, detect_inventory
 from appliance.supervisor.placement import PlacementPolicy
 from appliance.supervisor.states import ModelState
@@ -120,11 +121,18 @@ class Appliance:
             self.engines,
             limits=settings.limits,
             observer=self.metrics,
-            policy=PlacementPolicy.from_settings(config.placement),
-            free_memory=self.gpus.free_gib if on_gpu else None,
-            sleep_host_budget_gib=_sleep_host_budget_gib(config.placement.sleep_host_budget_gib),
+            capacity=HostCapacity(
+                self.inventory,
+                policy=PlacementPolicy.from_settings(config.placement),
+                default_share=settings.limits.default_memory_share,
+                cpu_default_gib=settings.limits.cpu_default_model_gib,
+                free_memory=self.gpus.free_gib if on_gpu else None,
+                sleep_host_budget_gib=_sleep_host_budget_gib(
+                    config.placement.sleep_host_budget_gib
+                ),
+            ),
         )
-        self.supervisor.check_placement(config.models)
+        self.supervisor.capacity.check_catalogue(config.models)
         self.metrics.bind(supervisor=self.supervisor)
         self.usage = UsageLedger(
             UsageStore(settings.usage_db_path()),
@@ -228,7 +236,7 @@ class Appliance:
         config = load_catalogue_file(self.settings.config_path)
         for spec in config.models:
             self.engines.validate(spec)
-        self.supervisor.check_placement(config.models)
+        self.supervisor.capacity.check_catalogue(config.models)
         if self.registry is not None:
             self.registry_gate = RegistryGate(config.registry_trust)
             self.registry.replace_fallback(config.models)

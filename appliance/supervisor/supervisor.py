@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from appliance.catalogue.schema import ModelSpec
 from appliance.engines.base import Engine
 from appliance.errors import (
     ApplianceError,
-    ConfigError,
     InsufficientResourcesError,
     LifecycleError,
     ModelDrainingError,
@@ -32,7 +30,8 @@ from appliance.errors import (
     NotSupportedError,
     RateLimitedError,
 )
-from appliance.supervisor.device_locks import DeviceChange, DeviceLocks
+from appliance.supervisor.capacity import HostCapacity
+from appliance.supervisor.device_locks import DeviceChange
 from appliance.supervisor.handle import (
     EngineMaker,
     ModelHandle,
@@ -40,15 +39,7 @@ from appliance.supervisor.handle import (
     SupervisorObserver,
 )
 from appliance.supervisor.inventory import DeviceKind, Inventory
-from appliance.supervisor.placement import (
-    Allocation,
-    Demand,
-    PlacementError,
-    PlacementPolicy,
-    check_free,
-    place,
-    plan_eviction,
-)
+from appliance.supervisor.placement import Allocation, Demand, PlacementError
 from appliance.supervisor.states import Lifecycle, ModelState, Transition
 
 log = logging.getLogger("appliance.supervisor")
@@ -66,20 +57,18 @@ class Supervisor:
         *,
         limits: SupervisorLimits | None = None,
         observer: SupervisorObserver | None = None,
-        policy: PlacementPolicy | None = None,
-        free_memory: Callable[[], Mapping[int, float]] | None = None,
-        sleep_host_budget_gib: float = math.inf,
+        capacity: HostCapacity | None = None,
     ) -> None:
-        """``free_memory`` reads each GPU's free GiB now (NVML) for the check before a start
-        or a wake; ``sleep_host_budget_gib`` is the host RAM level-1 sleepers may fill."""
+        """``capacity`` places engines on ``inventory`` (default: the default policy there)."""
         self.inventory = inventory
         self.limits = limits or SupervisorLimits()
-        self.policy = policy or PlacementPolicy()
+        self.capacity = capacity or HostCapacity(
+            inventory,
+            default_share=self.limits.default_memory_share,
+            cpu_default_gib=self.limits.cpu_default_model_gib,
+        )
         self._engines = engines
         self._observer = observer
-        self._free_memory = free_memory
-        self._sleep_host_budget_gib = sleep_host_budget_gib
-        self._device_locks = DeviceLocks(inventory)
         self._models: dict[str, ModelHandle] = {}
         self._watch_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -145,43 +134,6 @@ class Supervisor:
         if self._autoload is not None:
             await asyncio.shield(self._autoload)
 
-    def check_placement(self, specs: Iterable[ModelSpec]) -> None:
-        """Refuse, before any engine starts, a catalogue whose placement vLLM would reject.
-
-        Every local model must fit on this host when it is empty, and the autoload models
-        must fit together (in catalogue order, as they will be placed).
-
-        Raises:
-            ConfigError: one line naming the model, what it needs and what is free.
-        """
-        local = [spec for spec in specs if spec.is_local]
-        share = self.limits.default_memory_share
-        for spec in local:
-            try:
-                place(
-                    self._demand(spec), self.inventory, [], default_share=share, policy=self.policy
-                )
-            except PlacementError as exc:
-                raise ConfigError(f"{exc.message} (even with nothing else loaded)") from None
-        placed: list[Allocation] = []
-        for spec in (spec for spec in local if spec.autoload):
-            try:
-                placed.append(
-                    place(
-                        self._demand(spec),
-                        self.inventory,
-                        placed,
-                        default_share=share,
-                        policy=self.policy,
-                    )
-                )
-            except PlacementError as exc:
-                beside = ", ".join(a.model for a in placed)
-                raise ConfigError(
-                    f"the autoload models do not fit together: {exc.message} (beside {beside}); "
-                    "set autoload: false on some, or give them less memory"
-                ) from None
-
     async def apply_catalogue(self, specs: Iterable[ModelSpec]) -> dict[str, list[str]]:
         """Apply a new catalogue, touching only what changed; return what was done.
 
@@ -243,27 +195,14 @@ class Supervisor:
             if h.allocation is not None and h.name != excluding
         ]
 
-    def _demand(self, spec: ModelSpec) -> Demand:
-        demand = Demand.from_spec(spec)
-        no_memory = demand.memory_gib is None and demand.memory_share is None
-        if self.inventory.kind is DeviceKind.CPU and no_memory:
-            demand = Demand(
-                model=demand.model,
-                tensor_parallel_size=demand.tensor_parallel_size,
-                memory_gib=self.limits.cpu_default_model_gib,
-                memory_share=None,
-                devices=demand.devices,
-            )
-        return demand
-
     async def _load(self, handle: ModelHandle, reason: str) -> None:
         handle.lifecycle.swap((S.UNLOADED, S.FAILED), S.LOADING, reason)
         started = time.monotonic()
         try:
-            allocation = await self._make_room(handle, self._demand(handle.spec))
+            allocation = await self._make_room(handle, self.capacity.demand(handle.spec))
             engine = self._engines.create(handle.spec, allocation, self.inventory)
-            async with self._device_locks.hold(allocation.devices, DeviceChange.START):
-                self._check_free(allocation)
+            async with self.capacity.locks.hold(allocation.devices, DeviceChange.START):
+                self.capacity.check_free(allocation)
                 await engine.start()
         except BaseException as exc:
             handle.allocation = None
@@ -308,22 +247,7 @@ class Supervisor:
             for h in self._models.values()
             if h.spec.evictable and h.state in (S.READY, S.SLEEPING) and h.name != handle.name
         }
-        return plan_eviction(
-            demand,
-            self.inventory,
-            self._allocations(handle.name),
-            evictable,
-            default_share=self.limits.default_memory_share,
-            policy=self.policy,
-        )
-
-    def _check_free(self, allocation: Allocation | None) -> None:
-        """Refuse, as vLLM would at start, when a device lacks the free memory placed for it."""
-        if allocation is None or self._free_memory is None:
-            return
-        if self.inventory.kind is not DeviceKind.GPU:
-            return
-        check_free(allocation, self.inventory, self._free_memory())
+        return self.capacity.plan(demand, self._allocations(handle.name), evictable)
 
     async def load(self, name: str) -> ModelHandle:
         """Load ``name`` (or wait for the load under way); return its handle once ready."""
@@ -372,7 +296,7 @@ class Supervisor:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(handle.idle.wait(), self.limits.drain_seconds)
         try:
-            async with self._device_locks.hold(allocation.devices, DeviceChange.SLEEP):
+            async with self.capacity.locks.hold(allocation.devices, DeviceChange.SLEEP):
                 await engine.sleep(level)
         except Exception as exc:
             handle.last_error = f"sleep failed: {exc}"
@@ -394,13 +318,7 @@ class Supervisor:
         weights = engine.weights_gib()
         need = weights if weights is not None else handle.allocation.memory_gib
         used = sum(h.host_gib for h in self._models.values() if h.state is S.SLEEPING)
-        if used + need > self._sleep_host_budget_gib + 1e-6:
-            raise LifecycleError(
-                f"model {handle.name!r} cannot sleep at level 1: its weights ({need:.1f} GiB) "
-                f"would not fit in the host memory left for sleeping models "
-                f"({max(self._sleep_host_budget_gib - used, 0):.1f} of "
-                f"{self._sleep_host_budget_gib:.1f} GiB); use level 2 or unload another"
-            )
+        self.capacity.check_host_room(handle.name, need, used)
         return need
 
     async def wake(self, name: str) -> ModelHandle:
@@ -444,8 +362,8 @@ class Supervisor:
         started = time.monotonic()
         try:
             await self._make_room(handle, demand)
-            async with self._device_locks.hold(asleep.devices, DeviceChange.WAKE):
-                self._check_free(handle.allocation)
+            async with self.capacity.locks.hold(asleep.devices, DeviceChange.WAKE):
+                self.capacity.check_free(handle.allocation)
                 await engine.wake_up()
         except Exception as exc:
             handle.last_error = f"wake failed: {exc}"
@@ -497,7 +415,7 @@ class Supervisor:
         if engine is not None:
             devices = allocation.devices if allocation is not None else ()
             try:
-                async with self._device_locks.hold(devices, DeviceChange.STOP):
+                async with self.capacity.locks.hold(devices, DeviceChange.STOP):
                     await engine.stop()
             except Exception as exc:  # a dead engine may fail to stop cleanly; it is gone anyway
                 log.warning("model %s: engine stop raised %r", handle.name, exc)

@@ -15,9 +15,10 @@ import pytest
 from appliance.catalogue.schema import ModelSpec
 from appliance.engines.base import EngineStats, JSONReply
 from appliance.errors import ConfigError, InsufficientResourcesError, LifecycleError
+from appliance.supervisor.capacity import HostCapacity
 from appliance.supervisor.handle import SupervisorLimits
 from appliance.supervisor.inventory import Device, DeviceKind, Inventory
-from appliance.supervisor.placement import Allocation, PlacementPolicy
+from appliance.supervisor.placement import Allocation
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
 
@@ -104,14 +105,9 @@ def run(
 ) -> T:
     async def main() -> T:
         maker = RecordingMaker()
-        supervisor = Supervisor(
-            gpus(devices),
-            maker,
-            limits=LIMITS,
-            policy=PlacementPolicy(),
-            free_memory=free,
-            sleep_host_budget_gib=host_budget,
-        )
+        inventory = gpus(devices)
+        capacity = HostCapacity(inventory, free_memory=free, sleep_host_budget_gib=host_budget)
+        supervisor = Supervisor(inventory, maker, limits=LIMITS, capacity=capacity)
         try:
             return await body(supervisor, maker)
         finally:
@@ -246,11 +242,10 @@ def test_two_half_gpu_models_do_not_share_one_gpu() -> None:
         entry("a", resources={"memory_share": 0.5}),
         entry("b", resources={"memory_share": 0.5}),
     ]
-    sup = Supervisor(gpus(1), RecordingMaker(), limits=LIMITS)
     with pytest.raises(ConfigError, match="autoload models do not fit together") as info:
-        sup.check_placement(half)
+        HostCapacity(gpus(1)).check_catalogue(half)
     assert "plus 1.0 GiB of CUDA context" in info.value.message
-    Supervisor(gpus(2), RecordingMaker(), limits=LIMITS).check_placement(half)
+    HostCapacity(gpus(2)).check_catalogue(half)
 
     async def body(sup: Supervisor, maker: RecordingMaker) -> None:
         await sup.start([half[0], half[1].model_copy(update={"autoload": False})])
@@ -261,14 +256,14 @@ def test_two_half_gpu_models_do_not_share_one_gpu() -> None:
     run(body)
 
 
-def test_check_placement_names_a_model_too_big_for_an_empty_host() -> None:
-    sup = Supervisor(gpus(1), RecordingMaker(), limits=LIMITS)
+def test_check_catalogue_names_a_model_too_big_for_an_empty_host() -> None:
+    capacity = HostCapacity(gpus(1))
     with pytest.raises(ConfigError) as info:
-        sup.check_placement([entry("huge", autoload=False, resources={"memory_gib": 79.5})])
+        capacity.check_catalogue([entry("huge", autoload=False, resources={"memory_gib": 79.5})])
     assert info.value.message.startswith("model huge needs 1 device(s) with 79.5 GiB each plus")
     assert info.value.message.endswith("(even with nothing else loaded)")
     assert "\n" not in info.value.message
-    sup.check_placement([entry("fits", resources={"memory_gib": 78.0})])
+    capacity.check_catalogue([entry("fits", resources={"memory_gib": 78.0})])
 
 
 # -- sleep -----------------------------------------------------------------------------------
