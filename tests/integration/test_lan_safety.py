@@ -27,6 +27,7 @@ from tests.integration.harness import ApplianceProcess, tiny_chat, wait_until
 pytestmark = pytest.mark.integration
 
 USER = "sk-lan-user-0123456789"
+NO_LOAD = "sk-lan-noload-0123456789"
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
@@ -127,10 +128,20 @@ def box(tmp_path_factory: pytest.TempPathFactory, backend: _Server) -> Iterator[
     """tiny-chat and a garbage backend, one user key, no admin key, on every address."""
     workdir = tmp_path_factory.mktemp("lan-box")
     keys = workdir / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"keys": [{"name": "lan-user", "key": USER}]}))
+    keys.write_text(
+        yaml.safe_dump(
+            {
+                "keys": [
+                    {"name": "lan-user", "key": USER},
+                    {"name": "no-load", "key": NO_LOAD, "may_load": False},
+                ]
+            }
+        )
+    )
     keys.chmod(0o600)
     garbage = {"name": "garbage", "backend_url": f"http://127.0.0.1:{backend.server_port}"}
-    proc = ApplianceProcess(workdir, [tiny_chat(), garbage])
+    lazy = tiny_chat("lazy", arch="gpt2", autoload=False, load_on_demand=True, evictable=True)
+    proc = ApplianceProcess(workdir, [tiny_chat(), garbage, lazy])
     proc.start("--api-keys", str(keys), "--host", "0.0.0.0")
     yield proc
     proc.stop()
@@ -247,6 +258,21 @@ def test_nested_json_and_a_huge_model_name_are_400s(lan: str, box: ApplianceProc
     assert named.status_code == 400 and huge_name not in named.text
     assert "x" * 1000 not in metrics and "x" * 1000 not in box.tail(400)
     still_serving(lan, box)
+
+
+# --- load storms -----------------------------------------------------------------------------
+
+
+def test_a_key_that_may_not_load_cannot_start_a_load(lan: str, box: ApplianceProcess) -> None:
+    with outsider(lan, box, NO_LOAD) as client:
+        refused = client.post("/v1/chat/completions", json={**CHAT, "model": "lazy"})
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    error = refused.json()["error"]
+    assert error["code"] == "load_refused" and "may not load" in error["message"]
+    states = {m["name"]: m["state"] for m in httpx.get(f"{box.url}/admin/models").json()["data"]}
+    assert states["lazy"] == "unloaded"
+    with outsider(lan, box, NO_LOAD) as client:  # a loaded model still serves this key
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
 # --- remote backends are untrusted -----------------------------------------------------------
