@@ -15,6 +15,7 @@ const ACTIONS = {
 
 const view = {
   adminRefused: false, // the last admin call answered 401/403
+  refusal: "", // and what it said
   busy: new Set(), // models with an action in flight
   samples: [], // {t, totals: {model: generated tokens}} from /metrics
   deviceKind: null,
@@ -285,11 +286,13 @@ async function refresh() {
     view.deviceKind = admin.device_kind;
   } else if (models && (models.status === 401 || models.status === 403)) {
     view.adminRefused = true;
+    view.refusal = errorText(models.body, models.status);
   }
   if (!models || !metrics) {
     notice("the appliance does not answer; retrying", true);
   } else if (view.adminRefused) {
-    notice("Enter the admin key to see devices and memory and to load or unload models.", false);
+    notice(`Enter the admin key to see devices and memory and to load or unload models ` +
+      `(the appliance says: ${view.refusal})`, false);
   } else if (!document.querySelector("#notice.error")) {
     notice("", false);
   }
