@@ -141,7 +141,10 @@ class Appliance:
             registry=self.metrics.registry,
             model_label=self.metrics.model_label,
         )
-        self.remotes = RemoteBackends(settings.remote)
+        # Registry backends' connections check each address they connect to (DNS rebinding).
+        self.remotes = RemoteBackends(
+            settings.remote, guard=lambda address: self.registry_gate.refused(address)
+        )
         self.router = Router(self.catalogue, self.supervisor, remote=self.remotes.get)
         self.registry: RegistryPoller | None = None
         self.registry_gate = RegistryGate(config.registry_trust)
@@ -165,7 +168,9 @@ class Appliance:
         log.info("devices: %s", self.inventory.describe(), extra={"event": "inventory"})
         if self.registry is not None:
             await self.registry.start()
-        await self.remotes.sync(self.catalogue.specs())
+        await self.remotes.sync(
+            self.catalogue.specs(), untrusted=self.catalogue.origin is not CatalogueSource.FILE
+        )
         await self.remotes.start()
         await self.supervisor.start(self.catalogue.specs())
         self.usage.start()
@@ -214,7 +219,7 @@ class Appliance:
         specs = self._servable(specs)
         if self._started:
             changes = await self.supervisor.apply_catalogue(specs)
-            await self.remotes.sync(specs)
+            await self.remotes.sync(specs, untrusted=source is not CatalogueSource.FILE)
             log.info(
                 "catalogue changed", extra={"event": "catalogue", "source": source.value, **changes}
             )

@@ -96,6 +96,10 @@ class RegistryGate:
             _key(name) for name in trust.engine_settings
         }
 
+    def refused(self, address: IPAddress) -> str | None:
+        """Why a registry backend may not be at ``address`` (checked again at connect time)."""
+        return refused_address(address, self._trust.backend_networks)
+
     async def admit(self, spec: ModelSpec) -> ModelSpec:
         """``spec`` as it may be served (autoload off unless trusted); ``UntrustedEntryError``
         naming the model and the reason if it may not be served at all."""

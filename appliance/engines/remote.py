@@ -23,6 +23,7 @@ import httpx
 from starlette.requests import Request
 
 from appliance.catalogue.schema import ModelSpec
+from appliance.engines.address_guard import AddressCheck, guarded_transport
 from appliance.engines.base import Endpoint, EngineStats, JSONReply, Reply, StreamReply, Usage
 from appliance.engines.circuit_breaker import BreakerState, CircuitBreaker
 from appliance.errors import (
@@ -492,39 +493,62 @@ class RemoteBackends:
     """Every remote model's engine, sharing one pooled httpx client."""
 
     def __init__(
-        self, settings: RemoteSettings | None = None, *, client: httpx.AsyncClient | None = None
+        self,
+        settings: RemoteSettings | None = None,
+        *,
+        client: httpx.AsyncClient | None = None,
+        guard: AddressCheck | None = None,
     ) -> None:
-        """``client``: bring your own (you close it); by default one is made and owned here."""
+        """``client``: bring your own (you close it); by default one is made and owned here.
+        ``guard``: the address check for untrusted (registry) backends' connections; their
+        own client, made here, applies it at every connect."""
         self.settings = settings or RemoteSettings()
         s = self.settings
-        self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(s.read_timeout, connect=s.connect_timeout),
-            limits=httpx.Limits(
-                max_connections=s.max_connections,
-                max_keepalive_connections=s.max_connections,
-                keepalive_expiry=30.0,
-            ),
+        limits = httpx.Limits(
+            max_connections=s.max_connections,
+            max_keepalive_connections=s.max_connections,
+            keepalive_expiry=30.0,
         )
+        timeout = httpx.Timeout(s.read_timeout, connect=s.connect_timeout)
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(timeout=timeout, limits=limits)
+        self._guarded_client = (
+            httpx.AsyncClient(timeout=timeout, transport=guarded_transport(guard, limits))
+            if guard is not None
+            else None
+        )
+        self._untrusted = False  # whether the catalogue in force came from the registry
         self._engines: dict[str, RemoteEngine] = {}
         self._started = False
+
+    def _client_for_catalogue(self) -> httpx.AsyncClient:
+        if self._untrusted and self._guarded_client is not None:
+            return self._guarded_client
+        return self._client
 
     def get(self, spec: ModelSpec) -> RemoteEngine:
         """The engine for ``spec``, made on first use (or anew when its URL changed)."""
         engine = self._engines.get(spec.name)
-        if engine is not None and engine.url == spec.backend_url:
+        client = self._client_for_catalogue()
+        if engine is not None and engine.url == spec.backend_url and engine._client is client:
             return engine
         if engine is not None:
             # A replaced engine's requests in flight finish on the shared client.
             engine._cancel_health_check()
-        engine = RemoteEngine(spec, self._client, self.settings)
+        engine = RemoteEngine(spec, client, self.settings)
         self._engines[spec.name] = engine
         if self._started:
             engine.start_health_check()
         return engine
 
-    async def sync(self, specs: Iterable[ModelSpec]) -> dict[str, list[str]]:
-        """Match the catalogue: add new remote entries, drop removed ones, replace moved ones."""
+    async def sync(
+        self, specs: Iterable[ModelSpec], *, untrusted: bool = False
+    ) -> dict[str, list[str]]:
+        """Match the catalogue: add new remote entries, drop removed ones, replace moved ones.
+
+        ``untrusted``: the catalogue came from the registry, so its backends connect through
+        the guarded client (engines move to it when this changes)."""
+        self._untrusted = untrusted
         wanted = {spec.name: spec for spec in specs if spec.backend_url is not None}
         changes: dict[str, list[str]] = {"added": [], "removed": [], "replaced": []}
         for name in sorted(set(self._engines) - set(wanted)):
@@ -534,7 +558,7 @@ class RemoteBackends:
             old = self._engines.get(name)
             if old is None:
                 changes["added"].append(name)
-            elif old.url != spec.backend_url:
+            elif old.url != spec.backend_url or old._client is not self._client_for_catalogue():
                 await old.stop()
                 del self._engines[name]
                 changes["replaced"].append(name)
@@ -555,6 +579,8 @@ class RemoteBackends:
         self._engines.clear()
         if self._owns_client:
             await self._client.aclose()
+        if self._guarded_client is not None:
+            await self._guarded_client.aclose()
 
     def status(self) -> dict[str, dict[str, Any]]:
         """Per remote model: backend URL, up, breaker state, last error, requests in flight."""

@@ -112,3 +112,45 @@ async def test_connection_failures_do_not_name_the_backend_to_users() -> None:
     with pytest.raises(BackendError) as caught:
         await answer(refuse, detail=False)
     assert caught.value.status_code == 503 and "10.1.2.3" not in caught.value.message
+
+
+# -- connections to registry backends check the address they connect to --------------------
+
+
+async def test_untrusted_backends_check_the_address_at_connect_time() -> None:
+    """A name that resolves to loopback when the connection is made (as after DNS rebinding)
+    is refused for registry backends, and reached for models.yaml's own."""
+    import asyncio
+
+    from appliance.engines.remote import RemoteBackends
+
+    accepted = 0
+    answer = b'{"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}'
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.readuntil(b"\r\n\r\n")
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(answer)}"
+        writer.write(head.encode() + b"\r\nConnection: close\r\n\r\n" + answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    spec = ModelSpec(name="r", backend_url=f"http://localhost:{port}")
+    backends = RemoteBackends(
+        SETTINGS, guard=lambda a: "a loopback address" if a.is_loopback else None
+    )
+    try:
+        await backends.sync([spec], untrusted=True)
+        with pytest.raises(BackendError, match="refused"):
+            await backends.get(spec).handle(Endpoint.CHAT, {"model": "r"}, request(True))
+        assert accepted == 0
+        await backends.sync([spec], untrusted=False)  # the same entry from models.yaml
+        reply = await backends.get(spec).handle(Endpoint.CHAT, {"model": "r"}, request(True))
+        assert isinstance(reply, JSONReply) and reply.status_code == 200 and accepted == 1
+    finally:
+        await backends.close()
+        server.close()
+        await server.wait_closed()
