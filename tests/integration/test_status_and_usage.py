@@ -258,6 +258,8 @@ def browser() -> Iterator[Browser]:
 
 
 def test_status_page_in_chromium(appliance: ApplianceProcess, browser: Browser) -> None:
+    for old in SCREENSHOTS.glob("*.png"):
+        old.unlink()  # what is there after the run is this run's
     browser.goto(f"{appliance.url}/")
     # Without a key the page lists the models and their states from /metrics.
     rows = browser.wait_for(f"{ROWS}.length === 2 && {ROWS}", 60, "both models listed")
@@ -276,6 +278,7 @@ def test_status_page_in_chromium(appliance: ApplianceProcess, browser: Browser) 
     browser.js("document.getElementById('key-cancel').click()")
     state = {m["name"]: m["state"] for m in admin_models(appliance)["data"]}
     assert state == {"tiny-chat": "ready", "spare": "unloaded"}
+    assert "POST /admin/models/tiny-chat/unload" not in appliance.log_path.read_text()
 
     # With the key (asked once): devices and memory bars, as /admin/models says.
     browser.js("document.getElementById('key-button').click()")
@@ -338,3 +341,10 @@ def test_status_page_in_chromium(appliance: ApplianceProcess, browser: Browser) 
     state = {m["name"]: m["state"] for m in admin_models(appliance)["data"]}
     assert state == {"tiny-chat": "unloaded", "spare": "unloaded"}
     browser.screenshot(SCREENSHOTS / "4-unloaded.png")
+    assert "POST /admin/models/tiny-chat/unload 200" in appliance.log_path.read_text()
+    assert sorted(p.name for p in SCREENSHOTS.glob("*.png")) == [
+        "1-without-key.png",
+        "2-asks-for-key.png",
+        "3-with-key.png",
+        "4-unloaded.png",
+    ]
