@@ -95,6 +95,12 @@ def up(
         "tokens_per_month}}.",
     ),
     status_page: bool = typer.Option(True, help="Serve the status page at / and /ui."),
+    engine_metrics: bool = typer.Option(
+        False,
+        "--engine-metrics",
+        help="Expose vLLM's own engine figures per model on /metrics (prefix cache, "
+        "preemptions, queue/prefill/decode times); costs work on every engine step.",
+    ),
 ) -> None:
     """Start the appliance: every autoload model in the catalogue, behind one OpenAI API."""
     # vLLM reads these at import: no phoning home, and its log lines go through ours (JSON).
@@ -128,6 +134,7 @@ def up(
         "log_prompts": log_prompts,
         "usage_db": usage_db,
         "status_page": status_page,
+        "engine_metrics": engine_metrics,
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib
