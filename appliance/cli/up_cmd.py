@@ -46,6 +46,12 @@ def up(
         False, help="Log prompts (truncated) in the access log. Off: no prompt text is logged."
     ),
     restart_tries: int = typer.Option(3, help="Restarts of a dead engine before giving up."),
+    min_resident: float = typer.Option(
+        30.0,
+        min=0,
+        help="Seconds a model stays loaded (or awake) before it may be evicted for another; "
+        "stops on-demand loads from evicting each other in a loop.",
+    ),
     api_keys: Path | None = typer.Option(
         None,
         "--api-keys",
@@ -130,6 +136,7 @@ def up(
             restart_max_tries=restart_tries,
             restart_backoff_seconds=restart_backoff,
             max_queue=max_queue,
+            min_resident_seconds=min_resident,
         ),
         "log_prompts": log_prompts,
         "usage_db": usage_db,
