@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from appliance.catalogue.catalogue import Catalogue
-from appliance.catalogue.schema import ModelSpec, Task
+from appliance.catalogue.schema import LocalModelSpec, RemoteModelSpec, Task
 from appliance.engines.base import Endpoint, Engine
 from appliance.errors import BackendUnavailableError, WrongTaskError
 from appliance.supervisor.supervisor import Supervisor
@@ -17,7 +17,7 @@ _TASK_OF = {
     Endpoint.EMBEDDINGS: Task.EMBED,
 }
 
-RemoteLookup = Callable[[ModelSpec], Engine]
+RemoteLookup = Callable[[RemoteModelSpec], Engine]
 
 
 class Router:
@@ -43,7 +43,7 @@ class Router:
                 f"/v1/{endpoint.value}",
                 param="model",
             )
-        if spec.is_local:
+        if isinstance(spec, LocalModelSpec):
             async with self.supervisor.acquire(model) as engine:
                 yield engine
             return

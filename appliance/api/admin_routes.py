@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from appliance.api.auth import Role, require_role
 from appliance.appliance import Appliance
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec, ModelSpec
 
 
 def _describe(app: Appliance, spec: ModelSpec) -> dict[str, Any]:
@@ -18,12 +18,12 @@ def _describe(app: Appliance, spec: ModelSpec) -> dict[str, Any]:
         "version": spec.version,
         "owner": spec.owner,
         "task": spec.task.value,
-        "autoload": spec.autoload,
-        "load_on_demand": spec.load_on_demand,
-        "evictable": spec.evictable,
-        "keep_alive": spec.keep_alive,
     }
-    if spec.is_local:
+    if isinstance(spec, LocalModelSpec):
+        entry["autoload"] = spec.autoload
+        entry["load_on_demand"] = spec.load_on_demand
+        entry["evictable"] = spec.evictable
+        entry["keep_alive"] = spec.keep_alive
         entry["source"] = spec.source
         handle = app.supervisor.get(spec.name)
         entry.update(app.supervisor.status(handle))

@@ -15,6 +15,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.api.rate_limit import Clock, SlidingWindow
+from appliance.catalogue.schema import LocalModelSpec
 from appliance.errors import ModelNotReadyError, RateLimitedError
 from appliance.router import Router
 from appliance.supervisor.states import ModelState
@@ -64,7 +65,7 @@ class LoadGate:
         if model not in self._router.catalogue:
             return  # the route answers 404
         spec = self._router.catalogue.get(model)
-        if not spec.is_local or not spec.load_on_demand:
+        if not isinstance(spec, LocalModelSpec) or not spec.load_on_demand:
             return
         if self._router.supervisor.get(model).state not in _WOULD_LOAD:
             return

@@ -30,6 +30,7 @@ from appliance.api.auth import (
 from appliance.api.load_gate import LoadGate
 from appliance.api.middleware import RequestInfo, request_info
 from appliance.api.stream_usage import USAGE_MARK, ask_for_usage, hide_usage, usage_of_event
+from appliance.catalogue.schema import LocalModelSpec
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
 from appliance.engines.remote import DETAIL_SCOPE
 from appliance.errors import InvalidRequestError, ModelFailedError
@@ -305,7 +306,7 @@ def build_openai_router(
                 "version": spec.version,
                 "task": spec.task.value,
             }
-            if spec.is_local:
+            if isinstance(spec, LocalModelSpec):
                 with contextlib.suppress(Exception):
                     entry["state"] = router.supervisor.get(spec.name).state.value
             elif caller_is_admin(request.scope):

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec, ModelSpec
 from appliance.engines.base import Engine
 from appliance.errors import ConfigError
 from appliance.supervisor.inventory import DeviceKind, Inventory
@@ -106,7 +106,7 @@ class EngineFactory:
 
     def validate(self, spec: ModelSpec) -> None:
         """Raise ``ConfigError`` naming the model and field if ``spec`` cannot be served."""
-        if spec.is_local:
+        if isinstance(spec, LocalModelSpec):
             self._args.build(spec, resolve_source(spec, self._base_dir))
 
     def create(self, spec: ModelSpec, allocation: Allocation, inventory: Inventory) -> Engine:

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from starlette.requests import Request
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import ModelSpec, RemoteModelSpec
 from appliance.engines.address_guard import AddressCheck, guarded_transport
 from appliance.engines.base import Endpoint, EngineStats, JSONReply, Reply, StreamReply, Usage
 from appliance.engines.circuit_breaker import BreakerState, CircuitBreaker
@@ -167,10 +167,8 @@ class RemoteEngine:
     """One catalogue entry served by another OpenAI-compatible server at ``spec.backend_url``."""
 
     def __init__(
-        self, spec: ModelSpec, client: httpx.AsyncClient, settings: RemoteSettings
+        self, spec: RemoteModelSpec, client: httpx.AsyncClient, settings: RemoteSettings
     ) -> None:
-        if spec.backend_url is None:
-            raise ValueError(f"model {spec.name!r} has no backend_url")
         self.spec = spec
         self.url = spec.backend_url
         self._client = client
@@ -526,7 +524,7 @@ class RemoteBackends:
             return self._guarded_client
         return self._client
 
-    def get(self, spec: ModelSpec) -> RemoteEngine:
+    def get(self, spec: RemoteModelSpec) -> RemoteEngine:
         """The engine for ``spec``, made on first use (or anew when its URL changed)."""
         engine = self._engines.get(spec.name)
         client = self._client_for_catalogue()
@@ -549,7 +547,7 @@ class RemoteBackends:
         ``untrusted``: the catalogue came from the registry, so its backends connect through
         the guarded client (engines move to it when this changes)."""
         self._untrusted = untrusted
-        wanted = {spec.name: spec for spec in specs if spec.backend_url is not None}
+        wanted = {spec.name: spec for spec in specs if isinstance(spec, RemoteModelSpec)}
         changes: dict[str, list[str]] = {"added": [], "removed": [], "replaced": []}
         for name in sorted(set(self._engines) - set(wanted)):
             await self._engines.pop(name).stop()

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec, ModelSpec
 from appliance.engines.base import Engine
 from appliance.errors import (
     ApplianceError,
@@ -118,7 +118,7 @@ class Supervisor:
         Returns at once; ``wait_autoload`` waits for the loads to end.
         """
         for spec in specs:
-            if spec.is_local:
+            if isinstance(spec, LocalModelSpec):
                 self._models[spec.name] = self._new_handle(spec)
         self._watch_task = asyncio.create_task(self._watch(), name="supervisor-watch")
         loads = [
@@ -139,7 +139,7 @@ class Supervisor:
 
         Every entry is validated first: an invalid catalogue changes nothing.
         """
-        wanted = {spec.name: spec for spec in specs if spec.is_local}
+        wanted = {spec.name: spec for spec in specs if isinstance(spec, LocalModelSpec)}
         for spec in wanted.values():
             self._engines.validate(spec)
         added = [name for name in wanted if name not in self._models]

@@ -28,7 +28,7 @@ from appliance.catalogue.registry_client import (
     RegistryPoller,
     RegistryUnavailableError,
 )
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec, ModelSpec
 from appliance.registry.service import create_registry_app
 from appliance.registry.settings import RegistrySettings
 
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.anyio
 
 TOKEN = "t0ken-of-at-least-32-characters-long"
 TTL = 0.05  # seconds between polls: short, so state changes show within a few polls
-FALLBACK = [ModelSpec(name="from-yaml", source="/models/tiny")]
+FALLBACK = [LocalModelSpec(name="from-yaml", source="/models/tiny")]
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 

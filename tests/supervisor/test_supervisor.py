@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import ModelSpec, parse_model_spec
 from appliance.engines.base import EngineStats, JSONReply
 from appliance.errors import (
     InsufficientResourcesError,
@@ -125,7 +125,7 @@ LIMITS = SupervisorLimits(
 
 def spec(name: str, **extra: Any) -> ModelSpec:
     """A local entry needing 4 GiB."""
-    return ModelSpec.model_validate(
+    return parse_model_spec(
         {"name": name, "source": f"org/{name}", "resources": {"memory_gib": 4}, **extra}
     )
 

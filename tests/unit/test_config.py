@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance.catalogue.config_file import parse_catalogue
-from appliance.catalogue.schema import Task
+from appliance.catalogue.schema import LocalModelSpec, RemoteModelSpec, Task
 from appliance.engines.factory import EngineFactory
 from appliance.errors import ConfigError
 
@@ -139,6 +139,58 @@ def test_source_and_backend_both_or_neither() -> None:
             source: org/model
             backend_url: http://other:8000
     """)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("autoload", "true"),
+        ("load_on_demand", "true"),
+        ("keep_alive", "60"),
+        ("evictable", "true"),
+        ("resources", "{memory_gib: 2}"),
+        ("engine", "{dtype: float32}"),
+    ],
+)
+def test_a_local_only_field_on_a_remote_entry_names_model_and_field(field: str, value: str) -> None:
+    message = error_of(f"""
+        models:
+          - name: far
+            backend_url: http://other:8000
+            {field}: {value}
+    """)
+    assert "model 'far'" in message
+    assert f"field {field!r}: does not apply to a remote backend" in message
+
+
+def test_backend_url_on_a_local_entry_is_refused_naming_the_field() -> None:
+    message = error_of("""
+        models:
+          - name: near
+            source: org/model
+            backend_url: http://other:8000
+    """)
+    assert "model 'near'" in message and "exactly one of source" in message
+
+
+def test_entries_are_local_or_remote_by_kind() -> None:
+    config = parse("""
+        models:
+          - {name: near, source: org/model, max_queue: 3}
+          - {name: far, backend_url: "http://other:8000/", max_queue: 2}
+    """)
+    near, far = config.models
+    assert isinstance(near, LocalModelSpec) and near.max_queue == 3
+    assert isinstance(far, RemoteModelSpec) and far.max_queue == 2
+    assert far.backend_url == "http://other:8000"
+
+
+def test_a_remote_entry_error_does_not_show_pydantics_union_tag() -> None:
+    message = error_of("""
+        models:
+          - {name: far, backend_url: "http://other:8000", max_queue: 0}
+    """)
+    assert "model 'far': field 'max_queue'" in message and "remote." not in message
 
 
 def test_bad_backend_url() -> None:

@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from appliance.catalogue.schema import CatalogueFile, ModelSpec, RegistryTrust
+from appliance.catalogue.schema import (
+    CatalogueFile,
+    ModelSpec,
+    RegistryTrust,
+    parse_model_spec,
+)
 from appliance.catalogue.trust import RegistryGate, UntrustedEntryError
 
 pytestmark = pytest.mark.anyio
@@ -48,11 +53,11 @@ def gate(**trust: Any) -> RegistryGate:
 
 
 def local(**extra: Any) -> ModelSpec:
-    return ModelSpec.model_validate({"name": "m", "source": "org/model", **extra})
+    return parse_model_spec({"name": "m", "source": "org/model", **extra})
 
 
 def remote(url: str) -> ModelSpec:
-    return ModelSpec.model_validate({"name": "r", "backend_url": url})
+    return parse_model_spec({"name": "r", "backend_url": url})
 
 
 async def test_a_plain_hub_entry_is_admitted_without_autoload() -> None:
