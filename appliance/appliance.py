@@ -1,4 +1,5 @@
-"""The composed appliance: catalogue (file or registry), supervisor, remote backends, router.
+"""The composed appliance: catalogue (file or registry), supervisor (the model table, local
+and remote), router.
 
 ``Appliance(settings)`` validates everything it can before any engine starts (the catalogue
 file, every local model's source and engine settings), so a wrong ``models.yaml`` fails at
@@ -116,11 +117,16 @@ class Appliance:
             # Without GPUs there is nothing to read: skip NVML at every scrape.
             gpu_memory=self.gpus.read if on_gpu else list,
         )
+        # Registry backends' connections check each address they connect to (DNS rebinding).
+        self.remotes = RemoteBackends(
+            settings.remote, guard=lambda address: self.registry_gate.refused(address)
+        )
         self.supervisor = Supervisor(
             self.inventory,
             self.engines,
             limits=settings.limits,
             observer=self.metrics,
+            remotes=self.remotes,
             capacity=HostCapacity(
                 self.inventory,
                 policy=PlacementPolicy.from_settings(config.placement),
@@ -141,11 +147,7 @@ class Appliance:
             registry=self.metrics.registry,
             model_label=self.metrics.model_label,
         )
-        # Registry backends' connections check each address they connect to (DNS rebinding).
-        self.remotes = RemoteBackends(
-            settings.remote, guard=lambda address: self.registry_gate.refused(address)
-        )
-        self.router = Router(self.catalogue, self.supervisor, remote=self.remotes.get)
+        self.router = Router(self.catalogue, self.supervisor)
         self.registry: RegistryPoller | None = None
         self.registry_gate = RegistryGate(config.registry_trust)
         if config.registry_url is not None:
@@ -252,12 +254,6 @@ class Appliance:
         self.catalogue.replace(config.models, CatalogueSource.FILE)
         log.info("catalogue reloaded", extra={"event": "reload", **changes})
         return changes
-
-    def remote_status(self, spec: ModelSpec) -> dict[str, Any]:
-        """State of a remote model's backend: `ready` while it answers, else `unavailable`."""
-        status = dict(self.remotes.status().get(spec.name, {}))
-        status["state"] = "ready" if status.get("up", True) else "unavailable"
-        return status
 
     def remote_up(self) -> dict[str, bool]:
         """Each remote model's backend: up or not."""

@@ -249,7 +249,7 @@ class _ScrapeCollector(Collector):
     def _models(self) -> Iterator[Metric]:
         in_flight = GaugeMetricFamily(
             "appliance_requests_in_flight",
-            "Requests a local model is serving now.",
+            "Requests a model (local or remote) is serving now.",
             labels=["model"],
         )
         state = GaugeMetricFamily(

@@ -1,14 +1,14 @@
-"""The router: a model name to the engine that serves it, local or remote."""
+"""The router: a model name to the engine that serves it, lent by the supervisor."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from appliance.catalogue.catalogue import Catalogue
-from appliance.catalogue.schema import LocalModelSpec, RemoteModelSpec, Task
+from appliance.catalogue.schema import Task
 from appliance.engines.base import Endpoint, Engine
-from appliance.errors import BackendUnavailableError, WrongTaskError
+from appliance.errors import WrongTaskError
 from appliance.supervisor.supervisor import Supervisor
 
 _TASK_OF = {
@@ -17,21 +17,13 @@ _TASK_OF = {
     Endpoint.EMBEDDINGS: Task.EMBED,
 }
 
-RemoteLookup = Callable[[RemoteModelSpec], Engine]
-
 
 class Router:
-    """Finds the engine for a request; the supervisor lends local ones, remote ones are shared."""
+    """Finds the engine for a request: checks the endpoint fits the model, then borrows it."""
 
-    def __init__(
-        self,
-        catalogue: Catalogue,
-        supervisor: Supervisor,
-        remote: RemoteLookup | None = None,
-    ) -> None:
+    def __init__(self, catalogue: Catalogue, supervisor: Supervisor) -> None:
         self.catalogue = catalogue
         self.supervisor = supervisor
-        self._remote = remote
 
     @contextlib.asynccontextmanager
     async def engine_for(self, model: str, endpoint: Endpoint) -> AsyncIterator[Engine]:
@@ -43,10 +35,5 @@ class Router:
                 f"/v1/{endpoint.value}",
                 param="model",
             )
-        if isinstance(spec, LocalModelSpec):
-            async with self.supervisor.acquire(model) as engine:
-                yield engine
-            return
-        if self._remote is None:
-            raise BackendUnavailableError(f"model {model!r}: remote backends are not enabled")
-        yield self._remote(spec)
+        async with self.supervisor.acquire(model) as engine:
+            yield engine

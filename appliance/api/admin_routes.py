@@ -2,37 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from appliance.api.auth import Role, require_role
 from appliance.appliance import Appliance
-from appliance.catalogue.schema import LocalModelSpec, ModelSpec
-
-
-def _describe(app: Appliance, spec: ModelSpec) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "name": spec.name,
-        "version": spec.version,
-        "owner": spec.owner,
-        "task": spec.task.value,
-    }
-    if isinstance(spec, LocalModelSpec):
-        entry["autoload"] = spec.autoload
-        entry["load_on_demand"] = spec.load_on_demand
-        entry["evictable"] = spec.evictable
-        entry["keep_alive"] = spec.keep_alive
-        entry["source"] = spec.source
-        handle = app.supervisor.get(spec.name)
-        entry.update(app.supervisor.status(handle))
-        # Per device, in the order of "devices": what the status page draws its bars from.
-        entry["reserved_gib"] = list(handle.allocation.reserved_gib) if handle.allocation else []
-    else:
-        entry["backend_url"] = spec.backend_url
-        entry.update(app.remote_status(spec))
-    return entry
 
 
 def build_admin_router(app: Appliance) -> APIRouter:
@@ -59,21 +33,21 @@ def build_admin_router(app: Appliance) -> APIRouter:
                     }
                     for device in app.supervisor.inventory.devices
                 ],
-                "data": [_describe(app, spec) for spec in app.catalogue.specs()],
+                "data": [app.supervisor.describe(spec.name) for spec in app.catalogue.specs()],
             }
         )
 
     @api.get("/models/{name:path}/status", summary="One model")
     async def model_status(name: str) -> JSONResponse:
         """One model's entry and state."""
-        return JSONResponse(_describe(app, app.catalogue.get(name)))
+        return JSONResponse(app.supervisor.describe(app.catalogue.get(name).name))
 
     @api.post("/models/{name:path}/load", summary="Load a model")
     async def load(name: str) -> JSONResponse:
         """Load the model (evicting evictable ones if needed); answers once it is ready."""
         app.catalogue.get(name)
         evicted = await app.load(name)
-        body = _describe(app, app.catalogue.get(name))
+        body = app.supervisor.describe(app.catalogue.get(name).name)
         body["evicted"] = evicted
         return JSONResponse(body)
 
@@ -82,21 +56,21 @@ def build_admin_router(app: Appliance) -> APIRouter:
         """Drain the model (bounded), then stop its engine and free its memory."""
         app.catalogue.get(name)
         await app.supervisor.unload(name)
-        return JSONResponse(_describe(app, app.catalogue.get(name)))
+        return JSONResponse(app.supervisor.describe(app.catalogue.get(name).name))
 
     @api.post("/models/{name:path}/sleep", summary="Put a model to sleep (GPU only)")
     async def sleep(name: str, level: int = 1) -> JSONResponse:
         """vLLM sleep mode: frees GPU memory, keeps the engine; 501 where there is no GPU."""
         app.catalogue.get(name)
         await app.supervisor.sleep(name, level)
-        return JSONResponse(_describe(app, app.catalogue.get(name)))
+        return JSONResponse(app.supervisor.describe(app.catalogue.get(name).name))
 
     @api.post("/models/{name:path}/wake", summary="Wake a sleeping model (GPU only)")
     async def wake(name: str) -> JSONResponse:
         """Counterpart of sleep."""
         app.catalogue.get(name)
         await app.supervisor.wake(name)
-        return JSONResponse(_describe(app, app.catalogue.get(name)))
+        return JSONResponse(app.supervisor.describe(app.catalogue.get(name).name))
 
     @api.post("/reload", summary="Re-read models.yaml and apply the difference")
     async def reload() -> JSONResponse:

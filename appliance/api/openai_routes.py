@@ -30,10 +30,10 @@ from appliance.api.auth import (
 from appliance.api.load_gate import LoadGate
 from appliance.api.middleware import RequestInfo, request_info
 from appliance.api.stream_usage import USAGE_MARK, ask_for_usage, hide_usage, usage_of_event
-from appliance.catalogue.schema import LocalModelSpec
+from appliance.catalogue.schema import RemoteModelSpec
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
 from appliance.engines.remote import DETAIL_SCOPE
-from appliance.errors import InvalidRequestError, ModelFailedError
+from appliance.errors import ApplianceError, InvalidRequestError, ModelFailedError
 from appliance.metrics import Metrics
 from appliance.router import Router
 
@@ -306,10 +306,9 @@ def build_openai_router(
                 "version": spec.version,
                 "task": spec.task.value,
             }
-            if isinstance(spec, LocalModelSpec):
-                with contextlib.suppress(Exception):
-                    entry["state"] = router.supervisor.get(spec.name).state.value
-            elif caller_is_admin(request.scope):
+            with contextlib.suppress(ApplianceError):  # the table may lag a catalogue change
+                entry["state"] = router.supervisor.state_of(spec.name).value
+            if isinstance(spec, RemoteModelSpec) and caller_is_admin(request.scope):
                 # Where a backend lives is the operator's business, not a user key's.
                 entry["backend_url"] = spec.backend_url
             data.append(entry)

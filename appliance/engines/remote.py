@@ -580,6 +580,15 @@ class RemoteBackends:
         if self._guarded_client is not None:
             await self._guarded_client.aclose()
 
+    def health(self, spec: RemoteModelSpec) -> dict[str, Any]:
+        """The health of ``spec``'s backend: up, breaker state, the last error."""
+        engine = self.get(spec)
+        return {
+            "up": engine.up,
+            "breaker": engine.breaker.state.value,
+            "last_error": engine.last_error,
+        }
+
     def status(self) -> dict[str, dict[str, Any]]:
         """Per remote model: backend URL, up, breaker state, last error, requests in flight."""
         return {

@@ -1,4 +1,4 @@
-"""What the supervisor holds per model, its bounds, and the interfaces it is given.
+"""What the supervisor holds per catalogue entry, its bounds, and the interfaces it is given.
 
 ``ModelHandle`` is one catalogue model as the supervisor keeps it; ``SupervisorLimits`` its
 time bounds and defaults; ``EngineMaker`` and ``SupervisorObserver`` what it is handed to make
@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec, RemoteModelSpec
 from appliance.engines.base import Engine
 from appliance.supervisor.inventory import Inventory
 from appliance.supervisor.placement import Allocation
@@ -22,12 +22,24 @@ from appliance.supervisor.states import Lifecycle, ModelState, Transition
 class EngineMaker(Protocol):
     """What the supervisor needs to make engines (``appliance.engines.factory.EngineFactory``)."""
 
-    def validate(self, spec: ModelSpec) -> None:
+    def validate(self, spec: LocalModelSpec | RemoteModelSpec) -> None:
         """Raise ``ConfigError`` if ``spec`` cannot be served."""
         ...
 
-    def create(self, spec: ModelSpec, allocation: Allocation, inventory: Inventory) -> Engine:
+    def create(self, spec: LocalModelSpec, allocation: Allocation, inventory: Inventory) -> Engine:
         """A new engine for ``spec`` on ``allocation``."""
+        ...
+
+
+class RemoteEngines(Protocol):
+    """Where the supervisor gets remote backends' engines (``appliance.engines.remote``)."""
+
+    def get(self, spec: RemoteModelSpec) -> Engine:
+        """The engine that proxies ``spec`` to its backend (shared by every request)."""
+        ...
+
+    def health(self, spec: RemoteModelSpec) -> dict[str, Any]:
+        """The backend's health as plain data: ``up``, ``breaker``, ``last_error``."""
         ...
 
 
@@ -68,9 +80,13 @@ class SupervisorLimits:
 
 @dataclass
 class ModelHandle:
-    """One catalogue model as the supervisor holds it."""
+    """One catalogue entry as the supervisor holds it: a local model or a remote backend.
 
-    spec: ModelSpec
+    Both kinds are lent to requests the same way (queue limit, in-flight count, state); a
+    remote one starts ready, has no allocation, and its engine is the shared proxy.
+    """
+
+    spec: LocalModelSpec | RemoteModelSpec
     lifecycle: Lifecycle
     engine: Engine | None = None
     allocation: Allocation | None = None
@@ -90,6 +106,16 @@ class ModelHandle:
     def name(self) -> str:
         """The model's name."""
         return self.spec.name
+
+    @property
+    def local(self) -> LocalModelSpec | None:
+        """The entry when this appliance's engines serve it; None for a remote backend."""
+        return self.spec if isinstance(self.spec, LocalModelSpec) else None
+
+    @property
+    def autoload(self) -> bool:
+        """Whether the model loads at start (remote backends have nothing to load)."""
+        return self.local is not None and self.local.autoload
 
     @property
     def state(self) -> ModelState:
