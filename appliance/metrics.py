@@ -153,10 +153,15 @@ class Metrics:
             self.catalogue = catalogue
 
     def model_label(self, name: str | None) -> str:
-        """``name`` if the catalogue holds it, else ``""``: labels stay a bounded set."""
-        if name is None or self.catalogue is None or name not in self.catalogue:
+        """``name`` if the catalogue holds it or it is a LoRA adapter in the model table, else
+        ``""``: labels stay a bounded set (adapters are added by the operator only)."""
+        if name is None or self.catalogue is None:
             return ""
-        return name
+        if name in self.catalogue:
+            return name
+        if self.supervisor is not None and name in self.supervisor.adapter_names():
+            return name
+        return ""
 
     # -- RequestObserver -----------------------------------------------------------------
 

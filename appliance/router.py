@@ -9,7 +9,7 @@ from appliance.catalogue.catalogue import Catalogue
 from appliance.catalogue.schema import Task
 from appliance.engines.base import Endpoint, Engine
 from appliance.errors import WrongTaskError
-from appliance.supervisor.supervisor import Supervisor
+from appliance.supervisor.supervisor import Supervisor, Target
 
 _TASK_OF = {
     Endpoint.CHAT: Task.GENERATE,
@@ -25,10 +25,16 @@ class Router:
         self.catalogue = catalogue
         self.supervisor = supervisor
 
+    def target_of(self, model: str) -> Target | None:
+        """Where a request for ``model`` (a name, alias or adapter) goes; None if nowhere."""
+        return self.supervisor.target_of(model)
+
     @contextlib.asynccontextmanager
     async def engine_for(self, model: str, endpoint: Endpoint) -> AsyncIterator[Engine]:
-        """The engine serving ``model`` for ``endpoint``, held for the request's lifetime."""
-        spec = self.catalogue.get(model)
+        """The engine serving ``model`` (a name or an alias) for ``endpoint``, held for the
+        request's lifetime; 404 if no entry answers to that name."""
+        model = self.supervisor.resolve(model)
+        spec = self.supervisor.get(model).spec
         if _TASK_OF[endpoint] is not spec.task:
             raise WrongTaskError(
                 f"model {model!r} is a {spec.task.value} model and does not serve "

@@ -73,6 +73,9 @@ class Settings(BaseModel):
     )
     quotas: QuotaConfig = Field(default_factory=QuotaConfig)
     status_page: bool = Field(True, description="Serve the status page at / and /ui.")
+    list_aliases: bool = Field(
+        False, description="List each model alias in GET /v1/models as a model of its own."
+    )
 
     def usage_db_path(self) -> Path:
         """Where per-key usage is kept."""

@@ -108,6 +108,7 @@ def create_app(
             log_prompts=settings.log_prompts,
             check_quota=core.usage.check_quota,
             load_gate=LoadGate(core.router, settings.on_demand),
+            list_aliases=settings.list_aliases,
         )
     )
     app.include_router(build_admin_router(core))

@@ -28,7 +28,7 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
@@ -280,13 +280,15 @@ class KeyIdentity:
         return self.models is None or model in self.models
 
 
-def check_model_allowed(scope: Scope, model: str) -> None:
+def check_model_allowed(scope: Scope, model: str, names: Sequence[str] = ()) -> None:
     """Raise ``ModelNotAllowedError`` (403) if the caller's key may not use ``model``.
 
-    With no key in ``scope`` (the API is open, or the route is public) every model is allowed.
+    ``names``: every name of the entry ``model`` stands for (its name and aliases); a key that
+    lists any of them may use it by any of them. With no key in ``scope`` (the API is open, or
+    the route is public) every model is allowed.
     """
     identity: KeyIdentity | None = scope.get(KEY_SCOPE)
-    if identity is not None and not identity.allows(model):
+    if identity is not None and not any(identity.allows(n) for n in (model, *names)):
         raise ModelNotAllowedError(f"this API key may not use model {model!r}", param="model")
 
 

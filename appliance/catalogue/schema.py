@@ -127,6 +127,7 @@ def check_backend_url(value: str) -> str:
 
 LOCAL_ONLY_FIELDS = (
     "source",
+    "adapters",
     "autoload",
     "load_on_demand",
     "keep_alive",
@@ -135,7 +136,7 @@ LOCAL_ONLY_FIELDS = (
     "engine",
 )
 """Fields of a local model that mean nothing for a remote backend (its server decides)."""
-REMOTE_ONLY_FIELDS = ("backend_url",)
+REMOTE_ONLY_FIELDS = ("backend_url", "backend_model")
 """Fields of a remote backend that mean nothing for a local model."""
 
 _EXACTLY_ONE = "give exactly one of source (served here) or backend_url (remote)"
@@ -158,6 +159,46 @@ class _EntryBase(BaseModel):
             "(default: the appliance's --max-queue)."
         ),
     )
+    aliases: list[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description=(
+            "More names clients may ask for (stable names such as gpt-4o-mini); answers name "
+            "the model by its name, as vllm serve --served-model-name NAME ALIAS does."
+        ),
+    )
+
+    @field_validator("aliases")
+    @classmethod
+    def _distinct_aliases(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists an alias twice")
+        return value
+
+    @model_validator(mode="after")
+    def _alias_is_not_the_name(self) -> _EntryBase:
+        if self.name in self.aliases:
+            raise ValueError(f"alias {self.name!r} is the entry's own name")
+        return self
+
+    def names(self) -> list[str]:
+        """Every name the entry answers to: its name first, then its aliases."""
+        return [self.name, *self.aliases]
+
+    def adapter_names(self) -> list[str]:
+        """The names of the LoRA adapters declared on this entry (none for a remote one)."""
+        return []
+
+
+class AdapterSpec(BaseModel):
+    """A LoRA adapter of a local model: a name clients ask for, and where its weights are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="The name clients ask for.")
+    source: str = Field(
+        min_length=1, max_length=1024, description="Local folder (PEFT format) or hub id."
+    )
 
 
 class LocalModelSpec(_EntryBase):
@@ -177,10 +218,37 @@ class LocalModelSpec(_EntryBase):
     )
     evictable: bool = Field(False, description="May be unloaded to make room for another.")
     resources: Resources = Field(default_factory=Resources)
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list,
+        max_length=64,
+        description="LoRA adapters served on this model's engine, each under its own name.",
+    )
     engine: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM engine settings (max_model_len, dtype, ...), as vllm serve takes them.",
     )
+
+    def adapter_names(self) -> list[str]:
+        """The names of the LoRA adapters declared on this model."""
+        return [adapter.name for adapter in self.adapters]
+
+    @field_validator("adapters")
+    @classmethod
+    def _distinct_adapters(cls, value: list[AdapterSpec]) -> list[AdapterSpec]:
+        names = [adapter.name for adapter in value]
+        if len(set(names)) != len(names):
+            raise ValueError("names an adapter twice")
+        return value
+
+    @field_validator("engine")
+    @classmethod
+    def _lora_is_the_appliances(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if any(k.replace("-", "_") == "lora_modules" for k in value):
+            raise ValueError(
+                "engine setting 'lora_modules' is set by the appliance from adapters; list "
+                "them under adapters (name, source) instead"
+            )
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -219,6 +287,17 @@ class RemoteModelSpec(_EntryBase):
     backend_url: str = Field(
         description="Base URL of another OpenAI-compatible server that serves this model."
     )
+    backend_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="The model's name on the backend, when it differs from this entry's name.",
+    )
+
+    @property
+    def upstream_name(self) -> str:
+        """The name the backend knows the model by."""
+        return self.backend_model or self.name
 
     @model_validator(mode="before")
     @classmethod
@@ -383,9 +462,29 @@ class CatalogueFile(BaseModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> CatalogueFile:
-        seen: set[str] = set()
+        owner: dict[str, str] = {}
         for spec in self.models:
-            if spec.name in seen:
-                raise ValueError(f"model {spec.name!r} is declared twice")
-            seen.add(spec.name)
+            if spec.name in owner:
+                if owner[spec.name] == spec.name:
+                    raise ValueError(f"model {spec.name!r} is declared twice")
+                raise ValueError(
+                    f"model {spec.name!r}: is already an alias of {owner[spec.name]!r}"
+                )
+            owner[spec.name] = spec.name
+        for spec in self.models:
+            for alias in spec.aliases:
+                if alias in owner:
+                    raise ValueError(
+                        f"model {spec.name!r}: alias {alias!r} is already a name or alias of "
+                        f"{owner[alias]!r}"
+                    )
+                owner[alias] = spec.name
+        for spec in self.models:
+            for adapter in spec.adapter_names():
+                if adapter in owner:
+                    raise ValueError(
+                        f"model {spec.name!r}: adapter {adapter!r} is already a name, alias or "
+                        f"adapter of {owner[adapter]!r}"
+                    )
+                owner[adapter] = spec.name
         return self

@@ -95,6 +95,9 @@ def up(
         "tokens_per_month}}.",
     ),
     status_page: bool = typer.Option(True, help="Serve the status page at / and /ui."),
+    list_aliases: bool = typer.Option(
+        False, help="List each model alias in GET /v1/models as a model of its own."
+    ),
 ) -> None:
     """Start the appliance: every autoload model in the catalogue, behind one OpenAI API."""
     # vLLM reads these at import: no phoning home, and its log lines go through ours (JSON).
@@ -128,6 +131,7 @@ def up(
         "log_prompts": log_prompts,
         "usage_db": usage_db,
         "status_page": status_page,
+        "list_aliases": list_aliases,
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib

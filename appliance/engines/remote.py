@@ -143,7 +143,7 @@ class _Relay:
                 raise
             if chunk:
                 self._tail = (self._tail + chunk)[-2:]
-                return chunk
+                return self._engine.rename(chunk)
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
@@ -181,6 +181,7 @@ class RemoteEngine:
         self.breaker = CircuitBreaker(
             settings.failure_threshold, settings.cool_down, on_change=self._breaker_changed
         )
+        self.rename = _Rename(spec.upstream_name, spec.name)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -234,6 +235,14 @@ class RemoteEngine:
         """Unknown: the weights live on the backend's host."""
         return None
 
+    async def load_adapter(self, name: str, source: str) -> None:
+        """A remote backend's adapters are its own business."""
+        raise NotSupportedError(f"model {self.spec.name!r} is remote: add adapters on its server")
+
+    async def unload_adapter(self, name: str) -> None:
+        """See ``load_adapter``."""
+        raise NotSupportedError(f"model {self.spec.name!r} is remote: remove adapters there")
+
     # -- requests --------------------------------------------------------------------------
 
     async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Reply:
@@ -247,6 +256,9 @@ class RemoteEngine:
                 f"{self.breaker.failures} consecutive failures{last}; retry in {wait:.1f}s",
                 retry_after=wait,
             )
+        if self.spec.backend_model is not None:
+            # The backend knows the model by its own name, not by this entry's.
+            body = {**body, "model": self.spec.backend_model}
         stream = endpoint is not Endpoint.EMBEDDINGS and bool(body.get("stream"))
         call = _Call(self)
         response: httpx.Response | None = None
@@ -309,7 +321,7 @@ class RemoteEngine:
             call.settle(False, f"{self._where()} answered non-JSON ({status})")
             raise BackendError(f"{self._where(detail)} answered non-JSON ({status})")
         call.settle(True)
-        return JSONReply(status, raw, usage=_usage(raw), headers=headers)
+        return JSONReply(status, self.rename(raw), usage=_usage(raw), headers=headers)
 
     def _error(self, status: int, raw: bytes, detail: bool = True) -> tuple[int, bytes]:
         """An upstream error as an OpenAI envelope, rebuilt (never the upstream's bytes).
@@ -466,6 +478,29 @@ class RemoteEngine:
             await asyncio.sleep(self._settings.health_interval)
 
 
+def _serves(engine: RemoteEngine, spec: RemoteModelSpec) -> bool:
+    """Whether ``engine`` proxies to the same backend and upstream model as ``spec`` says."""
+    return engine.url == spec.backend_url and engine.spec.upstream_name == spec.upstream_name
+
+
+class _Rename:
+    """Puts this entry's name where the backend's answer names the model by its own name
+    (``backend_model``), as ``vllm serve --served-model-name`` would answer: a bytes
+    replacement of the ``"model"`` member, so nothing is re-parsed or re-encoded."""
+
+    def __init__(self, upstream: str, ours: str) -> None:
+        self._pairs: list[tuple[bytes, bytes]] = []
+        if upstream != ours:
+            theirs, mine = json.dumps(upstream).encode(), json.dumps(ours).encode()
+            for colon in (b":", b": "):
+                self._pairs.append((b'"model"' + colon + theirs, b'"model"' + colon + mine))
+
+    def __call__(self, data: bytes) -> bytes:
+        for theirs, mine in self._pairs:
+            data = data.replace(theirs, mine)
+        return data
+
+
 def _printable(text: str, limit: int) -> str:
     """``text`` without control characters, at most ``limit`` characters."""
     cleaned = "".join(c if c.isprintable() else " " for c in text[: limit * 2]).strip()
@@ -528,7 +563,7 @@ class RemoteBackends:
         """The engine for ``spec``, made on first use (or anew when its URL changed)."""
         engine = self._engines.get(spec.name)
         client = self._client_for_catalogue()
-        if engine is not None and engine.url == spec.backend_url and engine._client is client:
+        if engine is not None and _serves(engine, spec) and engine._client is client:
             return engine
         if engine is not None:
             # A replaced engine's requests in flight finish on the shared client.
@@ -556,7 +591,7 @@ class RemoteBackends:
             old = self._engines.get(name)
             if old is None:
                 changes["added"].append(name)
-            elif old.url != spec.backend_url or old._client is not self._client_for_catalogue():
+            elif not _serves(old, spec) or old._client is not self._client_for_catalogue():
                 await old.stop()
                 del self._engines[name]
                 changes["replaced"].append(name)

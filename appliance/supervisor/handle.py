@@ -30,6 +30,10 @@ class EngineMaker(Protocol):
         """A new engine for ``spec`` on ``allocation``."""
         ...
 
+    def adapter_source(self, model: str, name: str, source: str) -> str:
+        """Where the engine loads adapter ``name`` from (``ConfigError`` if it cannot)."""
+        ...
+
 
 class RemoteEngines(Protocol):
     """Where the supervisor gets remote backends' engines (``appliance.engines.remote``)."""
@@ -101,6 +105,7 @@ class ModelHandle:
     sleep_level: int = 0  # 0 awake; 1 or 2 while asleep at that vLLM sleep level
     host_gib: float = 0.0  # host memory its weights fill while asleep at level 1
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> its source
 
     @property
     def name(self) -> str:

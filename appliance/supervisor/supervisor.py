@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from appliance.catalogue.schema import LocalModelSpec, ModelSpec, RemoteModelSpec
@@ -52,6 +53,22 @@ log = logging.getLogger("appliance.supervisor")
 S = ModelState
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a requested name goes (plain data: it may cross a process boundary later)."""
+
+    entry: str  # the catalogue entry whose engine serves it
+    served_as: str  # the model name the engine is asked for (an adapter keeps its own)
+    names: tuple[str, ...]  # the names a key may list to be allowed it
+
+
+def _same_but_aliases(old: ModelSpec, new: ModelSpec) -> bool:
+    """Whether two entries differ in their aliases at most."""
+    return type(old) is type(new) and old.model_copy(update={"aliases": []}) == new.model_copy(
+        update={"aliases": []}
+    )
+
+
 class Supervisor:
     """Owns the local models' engines; see the module docstring."""
 
@@ -78,6 +95,8 @@ class Supervisor:
         self._remotes = remotes
         self._observer = observer
         self._models: dict[str, ModelHandle] = {}
+        self._aliases: dict[str, str] = {}  # alias -> the name of the entry it stands for
+        self._adapters: dict[str, str] = {}  # LoRA adapter -> the model whose engine has it
         self._watch_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -90,6 +109,8 @@ class Supervisor:
         initial = S.UNLOADED if isinstance(spec, LocalModelSpec) else S.READY
         lifecycle = Lifecycle(spec.name, self._on_transition, initial=initial)
         handle = ModelHandle(spec=spec, lifecycle=lifecycle)
+        if isinstance(spec, LocalModelSpec):
+            handle.adapters = {a.name: a.source for a in spec.adapters}
         handle.idle.set()
         return handle
 
@@ -115,6 +136,74 @@ class Supervisor:
     def handles(self) -> list[ModelHandle]:
         """Every entry, local and remote, in catalogue order."""
         return list(self._models.values())
+
+    def _index_aliases(self) -> None:
+        """Rebuild alias -> name and adapter -> model; a name, then an earlier alias or
+        adapter, wins a clash (registry input; models.yaml refuses clashes at start)."""
+        aliases: dict[str, str] = {}
+        adapters: dict[str, str] = {}
+        for kind, names, index in (
+            ("alias", lambda h: h.spec.aliases, aliases),
+            ("adapter", lambda h: list(h.adapters), adapters),
+        ):
+            for handle in self._models.values():
+                for extra in names(handle):
+                    if extra in self._models or extra in aliases or extra in adapters:
+                        log.error(
+                            "model %s: %s %r is taken by another entry; ignored",
+                            handle.name,
+                            kind,
+                            extra,
+                            extra={"model": handle.name, "event": "name_clash"},
+                        )
+                        continue
+                    index[extra] = handle.name
+        self._aliases = aliases
+        self._adapters = adapters
+
+    def target_of(self, name: str) -> Target | None:
+        """What a request naming ``name`` gets: the entry whose engine serves it, the name
+        that engine is asked for, and every name a key may list to use it; None if unknown."""
+        if name in self._models:
+            return Target(name, name, tuple(self.names_of(name)))
+        if name in self._aliases:
+            entry = self._aliases[name]
+            return Target(entry, entry, tuple(self.names_of(name)))
+        if name in self._adapters:
+            # An adapter is a model of its own to clients: vLLM answers under its name.
+            return Target(self._adapters[name], name, (name,))
+        return None
+
+    def resolve(self, name: str) -> str:
+        """The entry serving ``name`` (a name, alias or adapter); 404 if there is none."""
+        target = self.target_of(name)
+        if target is None:
+            raise ModelNotFoundError(
+                f"The model {name!r} does not exist in this appliance's catalogue", param="model"
+            )
+        return target.entry
+
+    def model_named(self, name: str) -> str:
+        """The entry named ``name`` or aliased so (an adapter is not a model to operate on);
+        404 if there is none."""
+        if name in self._models:
+            return name
+        if name in self._aliases:
+            return self._aliases[name]
+        raise ModelNotFoundError(
+            f"The model {name!r} does not exist in this appliance's catalogue", param="model"
+        )
+
+    def names_of(self, name: str) -> list[str]:
+        """Every name of the entry ``name`` stands for, its own first; [] if there is none."""
+        entry = name if name in self._models else self._aliases.get(name)
+        if entry is None:
+            return []
+        return [entry, *(a for a, e in self._aliases.items() if e == entry)]
+
+    def adapter_names(self) -> list[str]:
+        """Every LoRA adapter name in the table."""
+        return list(self._adapters)
 
     def get(self, name: str) -> ModelHandle:
         """The handle of ``name``; ``ModelNotFoundError`` (404) if there is none."""
@@ -142,6 +231,7 @@ class Supervisor:
         """
         for spec in specs:
             self._models[spec.name] = self._new_handle(spec)
+        self._index_aliases()
         self._watch_task = asyncio.create_task(self._watch(), name="supervisor-watch")
         loads = [
             self._ensure_loading(handle, "autoload at start")
@@ -166,6 +256,9 @@ class Supervisor:
             self._engines.validate(spec)
         added = [name for name in wanted if name not in self._models]
         removed = [name for name in self._models if name not in wanted]
+        for name, new in wanted.items():
+            if name in self._models and _same_but_aliases(self._models[name].spec, new):
+                self._models[name].spec = new  # new names for the same model: nothing restarts
         changed = [
             name
             for name in wanted
@@ -207,6 +300,7 @@ class Supervisor:
                 log.error("catalogue change failed: %r", result)
         # Keep catalogue order for listings.
         self._models = {n: self._models[n] for n in wanted if n in self._models}
+        self._index_aliases()
         return {"added": added, "removed": removed, "changed": changed}
 
     # -- loading ---------------------------------------------------------------------------
@@ -246,6 +340,17 @@ class Supervisor:
             target = S.UNLOADED if cancelled or no_room else S.FAILED
             handle.lifecycle.swap(S.LOADING, target, handle.last_error)
             raise
+        # Adapters loaded at run time (declared ones came with the engine's arguments).
+        declared = set(spec.adapter_names())
+        for name, source in list(handle.adapters.items()):
+            if name not in declared:
+                try:
+                    await engine.load_adapter(
+                        name, self._engines.adapter_source(spec.name, name, source)
+                    )
+                except ApplianceError as exc:
+                    log.error("model %s: adapter %s not restored: %s", spec.name, name, exc)
+                    handle.adapters.pop(name, None)
         handle.engine = engine
         handle.load_seconds = time.monotonic() - started
         handle.last_used = time.monotonic()
@@ -297,6 +402,51 @@ class Supervisor:
             return handle
         await asyncio.shield(self._ensure_loading(handle, "load requested"))
         return handle
+
+    # -- LoRA adapters ---------------------------------------------------------------------
+
+    async def load_adapter(self, model: str, name: str, source: str) -> None:
+        """Serve the LoRA adapter at ``source`` as ``name`` on ``model``'s running engine;
+        requests in flight on the model go on. 409 if the model is not ready or the name is
+        taken; 400 if the source cannot be loaded."""
+        handle, spec = self._get_local(model)
+        if self.target_of(name) is not None and self._adapters.get(name) != model:
+            raise LifecycleError(f"{name!r} is already a model, alias or adapter name")
+        if handle.state is not S.READY or handle.engine is None:
+            raise LifecycleError(
+                f"model {model!r} is {handle.state.value}; adapters load on a ready model"
+            )
+        path = self._engines.adapter_source(spec.name, name, source)
+        await handle.engine.load_adapter(name, path)
+        handle.adapters[name] = source
+        self._index_aliases()
+        log.info(
+            "model %s: adapter %s loaded from %s",
+            model,
+            name,
+            source,
+            extra={"model": model, "event": "adapter_loaded", "adapter": name},
+        )
+
+    async def unload_adapter(self, model: str, name: str) -> None:
+        """Stop serving adapter ``name`` of ``model`` (404 if it has none of that name)."""
+        handle, _ = self._get_local(model)
+        if name not in handle.adapters:
+            raise ModelNotFoundError(f"model {model!r} has no adapter {name!r}", param="name")
+        if handle.engine is not None and handle.state is S.READY:
+            await handle.engine.unload_adapter(name)
+        del handle.adapters[name]
+        self._index_aliases()
+        log.info(
+            "model %s: adapter %s unloaded",
+            model,
+            name,
+            extra={"model": model, "event": "adapter_unloaded", "adapter": name},
+        )
+
+    def adapters_of(self, model: str) -> dict[str, str]:
+        """``model``'s LoRA adapters: name -> source (none for a remote entry)."""
+        return dict(self.get(model).adapters)
 
     # -- sleep mode (GPU only) -------------------------------------------------------------
 
@@ -644,6 +794,8 @@ class Supervisor:
             "version": spec.version,
             "owner": spec.owner,
             "task": spec.task.value,
+            "aliases": [a for a, e in self._aliases.items() if e == name],
+            "adapters": [{"name": a, "source": s} for a, s in handle.adapters.items()],
             "max_queue": spec.max_queue or self.limits.max_queue,
         }
         if isinstance(spec, LocalModelSpec):
@@ -657,6 +809,7 @@ class Supervisor:
         else:
             self._refresh_remote(handle)
             entry["backend_url"] = spec.backend_url
+            entry["backend_model"] = spec.upstream_name
         entry.update(self.status(handle))
         if isinstance(spec, RemoteModelSpec) and self._remotes is not None:
             # The backend's own health: up, its breaker, why it last failed.

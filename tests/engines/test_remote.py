@@ -514,3 +514,15 @@ async def test_backends_sync_get_status_and_close(upstream: Upstream) -> None:
     assert isinstance(reply, JSONReply) and reply.body == JSON_ANSWER
     await backends.close()
     assert backends.status() == {}
+
+
+async def test_backend_model_is_asked_for_and_answered_under_the_entrys_name(
+    upstream: Upstream,
+) -> None:
+    spec = RemoteModelSpec(name="llama", backend_url=upstream.url, backend_model="echo")
+    async with httpx.AsyncClient() as client:
+        engine = RemoteEngine(spec, client, FAST)
+        reply = await engine.handle(Endpoint.CHAT, {"model": "llama", "messages": []}, incoming())
+    assert isinstance(reply, JSONReply) and reply.status_code == 200
+    assert upstream.seen.requests[-1][2]["model"] == "echo"
+    assert reply.body == JSON_ANSWER.replace(b'"model":"echo"', b'"model":"llama"')

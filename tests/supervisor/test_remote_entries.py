@@ -139,3 +139,23 @@ def test_a_catalogue_change_moves_remote_entries_without_touching_local_ones() -
         assert changes["removed"] == ["far"] and [h.name for h in sup.handles()] == ["near"]
 
     run(body)
+
+
+def test_aliases_resolve_to_their_entry_and_list_its_names() -> None:
+    async def body(sup: Supervisor, remotes: FakeRemotes, rec: Recorder) -> None:
+        await sup.start([far(aliases=["gpt-4o-mini", "fast"])])
+        assert sup.resolve("far") == sup.resolve("gpt-4o-mini") == "far"
+        assert sup.names_of("fast") == ["far", "gpt-4o-mini", "fast"]
+        assert sup.names_of("nowhere") == []
+        with pytest.raises(ModelNotFoundError):
+            sup.resolve("nowhere")
+        assert sup.describe("far")["aliases"] == ["gpt-4o-mini", "fast"]
+        # New aliases for the same entry: the entry stays (no restart), the names move.
+        handle = sup.get("far")
+        changes = await sup.apply_catalogue([far(aliases=["slow"])])
+        assert changes["changed"] == [] and sup.get("far") is handle
+        assert sup.resolve("slow") == "far"
+        with pytest.raises(ModelNotFoundError):
+            sup.resolve("fast")
+
+    run(body)

@@ -330,3 +330,38 @@ def test_up_refuses_a_catalogue_that_cannot_be_placed_with_one_line(tmp_path: Pa
         "1.5 GiB each; free: cpu0 0.5/2.0 GiB (beside first); set autoload: false on some, or "
         "give them less memory"
     ]
+
+
+def test_aliases_must_not_clash_with_names_or_each_other() -> None:
+    assert "alias 'chat' is already a name or alias of 'chat'" in error_of("""
+        models:
+          - {name: chat, source: a/b}
+          - {name: other, source: c/d, aliases: [chat]}
+    """)
+    assert "alias 'gpt-4o-mini' is already a name or alias of 'a'" in error_of("""
+        models:
+          - {name: a, source: a/b, aliases: [gpt-4o-mini]}
+          - {name: b, backend_url: "http://x:8000", aliases: [gpt-4o-mini]}
+    """)
+    assert "own name" in error_of("""
+        models:
+          - {name: a, source: a/b, aliases: [a]}
+    """)
+    assert "'aliases.0'" in error_of("""
+        models:
+          - {name: a, source: a/b, aliases: ["has space"]}
+    """)
+
+
+def test_backend_model_is_for_remote_entries_only() -> None:
+    config = parse("""
+        models:
+          - {name: llama, backend_url: "http://box-a:8000", backend_model: llama-3-8b}
+    """)
+    (far,) = config.models
+    assert isinstance(far, RemoteModelSpec) and far.upstream_name == "llama-3-8b"
+    message = error_of("""
+        models:
+          - {name: llama, source: a/b, backend_model: llama-3-8b}
+    """)
+    assert "model 'llama': field 'backend_model': does not apply to a local model" in message

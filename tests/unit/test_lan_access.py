@@ -317,6 +317,11 @@ class _FailedRouter:
 
         self.catalogue = Catalogue([LocalModelSpec(name="m", source="org/m")], CatalogueSource.FILE)
 
+    def target_of(self, model: str) -> Any:
+        from appliance.supervisor.supervisor import Target
+
+        return Target(model, model, (model,)) if model in self.catalogue else None
+
     def engine_for(self, model: str, endpoint: Any) -> Any:
         from appliance.errors import ModelFailedError
 
