@@ -33,8 +33,8 @@ from appliance.supervisor.inventory import GIB, GpuMemory, gpu_memory_used
 from appliance.supervisor.states import ModelState
 
 if TYPE_CHECKING:
-    from appliance.api.middleware import RequestInfo
     from appliance.catalogue.catalogue import Catalogue
+    from appliance.request_info import RequestInfo
     from appliance.supervisor.states import Transition
     from appliance.supervisor.supervisor import Supervisor
 

@@ -12,23 +12,12 @@ from __future__ import annotations
 
 import time
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from appliance.api.rate_limit import Clock, SlidingWindow
 from appliance.catalogue.schema import LocalModelSpec
 from appliance.errors import ModelNotReadyError, RateLimitedError
 from appliance.router import Router
+from appliance.settings import OnDemandLimits
 from appliance.supervisor.states import ModelState
-
-
-class OnDemandLimits(BaseModel):
-    """How many on-demand loads may run, and start, across the whole appliance."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_concurrent_loads: int = Field(1, ge=1, description="On-demand loads running at once.")
-    loads_per_minute: int = Field(6, ge=1, description="On-demand loads started per minute.")
-    retry_after_seconds: float = Field(10.0, gt=0, description="Retry-After when refused.")
 
 
 class LoadRefusedError(ModelNotReadyError):

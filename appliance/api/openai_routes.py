@@ -28,13 +28,13 @@ from appliance.api.auth import (
     require_role,
 )
 from appliance.api.load_gate import LoadGate
-from appliance.api.middleware import RequestInfo, request_info
 from appliance.api.stream_usage import USAGE_MARK, ask_for_usage, hide_usage, usage_of_event
 from appliance.catalogue.schema import RemoteModelSpec
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
 from appliance.engines.remote import DETAIL_SCOPE
 from appliance.errors import ApplianceError, InvalidRequestError, ModelFailedError
 from appliance.metrics import Metrics
+from appliance.request_info import RequestInfo, request_info
 from appliance.router import Router
 
 CLIENT_CLOSED_REQUEST = 499

@@ -71,11 +71,11 @@ class SupervisorObserver(Protocol):
 class SupervisorLimits:
     """The supervisor's time bounds and defaults."""
 
-    load_wait_seconds: float = 30.0  # a request waits this long for a loading model
+    load_wait_seconds: float = 60.0  # a request waits this long for a loading model
     drain_seconds: float = 30.0  # in-flight requests get this long to finish on unload
     retry_after_seconds: int = 5  # what 503 answers tell clients
     restart_max_tries: int = 3  # consecutive failed restarts before giving up
-    restart_backoff_seconds: float = 1.0  # first restart delay, doubled each try
+    restart_backoff_seconds: float = 2.0  # first restart delay, doubled each try
     watch_interval_seconds: float = 0.5  # how often engines are checked for death and idleness
     default_memory_share: float = 0.9  # GPU share for a model that declares no memory
     cpu_default_model_gib: float = 2.0  # CPU memory for a model that declares no memory
