@@ -35,7 +35,8 @@ from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.settings import Settings
 from appliance.supervisor.capacity import HostCapacity
-from appliance.supervisor.inventory import DeviceKind, GpuMonitor, detect_inventory
+from appliance.supervisor.handle import EngineMaker
+from appliance.supervisor.inventory import DeviceKind, GpuMonitor, Inventory, detect_inventory
 from appliance.supervisor.placement import PlacementPolicy
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
@@ -93,19 +94,34 @@ def _sleep_host_budget_gib(configured: float | None) -> float:
 class Appliance:
     """Everything behind the HTTP edge."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engines: EngineMaker | None = None,
+        inventory: Inventory | None = None,
+    ) -> None:
+        """``engines`` makes the local engines (default: vLLM's, through ``EngineFactory``);
+        ``inventory`` is the host's devices (default: detected). Tests give their own."""
         self.settings = settings
         config = load_catalogue_file(settings.config_path)
         # The operator's environment, before the engine factory sets what vLLM must read.
         environ = dict(os.environ)
-        self.engines = EngineFactory(
-            base_dir=settings.config_path.resolve().parent,
-            cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
+        factory = (
+            EngineFactory(
+                base_dir=settings.config_path.resolve().parent,
+                cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
+            )
+            if engines is None or inventory is None
+            else None
         )
+        self.engines: EngineMaker = engines or factory  # type: ignore[assignment]
         for spec in config.models:
             self.engines.validate(spec)
-        self.inventory = detect_inventory(
-            settings.cpu_memory_budget_gib, environ=environ, cuda_build=self.engines.cuda_build
+        self.inventory = inventory or detect_inventory(
+            settings.cpu_memory_budget_gib,
+            environ=environ,
+            cuda_build=factory is not None and factory.cuda_build,
         )
         self.gpus = GpuMonitor()
         on_gpu = self.inventory.kind is DeviceKind.GPU

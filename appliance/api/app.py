@@ -29,6 +29,8 @@ from appliance.api.usage_routes import build_usage_router
 from appliance.appliance import Appliance
 from appliance.errors import ApplianceError
 from appliance.settings import Settings
+from appliance.supervisor.handle import EngineMaker
+from appliance.supervisor.inventory import Inventory
 from appliance.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("appliance")
@@ -43,13 +45,16 @@ def create_app(
     appliance: Appliance | None = None,
     *,
     startup_view: StartupView | None = None,
+    engines: EngineMaker | None = None,
+    inventory: Inventory | None = None,
 ) -> FastAPI:
     """Build the appliance (validating the catalogue) and its HTTP app.
 
     Engines start in the app's lifespan, not here, so building the app is cheap and fails
-    fast on a bad configuration.
+    fast on a bad configuration. ``engines`` and ``inventory`` replace vLLM's engine maker and
+    the detected devices (fast tests of the HTTP layer run the routes on a test engine).
     """
-    core = appliance or Appliance(settings)
+    core = appliance or Appliance(settings, engines=engines, inventory=inventory)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
