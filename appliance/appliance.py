@@ -230,14 +230,25 @@ class Appliance:
             good.append(spec)
         return good
 
+    async def _apply(self, specs: Sequence[ModelSpec], *, untrusted: bool) -> dict[str, list[str]]:
+        """Put ``specs`` in the model table; return what changed.
+
+        The backends first: a request for a new registry entry, arriving while the table
+        changes, must get an engine on the guarded client. Then again once the table is
+        applied, to drop an engine a request re-made for an entry that was just removed.
+        """
+        await self.remotes.sync(specs, untrusted=untrusted)
+        changes = await self.supervisor.apply_catalogue(specs)
+        await self.remotes.sync(specs, untrusted=untrusted)
+        return changes
+
     async def _catalogue_changed(self, specs: list[ModelSpec], source: CatalogueSource) -> None:
         """The registry poller's callback: put the new catalogue in force."""
         if source is not CatalogueSource.FILE:
             specs = await self._admitted(specs)
         specs = self._servable(specs)
         if self._started:
-            changes = await self.supervisor.apply_catalogue(specs)
-            await self.remotes.sync(specs, untrusted=source is not CatalogueSource.FILE)
+            changes = await self._apply(specs, untrusted=source is not CatalogueSource.FILE)
             log.info(
                 "catalogue changed", extra={"event": "catalogue", "source": source.value, **changes}
             )
@@ -265,8 +276,7 @@ class Appliance:
             self.registry.replace_fallback(config.models)
             await self.registry.refresh()
             return {"added": [], "removed": [], "changed": []}
-        changes = await self.supervisor.apply_catalogue(config.models)
-        await self.remotes.sync(config.models)
+        changes = await self._apply(config.models, untrusted=False)
         self.catalogue.replace(config.models, CatalogueSource.FILE)
         log.info("catalogue reloaded", extra={"event": "reload", **changes})
         return changes
