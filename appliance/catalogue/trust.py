@@ -113,17 +113,22 @@ class RegistryGate:
         return spec.model_copy(update={"autoload": False, "load_on_demand": False})
 
     def _check_source(self, spec: LocalModelSpec) -> None:
-        source = spec.source
+        self._check_hub_id(spec, "source", spec.source)
+        # A LoRA adapter's weights are loaded like the model's: hub ids only, same rules.
+        for index, adapter in enumerate(spec.adapters):
+            self._check_hub_id(spec, f"adapters.{index}.source", adapter.source)
+
+    def _check_hub_id(self, spec: LocalModelSpec, field: str, source: str) -> None:
         if not _HUB_ID.match(source) or ".." in source:
             raise _refuse(
-                spec, "source", "a registry entry may name a hub id (org/name) only, not a path"
+                spec, field, "a registry entry may name a hub id (org/name) only, not a path"
             )
         if Path(source).exists():
             # vLLM loads a folder of that name when there is one, before asking the hub.
-            raise _refuse(spec, "source", "names a folder on this host, not a hub id")
+            raise _refuse(spec, field, "names a folder on this host, not a hub id")
         orgs = self._trust.hub_orgs
         if orgs is not None and source.split("/", 1)[0] not in orgs:
-            raise _refuse(spec, "source", "its hub organisation is not in registry_trust.hub_orgs")
+            raise _refuse(spec, field, "its hub organisation is not in registry_trust.hub_orgs")
 
     def _check_engine(self, spec: LocalModelSpec) -> None:
         refused = sorted(k for k in spec.engine if _key(k) not in self._engine_settings)

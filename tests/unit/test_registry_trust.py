@@ -113,6 +113,15 @@ async def test_local_paths_and_packages_are_refused(source: str) -> None:
         await gate().admit(local(source=source))
 
 
+@pytest.mark.parametrize("source", ["/etc", "./loras/x", "tests/unit", "org/../x"])
+async def test_adapter_sources_from_the_registry_are_hub_ids_only(source: str) -> None:
+    entry = local(adapters=[{"name": "ok", "source": "org/lora"}, {"name": "a", "source": source}])
+    with pytest.raises(UntrustedEntryError, match=r"field 'adapters\.1\.source'"):
+        await gate().admit(entry)
+    admitted = await gate().admit(local(adapters=[{"name": "ok", "source": "org/lora"}]))
+    assert admitted.adapter_names() == ["ok"]
+
+
 async def test_hub_organisations_can_be_limited() -> None:
     only_meta = gate(hub_orgs=["meta-llama"])
     await only_meta.admit(local(source="meta-llama/Llama-3-8B"))
