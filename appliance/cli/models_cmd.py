@@ -101,6 +101,17 @@ def list_models(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None
             m.get("source") or m.get("backend_url") or "",
             m.get("state", "-"),
         )
+        for adapter in m.get("adapters") or []:
+            # A LoRA adapter is a model name of its own, served by its parent's engine.
+            table.add_row(
+                adapter["name"],
+                "-",
+                m["task"],
+                m["version"],
+                m["owner"],
+                f"LoRA of {m['name']}: {adapter['source']}",
+                m.get("state", "-"),
+            )
     out.print(table)
 
 

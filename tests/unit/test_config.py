@@ -365,3 +365,30 @@ def test_backend_model_is_for_remote_entries_only() -> None:
           - {name: llama, source: a/b, backend_model: llama-3-8b}
     """)
     assert "model 'llama': field 'backend_model': does not apply to a local model" in message
+
+
+def test_adapters_are_names_that_clash_with_nothing() -> None:
+    config = parse("""
+        models:
+          - name: base
+            source: org/base
+            adapters: [{name: sql-lora, source: ./loras/sql}, {name: fr, source: org/fr-lora}]
+    """)
+    assert config.models[0].adapter_names() == ["sql-lora", "fr"]
+    assert "adapter 'gpt' is already a name, alias or adapter of 'other'" in error_of("""
+        models:
+          - {name: other, source: a/b, aliases: [gpt]}
+          - {name: base, source: c/d, adapters: [{name: gpt, source: x/y}]}
+    """)
+    assert "names an adapter twice" in error_of("""
+        models:
+          - {name: base, source: c/d, adapters: [{name: a, source: x/y}, {name: a, source: x/z}]}
+    """)
+    assert "field 'adapters': does not apply to a remote backend" in error_of("""
+        models:
+          - {name: far, backend_url: "http://x:8000", adapters: [{name: a, source: x/y}]}
+    """)
+    assert "lora_modules" in error_of("""
+        models:
+          - {name: base, source: c/d, engine: {lora_modules: ["a=/x"]}}
+    """)
