@@ -26,10 +26,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+LORA := .models/tiny-llama-lora/adapter_config.json
+
 $(MODELS): $(STAMP) scripts/build_tiny_model.py
 	$(BIN)/python scripts/build_tiny_model.py --all --out-dir .models
 
-models: $(MODELS)
+$(LORA): $(MODELS) scripts/build_tiny_lora.py
+	$(BIN)/python scripts/build_tiny_lora.py --base .models/tiny-llama --out .models/tiny-llama-lora
+
+models: $(MODELS) $(LORA)
 
 up: $(MODELS)
 	HF_HUB_OFFLINE=1 $(BIN)/appliance up --config models.yaml --port $(PORT)

@@ -1,4 +1,5 @@
-"""The composed appliance: catalogue (file or registry), supervisor, remote backends, router.
+"""The composed appliance: catalogue (file or registry), supervisor (the model table, local
+and remote), router.
 
 ``Appliance(settings)`` validates everything it can before any engine starts (the catalogue
 file, every local model's source and engine settings), so a wrong ``models.yaml`` fails at
@@ -36,7 +37,8 @@ from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.settings import Settings
 from appliance.supervisor.capacity import HostCapacity
-from appliance.supervisor.inventory import DeviceKind, GpuMonitor, detect_inventory
+from appliance.supervisor.handle import EngineMaker
+from appliance.supervisor.inventory import DeviceKind, GpuMonitor, Inventory, detect_inventory
 from appliance.supervisor.placement import PlacementPolicy
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
@@ -94,7 +96,15 @@ def _sleep_host_budget_gib(configured: float | None) -> float:
 class Appliance:
     """Everything behind the HTTP edge."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engines: EngineMaker | None = None,
+        inventory: Inventory | None = None,
+    ) -> None:
+        """``engines`` makes the local engines (default: vLLM's, through ``EngineFactory``);
+        ``inventory`` is the host's devices (default: detected). Tests give their own."""
         self.settings = settings
         config = load_catalogue_file(settings.config_path)
         # The operator's environment, before the engine factory sets what vLLM must read.
@@ -104,15 +114,22 @@ class Appliance:
         self.engine_metrics = (
             EngineMetrics(CollectorRegistry()) if settings.engine_metrics else None
         )
-        self.engines = EngineFactory(
-            base_dir=settings.config_path.resolve().parent,
-            cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
-            figures=self.engine_metrics,
+        factory = (
+            EngineFactory(
+                base_dir=settings.config_path.resolve().parent,
+                cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
+                figures=self.engine_metrics,
+            )
+            if engines is None or inventory is None
+            else None
         )
+        self.engines: EngineMaker = engines or factory  # type: ignore[assignment]
         for spec in config.models:
             self.engines.validate(spec)
-        self.inventory = detect_inventory(
-            settings.cpu_memory_budget_gib, environ=environ, cuda_build=self.engines.cuda_build
+        self.inventory = inventory or detect_inventory(
+            settings.cpu_memory_budget_gib,
+            environ=environ,
+            cuda_build=factory is not None and factory.cuda_build,
         )
         self.gpus = GpuMonitor()
         on_gpu = self.inventory.kind is DeviceKind.GPU
@@ -126,11 +143,16 @@ class Appliance:
         )
         if self.engine_metrics is not None:
             self.metrics.registry.register(self.engine_metrics.registry)
+        # Registry backends' connections check each address they connect to (DNS rebinding).
+        self.remotes = RemoteBackends(
+            settings.remote, guard=lambda address: self.registry_gate.refused(address)
+        )
         self.supervisor = Supervisor(
             self.inventory,
             self.engines,
             limits=settings.limits,
             observer=self.metrics,
+            remotes=self.remotes,
             capacity=HostCapacity(
                 self.inventory,
                 policy=PlacementPolicy.from_settings(config.placement),
@@ -151,11 +173,7 @@ class Appliance:
             registry=self.metrics.registry,
             model_label=self.metrics.model_label,
         )
-        # Registry backends' connections check each address they connect to (DNS rebinding).
-        self.remotes = RemoteBackends(
-            settings.remote, guard=lambda address: self.registry_gate.refused(address)
-        )
-        self.router = Router(self.catalogue, self.supervisor, remote=self.remotes.get)
+        self.router = Router(self.catalogue, self.supervisor)
         self.registry: RegistryPoller | None = None
         self.registry_gate = RegistryGate(config.registry_trust)
         if config.registry_url is not None:
@@ -222,14 +240,25 @@ class Appliance:
             good.append(spec)
         return good
 
+    async def _apply(self, specs: Sequence[ModelSpec], *, untrusted: bool) -> dict[str, list[str]]:
+        """Put ``specs`` in the model table; return what changed.
+
+        The backends first: a request for a new registry entry, arriving while the table
+        changes, must get an engine on the guarded client. Then again once the table is
+        applied, to drop an engine a request re-made for an entry that was just removed.
+        """
+        await self.remotes.sync(specs, untrusted=untrusted)
+        changes = await self.supervisor.apply_catalogue(specs)
+        await self.remotes.sync(specs, untrusted=untrusted)
+        return changes
+
     async def _catalogue_changed(self, specs: list[ModelSpec], source: CatalogueSource) -> None:
         """The registry poller's callback: put the new catalogue in force."""
         if source is not CatalogueSource.FILE:
             specs = await self._admitted(specs)
         specs = self._servable(specs)
         if self._started:
-            changes = await self.supervisor.apply_catalogue(specs)
-            await self.remotes.sync(specs, untrusted=source is not CatalogueSource.FILE)
+            changes = await self._apply(specs, untrusted=source is not CatalogueSource.FILE)
             log.info(
                 "catalogue changed", extra={"event": "catalogue", "source": source.value, **changes}
             )
@@ -257,17 +286,10 @@ class Appliance:
             self.registry.replace_fallback(config.models)
             await self.registry.refresh()
             return {"added": [], "removed": [], "changed": []}
-        changes = await self.supervisor.apply_catalogue(config.models)
-        await self.remotes.sync(config.models)
+        changes = await self._apply(config.models, untrusted=False)
         self.catalogue.replace(config.models, CatalogueSource.FILE)
         log.info("catalogue reloaded", extra={"event": "reload", **changes})
         return changes
-
-    def remote_status(self, spec: ModelSpec) -> dict[str, Any]:
-        """State of a remote model's backend: `ready` while it answers, else `unavailable`."""
-        status = dict(self.remotes.status().get(spec.name, {}))
-        status["state"] = "ready" if status.get("up", True) else "unavailable"
-        return status
 
     def remote_up(self) -> dict[str, bool]:
         """Each remote model's backend: up or not."""

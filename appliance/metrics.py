@@ -33,8 +33,8 @@ from appliance.supervisor.inventory import GIB, GpuMemory, gpu_memory_used
 from appliance.supervisor.states import ModelState
 
 if TYPE_CHECKING:
-    from appliance.api.middleware import RequestInfo
     from appliance.catalogue.catalogue import Catalogue
+    from appliance.request_info import RequestInfo
     from appliance.supervisor.states import Transition
     from appliance.supervisor.supervisor import Supervisor
 
@@ -153,10 +153,15 @@ class Metrics:
             self.catalogue = catalogue
 
     def model_label(self, name: str | None) -> str:
-        """``name`` if the catalogue holds it, else ``""``: labels stay a bounded set."""
-        if name is None or self.catalogue is None or name not in self.catalogue:
+        """``name`` if the catalogue holds it or it is a LoRA adapter in the model table, else
+        ``""``: labels stay a bounded set (adapters are added by the operator only)."""
+        if name is None or self.catalogue is None:
             return ""
-        return name
+        if name in self.catalogue:
+            return name
+        if self.supervisor is not None and name in self.supervisor.adapter_names():
+            return name
+        return ""
 
     # -- RequestObserver -----------------------------------------------------------------
 
@@ -249,7 +254,7 @@ class _ScrapeCollector(Collector):
     def _models(self) -> Iterator[Metric]:
         in_flight = GaugeMetricFamily(
             "appliance_requests_in_flight",
-            "Requests a local model is serving now.",
+            "Requests a model (local or remote) is serving now.",
             labels=["model"],
         )
         state = GaugeMetricFamily(

@@ -1,15 +1,15 @@
-"""The router: a model name to the engine that serves it, local or remote."""
+"""The router: a model name to the engine that serves it, lent by the supervisor."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from appliance.catalogue.catalogue import Catalogue
-from appliance.catalogue.schema import ModelSpec, Task
+from appliance.catalogue.schema import Task
 from appliance.engines.base import Endpoint, Engine
-from appliance.errors import BackendUnavailableError, WrongTaskError
-from appliance.supervisor.supervisor import Supervisor
+from appliance.errors import WrongTaskError
+from appliance.supervisor.supervisor import Supervisor, Target
 
 _TASK_OF = {
     Endpoint.CHAT: Task.GENERATE,
@@ -17,36 +17,29 @@ _TASK_OF = {
     Endpoint.EMBEDDINGS: Task.EMBED,
 }
 
-RemoteLookup = Callable[[ModelSpec], Engine]
-
 
 class Router:
-    """Finds the engine for a request; the supervisor lends local ones, remote ones are shared."""
+    """Finds the engine for a request: checks the endpoint fits the model, then borrows it."""
 
-    def __init__(
-        self,
-        catalogue: Catalogue,
-        supervisor: Supervisor,
-        remote: RemoteLookup | None = None,
-    ) -> None:
+    def __init__(self, catalogue: Catalogue, supervisor: Supervisor) -> None:
         self.catalogue = catalogue
         self.supervisor = supervisor
-        self._remote = remote
+
+    def target_of(self, model: str) -> Target | None:
+        """Where a request for ``model`` (a name, alias or adapter) goes; None if nowhere."""
+        return self.supervisor.target_of(model)
 
     @contextlib.asynccontextmanager
     async def engine_for(self, model: str, endpoint: Endpoint) -> AsyncIterator[Engine]:
-        """The engine serving ``model`` for ``endpoint``, held for the request's lifetime."""
-        spec = self.catalogue.get(model)
+        """The engine serving ``model`` (a name or an alias) for ``endpoint``, held for the
+        request's lifetime; 404 if no entry answers to that name."""
+        model = self.supervisor.resolve(model)
+        spec = self.supervisor.get(model).spec
         if _TASK_OF[endpoint] is not spec.task:
             raise WrongTaskError(
                 f"model {model!r} is a {spec.task.value} model and does not serve "
                 f"/v1/{endpoint.value}",
                 param="model",
             )
-        if spec.is_local:
-            async with self.supervisor.acquire(model) as engine:
-                yield engine
-            return
-        if self._remote is None:
-            raise BackendUnavailableError(f"model {model!r}: remote backends are not enabled")
-        yield self._remote(spec)
+        async with self.supervisor.acquire(model) as engine:
+            yield engine

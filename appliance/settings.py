@@ -7,8 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.api.auth import AuthConfig
-from appliance.api.load_gate import OnDemandLimits
+from appliance.api_keys import AuthConfig
 from appliance.engines.remote import RemoteSettings
 from appliance.supervisor.handle import SupervisorLimits
 from appliance.usage.quotas import QuotaConfig
@@ -21,6 +20,16 @@ def _default_cpu_budget_gib() -> float:
     except (ValueError, OSError):
         return 8.0
     return round(total / 2**30 / 2, 1)
+
+
+class OnDemandLimits(BaseModel):
+    """How many on-demand loads may run, and start, across the whole appliance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_concurrent_loads: int = Field(1, ge=1, description="On-demand loads running at once.")
+    loads_per_minute: int = Field(6, ge=1, description="On-demand loads started per minute.")
+    retry_after_seconds: float = Field(10.0, gt=0, description="Retry-After when refused.")
 
 
 class Settings(BaseModel):
@@ -79,6 +88,9 @@ class Settings(BaseModel):
             "Expose vLLM's own engine figures per model (prefix cache, preemptions, queue, "
             "prefill and decode times, speculative decoding); they cost work on every step."
         ),
+    )
+    list_aliases: bool = Field(
+        False, description="List each model alias in GET /v1/models as a model of its own."
     )
 
     def usage_db_path(self) -> Path:

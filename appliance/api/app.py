@@ -29,6 +29,8 @@ from appliance.api.usage_routes import build_usage_router
 from appliance.appliance import Appliance
 from appliance.errors import ApplianceError
 from appliance.settings import Settings
+from appliance.supervisor.handle import EngineMaker
+from appliance.supervisor.inventory import Inventory
 from appliance.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("appliance")
@@ -43,13 +45,16 @@ def create_app(
     appliance: Appliance | None = None,
     *,
     startup_view: StartupView | None = None,
+    engines: EngineMaker | None = None,
+    inventory: Inventory | None = None,
 ) -> FastAPI:
     """Build the appliance (validating the catalogue) and its HTTP app.
 
     Engines start in the app's lifespan, not here, so building the app is cheap and fails
-    fast on a bad configuration.
+    fast on a bad configuration. ``engines`` and ``inventory`` replace vLLM's engine maker and
+    the detected devices (fast tests of the HTTP layer run the routes on a test engine).
     """
-    core = appliance or Appliance(settings)
+    core = appliance or Appliance(settings, engines=engines, inventory=inventory)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -108,6 +113,7 @@ def create_app(
             log_prompts=settings.log_prompts,
             check_quota=core.usage.check_quota,
             load_gate=LoadGate(core.router, settings.on_demand),
+            list_aliases=settings.list_aliases,
         )
     )
     app.include_router(build_admin_router(core))

@@ -22,36 +22,35 @@ The key text is never logged nor put in an error message; a key is known by its 
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import hmac
 import logging
-import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
     SecretStr,
     ValidationError,
-    field_validator,
-    model_validator,
 )
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance.admin_key import ensure_admin_key
 from appliance.api.error_handlers import appliance_error_response
-from appliance.api.middleware import INFO_KEY, RequestInfo
 from appliance.api.peer import is_loopback, peer_address
 from appliance.api.rate_limit import Clock, KeyLimits
+from appliance.api_keys import (
+    KEY_MIN_LENGTH,
+    NAME_PATTERN,
+    ApiKey,
+    AuthConfig,
+    PublicRoute,
+    Role,
+    key_digest,
+)
 from appliance.config_problems import describe, locate
 from appliance.errors import (
     ApplianceError,
@@ -61,6 +60,7 @@ from appliance.errors import (
     PermissionDeniedError,
     RateLimitedError,
 )
+from appliance.request_info import INFO_KEY, RequestInfo
 
 log = logging.getLogger("appliance.auth")
 
@@ -71,102 +71,12 @@ ACCESS_SCOPE = "appliance.access"
 
 USER_KEYS_ENV = "APPLIANCE_API_KEYS"
 ADMIN_KEYS_ENV = "APPLIANCE_ADMIN_KEYS"
-KEY_MIN_LENGTH = 8
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._@:+-]{1,64}$")
-
-
-class Role(str, enum.Enum):
-    """What a key may reach."""
-
-    USER = "user"  # the OpenAI API under /v1
-    ADMIN = "admin"  # /v1 and the admin API under /admin
-
-
-class PublicRoute(str, enum.Enum):
-    """Groups of routes that may be made reachable without a key."""
-
-    HEALTH = "health"  # /health and /ready, for load balancers and orchestrators
-    METRICS = "metrics"  # /metrics, for Prometheus
-    DOCS = "docs"  # /docs, /redoc and /openapi.json
-
-
 _PUBLIC_PATHS: dict[PublicRoute, frozenset[str]] = {
     PublicRoute.HEALTH: frozenset({"/health", "/ready"}),
     PublicRoute.METRICS: frozenset({"/metrics"}),
     # FastAPI's Swagger page loads its OAuth2 redirect helper from under /docs too.
     PublicRoute.DOCS: frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}),
 }
-
-
-class ApiKey(BaseModel):
-    """One API key and what it may do."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    key: SecretStr = Field(min_length=KEY_MIN_LENGTH, description="The secret the client sends.")
-    name: str = Field(
-        pattern=_NAME_PATTERN.pattern,
-        description="Who the key belongs to; written in the access log instead of the key.",
-    )
-    role: Role = Role.USER
-    models: list[str] | None = Field(None, description="Models the key may use; None: all.")
-    requests_per_minute: int | None = Field(None, ge=1)
-    max_concurrent: int | None = Field(None, ge=1)
-    may_load: bool = Field(
-        True, description="Whether a request with this key may start an on-demand load."
-    )
-
-    @field_validator("key")
-    @classmethod
-    def _header_safe(cls, value: SecretStr) -> SecretStr:
-        text = value.get_secret_value()
-        # The key travels in an HTTP header, where spaces and non-ASCII cannot round-trip.
-        if not (text.isascii() and text.isprintable()) or any(c.isspace() for c in text):
-            raise ValueError("must be printable ASCII with no spaces")
-        return value
-
-
-def _default_public() -> set[PublicRoute]:
-    # /metrics and the docs follow the keys like any route: the metrics name every model,
-    # backend and its health, and the docs map the API.
-    return {PublicRoute.HEALTH}
-
-
-class AuthConfig(BaseModel):
-    """The API keys, and which routes need none."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    keys: list[ApiKey] = Field(default_factory=list)
-    public: set[PublicRoute] = Field(default_factory=_default_public)
-    anonymous: bool = Field(
-        False,
-        description="Serve /v1 (not /admin) without a key to anyone who can reach the port.",
-    )
-    metrics_from: list[IPv4Network | IPv6Network] = Field(
-        default_factory=list,
-        description="Networks that may read /metrics without a key (a Prometheus server).",
-    )
-
-    @model_validator(mode="after")
-    def _unique(self) -> AuthConfig:
-        by_digest: dict[bytes, str] = {}
-        names: set[str] = set()
-        for entry in self.keys:
-            if entry.name in names:
-                raise ValueError(f"key {entry.name!r}: the name is used by another key too")
-            names.add(entry.name)
-            digest = _digest(entry.key.get_secret_value())
-            if digest in by_digest:
-                raise ValueError(
-                    f"key {entry.name!r}: field 'key': same key as {by_digest[digest]!r}"
-                )
-            by_digest[digest] = entry.name
-        return self
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8")).digest()
 
 
 def describe_open(config: AuthConfig) -> str | None:
@@ -254,7 +164,7 @@ def _describe(error: Mapping[str, Any], keys: list[Any]) -> str:
     """One validation problem as text; never quotes the input, which may be a key."""
     # A name that is itself invalid may be a pasted key; it is named by its position instead.
     where, loc = locate(
-        error, "keys", keys, "key", name_ok=lambda name: bool(_NAME_PATTERN.match(name))
+        error, "keys", keys, "key", name_ok=lambda name: bool(NAME_PATTERN.match(name))
     )
     field = ".".join(str(part) for part in loc)
     if error.get("type") == "too_short" and field == "key":
@@ -280,13 +190,15 @@ class KeyIdentity:
         return self.models is None or model in self.models
 
 
-def check_model_allowed(scope: Scope, model: str) -> None:
+def check_model_allowed(scope: Scope, model: str, names: Sequence[str] = ()) -> None:
     """Raise ``ModelNotAllowedError`` (403) if the caller's key may not use ``model``.
 
-    With no key in ``scope`` (the API is open, or the route is public) every model is allowed.
+    ``names``: every name of the entry ``model`` stands for (its name and aliases); a key that
+    lists any of them may use it by any of them. With no key in ``scope`` (the API is open, or
+    the route is public) every model is allowed.
     """
     identity: KeyIdentity | None = scope.get(KEY_SCOPE)
-    if identity is not None and not identity.allows(model):
+    if identity is not None and not any(identity.allows(n) for n in (model, *names)):
         raise ModelNotAllowedError(f"this API key may not use model {model!r}", param="model")
 
 
@@ -375,7 +287,7 @@ class AuthMiddleware:
         # Hashed once here: requests are compared by digest, in time independent of the key.
         self._entries = [
             _Entry(
-                digest=_digest(key.key.get_secret_value()),
+                digest=key_digest(key.key.get_secret_value()),
                 identity=KeyIdentity(
                     name=key.name,
                     role=key.role,
@@ -448,7 +360,7 @@ class AuthMiddleware:
         presented = _bearer(scope)
         if presented is None:
             return None
-        digest = _digest(presented)
+        digest = key_digest(presented)
         found = None
         # Every configured key is compared, with no early exit, so the time taken says
         # nothing about which key (if any) matched.

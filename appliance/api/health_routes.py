@@ -20,7 +20,7 @@ def build_health_router(supervisor: Supervisor) -> APIRouter:
     @api.get("/ready", summary="Readiness")
     async def ready() -> JSONResponse:
         """200 once every autoload model is ready; 503 (with each model's state) until then."""
-        states = {h.name: h.state.value for h in supervisor.handles() if h.spec.autoload}
+        states = {h.name: h.state.value for h in supervisor.handles() if h.autoload}
         ok = supervisor.all_ready()
         return JSONResponse(
             {"ready": ok, "models": states},

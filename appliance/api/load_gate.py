@@ -12,22 +12,12 @@ from __future__ import annotations
 
 import time
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from appliance.api.rate_limit import Clock, SlidingWindow
+from appliance.catalogue.schema import LocalModelSpec
 from appliance.errors import ModelNotReadyError, RateLimitedError
 from appliance.router import Router
+from appliance.settings import OnDemandLimits
 from appliance.supervisor.states import ModelState
-
-
-class OnDemandLimits(BaseModel):
-    """How many on-demand loads may run, and start, across the whole appliance."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_concurrent_loads: int = Field(1, ge=1, description="On-demand loads running at once.")
-    loads_per_minute: int = Field(6, ge=1, description="On-demand loads started per minute.")
-    retry_after_seconds: float = Field(10.0, gt=0, description="Retry-After when refused.")
 
 
 class LoadRefusedError(ModelNotReadyError):
@@ -64,7 +54,7 @@ class LoadGate:
         if model not in self._router.catalogue:
             return  # the route answers 404
         spec = self._router.catalogue.get(model)
-        if not spec.is_local or not spec.load_on_demand:
+        if not isinstance(spec, LocalModelSpec) or not spec.load_on_demand:
             return
         if self._router.supervisor.get(model).state not in _WOULD_LOAD:
             return

@@ -12,47 +12,18 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.engines.base import Usage
 from appliance.errors import BodyTimeoutError, BodyTooLargeError, envelope
 from appliance.logs import request_id_var
+from appliance.request_info import INFO_KEY, RequestInfo, RequestObserver
 
 log = logging.getLogger("appliance.access")
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-INFO_KEY = "appliance.request"
-
-
-@dataclass
-class RequestInfo:
-    """What the route learns about a request, for the access log and metrics."""
-
-    request_id: str
-    started: float = field(default_factory=time.perf_counter)
-    model: str | None = None
-    endpoint: str | None = None
-    usage: Usage | None = None
-    stream: bool = False
-    first_token_at: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class RequestObserver(Protocol):
-    """Told about every finished request (metrics implement this)."""
-
-    def on_request_done(self, info: RequestInfo, status: int, seconds: float) -> None:
-        """A request finished with ``status`` after ``seconds``."""
-        ...
-
-
-def request_info(scope: Scope) -> RequestInfo:
-    """The ``RequestInfo`` the middleware put in ``scope``."""
-    return scope[INFO_KEY]  # type: ignore[no-any-return]
 
 
 class RequestContextMiddleware:

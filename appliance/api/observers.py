@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from appliance.api.middleware import RequestInfo, RequestObserver
+from appliance.request_info import RequestInfo, RequestObserver
 
 
 class RequestObservers:

@@ -28,12 +28,13 @@ from appliance.api.auth import (
     require_role,
 )
 from appliance.api.load_gate import LoadGate
-from appliance.api.middleware import RequestInfo, request_info
 from appliance.api.stream_usage import USAGE_MARK, ask_for_usage, hide_usage, usage_of_event
+from appliance.catalogue.schema import RemoteModelSpec
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
 from appliance.engines.remote import DETAIL_SCOPE
-from appliance.errors import InvalidRequestError, ModelFailedError
+from appliance.errors import ApplianceError, InvalidRequestError, ModelFailedError
 from appliance.metrics import Metrics
+from appliance.request_info import RequestInfo, request_info
 from appliance.router import Router
 
 CLIENT_CLOSED_REQUEST = 499
@@ -211,23 +212,34 @@ def build_openai_router(
     log_prompts: bool = False,
     check_quota: QuotaCheck | None = None,
     load_gate: LoadGate | None = None,
+    list_aliases: bool = False,
 ) -> APIRouter:
     """The ``/v1`` routes, bound to ``router``; prompts reach the log only if ``log_prompts``;
     ``check_quota`` is given the caller's key name and raises if it is over its quota;
-    ``load_gate`` refuses on-demand loads the caller may not start now."""
+    ``load_gate`` refuses on-demand loads the caller may not start now; ``list_aliases``:
+    ``GET /v1/models`` lists each alias as a model of its own, as ``vllm serve`` lists every
+    ``--served-model-name``."""
     api = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_role(Role.USER))])
 
     async def serve(request: Request, endpoint: Endpoint) -> Response:
         info = request_info(request.scope)
         info.endpoint = endpoint.value
         body = await read_json_object(request)
-        model = _model_of(body)
+        asked = _model_of(body)
+        info.model = asked
+        target = router.target_of(asked)  # None when no entry answers to it: 404 below
+        check_model_allowed(request.scope, asked, target.names if target else ())
+        # From here on the name the engine serves it under (an alias becomes its model's name,
+        # as vllm serve --served-model-name NAME ALIAS answers; an adapter keeps its own):
+        # labels, usage and what the engine sees. The gate and the queue are the model's.
+        model = target.served_as if target else asked
+        entry = target.entry if target else asked
         info.model = model
-        check_model_allowed(request.scope, model)
+        body["model"] = model
         # Remote engines name their backend and quote its errors only to admins.
         request.scope[DETAIL_SCOPE] = caller_is_admin(request.scope)
         if load_gate is not None:
-            load_gate.check(model, may_load=may_load_on_demand(request.scope))
+            load_gate.check(entry, may_load=may_load_on_demand(request.scope))
         if check_quota is not None:
             identity = request.scope.get(KEY_SCOPE)
             check_quota(identity.name if identity is not None else None)
@@ -238,9 +250,9 @@ def build_openai_router(
         hidden_usage = info.stream and ask_for_usage(body)
         release = contextlib.AsyncExitStack()
         try:
-            asked = time.perf_counter()
+            waited_from = time.perf_counter()
             try:
-                engine = await release.enter_async_context(router.engine_for(model, endpoint))
+                engine = await release.enter_async_context(router.engine_for(entry, endpoint))
             except ModelFailedError as exc:
                 if caller_is_admin(request.scope):
                     raise
@@ -249,7 +261,7 @@ def build_openai_router(
                     f"model {model!r} failed; the operator can see why in the admin API",
                     retry_after=exc.retry_after,
                 ) from None
-            metrics.observe_queue_wait(model, time.perf_counter() - asked)
+            metrics.observe_queue_wait(model, time.perf_counter() - waited_from)
             reply = await _until_disconnect(engine.handle(endpoint, body, request), request)
         except BaseException:
             await release.aclose()
@@ -295,8 +307,6 @@ def build_openai_router(
         """Every model in the catalogue (that the caller's key may use), with its state."""
         data = []
         for spec in router.catalogue.specs():
-            if not model_allowed(request.scope, spec.name):
-                continue
             entry: dict[str, Any] = {
                 "id": spec.name,
                 "object": "model",
@@ -305,13 +315,24 @@ def build_openai_router(
                 "version": spec.version,
                 "task": spec.task.value,
             }
-            if spec.is_local:
-                with contextlib.suppress(Exception):
-                    entry["state"] = router.supervisor.get(spec.name).state.value
-            elif caller_is_admin(request.scope):
+            with contextlib.suppress(ApplianceError):  # the table may lag a catalogue change
+                entry["state"] = router.supervisor.state_of(spec.name).value
+            if isinstance(spec, RemoteModelSpec) and caller_is_admin(request.scope):
                 # Where a backend lives is the operator's business, not a user key's.
                 entry["backend_url"] = spec.backend_url
-            data.append(entry)
+            if any(model_allowed(request.scope, name) for name in spec.names()):
+                data.append(entry)
+                if list_aliases:
+                    data.extend({**entry, "id": a, "alias_of": spec.name} for a in spec.aliases)
+            # Each adapter is a model of its own (vLLM lists it with its parent).
+            adapters: dict[str, str] = {}
+            with contextlib.suppress(ApplianceError):
+                adapters = router.supervisor.adapters_of(spec.name)
+            data.extend(
+                {**entry, "id": adapter, "parent": spec.name}
+                for adapter in adapters
+                if model_allowed(request.scope, adapter)
+            )
         return JSONResponse({"object": "list", "data": data})
 
     return api

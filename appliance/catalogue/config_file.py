@@ -12,13 +12,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from appliance.catalogue.schema import CatalogueFile
+from appliance.catalogue.schema import CatalogueFile, untagged_error
 from appliance.config_problems import describe, locate
 from appliance.errors import ConfigError
 
 
 def _describe(error: Any, raw: Any) -> str:
     models = raw.get("models", []) if isinstance(raw, dict) else []
+    error = untagged_error(error, at=2)
     where, loc = locate(error, "models", models if isinstance(models, list) else [], "model")
     return describe(error, where, loc, show_input=True)
 

@@ -19,7 +19,7 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import ModelSpec, untagged_error
 from appliance.errors import ApplianceError
 
 logger = logging.getLogger("appliance.registry")
@@ -173,6 +173,8 @@ class RegistryClient:
             answer = _WireList.model_validate_json(content)
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
+            # data.N.spec.<kind>.field: the kind pydantic tried is noise to the reader.
+            first = untagged_error(first, at=3)
             where = ".".join(str(part) for part in first["loc"]) or "answer"
             raise RegistryBadAnswerError(
                 f"registry {self._url} answered an invalid catalogue "

@@ -8,12 +8,22 @@ not be silently ignored. Engine settings are checked separately by vLLM's own ar
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
@@ -115,8 +125,25 @@ def check_backend_url(value: str) -> str:
     return value.rstrip("/")
 
 
-class ModelSpec(BaseModel):
-    """One catalogue entry: a model the appliance can serve, locally or through a backend."""
+LOCAL_ONLY_FIELDS = (
+    "source",
+    "adapters",
+    "autoload",
+    "load_on_demand",
+    "keep_alive",
+    "evictable",
+    "resources",
+    "engine",
+)
+"""Fields of a local model that mean nothing for a remote backend (its server decides)."""
+REMOTE_ONLY_FIELDS = ("backend_url", "backend_model")
+"""Fields of a remote backend that mean nothing for a local model."""
+
+_EXACTLY_ONE = "give exactly one of source (served here) or backend_url (remote)"
+
+
+class _EntryBase(BaseModel):
+    """What every catalogue entry has, local or remote."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -124,23 +151,6 @@ class ModelSpec(BaseModel):
     version: str = Field("1", min_length=1, max_length=64)
     owner: str = Field("local", min_length=1, max_length=128)
     task: Task = Task.GENERATE
-    source: str | None = Field(
-        None,
-        min_length=1,
-        description=(
-            "Hub id, local folder, or package:MODULE/PATH for a model shipped inside a Python "
-            "package. Served by this appliance's own engines."
-        ),
-    )
-    backend_url: str | None = Field(
-        None, description="Base URL of another OpenAI-compatible server that serves this model."
-    )
-    autoload: bool = Field(True, description="Load at start-up.")
-    load_on_demand: bool = Field(False, description="Load when a request asks for it.")
-    keep_alive: float | None = Field(
-        None, gt=0, description="Unload after this many idle seconds (None: never)."
-    )
-    evictable: bool = Field(False, description="May be unloaded to make room for another.")
     max_queue: int | None = Field(
         None,
         ge=1,
@@ -149,18 +159,106 @@ class ModelSpec(BaseModel):
             "(default: the appliance's --max-queue)."
         ),
     )
+    aliases: list[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description=(
+            "More names clients may ask for (stable names such as gpt-4o-mini); answers name "
+            "the model by its name, as vllm serve --served-model-name NAME ALIAS does."
+        ),
+    )
+
+    @field_validator("aliases")
+    @classmethod
+    def _distinct_aliases(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists an alias twice")
+        return value
+
+    @model_validator(mode="after")
+    def _alias_is_not_the_name(self) -> _EntryBase:
+        if self.name in self.aliases:
+            raise ValueError(f"alias {self.name!r} is the entry's own name")
+        return self
+
+    def names(self) -> list[str]:
+        """Every name the entry answers to: its name first, then its aliases."""
+        return [self.name, *self.aliases]
+
+    def adapter_names(self) -> list[str]:
+        """The names of the LoRA adapters declared on this entry (none for a remote one)."""
+        return []
+
+
+class AdapterSpec(BaseModel):
+    """A LoRA adapter of a local model: a name clients ask for, and where its weights are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="The name clients ask for.")
+    source: str = Field(
+        min_length=1, max_length=1024, description="Local folder (PEFT format) or hub id."
+    )
+
+
+class LocalModelSpec(_EntryBase):
+    """A catalogue entry served by this appliance's own engines (it has a ``source``)."""
+
+    source: str = Field(
+        min_length=1,
+        description=(
+            "Hub id, local folder, or package:MODULE/PATH for a model shipped inside a Python "
+            "package. Served by this appliance's own engines."
+        ),
+    )
+    autoload: bool = Field(True, description="Load at start-up.")
+    load_on_demand: bool = Field(False, description="Load when a request asks for it.")
+    keep_alive: float | None = Field(
+        None, gt=0, description="Unload after this many idle seconds (None: never)."
+    )
+    evictable: bool = Field(False, description="May be unloaded to make room for another.")
     resources: Resources = Field(default_factory=Resources)
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list,
+        max_length=64,
+        description="LoRA adapters served on this model's engine, each under its own name.",
+    )
     engine: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM engine settings (max_model_len, dtype, ...), as vllm serve takes them.",
     )
 
-    @field_validator("backend_url")
+    def adapter_names(self) -> list[str]:
+        """The names of the LoRA adapters declared on this model."""
+        return [adapter.name for adapter in self.adapters]
+
+    @field_validator("adapters")
     @classmethod
-    def _check_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        return check_backend_url(value)
+    def _distinct_adapters(cls, value: list[AdapterSpec]) -> list[AdapterSpec]:
+        names = [adapter.name for adapter in value]
+        if len(set(names)) != len(names):
+            raise ValueError("names an adapter twice")
+        return value
+
+    @field_validator("engine")
+    @classmethod
+    def _lora_is_the_appliances(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if any(k.replace("-", "_") == "lora_modules" for k in value):
+            raise ValueError(
+                "engine setting 'lora_modules' is set by the appliance from adapters; list "
+                "them under adapters (name, source) instead"
+            )
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _needs_a_source(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if data.get("source") is None and data.get("backend_url") is None:
+                raise ValueError(_EXACTLY_ONE)
+            if "backend_url" in data and data["backend_url"] is None:
+                data = {k: v for k, v in data.items() if k != "backend_url"}
+        return data
 
     @field_validator("engine")
     @classmethod
@@ -182,18 +280,88 @@ class ModelSpec(BaseModel):
             )
         return value
 
-    @model_validator(mode="after")
-    def _check_location(self) -> ModelSpec:
-        if (self.source is None) == (self.backend_url is None):
-            raise ValueError("give exactly one of source (served here) or backend_url (remote)")
-        if self.backend_url is not None and self.engine:
-            raise ValueError("engine settings apply to local models only, not to a backend_url")
-        return self
+
+class RemoteModelSpec(_EntryBase):
+    """A catalogue entry served by another OpenAI-compatible server (it has a ``backend_url``)."""
+
+    backend_url: str = Field(
+        description="Base URL of another OpenAI-compatible server that serves this model."
+    )
+    backend_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="The model's name on the backend, when it differs from this entry's name.",
+    )
 
     @property
-    def is_local(self) -> bool:
-        """True when this appliance's own engines serve the model."""
-        return self.source is not None
+    def upstream_name(self) -> str:
+        """The name the backend knows the model by."""
+        return self.backend_model or self.name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_source(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "source" in data:
+            if data["source"] is not None:
+                raise ValueError(_EXACTLY_ONE)
+            data = {k: v for k, v in data.items() if k != "source"}
+        return data
+
+    @field_validator("backend_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return check_backend_url(value)
+
+
+_LOCAL_TAG = "local"
+_REMOTE_TAG = "remote"
+SPEC_KIND_TAGS = (_LOCAL_TAG, _REMOTE_TAG)
+"""The tags pydantic puts in an error's location after the entry's index."""
+
+
+def _kind_of(value: Any) -> str:
+    """Which kind of entry ``value`` is: remote when it names a ``backend_url``."""
+    if isinstance(value, dict):
+        return _REMOTE_TAG if value.get("backend_url") is not None else _LOCAL_TAG
+    return _REMOTE_TAG if isinstance(value, RemoteModelSpec) else _LOCAL_TAG
+
+
+ModelSpec = Annotated[
+    Annotated[LocalModelSpec, Tag(_LOCAL_TAG)] | Annotated[RemoteModelSpec, Tag(_REMOTE_TAG)],
+    Discriminator(_kind_of),
+]
+"""One catalogue entry: a local model or a remote backend, told apart by ``backend_url``."""
+
+_SPEC_ADAPTER: TypeAdapter[LocalModelSpec | RemoteModelSpec] = TypeAdapter(ModelSpec)
+
+
+def untagged_error(error: Mapping[str, Any], at: int = 0) -> dict[str, Any]:
+    """A pydantic error about an entry (at position ``at`` of its location) told in the
+    entry's terms: without the kind pydantic tried, and a field of the other kind said to
+    not apply rather than to be unknown."""
+    loc = list(error.get("loc", ()))
+    if len(loc) <= at or loc[at] not in SPEC_KIND_TAGS:
+        return dict(error)
+    kind = loc.pop(at)
+    told = {**error, "loc": tuple(loc)}
+    field = loc[at] if len(loc) > at else None
+    other = LOCAL_ONLY_FIELDS if kind == _REMOTE_TAG else REMOTE_ONLY_FIELDS
+    if error.get("type") == "extra_forbidden" and field in other:
+        what = "a remote backend (backend_url)" if kind == _REMOTE_TAG else "a local model"
+        told["type"] = "not_for_kind"
+        told["msg"] = f"does not apply to {what}"
+    return told
+
+
+def parse_model_spec(data: Any) -> LocalModelSpec | RemoteModelSpec:
+    """One catalogue entry from plain data; ``pydantic.ValidationError`` if it is wrong."""
+    return _SPEC_ADAPTER.validate_python(data)
+
+
+def parse_model_spec_json(data: str | bytes) -> LocalModelSpec | RemoteModelSpec:
+    """One catalogue entry from JSON; ``pydantic.ValidationError`` if it is wrong."""
+    return _SPEC_ADAPTER.validate_json(data)
 
 
 class RegistryTrust(BaseModel):
@@ -294,9 +462,29 @@ class CatalogueFile(BaseModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> CatalogueFile:
-        seen: set[str] = set()
+        owner: dict[str, str] = {}
         for spec in self.models:
-            if spec.name in seen:
-                raise ValueError(f"model {spec.name!r} is declared twice")
-            seen.add(spec.name)
+            if spec.name in owner:
+                if owner[spec.name] == spec.name:
+                    raise ValueError(f"model {spec.name!r} is declared twice")
+                raise ValueError(
+                    f"model {spec.name!r}: is already an alias of {owner[spec.name]!r}"
+                )
+            owner[spec.name] = spec.name
+        for spec in self.models:
+            for alias in spec.aliases:
+                if alias in owner:
+                    raise ValueError(
+                        f"model {spec.name!r}: alias {alias!r} is already a name or alias of "
+                        f"{owner[alias]!r}"
+                    )
+                owner[alias] = spec.name
+        for spec in self.models:
+            for adapter in spec.adapter_names():
+                if adapter in owner:
+                    raise ValueError(
+                        f"model {spec.name!r}: adapter {adapter!r} is already a name, alias or "
+                        f"adapter of {owner[adapter]!r}"
+                    )
+                owner[adapter] = spec.name
         return self

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from appliance.catalogue.schema import ModelSpec, RegistryTrust
+from appliance.catalogue.schema import LocalModelSpec, ModelSpec, RegistryTrust, RemoteModelSpec
 from appliance.errors import ConfigError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -103,29 +103,34 @@ class RegistryGate:
     async def admit(self, spec: ModelSpec) -> ModelSpec:
         """``spec`` as it may be served (autoload off unless trusted); ``UntrustedEntryError``
         naming the model and the reason if it may not be served at all."""
-        if spec.is_local:
-            self._check_source(spec)
-            self._check_engine(spec)
-        else:
+        if isinstance(spec, RemoteModelSpec):
             await self._check_backend(spec)
+            return spec  # nothing loads for a remote entry
+        self._check_source(spec)
+        self._check_engine(spec)
         if self._trust.autoload:
             return spec
         return spec.model_copy(update={"autoload": False, "load_on_demand": False})
 
-    def _check_source(self, spec: ModelSpec) -> None:
-        source = spec.source or ""
+    def _check_source(self, spec: LocalModelSpec) -> None:
+        self._check_hub_id(spec, "source", spec.source)
+        # A LoRA adapter's weights are loaded like the model's: hub ids only, same rules.
+        for index, adapter in enumerate(spec.adapters):
+            self._check_hub_id(spec, f"adapters.{index}.source", adapter.source)
+
+    def _check_hub_id(self, spec: LocalModelSpec, field: str, source: str) -> None:
         if not _HUB_ID.match(source) or ".." in source:
             raise _refuse(
-                spec, "source", "a registry entry may name a hub id (org/name) only, not a path"
+                spec, field, "a registry entry may name a hub id (org/name) only, not a path"
             )
         if Path(source).exists():
             # vLLM loads a folder of that name when there is one, before asking the hub.
-            raise _refuse(spec, "source", "names a folder on this host, not a hub id")
+            raise _refuse(spec, field, "names a folder on this host, not a hub id")
         orgs = self._trust.hub_orgs
         if orgs is not None and source.split("/", 1)[0] not in orgs:
-            raise _refuse(spec, "source", "its hub organisation is not in registry_trust.hub_orgs")
+            raise _refuse(spec, field, "its hub organisation is not in registry_trust.hub_orgs")
 
-    def _check_engine(self, spec: ModelSpec) -> None:
+    def _check_engine(self, spec: LocalModelSpec) -> None:
         refused = sorted(k for k in spec.engine if _key(k) not in self._engine_settings)
         if refused:
             raise _refuse(
@@ -135,8 +140,8 @@ class RegistryGate:
                 "(models.yaml may allow them in registry_trust.engine_settings)",
             )
 
-    async def _check_backend(self, spec: ModelSpec) -> None:
-        parts = urlsplit(spec.backend_url or "")
+    async def _check_backend(self, spec: RemoteModelSpec) -> None:
+        parts = urlsplit(spec.backend_url)
         host = parts.hostname or ""
         hosts = self._trust.backend_hosts
         if hosts is not None and host not in hosts:

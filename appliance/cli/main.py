@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from appliance.cli.adapters_cmd import adapters_app
 from appliance.cli.doctor_cmd import doctor
 from appliance.cli.models_cmd import models_app
 from appliance.cli.up_cmd import up
@@ -18,6 +19,7 @@ app = typer.Typer(
 app.command("up")(up)
 app.command("doctor")(doctor)
 app.add_typer(models_app, name="models")
+app.add_typer(adapters_app, name="adapters")
 app.command("usage")(usage)
 
 

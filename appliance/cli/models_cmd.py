@@ -41,11 +41,22 @@ class AdminClient:
         self._client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self.url = url
 
-    def call(self, method: str, path: str, *, timeout: float | None = None) -> dict[str, Any]:
-        """Send one request; exit 1 with the server's message if it fails."""
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        timeout: float | None = None,
+        json: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Send one request (with a ``json`` body if given); exit 1 with the server's message
+        if it fails."""
         try:
             response = self._client.request(
-                method, path, timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
+                method,
+                path,
+                json=json,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
         except httpx.HTTPError as exc:
             err.print(
@@ -78,17 +89,29 @@ def list_models(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None
     """Every model in the catalogue, local and remote, with its state."""
     body = AdminClient(url, api_key).call("GET", "/admin/models")
     table = Table(title=f"catalogue ({body.get('catalogue_source', '?')})")
-    for column in ("NAME", "TASK", "VERSION", "OWNER", "SOURCE", "STATE"):
+    for column in ("NAME", "ALIASES", "TASK", "VERSION", "OWNER", "SOURCE", "STATE"):
         table.add_column(column)
     for m in body.get("data", []):
         table.add_row(
             m["name"],
+            ", ".join(m.get("aliases") or []) or "-",
             m["task"],
             m["version"],
             m["owner"],
             m.get("source") or m.get("backend_url") or "",
             m.get("state", "-"),
         )
+        for adapter in m.get("adapters") or []:
+            # A LoRA adapter is a model name of its own, served by its parent's engine.
+            table.add_row(
+                adapter["name"],
+                "-",
+                m["task"],
+                m["version"],
+                m["owner"],
+                f"LoRA of {m['name']}: {adapter['source']}",
+                m.get("state", "-"),
+            )
     out.print(table)
 
 

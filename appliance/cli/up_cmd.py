@@ -10,12 +10,24 @@ import typer
 from rich.console import Console
 
 from appliance.errors import ConfigError
+from appliance.settings import OnDemandLimits, Settings
+from appliance.supervisor.handle import SupervisorLimits
 
 err = Console(stderr=True)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
+
+
+# One place for each default: the settings objects; the options below show and use them.
+_LIMITS = SupervisorLimits()
+_ON_DEMAND = OnDemandLimits()
+_DEFAULT = {
+    name: field.default
+    for name, field in Settings.model_fields.items()
+    if field.default_factory is None
+}
 
 
 def up(
@@ -29,25 +41,29 @@ def up(
         None, help="Memory CPU engines may use together (no GPU). Default: half the RAM."
     ),
     shutdown_grace: float = typer.Option(
-        20.0, help="Seconds in-flight requests get to finish on Ctrl-C / SIGTERM."
+        _DEFAULT["shutdown_grace_seconds"],
+        help="Seconds in-flight requests get to finish on Ctrl-C / SIGTERM.",
     ),
     load_wait: float = typer.Option(
-        60.0, help="Seconds a request waits for a loading model before a 503."
+        _LIMITS.load_wait_seconds, help="Seconds a request waits for a loading model before a 503."
     ),
     drain_timeout: float = typer.Option(
-        30.0, help="Seconds in-flight requests get to finish when a model is unloaded."
+        _LIMITS.drain_seconds,
+        help="Seconds in-flight requests get to finish when a model is unloaded.",
     ),
     max_queue: int = typer.Option(
-        512,
+        _LIMITS.max_queue,
         min=1,
         help="Requests in flight or waiting per model before 429 (per-model: max_queue).",
     ),
     log_prompts: bool = typer.Option(
         False, help="Log prompts (truncated) in the access log. Off: no prompt text is logged."
     ),
-    restart_tries: int = typer.Option(3, help="Restarts of a dead engine before giving up."),
+    restart_tries: int = typer.Option(
+        _LIMITS.restart_max_tries, help="Restarts of a dead engine before giving up."
+    ),
     min_resident: float = typer.Option(
-        30.0,
+        _LIMITS.min_resident_seconds,
         min=0,
         help="Seconds a model stays loaded (or awake) before it may be evicted for another; "
         "stops on-demand loads from evicting each other in a loop.",
@@ -59,7 +75,8 @@ def up(
         "Without keys the API is open.",
     ),
     restart_backoff: float = typer.Option(
-        2.0, help="Seconds before the first restart of a dead engine; doubles each try."
+        _LIMITS.restart_backoff_seconds,
+        help="Seconds before the first restart of a dead engine; doubles each try.",
     ),
     allow_anonymous: bool = typer.Option(
         False,
@@ -83,13 +100,19 @@ def up(
         None, "--cors-origin", help="An origin whose web pages may call the API (repeatable)."
     ),
     max_connections: int = typer.Option(
-        1024, min=1, help="Open connections at most; beyond it new requests get 503."
+        _DEFAULT["max_connections"],
+        min=1,
+        help="Open connections at most; beyond it new requests get 503.",
     ),
     max_concurrent_loads: int = typer.Option(
-        1, min=1, help="On-demand loads running at once; a request needing another gets 503."
+        _ON_DEMAND.max_concurrent_loads,
+        min=1,
+        help="On-demand loads running at once; a request needing another gets 503.",
     ),
     loads_per_minute: int = typer.Option(
-        6, min=1, help="On-demand loads started per minute; beyond it 429."
+        _ON_DEMAND.loads_per_minute,
+        min=1,
+        help="On-demand loads started per minute; beyond it 429.",
     ),
     usage_db: Path | None = typer.Option(
         None, help="SQLite file of per-key usage. Default: usage.db beside the catalogue."
@@ -100,9 +123,15 @@ def up(
         help="YAML file of token quotas per key: quotas: {NAME: {tokens_per_day, "
         "tokens_per_month}}.",
     ),
-    status_page: bool = typer.Option(True, help="Serve the status page at / and /ui."),
+    status_page: bool = typer.Option(
+        _DEFAULT["status_page"], help="Serve the status page at / and /ui."
+    ),
+    list_aliases: bool = typer.Option(
+        _DEFAULT["list_aliases"],
+        help="List each model alias in GET /v1/models as a model of its own.",
+    ),
     engine_metrics: bool = typer.Option(
-        False,
+        _DEFAULT["engine_metrics"],
         "--engine-metrics",
         help="Expose vLLM's own engine figures per model on /metrics (prefix cache, "
         "preemptions, queue/prefill/decode times); costs work on every engine step.",
@@ -120,8 +149,6 @@ def up(
     from appliance.api.app import create_app
     from appliance.api.auth import load_auth_config, with_generated_admin_key
     from appliance.logs import configure_logging
-    from appliance.settings import Settings
-    from appliance.supervisor.handle import SupervisorLimits
     from appliance.usage.quotas import load_quotas
 
     options: dict[str, object] = {
@@ -142,6 +169,7 @@ def up(
         "usage_db": usage_db,
         "status_page": status_page,
         "engine_metrics": engine_metrics,
+        "list_aliases": list_aliases,
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib

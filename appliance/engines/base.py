@@ -159,3 +159,11 @@ class Engine(Protocol):
     def weights_gib(self) -> float | None:
         """Size of the model's weights, for host memory used in sleep; None when unknown."""
         ...
+
+    async def load_adapter(self, name: str, source: str) -> None:
+        """Serve the LoRA adapter at ``source`` as ``name`` without stopping the engine."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving the LoRA adapter ``name``."""
+        ...

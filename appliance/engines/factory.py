@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec, ModelSpec
 from appliance.engines.base import Engine, EngineFigureSink
 from appliance.errors import ConfigError
 from appliance.supervisor.inventory import DeviceKind, Inventory
@@ -85,6 +85,27 @@ def resolve_source(spec: ModelSpec, base_dir: Path | None = None) -> str:
     return source  # a hub id such as meta-llama/Meta-Llama-3-8B-Instruct
 
 
+def resolve_adapter_source(model: str, name: str, source: str, base_dir: Path | None) -> str:
+    """Where vLLM should load adapter ``name`` of ``model`` from: a folder (relative to the
+    catalogue's folder) or a hub id left as it is; ``ConfigError`` naming both if a folder is
+    missing or the source climbs out with ``..``."""
+    if ".." in re.split(r"[/\\]", source):
+        raise ConfigError(
+            f"model {model!r}: adapter {name!r}: source must not contain '..'", param="adapters"
+        )
+    if not source.startswith((".", "/", "~")):
+        return source  # a hub id such as org/my-lora
+    path = Path(source).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if not path.is_dir():
+        raise ConfigError(
+            f"model {model!r}: adapter {name!r}: folder {str(path)!r} does not exist",
+            param="adapters",
+        )
+    return str(path.resolve())
+
+
 class EngineFactory:
     """Checks entries and makes engines for them; the supervisor calls nothing else of vLLM."""
 
@@ -113,8 +134,20 @@ class EngineFactory:
 
     def validate(self, spec: ModelSpec) -> None:
         """Raise ``ConfigError`` naming the model and field if ``spec`` cannot be served."""
-        if spec.is_local:
-            self._args.build(spec, resolve_source(spec, self._base_dir))
+        if isinstance(spec, LocalModelSpec):
+            self._args.build(
+                spec, resolve_source(spec, self._base_dir), adapters=self._adapters(spec)
+            )
+
+    def adapter_source(self, model: str, name: str, source: str) -> str:
+        """``source`` of an adapter loaded at run time, resolved as in ``models.yaml``."""
+        return resolve_adapter_source(model, name, source, self._base_dir)
+
+    def _adapters(self, spec: LocalModelSpec) -> list[tuple[str, str]]:
+        return [
+            (a.name, resolve_adapter_source(spec.name, a.name, a.source, self._base_dir))
+            for a in spec.adapters
+        ]
 
     def create(self, spec: ModelSpec, allocation: Allocation, inventory: Inventory) -> Engine:
         """A new, not yet started, engine for ``spec`` on the devices of ``allocation``."""
@@ -135,6 +168,9 @@ class EngineFactory:
             kv = max(1, min(int(allocation.memory_gib), self._cpu_kv_cache_gib))
             env["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
         args = self._args.build(
-            spec, resolve_source(spec, self._base_dir), gpu_memory_utilization=utilization
+            spec,
+            resolve_source(spec, self._base_dir),
+            gpu_memory_utilization=utilization,
+            adapters=self._adapters(spec),
         )
         return VLLMEngine(spec, args, env=env, figures=self._figures)

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from starlette.requests import Request
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import ModelSpec, RemoteModelSpec
 from appliance.engines.address_guard import AddressCheck, guarded_transport
 from appliance.engines.base import Endpoint, EngineStats, JSONReply, Reply, StreamReply, Usage
 from appliance.engines.circuit_breaker import BreakerState, CircuitBreaker
@@ -143,7 +143,7 @@ class _Relay:
                 raise
             if chunk:
                 self._tail = (self._tail + chunk)[-2:]
-                return chunk
+                return self._engine.rename(chunk)
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
@@ -167,10 +167,8 @@ class RemoteEngine:
     """One catalogue entry served by another OpenAI-compatible server at ``spec.backend_url``."""
 
     def __init__(
-        self, spec: ModelSpec, client: httpx.AsyncClient, settings: RemoteSettings
+        self, spec: RemoteModelSpec, client: httpx.AsyncClient, settings: RemoteSettings
     ) -> None:
-        if spec.backend_url is None:
-            raise ValueError(f"model {spec.name!r} has no backend_url")
         self.spec = spec
         self.url = spec.backend_url
         self._client = client
@@ -183,6 +181,7 @@ class RemoteEngine:
         self.breaker = CircuitBreaker(
             settings.failure_threshold, settings.cool_down, on_change=self._breaker_changed
         )
+        self.rename = _Rename(spec.upstream_name, spec.name)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -236,6 +235,14 @@ class RemoteEngine:
         """Unknown: the weights live on the backend's host."""
         return None
 
+    async def load_adapter(self, name: str, source: str) -> None:
+        """A remote backend's adapters are its own business."""
+        raise NotSupportedError(f"model {self.spec.name!r} is remote: add adapters on its server")
+
+    async def unload_adapter(self, name: str) -> None:
+        """See ``load_adapter``."""
+        raise NotSupportedError(f"model {self.spec.name!r} is remote: remove adapters there")
+
     # -- requests --------------------------------------------------------------------------
 
     async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Reply:
@@ -249,6 +256,9 @@ class RemoteEngine:
                 f"{self.breaker.failures} consecutive failures{last}; retry in {wait:.1f}s",
                 retry_after=wait,
             )
+        if self.spec.backend_model is not None:
+            # The backend knows the model by its own name, not by this entry's.
+            body = {**body, "model": self.spec.backend_model}
         stream = endpoint is not Endpoint.EMBEDDINGS and bool(body.get("stream"))
         call = _Call(self)
         response: httpx.Response | None = None
@@ -311,7 +321,7 @@ class RemoteEngine:
             call.settle(False, f"{self._where()} answered non-JSON ({status})")
             raise BackendError(f"{self._where(detail)} answered non-JSON ({status})")
         call.settle(True)
-        return JSONReply(status, raw, usage=_usage(raw), headers=headers)
+        return JSONReply(status, self.rename(raw), usage=_usage(raw), headers=headers)
 
     def _error(self, status: int, raw: bytes, detail: bool = True) -> tuple[int, bytes]:
         """An upstream error as an OpenAI envelope, rebuilt (never the upstream's bytes).
@@ -468,6 +478,29 @@ class RemoteEngine:
             await asyncio.sleep(self._settings.health_interval)
 
 
+def _serves(engine: RemoteEngine, spec: RemoteModelSpec) -> bool:
+    """Whether ``engine`` proxies to the same backend and upstream model as ``spec`` says."""
+    return engine.url == spec.backend_url and engine.spec.upstream_name == spec.upstream_name
+
+
+class _Rename:
+    """Puts this entry's name where the backend's answer names the model by its own name
+    (``backend_model``), as ``vllm serve --served-model-name`` would answer: a bytes
+    replacement of the ``"model"`` member, so nothing is re-parsed or re-encoded."""
+
+    def __init__(self, upstream: str, ours: str) -> None:
+        self._pairs: list[tuple[bytes, bytes]] = []
+        if upstream != ours:
+            theirs, mine = json.dumps(upstream).encode(), json.dumps(ours).encode()
+            for colon in (b":", b": "):
+                self._pairs.append((b'"model"' + colon + theirs, b'"model"' + colon + mine))
+
+    def __call__(self, data: bytes) -> bytes:
+        for theirs, mine in self._pairs:
+            data = data.replace(theirs, mine)
+        return data
+
+
 def _printable(text: str, limit: int) -> str:
     """``text`` without control characters, at most ``limit`` characters."""
     cleaned = "".join(c if c.isprintable() else " " for c in text[: limit * 2]).strip()
@@ -526,11 +559,11 @@ class RemoteBackends:
             return self._guarded_client
         return self._client
 
-    def get(self, spec: ModelSpec) -> RemoteEngine:
+    def get(self, spec: RemoteModelSpec) -> RemoteEngine:
         """The engine for ``spec``, made on first use (or anew when its URL changed)."""
         engine = self._engines.get(spec.name)
         client = self._client_for_catalogue()
-        if engine is not None and engine.url == spec.backend_url and engine._client is client:
+        if engine is not None and _serves(engine, spec) and engine._client is client:
             return engine
         if engine is not None:
             # A replaced engine's requests in flight finish on the shared client.
@@ -549,7 +582,7 @@ class RemoteBackends:
         ``untrusted``: the catalogue came from the registry, so its backends connect through
         the guarded client (engines move to it when this changes)."""
         self._untrusted = untrusted
-        wanted = {spec.name: spec for spec in specs if spec.backend_url is not None}
+        wanted = {spec.name: spec for spec in specs if isinstance(spec, RemoteModelSpec)}
         changes: dict[str, list[str]] = {"added": [], "removed": [], "replaced": []}
         for name in sorted(set(self._engines) - set(wanted)):
             await self._engines.pop(name).stop()
@@ -558,7 +591,7 @@ class RemoteBackends:
             old = self._engines.get(name)
             if old is None:
                 changes["added"].append(name)
-            elif old.url != spec.backend_url or old._client is not self._client_for_catalogue():
+            elif not _serves(old, spec) or old._client is not self._client_for_catalogue():
                 await old.stop()
                 del self._engines[name]
                 changes["replaced"].append(name)
@@ -581,6 +614,15 @@ class RemoteBackends:
             await self._client.aclose()
         if self._guarded_client is not None:
             await self._guarded_client.aclose()
+
+    def health(self, spec: RemoteModelSpec) -> dict[str, Any]:
+        """The health of ``spec``'s backend: up, breaker state, the last error."""
+        engine = self.get(spec)
+        return {
+            "up": engine.up,
+            "breaker": engine.breaker.state.value,
+            "last_error": engine.last_error,
+        }
 
     def status(self) -> dict[str, dict[str, Any]]:
         """Per remote model: backend URL, up, breaker state, last error, requests in flight."""

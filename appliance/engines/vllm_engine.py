@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -38,7 +38,14 @@ from appliance.engines.base import (
     StreamReply,
     Usage,
 )
-from appliance.errors import ConfigError, EngineError, InvalidRequestError, WrongTaskError
+from appliance.errors import (
+    ConfigError,
+    EngineError,
+    InvalidRequestError,
+    LifecycleError,
+    ModelNotFoundError,
+    WrongTaskError,
+)
 
 log = logging.getLogger("appliance.engine")
 
@@ -230,8 +237,13 @@ class EngineArgsBuilder:
         source_path: str,
         *,
         gpu_memory_utilization: float | None = None,
+        adapters: Sequence[tuple[str, str]] = (),
     ) -> argparse.Namespace:
-        """Parse ``spec.engine`` with vLLM's parser; raise ``ConfigError`` naming the setting."""
+        """Parse ``spec.engine`` with vLLM's parser; raise ``ConfigError`` naming the setting.
+
+        ``adapters``: (name, path or hub id) of each LoRA adapter to serve from the start; with
+        any (or ``enable_lora`` in ``spec.engine``) the engine runs with vLLM's LoRA support,
+        so adapters can also be loaded and unloaded while it runs."""
         parser = self.parser
         argv = [
             "--model",
@@ -247,6 +259,10 @@ class EngineArgsBuilder:
             argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:.4f}"]
         for key, value in spec.engine.items():
             argv += self._setting_to_argv(spec.name, key, value)
+        if adapters:
+            if not any(k.replace("-", "_") == "enable_lora" for k in spec.engine):
+                argv += ["--enable-lora"]
+            argv += ["--lora-modules", *(f"{name}={path}" for name, path in adapters)]
         stderr = io.StringIO()
         try:
             with contextlib.redirect_stderr(stderr):
@@ -604,6 +620,46 @@ class VLLMEngine:
             usage=Usage(usage.prompt_tokens, usage.completion_tokens or 0) if usage else None,
         )
 
+    # -- LoRA adapters ---------------------------------------------------------------------
+
+    async def load_adapter(self, name: str, source: str) -> None:
+        """Serve the LoRA adapter at ``source`` (folder or hub id) as ``name``, with vLLM's
+        own runtime loading (what ``/v1/load_lora_adapter`` does); the engine keeps serving."""
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+        models = self._serving_models()
+        result = await models.load_lora_adapter(
+            LoadLoRAAdapterRequest(lora_name=name, lora_path=source), base_model_name=self.spec.name
+        )
+        _raise_for_error(result, f"model {self.spec.name!r}: adapter {name!r}")
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving the LoRA adapter ``name`` (what ``/v1/unload_lora_adapter`` does)."""
+        from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+        result = await self._serving_models().unload_lora_adapter(
+            UnloadLoRAAdapterRequest(lora_name=name)
+        )
+        _raise_for_error(result, f"model {self.spec.name!r}: adapter {name!r}")
+
+    def adapters(self) -> dict[str, str]:
+        """The LoRA adapters the engine serves now: name -> path or hub id."""
+        models = getattr(self._state, "openai_serving_models", None)
+        if models is None:
+            return {}
+        return {name: lora.lora_path for name, lora in models.lora_requests.items()}
+
+    def _serving_models(self) -> Any:
+        models = getattr(self._state, "openai_serving_models", None)
+        if self._engine is None or models is None:
+            raise EngineError(f"model {self.spec.name!r} has no running engine")
+        if self._engine.vllm_config.lora_config is None:
+            raise LifecycleError(
+                f"model {self.spec.name!r} runs without LoRA support; list an adapter under "
+                "its adapters (or set enable_lora: true in its engine settings) and reload it"
+            )
+        return models
+
     def _error_reply(self, exc: Exception) -> JSONReply:
         """Map an exception from vLLM's serving layer with vLLM's own rules."""
         from vllm.entrypoints.serve.exception_handling.error_response import (
@@ -618,6 +674,19 @@ class VLLMEngine:
                 "engine error", extra={"model": self.spec.name, "error": repr(exc)}, exc_info=exc
             )
         return JSONReply(status_code=response.error.code, body=response.model_dump_json().encode())
+
+
+def _raise_for_error(result: Any, what: str) -> None:
+    """Raise vLLM's ``ErrorResponse`` ``result`` (if it is one) as the appliance's error."""
+    error = getattr(result, "error", None)
+    if error is None:
+        return
+    message = f"{what}: {error.message}"
+    if error.code == 404:
+        raise ModelNotFoundError(message, param="name")
+    if error.code < 500:
+        raise InvalidRequestError(message)
+    raise EngineError(message)
 
 
 def _request_types() -> dict[Endpoint, TypeAdapter[Any]]:

@@ -20,7 +20,12 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from appliance.api.error_handlers import register_error_handlers
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import (
+    LocalModelSpec,
+    ModelSpec,
+    parse_model_spec_json,
+    untagged_error,
+)
 from appliance.errors import (
     AuthenticationError,
     BodyTooLargeError,
@@ -197,13 +202,14 @@ async def _read_spec(request: Request) -> ModelSpec:
     if not body.strip():
         raise InvalidJSONError("the body is empty; send a catalogue entry as JSON")
     try:
-        spec = ModelSpec.model_validate_json(bytes(body))
+        spec = parse_model_spec_json(bytes(body))
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         if any(e["type"] == "json_invalid" for e in errors):
             raise InvalidJSONError(f"the body is not valid JSON: {errors[0]['msg']}") from exc
         raise _spec_error(errors) from exc
-    secret = sorted(k for k in spec.engine if _SECRET_WORDS.search(k))
+    engine = spec.engine if isinstance(spec, LocalModelSpec) else {}
+    secret = sorted(k for k in engine if _SECRET_WORDS.search(k))
     if secret:
         # Anyone who may read the registry would read them back.
         raise InvalidSpecError(
@@ -216,11 +222,12 @@ async def _read_spec(request: Request) -> ModelSpec:
 
 def _spec_error(errors: Sequence[Mapping[str, Any]]) -> InvalidSpecError:
     """One error naming every problem pydantic found, and the first field at fault."""
+    told = [untagged_error(error) for error in errors]
     problems = []
-    for error in errors:
+    for error in told:
         where = ".".join(str(part) for part in error["loc"])
         problems.append(f"{where}: {error['msg']}" if where else error["msg"])
-    first = ".".join(str(part) for part in errors[0]["loc"]) or None
+    first = ".".join(str(part) for part in told[0]["loc"]) or None
     return InvalidSpecError("invalid model entry: " + "; ".join(problems), param=first)
 
 

@@ -9,15 +9,21 @@ kept as the full ``ModelSpec`` JSON beside name and timestamp columns, so a sche
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import (
+    LOCAL_ONLY_FIELDS,
+    REMOTE_ONLY_FIELDS,
+    ModelSpec,
+    parse_model_spec,
+)
 from appliance.errors import ApplianceError, ModelNotFoundError
 
 # Bumped when the table layout changes; kept in SQLite's own ``user_version`` header field.
@@ -193,8 +199,21 @@ def _entry(row: tuple[str, str, str, str]) -> RegistryEntry:
         name=name,
         created_at=datetime.fromisoformat(created_at),
         updated_at=datetime.fromisoformat(updated_at),
-        spec=ModelSpec.model_validate_json(spec_json),
+        spec=parse_model_spec(_without_other_kind(json.loads(spec_json))),
     )
+
+
+def _without_other_kind(stored: Any) -> Any:
+    """A stored entry without the fields of the other kind.
+
+    Rows written before entries were split into local and remote kinds hold every field of
+    both (a remote entry with ``source: null``, ``autoload: true``, ``engine: {}``); those
+    fields never meant anything for the other kind, so they are dropped, not refused.
+    """
+    if not isinstance(stored, dict):
+        return stored
+    other = LOCAL_ONLY_FIELDS if stored.get("backend_url") is not None else REMOTE_ONLY_FIELDS
+    return {key: value for key, value in stored.items() if key not in other}
 
 
 def _not_found(name: str) -> ModelNotFoundError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec, ModelSpec
 from appliance.errors import ConfigError, LifecycleError
 from appliance.supervisor.device_locks import DeviceLocks
 from appliance.supervisor.inventory import DeviceKind, Inventory
@@ -90,7 +90,7 @@ class HostCapacity:
         Raises:
             ConfigError: one line naming the model, what it needs and what is free.
         """
-        local = [spec for spec in specs if spec.is_local]
+        local = [spec for spec in specs if isinstance(spec, LocalModelSpec)]
         for spec in local:
             try:
                 self._place(spec, [])

@@ -1,4 +1,4 @@
-"""What the supervisor holds per model, its bounds, and the interfaces it is given.
+"""What the supervisor holds per catalogue entry, its bounds, and the interfaces it is given.
 
 ``ModelHandle`` is one catalogue model as the supervisor keeps it; ``SupervisorLimits`` its
 time bounds and defaults; ``EngineMaker`` and ``SupervisorObserver`` what it is handed to make
@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec, RemoteModelSpec
 from appliance.engines.base import Engine
 from appliance.supervisor.inventory import Inventory
 from appliance.supervisor.placement import Allocation
@@ -22,12 +22,28 @@ from appliance.supervisor.states import Lifecycle, ModelState, Transition
 class EngineMaker(Protocol):
     """What the supervisor needs to make engines (``appliance.engines.factory.EngineFactory``)."""
 
-    def validate(self, spec: ModelSpec) -> None:
+    def validate(self, spec: LocalModelSpec | RemoteModelSpec) -> None:
         """Raise ``ConfigError`` if ``spec`` cannot be served."""
         ...
 
-    def create(self, spec: ModelSpec, allocation: Allocation, inventory: Inventory) -> Engine:
+    def create(self, spec: LocalModelSpec, allocation: Allocation, inventory: Inventory) -> Engine:
         """A new engine for ``spec`` on ``allocation``."""
+        ...
+
+    def adapter_source(self, model: str, name: str, source: str) -> str:
+        """Where the engine loads adapter ``name`` from (``ConfigError`` if it cannot)."""
+        ...
+
+
+class RemoteEngines(Protocol):
+    """Where the supervisor gets remote backends' engines (``appliance.engines.remote``)."""
+
+    def get(self, spec: RemoteModelSpec) -> Engine:
+        """The engine that proxies ``spec`` to its backend (shared by every request)."""
+        ...
+
+    def health(self, spec: RemoteModelSpec) -> dict[str, Any]:
+        """The backend's health as plain data: ``up``, ``breaker``, ``last_error``."""
         ...
 
 
@@ -55,11 +71,11 @@ class SupervisorObserver(Protocol):
 class SupervisorLimits:
     """The supervisor's time bounds and defaults."""
 
-    load_wait_seconds: float = 30.0  # a request waits this long for a loading model
+    load_wait_seconds: float = 60.0  # a request waits this long for a loading model
     drain_seconds: float = 30.0  # in-flight requests get this long to finish on unload
     retry_after_seconds: int = 5  # what 503 answers tell clients
     restart_max_tries: int = 3  # consecutive failed restarts before giving up
-    restart_backoff_seconds: float = 1.0  # first restart delay, doubled each try
+    restart_backoff_seconds: float = 2.0  # first restart delay, doubled each try
     watch_interval_seconds: float = 0.5  # how often engines are checked for death and idleness
     default_memory_share: float = 0.9  # GPU share for a model that declares no memory
     cpu_default_model_gib: float = 2.0  # CPU memory for a model that declares no memory
@@ -71,9 +87,13 @@ class SupervisorLimits:
 
 @dataclass
 class ModelHandle:
-    """One catalogue model as the supervisor holds it."""
+    """One catalogue entry as the supervisor holds it: a local model or a remote backend.
 
-    spec: ModelSpec
+    Both kinds are lent to requests the same way (queue limit, in-flight count, state); a
+    remote one starts ready, has no allocation, and its engine is the shared proxy.
+    """
+
+    spec: LocalModelSpec | RemoteModelSpec
     lifecycle: Lifecycle
     engine: Engine | None = None
     allocation: Allocation | None = None
@@ -89,11 +109,22 @@ class ModelHandle:
     sleep_level: int = 0  # 0 awake; 1 or 2 while asleep at that vLLM sleep level
     host_gib: float = 0.0  # host memory its weights fill while asleep at level 1
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> its source
 
     @property
     def name(self) -> str:
         """The model's name."""
         return self.spec.name
+
+    @property
+    def local(self) -> LocalModelSpec | None:
+        """The entry when this appliance's engines serve it; None for a remote backend."""
+        return self.spec if isinstance(self.spec, LocalModelSpec) else None
+
+    @property
+    def autoload(self) -> bool:
+        """Whether the model loads at start (remote backends have nothing to load)."""
+        return self.local is not None and self.local.autoload
 
     @property
     def state(self) -> ModelState:

@@ -1,4 +1,4 @@
-"""The lifecycle of one local model: a state enum, the legal transitions, one guarded change.
+"""The lifecycle of one model: a state enum, the legal transitions, one guarded change.
 
 Modelled on llama-swap's ``proxy/process.go``: every change of state goes through
 ``Lifecycle.swap(expected, new, reason)``, a compare-and-swap that refuses an illegal change
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 class ModelState(str, enum.Enum):
-    """Where a local model is in its life."""
+    """Where a model is in its life (a remote backend: ready or unavailable only)."""
 
     UNLOADED = "unloaded"  # no engine; holds no device memory
     LOADING = "loading"  # engine starting (or waking from sleep); requests wait, bounded
@@ -29,6 +29,7 @@ class ModelState(str, enum.Enum):
     SLEEPING = "sleeping"  # engine alive but its GPU memory released (vLLM sleep mode; GPU only)
     DRAINING = "draining"  # no new requests; in-flight ones finish, then the engine stops
     FAILED = "failed"  # engine failed to start or died; requests get a clear error
+    UNAVAILABLE = "unavailable"  # a remote backend that stopped answering (breaker open)
 
 
 # The legal changes, from -> allowed targets. Why each edge exists:
@@ -46,6 +47,9 @@ class ModelState(str, enum.Enum):
 #   draining -> failed     the engine could not be stopped cleanly (devices may still be held)
 #   failed   -> loading    restart after a failure
 #   failed   -> unloaded   the operator clears the failure (unload) once the engine is gone
+#   ready    -> unavailable  a remote backend's circuit breaker opened (or its health check
+#                            failed); remote entries start ready and only ever swap these two
+#   unavailable -> ready     the remote backend answers again
 # Deliberately absent: ready -> loading (reload goes through draining and unloaded, so devices
 # are freed before they are placed again), ready -> unloaded and sleeping -> unloaded (a
 # running engine is always stopped through draining), and any state -> itself (a no-op swap
@@ -53,10 +57,13 @@ class ModelState(str, enum.Enum):
 TRANSITIONS: Mapping[ModelState, frozenset[ModelState]] = {
     ModelState.UNLOADED: frozenset({ModelState.LOADING}),
     ModelState.LOADING: frozenset({ModelState.READY, ModelState.FAILED, ModelState.UNLOADED}),
-    ModelState.READY: frozenset({ModelState.DRAINING, ModelState.SLEEPING, ModelState.FAILED}),
+    ModelState.READY: frozenset(
+        {ModelState.DRAINING, ModelState.SLEEPING, ModelState.FAILED, ModelState.UNAVAILABLE}
+    ),
     ModelState.SLEEPING: frozenset({ModelState.LOADING, ModelState.DRAINING, ModelState.FAILED}),
     ModelState.DRAINING: frozenset({ModelState.UNLOADED, ModelState.FAILED}),
     ModelState.FAILED: frozenset({ModelState.LOADING, ModelState.UNLOADED}),
+    ModelState.UNAVAILABLE: frozenset({ModelState.READY}),
 }
 
 

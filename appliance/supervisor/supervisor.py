@@ -1,9 +1,12 @@
-"""The supervisor: owns every local model's engine and its lifecycle.
+"""The supervisor: the one table of servable names and their owner.
 
-It places models on devices, loads and unloads them (draining first), lends them to requests
-(``acquire``), watches engines and restarts the ones that die, unloads idle models with a
-``keep_alive``, and applies a changed catalogue without touching what did not change. Every
-state change goes through ``Lifecycle.swap`` and is logged and reported to the observer.
+It holds every catalogue entry, local model or remote backend, as a ``ModelHandle`` and lends
+each to requests the same way (``acquire``: the per-model queue limit, in-flight counts,
+states, metrics). For local models it also places them on devices, loads and unloads them
+(draining first), watches engines and restarts the ones that die, unloads idle models with a
+``keep_alive``; it follows remote backends' health as their state; and it applies a changed
+catalogue without touching what did not change. Every state change goes through
+``Lifecycle.swap`` and is logged and reported to the observer.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec, ModelSpec, RemoteModelSpec
 from appliance.engines.base import Engine
 from appliance.errors import (
     ApplianceError,
+    BackendUnavailableError,
     EvictionTooSoonError,
     InsufficientResourcesError,
     LifecycleError,
@@ -36,6 +41,7 @@ from appliance.supervisor.device_locks import DeviceChange
 from appliance.supervisor.handle import (
     EngineMaker,
     ModelHandle,
+    RemoteEngines,
     SupervisorLimits,
     SupervisorObserver,
 )
@@ -46,6 +52,22 @@ from appliance.supervisor.states import Lifecycle, ModelState, Transition
 log = logging.getLogger("appliance.supervisor")
 
 S = ModelState
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a requested name goes (plain data: it may cross a process boundary later)."""
+
+    entry: str  # the catalogue entry whose engine serves it
+    served_as: str  # the model name the engine is asked for (an adapter keeps its own)
+    names: tuple[str, ...]  # the names a key may list to be allowed it
+
+
+def _same_but_aliases(old: ModelSpec, new: ModelSpec) -> bool:
+    """Whether two entries differ in their aliases at most."""
+    return type(old) is type(new) and old.model_copy(update={"aliases": []}) == new.model_copy(
+        update={"aliases": []}
+    )
 
 
 class Supervisor:
@@ -59,8 +81,10 @@ class Supervisor:
         limits: SupervisorLimits | None = None,
         observer: SupervisorObserver | None = None,
         capacity: HostCapacity | None = None,
+        remotes: RemoteEngines | None = None,
     ) -> None:
-        """``capacity`` places engines on ``inventory`` (default: the default policy there)."""
+        """``capacity`` places engines on ``inventory`` (default: the default policy there);
+        ``remotes`` proxies remote entries (without it they answer 503)."""
         self.inventory = inventory
         self.limits = limits or SupervisorLimits()
         self.capacity = capacity or HostCapacity(
@@ -69,8 +93,11 @@ class Supervisor:
             cpu_default_gib=self.limits.cpu_default_model_gib,
         )
         self._engines = engines
+        self._remotes = remotes
         self._observer = observer
         self._models: dict[str, ModelHandle] = {}
+        self._aliases: dict[str, str] = {}  # alias -> the name of the entry it stands for
+        self._adapters: dict[str, str] = {}  # LoRA adapter -> the model whose engine has it
         self._watch_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -79,7 +106,12 @@ class Supervisor:
     # -- catalogue -------------------------------------------------------------------------
 
     def _new_handle(self, spec: ModelSpec) -> ModelHandle:
-        handle = ModelHandle(spec=spec, lifecycle=Lifecycle(spec.name, self._on_transition))
+        # A remote backend has nothing to load: it is ready until its breaker says otherwise.
+        initial = S.UNLOADED if isinstance(spec, LocalModelSpec) else S.READY
+        lifecycle = Lifecycle(spec.name, self._on_transition, initial=initial)
+        handle = ModelHandle(spec=spec, lifecycle=lifecycle)
+        if isinstance(spec, LocalModelSpec):
+            handle.adapters = {a.name: a.source for a in spec.adapters}
         handle.idle.set()
         return handle
 
@@ -103,15 +135,95 @@ class Supervisor:
             self._observer.on_transition(transition)
 
     def handles(self) -> list[ModelHandle]:
-        """Every local model, in catalogue order."""
+        """Every entry, local and remote, in catalogue order."""
         return list(self._models.values())
 
+    def _index_aliases(self) -> None:
+        """Rebuild alias -> name and adapter -> model; a name, then an earlier alias or
+        adapter, wins a clash (registry input; models.yaml refuses clashes at start)."""
+        aliases: dict[str, str] = {}
+        adapters: dict[str, str] = {}
+        for kind, names, index in (
+            ("alias", lambda h: h.spec.aliases, aliases),
+            ("adapter", lambda h: list(h.adapters), adapters),
+        ):
+            for handle in self._models.values():
+                for extra in names(handle):
+                    if extra in self._models or extra in aliases or extra in adapters:
+                        log.error(
+                            "model %s: %s %r is taken by another entry; ignored",
+                            handle.name,
+                            kind,
+                            extra,
+                            extra={"model": handle.name, "event": "name_clash"},
+                        )
+                        continue
+                    index[extra] = handle.name
+        self._aliases = aliases
+        self._adapters = adapters
+
+    def target_of(self, name: str) -> Target | None:
+        """What a request naming ``name`` gets: the entry whose engine serves it, the name
+        that engine is asked for, and every name a key may list to use it; None if unknown."""
+        if name in self._models:
+            return Target(name, name, tuple(self.names_of(name)))
+        if name in self._aliases:
+            entry = self._aliases[name]
+            return Target(entry, entry, tuple(self.names_of(name)))
+        if name in self._adapters:
+            # An adapter is a model of its own to clients: vLLM answers under its name.
+            return Target(self._adapters[name], name, (name,))
+        return None
+
+    def resolve(self, name: str) -> str:
+        """The entry serving ``name`` (a name, alias or adapter); 404 if there is none."""
+        target = self.target_of(name)
+        if target is None:
+            raise ModelNotFoundError(
+                f"The model {name!r} does not exist in this appliance's catalogue", param="model"
+            )
+        return target.entry
+
+    def model_named(self, name: str) -> str:
+        """The entry named ``name`` or aliased so (an adapter is not a model to operate on);
+        404 if there is none."""
+        if name in self._models:
+            return name
+        if name in self._aliases:
+            return self._aliases[name]
+        raise ModelNotFoundError(
+            f"The model {name!r} does not exist in this appliance's catalogue", param="model"
+        )
+
+    def names_of(self, name: str) -> list[str]:
+        """Every name of the entry ``name`` stands for, its own first; [] if there is none."""
+        entry = name if name in self._models else self._aliases.get(name)
+        if entry is None:
+            return []
+        return [entry, *(a for a, e in self._aliases.items() if e == entry)]
+
+    def adapter_names(self) -> list[str]:
+        """Every LoRA adapter name in the table."""
+        return list(self._adapters)
+
     def get(self, name: str) -> ModelHandle:
-        """The handle of local model ``name``; ``ModelNotFoundError`` if there is none."""
+        """The handle of ``name``; ``ModelNotFoundError`` (404) if there is none."""
         handle = self._models.get(name)
         if handle is None:
-            raise ModelNotFoundError(f"model {name!r} is not a local model of this appliance")
+            raise ModelNotFoundError(
+                f"The model {name!r} does not exist in this appliance's catalogue", param="model"
+            )
         return handle
+
+    def _get_local(self, name: str) -> tuple[ModelHandle, LocalModelSpec]:
+        """The handle of local model ``name``; ``LifecycleError`` (409) for a remote one."""
+        handle = self.get(name)
+        if handle.local is None:
+            raise LifecycleError(
+                f"model {name!r} is a remote backend: it is loaded, unloaded and put to sleep "
+                "on its own server"
+            )
+        return handle, handle.local
 
     async def start(self, specs: Iterable[ModelSpec]) -> None:
         """Take the catalogue's local models, start watching, and start the autoload loads.
@@ -119,13 +231,13 @@ class Supervisor:
         Returns at once; ``wait_autoload`` waits for the loads to end.
         """
         for spec in specs:
-            if spec.is_local:
-                self._models[spec.name] = self._new_handle(spec)
+            self._models[spec.name] = self._new_handle(spec)
+        self._index_aliases()
         self._watch_task = asyncio.create_task(self._watch(), name="supervisor-watch")
         loads = [
             self._ensure_loading(handle, "autoload at start")
             for handle in self._models.values()
-            if handle.spec.autoload
+            if handle.autoload
         ]
         # Autoload failures are already logged and visible as `failed`; the API serves anyway.
         self._autoload = asyncio.gather(*loads, return_exceptions=True)
@@ -140,11 +252,14 @@ class Supervisor:
 
         Every entry is validated first: an invalid catalogue changes nothing.
         """
-        wanted = {spec.name: spec for spec in specs if spec.is_local}
+        wanted = {spec.name: spec for spec in specs}
         for spec in wanted.values():
             self._engines.validate(spec)
         added = [name for name in wanted if name not in self._models]
         removed = [name for name in self._models if name not in wanted]
+        for name, new in wanted.items():
+            if name in self._models and _same_but_aliases(self._models[name].spec, new):
+                self._models[name].spec = new  # new names for the same model: nothing restarts
         changed = [
             name
             for name in wanted
@@ -152,19 +267,28 @@ class Supervisor:
         ]
 
         async def remove(name: str) -> None:
-            await self.unload(name, reason="removed from the catalogue")
+            if self._models[name].local is not None:
+                await self.unload(name, reason="removed from the catalogue")
             self._models.pop(name, None)
 
         async def replace(name: str) -> None:
+            if self._models[name].local is None or not isinstance(wanted[name], LocalModelSpec):
+                # A remote entry has no engine of its own: requests in flight keep theirs.
+                if self._models[name].local is not None:
+                    await self.unload(name, reason="changed in the catalogue")
+                self._models[name] = self._new_handle(wanted[name])
+                if self._models[name].autoload:
+                    await self._ensure_loading(self._models[name], "reloaded after a change")
+                return
             was_serving = self._models[name].state in (S.READY, S.LOADING, S.SLEEPING)
             await self.unload(name, reason="changed in the catalogue")
             self._models[name] = self._new_handle(wanted[name])
-            if was_serving or wanted[name].autoload:
+            if was_serving or self._models[name].autoload:
                 await self._ensure_loading(self._models[name], "reloaded after a change")
 
         async def add(name: str) -> None:
             self._models[name] = self._new_handle(wanted[name])
-            if wanted[name].autoload:
+            if self._models[name].autoload:
                 await self._ensure_loading(self._models[name], "added to the catalogue")
 
         # Removals first, so added models can use the memory they free.
@@ -177,6 +301,7 @@ class Supervisor:
                 log.error("catalogue change failed: %r", result)
         # Keep catalogue order for listings.
         self._models = {n: self._models[n] for n in wanted if n in self._models}
+        self._index_aliases()
         return {"added": added, "removed": removed, "changed": changed}
 
     # -- loading ---------------------------------------------------------------------------
@@ -197,11 +322,13 @@ class Supervisor:
         ]
 
     async def _load(self, handle: ModelHandle, reason: str) -> None:
+        spec = handle.local
+        assert spec is not None, "only local models load"
         handle.lifecycle.swap((S.UNLOADED, S.FAILED), S.LOADING, reason)
         started = time.monotonic()
         try:
-            allocation = await self._make_room(handle, self.capacity.demand(handle.spec))
-            engine = self._engines.create(handle.spec, allocation, self.inventory)
+            allocation = await self._make_room(handle, self.capacity.demand(spec))
+            engine = self._engines.create(spec, allocation, self.inventory)
             async with self.capacity.locks.hold(allocation.devices, DeviceChange.START):
                 self.capacity.check_free(allocation)
                 await engine.start()
@@ -214,6 +341,17 @@ class Supervisor:
             target = S.UNLOADED if cancelled or no_room else S.FAILED
             handle.lifecycle.swap(S.LOADING, target, handle.last_error)
             raise
+        # Adapters loaded at run time (declared ones came with the engine's arguments).
+        declared = set(spec.adapter_names())
+        for name, source in list(handle.adapters.items()):
+            if name not in declared:
+                try:
+                    await engine.load_adapter(
+                        name, self._engines.adapter_source(spec.name, name, source)
+                    )
+                except ApplianceError as exc:
+                    log.error("model %s: adapter %s not restored: %s", spec.name, name, exc)
+                    handle.adapters.pop(name, None)
         handle.engine = engine
         handle.load_seconds = time.monotonic() - started
         handle.last_used = handle.ready_since = time.monotonic()
@@ -250,7 +388,10 @@ class Supervisor:
         candidates = [
             h
             for h in self._models.values()
-            if h.spec.evictable and h.state in (S.READY, S.SLEEPING) and h.name != handle.name
+            if h.local is not None
+            and h.local.evictable
+            and h.state in (S.READY, S.SLEEPING)
+            and h.name != handle.name
         ]
         allocations = self._allocations(handle.name)
         settled = {h.name: h.last_used for h in candidates if now - h.ready_since >= minimum}
@@ -276,7 +417,7 @@ class Supervisor:
 
     async def load(self, name: str) -> ModelHandle:
         """Load ``name`` (or wait for the load under way); return its handle once ready."""
-        handle = self.get(name)
+        handle, _ = self._get_local(name)
         if handle.state is S.READY:
             return handle
         if handle.state is S.DRAINING:
@@ -287,6 +428,51 @@ class Supervisor:
         await asyncio.shield(self._ensure_loading(handle, "load requested"))
         return handle
 
+    # -- LoRA adapters ---------------------------------------------------------------------
+
+    async def load_adapter(self, model: str, name: str, source: str) -> None:
+        """Serve the LoRA adapter at ``source`` as ``name`` on ``model``'s running engine;
+        requests in flight on the model go on. 409 if the model is not ready or the name is
+        taken; 400 if the source cannot be loaded."""
+        handle, spec = self._get_local(model)
+        if self.target_of(name) is not None and self._adapters.get(name) != model:
+            raise LifecycleError(f"{name!r} is already a model, alias or adapter name")
+        if handle.state is not S.READY or handle.engine is None:
+            raise LifecycleError(
+                f"model {model!r} is {handle.state.value}; adapters load on a ready model"
+            )
+        path = self._engines.adapter_source(spec.name, name, source)
+        await handle.engine.load_adapter(name, path)
+        handle.adapters[name] = source
+        self._index_aliases()
+        log.info(
+            "model %s: adapter %s loaded from %s",
+            model,
+            name,
+            source,
+            extra={"model": model, "event": "adapter_loaded", "adapter": name},
+        )
+
+    async def unload_adapter(self, model: str, name: str) -> None:
+        """Stop serving adapter ``name`` of ``model`` (404 if it has none of that name)."""
+        handle, _ = self._get_local(model)
+        if name not in handle.adapters:
+            raise ModelNotFoundError(f"model {model!r} has no adapter {name!r}", param="name")
+        if handle.engine is not None and handle.state is S.READY:
+            await handle.engine.unload_adapter(name)
+        del handle.adapters[name]
+        self._index_aliases()
+        log.info(
+            "model %s: adapter %s unloaded",
+            model,
+            name,
+            extra={"model": model, "event": "adapter_unloaded", "adapter": name},
+        )
+
+    def adapters_of(self, model: str) -> dict[str, str]:
+        """``model``'s LoRA adapters: name -> source (none for a remote entry)."""
+        return dict(self.get(model).adapters)
+
     # -- sleep mode (GPU only) -------------------------------------------------------------
 
     async def sleep(self, name: str, level: int = 1) -> ModelHandle:
@@ -295,7 +481,7 @@ class Supervisor:
         Level 1 keeps the weights in CPU memory (fast wake), level 2 drops them. New requests
         are refused from the start; those in flight get ``drain_seconds`` to finish.
         """
-        handle = self.get(name)
+        handle, spec = self._get_local(name)
         if self.inventory.kind is not DeviceKind.GPU:
             raise NotSupportedError(
                 "sleep mode needs a GPU (vLLM's sleep mode is CUDA-only); this appliance runs "
@@ -303,7 +489,7 @@ class Supervisor:
             )
         if level not in (1, 2):
             raise LifecycleError(f"sleep level must be 1 or 2, not {level}")
-        if not handle.spec.engine.get("enable_sleep_mode"):
+        if not spec.engine.get("enable_sleep_mode"):
             raise LifecycleError(
                 f"model {name!r} was not started with sleep mode; add "
                 "`enable_sleep_mode: true` to its engine settings"
@@ -348,7 +534,7 @@ class Supervisor:
 
     async def wake(self, name: str) -> ModelHandle:
         """Wake a sleeping model (or wait for the wake under way)."""
-        handle = self.get(name)
+        handle, _ = self._get_local(name)
         if handle.state is S.READY:
             return handle
         if handle.state not in (S.SLEEPING, S.LOADING):
@@ -404,7 +590,7 @@ class Supervisor:
 
     async def unload(self, name: str, *, reason: str = "unload requested") -> ModelHandle:
         """Drain ``name`` (bounded), then shut its engine down and free its devices."""
-        handle = self.get(name)
+        handle, _ = self._get_local(name)
         if handle.state is S.LOADING and handle.load_task is not None:
             # Let the load finish (or fail) so its engine is not left behind half-built.
             with contextlib.suppress(Exception):
@@ -468,10 +654,11 @@ class Supervisor:
 
     @contextlib.asynccontextmanager
     async def acquire(self, name: str) -> AsyncIterator[Engine]:
-        """Lend ``name``'s engine to one request; wait (bounded) while it loads.
+        """Lend ``name``'s engine to one request; wait (bounded) while a local model loads.
 
-        The model counts the request as in flight until the context exits, which for a stream
-        is when the stream ends; unloading waits for that.
+        The same for every kind of entry: beyond the model's queue limit a 429, and the
+        request counts as in flight until the context exits (for a stream, when the stream
+        ends); unloading waits for that.
         """
         handle = self.get(name)
         limit = handle.spec.max_queue or self.limits.max_queue
@@ -481,10 +668,27 @@ class Supervisor:
                 "retry shortly",
                 retry_after=1,
             )
+        if handle.local is None:
+            engine = self._remote_engine(handle)
+        else:
+            engine = await self._local_engine(handle, handle.local)
+        handle.in_flight += 1
+        handle.idle.clear()
+        handle.last_used = time.monotonic()
+        try:
+            yield engine
+        finally:
+            handle.in_flight -= 1
+            handle.last_used = time.monotonic()
+            if handle.in_flight == 0:
+                handle.idle.set()
+
+    async def _local_engine(self, handle: ModelHandle, spec: LocalModelSpec) -> Engine:
+        """The ready engine of a local model, after waiting (bounded) for a load or wake."""
         load: asyncio.Task[None] | None = None
-        if handle.state is S.UNLOADED and handle.spec.load_on_demand:
+        if handle.state is S.UNLOADED and spec.load_on_demand:
             load = self._ensure_loading(handle, "load on demand")
-        elif handle.state is S.SLEEPING and handle.spec.load_on_demand:
+        elif handle.state is S.SLEEPING and spec.load_on_demand:
             load = self._ensure_waking(handle, "wake on demand")
         elif handle.state is S.LOADING:
             load = handle.load_task
@@ -505,16 +709,26 @@ class Supervisor:
         if not engine.is_alive():
             self._mark_failed(handle, "engine died")
             raise self._not_ready(handle)
-        handle.in_flight += 1
-        handle.idle.clear()
-        handle.last_used = time.monotonic()
-        try:
-            yield engine
-        finally:
-            handle.in_flight -= 1
-            handle.last_used = time.monotonic()
-            if handle.in_flight == 0:
-                handle.idle.set()
+        return engine
+
+    def _remote_engine(self, handle: ModelHandle) -> Engine:
+        """The proxy of a remote entry. It is lent even while unavailable: its circuit breaker
+        answers 503 with Retry-After at once, and lets the probe through that closes it."""
+        if self._remotes is None or not isinstance(handle.spec, RemoteModelSpec):
+            raise BackendUnavailableError(f"model {handle.name!r}: remote backends are not enabled")
+        handle.engine = self._remotes.get(handle.spec)
+        self._follow_remote(handle)
+        return handle.engine
+
+    def _follow_remote(self, handle: ModelHandle) -> None:
+        """Turn a remote entry's backend health into its state: ready or unavailable."""
+        if handle.local is not None or handle.engine is None:
+            return
+        up = handle.engine.is_alive()
+        if up and handle.state is S.UNAVAILABLE:
+            handle.lifecycle.swap(S.UNAVAILABLE, S.READY, "the backend answers again")
+        elif not up and handle.state is S.READY:
+            handle.lifecycle.swap(S.READY, S.UNAVAILABLE, "the backend stopped answering")
 
     # -- supervision -----------------------------------------------------------------------
 
@@ -570,20 +784,71 @@ class Supervisor:
             await asyncio.sleep(self.limits.watch_interval_seconds)
             now = time.monotonic()
             for handle in list(self._models.values()):
+                if handle.local is None:
+                    self._refresh_remote(handle)
+                    continue
                 if handle.state is not S.READY or handle.engine is None:
                     continue
                 if not handle.engine.is_alive():
                     self._mark_failed(handle, "engine died")
                     continue
-                keep_alive = handle.spec.keep_alive
+                keep_alive = handle.local.keep_alive
                 idle = handle.in_flight == 0 and now - handle.last_used > (keep_alive or 0)
                 if keep_alive is not None and idle:
                     self._background(self.unload(handle.name, reason=f"idle for {keep_alive:.0f}s"))
 
+    def _refresh_remote(self, handle: ModelHandle) -> None:
+        """Follow a remote entry's backend even while no request comes (health checks)."""
+        if self._remotes is not None and isinstance(handle.spec, RemoteModelSpec):
+            handle.engine = self._remotes.get(handle.spec)
+            self._follow_remote(handle)
+
     # -- reporting and shutdown ------------------------------------------------------------
 
+    def state_of(self, name: str) -> ModelState:
+        """The current state of ``name`` (404 if there is none)."""
+        handle = self.get(name)
+        if handle.local is None:
+            self._refresh_remote(handle)
+        return handle.state
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """Everything known about ``name``, as plain JSON data: the one presenter of a model's
+        status (the admin API, ``appliance models list|ps`` and the status page read it)."""
+        handle = self.get(name)
+        spec = handle.spec
+        entry: dict[str, Any] = {
+            "name": spec.name,
+            "kind": "local" if handle.local is not None else "remote",
+            "version": spec.version,
+            "owner": spec.owner,
+            "task": spec.task.value,
+            "aliases": [a for a, e in self._aliases.items() if e == name],
+            "adapters": [{"name": a, "source": s} for a, s in handle.adapters.items()],
+            "max_queue": spec.max_queue or self.limits.max_queue,
+        }
+        if isinstance(spec, LocalModelSpec):
+            entry.update(
+                autoload=spec.autoload,
+                load_on_demand=spec.load_on_demand,
+                evictable=spec.evictable,
+                keep_alive=spec.keep_alive,
+                source=spec.source,
+            )
+        else:
+            self._refresh_remote(handle)
+            entry["backend_url"] = spec.backend_url
+            entry["backend_model"] = spec.upstream_name
+        entry.update(self.status(handle))
+        if isinstance(spec, RemoteModelSpec) and self._remotes is not None:
+            # The backend's own health: up, its breaker, why it last failed.
+            entry.update(self._remotes.health(spec))
+        # Per device, in the order of "devices": what the status page draws its bars from.
+        entry["reserved_gib"] = list(handle.allocation.reserved_gib) if handle.allocation else []
+        return entry
+
     def status(self, handle: ModelHandle) -> dict[str, Any]:
-        """What ``GET /admin/models`` shows of one model."""
+        """The state and load of one model (part of :meth:`describe`)."""
         allocation = handle.allocation
         stats = handle.engine.stats() if handle.engine is not None else None
         return {
@@ -605,7 +870,7 @@ class Supervisor:
 
     def all_ready(self, names: Callable[[ModelHandle], bool] | None = None) -> bool:
         """True when every autoload model (or every model ``names`` selects) is ready."""
-        pick = names or (lambda h: h.spec.autoload)
+        pick = names or (lambda h: h.autoload)
         return all(h.state is S.READY for h in self._models.values() if pick(h))
 
     async def shutdown(self) -> None:

@@ -24,7 +24,7 @@ from appliance.usage.quotas import QuotaConfig, TokenQuota, window_end, window_s
 from appliance.usage.store import Counts, UsageKey, UsageRow, UsageStore
 
 if TYPE_CHECKING:
-    from appliance.api.middleware import RequestInfo
+    from appliance.request_info import RequestInfo
 
 log = logging.getLogger("appliance.usage")
 

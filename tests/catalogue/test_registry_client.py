@@ -28,7 +28,7 @@ from appliance.catalogue.registry_client import (
     RegistryPoller,
     RegistryUnavailableError,
 )
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec, ModelSpec
 from appliance.registry.service import create_registry_app
 from appliance.registry.settings import RegistrySettings
 
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.anyio
 
 TOKEN = "t0ken-of-at-least-32-characters-long"
 TTL = 0.05  # seconds between polls: short, so state changes show within a few polls
-FALLBACK = [ModelSpec(name="from-yaml", source="/models/tiny")]
+FALLBACK = [LocalModelSpec(name="from-yaml", source="/models/tiny")]
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -436,3 +436,14 @@ async def test_stop_always_ends_even_mid_fetch(fake: tuple[Server, Answer]) -> N
             stopping = asyncio.ensure_future(poller.stop())
             done, _ = await asyncio.wait({stopping}, timeout=5)
             assert done, f"stop() hung on attempt {attempt}"
+
+
+async def test_a_local_field_on_a_remote_entry_is_refused_naming_it(
+    fake: tuple[Server, Answer],
+) -> None:
+    server, answer = fake
+    answer.json(wire(remote("far", autoload=True)))
+    async with RegistryClient(server.url, timeout=1) as client:
+        with pytest.raises(RegistryBadAnswerError) as caught:
+            await client.fetch()
+    assert "data.0.spec.autoload: does not apply to a remote backend" in caught.value.message

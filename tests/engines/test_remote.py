@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.requests import Request as StarletteRequest
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec, RemoteModelSpec
 from appliance.engines.base import Endpoint, JSONReply, StreamReply, Usage
 from appliance.engines.circuit_breaker import BreakerState, CircuitBreaker
 from appliance.engines.remote import (
@@ -202,7 +202,7 @@ async def remote(
     """A started engine for ``name`` at ``url`` on its own counted client."""
     transport = CountingTransport()
     async with httpx.AsyncClient(transport=transport) as client:
-        engine = RemoteEngine(ModelSpec(name=name, backend_url=url), client, settings)
+        engine = RemoteEngine(RemoteModelSpec(name=name, backend_url=url), client, settings)
         await engine.start()
         try:
             yield engine, transport
@@ -485,9 +485,9 @@ async def test_health_check_falls_back_to_models_and_tracks_up(upstream: Upstrea
 
 async def test_backends_sync_get_status_and_close(upstream: Upstream) -> None:
     backends = RemoteBackends(RemoteSettings(health_interval=0.05))
-    local = ModelSpec(name="local", source="/models/x")
-    a = ModelSpec(name="a", backend_url=upstream.url)
-    b = ModelSpec(name="b", backend_url=f"http://127.0.0.1:{free_port()}")
+    local = LocalModelSpec(name="local", source="/models/x")
+    a = RemoteModelSpec(name="a", backend_url=upstream.url)
+    b = RemoteModelSpec(name="b", backend_url=f"http://127.0.0.1:{free_port()}")
     assert await backends.sync([local, a, b]) == {
         "added": ["a", "b"],
         "removed": [],
@@ -501,16 +501,28 @@ async def test_backends_sync_get_status_and_close(upstream: Upstream) -> None:
     assert status["a"]["backend_url"] == upstream.url and status["a"]["breaker"] == "closed"
     assert status["b"]["last_error"] is not None
 
-    moved = ModelSpec(name="a", backend_url=f"{upstream.url}/")  # the schema strips the slash
+    moved = RemoteModelSpec(name="a", backend_url=f"{upstream.url}/")  # the schema strips the slash
     assert (await backends.sync([moved]))["removed"] == ["b"]
     assert backends.get(moved) is engine_a
-    elsewhere = ModelSpec(name="a", backend_url="http://127.0.0.1:1")
+    elsewhere = RemoteModelSpec(name="a", backend_url="http://127.0.0.1:1")
     assert (await backends.sync([elsewhere]))["replaced"] == ["a"]
     assert backends.get(elsewhere) is not engine_a
-    c = ModelSpec(name="c", backend_url=upstream.url)
+    c = RemoteModelSpec(name="c", backend_url=upstream.url)
     engine_c = backends.get(c)  # made on first use, health check started
     await until(lambda: backends.up().get("c") is True)
     reply = await engine_c.handle(Endpoint.CHAT, {"model": "echo"}, incoming())
     assert isinstance(reply, JSONReply) and reply.body == JSON_ANSWER
     await backends.close()
     assert backends.status() == {}
+
+
+async def test_backend_model_is_asked_for_and_answered_under_the_entrys_name(
+    upstream: Upstream,
+) -> None:
+    spec = RemoteModelSpec(name="llama", backend_url=upstream.url, backend_model="echo")
+    async with httpx.AsyncClient() as client:
+        engine = RemoteEngine(spec, client, FAST)
+        reply = await engine.handle(Endpoint.CHAT, {"model": "llama", "messages": []}, incoming())
+    assert isinstance(reply, JSONReply) and reply.status_code == 200
+    assert upstream.seen.requests[-1][2]["model"] == "echo"
+    assert reply.body == JSON_ANSWER.replace(b'"model":"echo"', b'"model":"llama"')

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from starlette.requests import Request as StarletteRequest
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import RemoteModelSpec
 from appliance.engines.base import Endpoint, JSONReply, Usage
 from appliance.engines.remote import DETAIL_SCOPE, RemoteEngine, RemoteSettings
 from appliance.errors import BackendError
@@ -40,7 +40,7 @@ async def answer(
     handler: Callable[[httpx.Request], httpx.Response], detail: bool | None = None
 ) -> JSONReply:
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        engine = RemoteEngine(ModelSpec(name="r", backend_url=URL), client, SETTINGS)
+        engine = RemoteEngine(RemoteModelSpec(name="r", backend_url=URL), client, SETTINGS)
         reply = await engine.handle(Endpoint.CHAT, {"model": "r"}, request(detail))
     assert isinstance(reply, JSONReply)
     return reply
@@ -138,7 +138,7 @@ async def test_untrusted_backends_check_the_address_at_connect_time() -> None:
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    spec = ModelSpec(name="r", backend_url=f"http://localhost:{port}")
+    spec = RemoteModelSpec(name="r", backend_url=f"http://localhost:{port}")
     backends = RemoteBackends(
         SETTINGS, guard=lambda a: "a loopback address" if a.is_loopback else None
     )

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec
 from appliance.engines import vllm_engine
 from appliance.engines.vllm_engine import (
     VLLMEngine,
@@ -206,7 +206,7 @@ class RecordingClient:
 
 
 def engine_with(client: RecordingClient, source: str = "org/model") -> VLLMEngine:
-    spec = ModelSpec(name="m", source=source)
+    spec = LocalModelSpec(name="m", source=source)
     engine = VLLMEngine(spec, argparse.Namespace(model=source))
     engine._engine = client
     return engine

@@ -24,6 +24,7 @@ from tests.integration.harness import (
     ApplianceProcess,
     free_port,
     tiny_chat,
+    wait_until,
     wait_until_ok,
 )
 
@@ -168,13 +169,12 @@ def test_b_keeps_serving_without_the_registry(
 ) -> None:
     a, b, registry = boxes
     registry.stop()
-    deadline = time.monotonic() + 15
-    status: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        status = httpx.get(f"{b.url}/admin/registry").json()
-        if status["up"] is False:
-            break
-        time.sleep(0.2)
+
+    def registry_status() -> dict[str, Any]:
+        return httpx.get(f"{b.url}/admin/registry").json()  # type: ignore[no-any-return]
+
+    wait_until(lambda: registry_status()["up"] is False, "B sees the registry down", timeout=15)
+    status = registry_status()
     assert status["up"] is False and status["source"] == "registry_cache"
     assert completion(b.url, False) == completion(a.url, False)
 
@@ -196,22 +196,26 @@ def test_b_fails_fast_while_a_is_down_and_recovers(
     error = r.json()["error"]
     assert a.url in error["message"] and "tiny-chat" in error["message"]
     a.start()  # same port
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        r = httpx.post(
-            f"{b.url}/v1/completions",
-            json={
-                "model": "tiny-chat",
-                "prompt": "federation",
-                "max_tokens": 12,
-                "temperature": 0,
-                "ignore_eos": True,
-            },
-            timeout=30,
+    replies: list[httpx.Response] = []
+
+    def b_answers() -> bool:
+        replies.append(
+            httpx.post(
+                f"{b.url}/v1/completions",
+                json={
+                    "model": "tiny-chat",
+                    "prompt": "federation",
+                    "max_tokens": 12,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+                timeout=30,
+            )
         )
-        if r.status_code == 200:
-            break
-        time.sleep(0.5)
+        return replies[-1].status_code == 200
+
+    wait_until(b_answers, "B answers again once A is back", timeout=60)
+    r = replies[-1]
     assert r.status_code == 200, r.text
     assert (200, r.json()["choices"][0]["text"]) == expected
 

@@ -152,7 +152,21 @@ def test_metrics_count_exactly(appliance: ApplianceProcess) -> None:
         timeout=30,
     )
     assert missing.status_code == 404
-    time.sleep(0.2)  # the access line (and metrics) are written after the last byte
+    # The access line (and metrics) are written after the last byte: wait for the last two.
+    last_two = (
+        {"model": "", "endpoint": "chat/completions", "status": "404"},
+        {"model": MODEL, "endpoint": "completions", "status": "200"},
+    )
+
+    def counted() -> bool:
+        now = scrape(appliance)
+        return all(
+            value(now, "appliance_requests_total", **labels)
+            > value(before, "appliance_requests_total", **labels)
+            for labels in last_two
+        )
+
+    wait_until(counted, "the stream and the 404 are counted", timeout=10)
     after = scrape(appliance)
 
     def delta(name: str, **labels: str) -> float:
@@ -310,10 +324,7 @@ def test_disconnect_aborts_in_the_engine(appliance: ApplianceProcess) -> None:
             pass
         assert engine_running(appliance) == 1
         response.close()  # the client goes away mid-stream
-    deadline = time.monotonic() + 1.0
-    while engine_running(appliance) != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert engine_running(appliance) == 0
+    wait_until(lambda: engine_running(appliance) == 0, "the request is aborted", timeout=1.0)
 
 
 def _rss_kib(pid: int) -> int:
@@ -395,10 +406,7 @@ def test_bounded_soak(appliance: ApplianceProcess) -> None:
     asyncio.run(run())
     took = time.monotonic() - started
     assert outcomes == {"ok": total}, outcomes
-    deadline = time.monotonic() + 5
-    while engine_running(appliance) != 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert engine_running(appliance) == 0
+    wait_until(lambda: engine_running(appliance) == 0, "the engine is idle", timeout=5)
     rss_after = _rss_kib(appliance.proc.pid)
     assert rss_after < rss_before * 1.10 + 20_000, (rss_before, rss_after)
     print(f"soak: {total} requests in {took:.1f}s; RSS {rss_before} -> {rss_after} KiB")

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.harness import ApplianceProcess, tiny_chat
+from tests.integration.harness import ApplianceProcess, tiny_chat, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -258,10 +258,11 @@ def test_sighup_reloads(appliance: ApplianceProcess) -> None:
     appliance.write_config([ALPHA])
     assert appliance.proc is not None
     appliance.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and chat(appliance, "gamma", timeout=5).status_code != 404:
-        time.sleep(0.2)
-    assert chat(appliance, "gamma", timeout=5).status_code == 404
+    wait_until(
+        lambda: chat(appliance, "gamma", timeout=5).status_code == 404,
+        "gamma is gone after SIGHUP",
+        timeout=60,
+    )
     assert chat(appliance, "alpha").status_code == 200
 
 

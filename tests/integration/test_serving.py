@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import time
 
 import httpx
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.integration.harness import ApplianceProcess
+from tests.integration.harness import ApplianceProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -108,18 +107,19 @@ def test_request_id_echoed_or_generated(serving_appliance: ApplianceProcess) -> 
         timeout=60,
     )
     assert chat.status_code == 200 and chat.headers["x-request-id"] == "chat-7"
+
     # The access log has one JSON line for that request, with its id, model and tokens. It is
     # written once the last byte has gone out, so it may land just after the client has it.
-    access: list[dict[str, object]] = []
-    deadline = time.monotonic() + 5
-    while not access and time.monotonic() < deadline:
+    def access_lines() -> list[dict[str, object]]:
         lines = [
             json.loads(line)
             for line in serving_appliance.log_path.read_text().splitlines()
             if line.startswith("{") and '"chat-7"' in line
         ]
-        access = [entry for entry in lines if entry.get("event") == "request"]
-        time.sleep(0.05)
+        return [entry for entry in lines if entry.get("event") == "request"]
+
+    wait_until(lambda: bool(access_lines()), "the access line of chat-7", timeout=5)
+    access = access_lines()
     assert len(access) == 1
     assert access[0]["model"] == "tiny-chat" and access[0]["status"] == 200
     assert access[0]["completion_tokens"] == 2 and access[0]["latency_ms"] > 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.harness import ApplianceProcess, alive, tiny_chat
+from tests.integration.harness import ApplianceProcess, alive, tiny_chat, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,8 @@ def test_sigterm_during_a_stream(workdir: Path) -> None:
     # The stream in flight was allowed to finish: 200 tokens and the closing [DONE].
     assert received[-1] == "data: [DONE]"
     assert json.loads(received[-2][len("data: ") :])["usage"]["completion_tokens"] == 200
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in engine_processes) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [pid for pid in engine_processes if alive(pid)], "engine processes left behind"
+    wait_until(
+        lambda: not any(alive(pid) for pid in engine_processes),
+        "no engine process left behind",
+        timeout=10,
+    )

@@ -122,7 +122,11 @@ def test_create_existing_is_409(client: TestClient) -> None:
     ("body", "param"),
     [
         (entry("m", colour="blue"), "colour"),  # unknown key
-        (entry("m", resources={"tensor_parallel_size": 0}), "resources.tensor_parallel_size"),
+        (
+            {"name": "m", "source": "org/m", "resources": {"tensor_parallel_size": 0}},
+            "resources.tensor_parallel_size",
+        ),
+        (entry("m", autoload=True), "autoload"),  # a local model's field on a remote entry
         (entry("bad name!"), "name"),
         ({"name": "m"}, None),  # neither source nor backend_url
         (entry("m", source="/models/m"), None),  # both

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import ModelSpec, RemoteModelSpec, parse_model_spec
 from appliance.errors import ModelNotFoundError
 from appliance.registry.store import ModelExistsError, RegistryStore
 
 
 def spec(name: str = "org/tiny:1", **fields: object) -> ModelSpec:
     """A valid remote entry; ``fields`` override or add."""
-    return ModelSpec.model_validate({"name": name, "backend_url": "http://other:8000", **fields})
+    return parse_model_spec({"name": name, "backend_url": "http://other:8000", **fields})
 
 
 @pytest.fixture
@@ -82,7 +83,7 @@ def test_database_is_in_wal_mode(store: RegistryStore) -> None:
 
 
 def test_full_entry_round_trips(store: RegistryStore) -> None:
-    local = ModelSpec.model_validate(
+    local = parse_model_spec(
         {
             "name": "llama",
             "source": "/models/llama",
@@ -104,3 +105,24 @@ def test_concurrent_writers_from_threads(store: RegistryStore) -> None:
     entries = store.list()
     assert sorted(e.name for e in entries) == sorted(names)
     assert {e.spec.version for e in entries} == {"2"}
+
+
+def test_rows_written_before_the_split_into_kinds_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    store = RegistryStore(path)
+    store.create(spec("far"))
+    legacy = {
+        "name": "far",
+        "backend_url": "http://other:8000",
+        "source": None,
+        "autoload": True,
+        "load_on_demand": False,
+        "keep_alive": None,
+        "evictable": False,
+        "resources": {"tensor_parallel_size": 1},
+        "engine": {},
+    }
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE models SET spec = ? WHERE name = 'far'", (json.dumps(legacy),))
+    got = RegistryStore(path).get("far").spec
+    assert isinstance(got, RemoteModelSpec) and got.backend_url == "http://other:8000"

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import ModelSpec, parse_model_spec
 from appliance.engines.base import EngineStats, JSONReply
 from appliance.errors import ConfigError, InsufficientResourcesError, LifecycleError
 from appliance.supervisor.capacity import HostCapacity
@@ -95,7 +95,7 @@ def gpus(count: int, size: float = 80.0) -> Inventory:
 
 
 def entry(name: str, **extra: Any) -> ModelSpec:
-    return ModelSpec.model_validate(
+    return parse_model_spec(
         {"name": name, "source": f"org/{name}", "engine": {"enable_sleep_mode": True}, **extra}
     )
 

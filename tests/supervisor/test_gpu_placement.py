@@ -11,7 +11,11 @@ from collections.abc import Sequence
 
 import pytest
 
-from appliance.catalogue.schema import ModelSpec, Packing, PlacementSettings
+from appliance.catalogue.schema import (
+    LocalModelSpec,
+    Packing,
+    PlacementSettings,
+)
 from appliance.supervisor.inventory import Device, DeviceKind, Inventory
 from appliance.supervisor.placement import (
     Allocation,
@@ -166,11 +170,11 @@ def test_engine_settings_that_override_placement_are_refused(
     engine: dict[str, object], message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        ModelSpec(name="m", source="org/m", engine=engine)
+        LocalModelSpec(name="m", source="org/m", engine=engine)
 
 
 def test_engine_settings_that_agree_with_placement_are_accepted() -> None:
-    ModelSpec(
+    LocalModelSpec(
         name="m",
         source="org/m",
         engine={"pipeline_parallel_size": 1, "distributed_executor_backend": "mp"},

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec
 from appliance.errors import InsufficientResourcesError
 from appliance.supervisor.inventory import Device, DeviceKind, Inventory, cpu_inventory
 from appliance.supervisor.placement import (
@@ -59,13 +59,13 @@ MIXED = gpus(80, 24, 48)
 
 
 def test_demand_from_spec() -> None:
-    spec = ModelSpec(
+    spec = LocalModelSpec(
         name="llama-70b",
         source="meta-llama/Llama-3.1-70B-Instruct",
         resources={"tensor_parallel_size": 2, "memory_gib": 60, "devices": [4, 5]},
     )
     assert Demand.from_spec(spec) == Demand("llama-70b", 2, 60.0, None, (4, 5))
-    assert Demand.from_spec(ModelSpec(name="tiny", source="x")) == Demand("tiny", 1)
+    assert Demand.from_spec(LocalModelSpec(name="tiny", source="x")) == Demand("tiny", 1)
 
 
 def test_demand_refuses_pins_that_do_not_match_tensor_parallel() -> None:

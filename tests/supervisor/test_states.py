@@ -73,6 +73,8 @@ def test_table_covers_every_state_and_has_no_self_loops() -> None:
         ("draining", "failed"),
         ("failed", "loading"),
         ("failed", "unloaded"),
+        ("ready", "unavailable"),  # a remote backend's breaker opened
+        ("unavailable", "ready"),  # and closed again
     }
 
 
@@ -84,6 +86,7 @@ def test_every_state_value_is_its_lowercase_name() -> None:
         "sleeping",
         "draining",
         "failed",
+        "unavailable",
     ]
 
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import ModelSpec, parse_model_spec
 from appliance.engines.base import EngineStats, JSONReply
 from appliance.errors import (
     EvictionTooSoonError,
@@ -128,7 +128,7 @@ LIMITS = SupervisorLimits(
 
 def spec(name: str, **extra: Any) -> ModelSpec:
     """A local entry needing 4 GiB."""
-    return ModelSpec.model_validate(
+    return parse_model_spec(
         {"name": name, "source": f"org/{name}", "resources": {"memory_gib": 4}, **extra}
     )
 
@@ -370,9 +370,7 @@ def test_a_request_that_would_evict_a_young_model_is_told_when_to_retry() -> Non
 
 def test_young_models_that_would_not_make_room_anyway_give_a_507() -> None:
     async def body(sup: Supervisor, maker: FakeMaker, rec: Recorder) -> None:
-        big = ModelSpec.model_validate(
-            {"name": "big", "source": "org/big", "autoload": False, "resources": {"memory_gib": 9}}
-        )
+        big = spec("big", autoload=False, resources={"memory_gib": 9})
         await sup.start([spec("a", evictable=True), big])
         await sup.wait_autoload()
         with pytest.raises(InsufficientResourcesError):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance.catalogue.config_file import parse_catalogue
-from appliance.catalogue.schema import Task
+from appliance.catalogue.schema import LocalModelSpec, RemoteModelSpec, Task
 from appliance.engines.factory import EngineFactory
 from appliance.errors import ConfigError
 
@@ -139,6 +139,58 @@ def test_source_and_backend_both_or_neither() -> None:
             source: org/model
             backend_url: http://other:8000
     """)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("autoload", "true"),
+        ("load_on_demand", "true"),
+        ("keep_alive", "60"),
+        ("evictable", "true"),
+        ("resources", "{memory_gib: 2}"),
+        ("engine", "{dtype: float32}"),
+    ],
+)
+def test_a_local_only_field_on_a_remote_entry_names_model_and_field(field: str, value: str) -> None:
+    message = error_of(f"""
+        models:
+          - name: far
+            backend_url: http://other:8000
+            {field}: {value}
+    """)
+    assert "model 'far'" in message
+    assert f"field {field!r}: does not apply to a remote backend" in message
+
+
+def test_backend_url_on_a_local_entry_is_refused_naming_the_field() -> None:
+    message = error_of("""
+        models:
+          - name: near
+            source: org/model
+            backend_url: http://other:8000
+    """)
+    assert "model 'near'" in message and "exactly one of source" in message
+
+
+def test_entries_are_local_or_remote_by_kind() -> None:
+    config = parse("""
+        models:
+          - {name: near, source: org/model, max_queue: 3}
+          - {name: far, backend_url: "http://other:8000/", max_queue: 2}
+    """)
+    near, far = config.models
+    assert isinstance(near, LocalModelSpec) and near.max_queue == 3
+    assert isinstance(far, RemoteModelSpec) and far.max_queue == 2
+    assert far.backend_url == "http://other:8000"
+
+
+def test_a_remote_entry_error_does_not_show_pydantics_union_tag() -> None:
+    message = error_of("""
+        models:
+          - {name: far, backend_url: "http://other:8000", max_queue: 0}
+    """)
+    assert "model 'far': field 'max_queue'" in message and "remote." not in message
 
 
 def test_bad_backend_url() -> None:
@@ -278,3 +330,65 @@ def test_up_refuses_a_catalogue_that_cannot_be_placed_with_one_line(tmp_path: Pa
         "1.5 GiB each; free: cpu0 0.5/2.0 GiB (beside first); set autoload: false on some, or "
         "give them less memory"
     ]
+
+
+def test_aliases_must_not_clash_with_names_or_each_other() -> None:
+    assert "alias 'chat' is already a name or alias of 'chat'" in error_of("""
+        models:
+          - {name: chat, source: a/b}
+          - {name: other, source: c/d, aliases: [chat]}
+    """)
+    assert "alias 'gpt-4o-mini' is already a name or alias of 'a'" in error_of("""
+        models:
+          - {name: a, source: a/b, aliases: [gpt-4o-mini]}
+          - {name: b, backend_url: "http://x:8000", aliases: [gpt-4o-mini]}
+    """)
+    assert "own name" in error_of("""
+        models:
+          - {name: a, source: a/b, aliases: [a]}
+    """)
+    assert "'aliases.0'" in error_of("""
+        models:
+          - {name: a, source: a/b, aliases: ["has space"]}
+    """)
+
+
+def test_backend_model_is_for_remote_entries_only() -> None:
+    config = parse("""
+        models:
+          - {name: llama, backend_url: "http://box-a:8000", backend_model: llama-3-8b}
+    """)
+    (far,) = config.models
+    assert isinstance(far, RemoteModelSpec) and far.upstream_name == "llama-3-8b"
+    message = error_of("""
+        models:
+          - {name: llama, source: a/b, backend_model: llama-3-8b}
+    """)
+    assert "model 'llama': field 'backend_model': does not apply to a local model" in message
+
+
+def test_adapters_are_names_that_clash_with_nothing() -> None:
+    config = parse("""
+        models:
+          - name: base
+            source: org/base
+            adapters: [{name: sql-lora, source: ./loras/sql}, {name: fr, source: org/fr-lora}]
+    """)
+    assert config.models[0].adapter_names() == ["sql-lora", "fr"]
+    assert "adapter 'gpt' is already a name, alias or adapter of 'other'" in error_of("""
+        models:
+          - {name: other, source: a/b, aliases: [gpt]}
+          - {name: base, source: c/d, adapters: [{name: gpt, source: x/y}]}
+    """)
+    assert "names an adapter twice" in error_of("""
+        models:
+          - {name: base, source: c/d, adapters: [{name: a, source: x/y}, {name: a, source: x/z}]}
+    """)
+    assert "field 'adapters': does not apply to a remote backend" in error_of("""
+        models:
+          - {name: far, backend_url: "http://x:8000", adapters: [{name: a, source: x/y}]}
+    """)
+    assert "lora_modules" in error_of("""
+        models:
+          - {name: base, source: c/d, engine: {lora_modules: ["a=/x"]}}
+    """)

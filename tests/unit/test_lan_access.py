@@ -311,9 +311,16 @@ class _FailedRouter:
     def __init__(self) -> None:
         from appliance.catalogue.catalogue import Catalogue
         from appliance.catalogue.registry_client import CatalogueSource
-        from appliance.catalogue.schema import ModelSpec
+        from appliance.catalogue.schema import (
+            LocalModelSpec,
+        )
 
-        self.catalogue = Catalogue([ModelSpec(name="m", source="org/m")], CatalogueSource.FILE)
+        self.catalogue = Catalogue([LocalModelSpec(name="m", source="org/m")], CatalogueSource.FILE)
+
+    def target_of(self, model: str) -> Any:
+        from appliance.supervisor.supervisor import Target
+
+        return Target(model, model, (model,)) if model in self.catalogue else None
 
     def engine_for(self, model: str, endpoint: Any) -> Any:
         from appliance.errors import ModelFailedError

@@ -18,7 +18,7 @@ from appliance.api.load_gate import (
 )
 from appliance.catalogue.catalogue import Catalogue
 from appliance.catalogue.registry_client import CatalogueSource
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec, RemoteModelSpec
 from appliance.supervisor.states import ModelState
 
 
@@ -42,11 +42,11 @@ class Supervisor:
 class Router:
     def __init__(self, supervisor: Supervisor) -> None:
         specs = [
-            ModelSpec(name=n, source=f"org/{n}", load_on_demand=True, autoload=False)
+            LocalModelSpec(name=n, source=f"org/{n}", load_on_demand=True, autoload=False)
             for n in supervisor.table
         ]
-        specs.append(ModelSpec(name="fixed", source="org/fixed"))
-        specs.append(ModelSpec(name="remote", backend_url="http://box-a:8000"))
+        specs.append(LocalModelSpec(name="fixed", source="org/fixed"))
+        specs.append(RemoteModelSpec(name="remote", backend_url="http://box-a:8000"))
         self.catalogue = Catalogue(specs, CatalogueSource.FILE)
         self.supervisor = supervisor
 

@@ -19,7 +19,7 @@ from appliance.api.metrics_routes import build_metrics_router
 from appliance.api.middleware import RequestInfo
 from appliance.catalogue.catalogue import Catalogue
 from appliance.catalogue.registry_client import CatalogueSource
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import LocalModelSpec
 from appliance.engines.base import EngineStats, Usage
 from appliance.metrics import Metrics
 from appliance.supervisor.inventory import GIB, GpuMemory
@@ -70,7 +70,7 @@ class FakeSupervisor:
 
 
 def catalogue(*names: str, origin: CatalogueSource = CatalogueSource.FILE) -> Catalogue:
-    return Catalogue([ModelSpec(name=n, source=f"models/{n}") for n in names], origin)
+    return Catalogue([LocalModelSpec(name=n, source=f"models/{n}") for n in names], origin)
 
 
 @pytest.fixture
@@ -211,7 +211,7 @@ def test_catalogue_changes_are_followed(make_metrics: Any) -> None:
     cat = catalogue("llama")
     m = make_metrics(cat=cat)
     m.on_request_done(request("mistral"), 404, 0.1)
-    cat.replace([ModelSpec(name="mistral", source="models/mistral")], CatalogueSource.FILE)
+    cat.replace([LocalModelSpec(name="mistral", source="models/mistral")], CatalogueSource.FILE)
     m.on_request_done(request("mistral"), 200, 0.1)
     s = scrape(m)
     assert (

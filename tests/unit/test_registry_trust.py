@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from appliance.catalogue.schema import CatalogueFile, ModelSpec, RegistryTrust
+from appliance.catalogue.schema import (
+    CatalogueFile,
+    ModelSpec,
+    RegistryTrust,
+    parse_model_spec,
+)
 from appliance.catalogue.trust import RegistryGate, UntrustedEntryError
 
 pytestmark = pytest.mark.anyio
@@ -48,11 +53,11 @@ def gate(**trust: Any) -> RegistryGate:
 
 
 def local(**extra: Any) -> ModelSpec:
-    return ModelSpec.model_validate({"name": "m", "source": "org/model", **extra})
+    return parse_model_spec({"name": "m", "source": "org/model", **extra})
 
 
 def remote(url: str) -> ModelSpec:
-    return ModelSpec.model_validate({"name": "r", "backend_url": url})
+    return parse_model_spec({"name": "r", "backend_url": url})
 
 
 async def test_a_plain_hub_entry_is_admitted_without_autoload() -> None:
@@ -106,6 +111,15 @@ async def test_models_yaml_may_allow_more_engine_settings() -> None:
 async def test_local_paths_and_packages_are_refused(source: str) -> None:
     with pytest.raises(UntrustedEntryError, match="field 'source'"):
         await gate().admit(local(source=source))
+
+
+@pytest.mark.parametrize("source", ["/etc", "./loras/x", "tests/unit", "org/../x"])
+async def test_adapter_sources_from_the_registry_are_hub_ids_only(source: str) -> None:
+    entry = local(adapters=[{"name": "ok", "source": "org/lora"}, {"name": "a", "source": source}])
+    with pytest.raises(UntrustedEntryError, match=r"field 'adapters\.1\.source'"):
+        await gate().admit(entry)
+    admitted = await gate().admit(local(adapters=[{"name": "ok", "source": "org/lora"}]))
+    assert admitted.adapter_names() == ["ok"]
 
 
 async def test_hub_organisations_can_be_limited() -> None:
