@@ -52,6 +52,7 @@ from appliance.api.error_handlers import appliance_error_response
 from appliance.api.middleware import INFO_KEY, RequestInfo
 from appliance.api.peer import is_loopback, peer_address
 from appliance.api.rate_limit import Clock, KeyLimits
+from appliance.api.route_table import is_model_route
 from appliance.config_problems import describe, locate
 from appliance.errors import (
     ApplianceError,
@@ -495,8 +496,8 @@ def _needed_role(path: str, root_path: str = "") -> Role | None:
     first = parts[0] if parts else ""
     if first == "admin":
         return Role.ADMIN
-    if first == "v1":
-        return Role.USER
+    if first == "v1" or is_model_route("/" + "/".join(parts)):
+        return Role.USER  # the model routes outside /v1 (/tokenize, /rerank...) too
     return None
 
 

@@ -29,6 +29,7 @@ from appliance.api.auth import (
 )
 from appliance.api.load_gate import LoadGate
 from appliance.api.middleware import RequestInfo, request_info
+from appliance.api.model_cards import vllm_card_fields
 from appliance.api.stream_usage import USAGE_MARK, ask_for_usage, hide_usage, usage_of_event
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
 from appliance.engines.remote import DETAIL_SCOPE
@@ -307,7 +308,10 @@ def build_openai_router(
             }
             if spec.is_local:
                 with contextlib.suppress(Exception):
-                    entry["state"] = router.supervisor.get(spec.name).state.value
+                    handle = router.supervisor.get(spec.name)
+                    entry["state"] = handle.state.value
+                    admin = caller_is_admin(request.scope)
+                    entry.update(vllm_card_fields(handle.engine, admin=admin))
             elif caller_is_admin(request.scope):
                 # Where a backend lives is the operator's business, not a user key's.
                 entry["backend_url"] = spec.backend_url

@@ -107,7 +107,7 @@ class EngineFactory:
     def validate(self, spec: ModelSpec) -> None:
         """Raise ``ConfigError`` naming the model and field if ``spec`` cannot be served."""
         if spec.is_local:
-            self._args.build(spec, resolve_source(spec, self._base_dir))
+            self._args.build(spec, resolve_source(spec, self._base_dir), base_dir=self._base_dir)
 
     def create(self, spec: ModelSpec, allocation: Allocation, inventory: Inventory) -> Engine:
         """A new, not yet started, engine for ``spec`` on the devices of ``allocation``."""
@@ -128,6 +128,9 @@ class EngineFactory:
             kv = max(1, min(int(allocation.memory_gib), self._cpu_kv_cache_gib))
             env["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
         args = self._args.build(
-            spec, resolve_source(spec, self._base_dir), gpu_memory_utilization=utilization
+            spec,
+            resolve_source(spec, self._base_dir),
+            gpu_memory_utilization=utilization,
+            base_dir=self._base_dir,
         )
         return VLLMEngine(spec, args, env=env)
