@@ -50,7 +50,12 @@ from appliance.api.route_table import (
 from appliance.engines.asgi_call import content_type
 from appliance.engines.base import Engine, JSONReply, Reply, RouteCall, StreamReply, Usage
 from appliance.engines.remote import DETAIL_SCOPE
-from appliance.errors import ModelFailedError, ModelNotFoundError, WrongTaskError
+from appliance.errors import (
+    ApplianceError,
+    ModelFailedError,
+    ModelNotFoundError,
+    WrongTaskError,
+)
 from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.supervisor.states import ModelState
@@ -206,7 +211,10 @@ def build_vllm_router(
                 continue
             release = contextlib.AsyncExitStack()
             try:
-                engine = await release.enter_async_context(router.any_engine_for(handle.name))
+                try:
+                    engine = await release.enter_async_context(router.any_engine_for(handle.name))
+                except ApplianceError:
+                    continue  # it stopped being ready (or is full) since it was listed
                 routes = engine.routes()
                 if routes is None or route.key not in routes:
                     await release.aclose()
