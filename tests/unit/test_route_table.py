@@ -136,3 +136,11 @@ def test_metrics_label_of_a_route() -> None:
     assert endpoint_label("/v1/responses") == "responses"
     assert endpoint_label("/tokenize") == "tokenize"
     assert endpoint_label("/v2/rerank") == "v2/rerank"
+
+
+def test_the_docs_describe_the_new_routes() -> None:
+    app = FastAPI()
+    app.include_router(build_vllm_router(MagicMock(), MagicMock(), version="0"))
+    paths = app.openapi()["paths"]
+    assert "requestBody" in paths["/tokenize"]["post"]
+    assert "/v1/responses/{response_id}" in paths and "/version" in paths
