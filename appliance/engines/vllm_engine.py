@@ -651,9 +651,35 @@ def _vllm_app(args: argparse.Namespace, tasks: Any, model_config: Any) -> Any:
     """
     from vllm.entrypoints.launchers.app import build_app
 
-    app = build_app(args, tuple(tasks), model_config)
+    # build_app imports SageMaker's hosting standards, which reconfigure logging (the root
+    # level goes to ERROR, which silenced the appliance's access log): put it back.
+    with _logging_kept():
+        app = build_app(args, tuple(tasks), model_config)
     app.user_middleware.clear()
     return app
+
+
+@contextlib.contextmanager
+def _logging_kept() -> Iterator[None]:
+    """Restore the root logger and every existing logger's level, handlers and switches."""
+    root = logging.getLogger()
+    saved_root = (root.level, list(root.handlers))
+    saved = {
+        name: (logger.level, list(logger.handlers), logger.disabled, logger.propagate)
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    try:
+        yield
+    finally:
+        root.setLevel(saved_root[0])
+        root.handlers[:] = saved_root[1]
+        for name, (level, handlers, disabled, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+            logger.disabled = disabled
+            logger.propagate = propagate
 
 
 def _routes_of(app: Any) -> frozenset[str]:

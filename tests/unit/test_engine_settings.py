@@ -3,6 +3,10 @@ server's own settings with the appliance's option for the same thing."""
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -93,3 +97,25 @@ def test_task_is_a_hint_for_vllms_runner(task: str, runner: str) -> None:
         """)
     )
     assert EngineArgsBuilder().build(config.models[0], str(TINY)).runner == runner
+
+
+def test_building_vllms_app_for_an_engine_leaves_logging_alone() -> None:
+    # vLLM's build_app imports SageMaker's hosting standards, which set the root logger to
+    # ERROR on first import: the appliance's access log went silent once an engine started.
+    code = textwrap.dedent("""
+        import logging
+        from appliance.engines.vllm_engine import EngineArgsBuilder, _vllm_app
+        logging.getLogger().setLevel(logging.INFO)
+        access = logging.getLogger("appliance.access")
+        args = EngineArgsBuilder().parser.parse_args(["--model", "unused"])
+        _vllm_app(args, ("generate",), None)
+        print("LEVELS", logging.getLogger().level, access.disabled)
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert f"LEVELS {logging.INFO} False" in done.stdout, done.stderr[-2000:]
