@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from appliance.catalogue.catalogue import Catalogue
 from appliance.catalogue.schema import Task
 from appliance.engines.base import Endpoint, Engine
+from appliance.engines.route_table import wrong_route_message
 from appliance.errors import WrongTaskError
 from appliance.supervisor.supervisor import Supervisor, Target
 
@@ -35,11 +36,25 @@ class Router:
         request's lifetime; 404 if no entry answers to that name."""
         model = self.supervisor.resolve(model)
         spec = self.supervisor.get(model).spec
-        if _TASK_OF[endpoint] is not spec.task:
+        # With task 'auto' (the default) the engine says which routes it serves.
+        if spec.task is not Task.AUTO and _TASK_OF[endpoint] is not spec.task:
             raise WrongTaskError(
                 f"model {model!r} is a {spec.task.value} model and does not serve "
                 f"/v1/{endpoint.value}",
                 param="model",
             )
-        async with self.supervisor.acquire(model) as engine:
+        async with self.any_engine_for(model) as engine:
+            routes = engine.routes()
+            route = f"POST /v1/{endpoint.value}"
+            if routes is not None and route not in routes:
+                raise WrongTaskError(
+                    wrong_route_message(model, f"/v1/{endpoint.value}", routes), param="model"
+                )
+            yield engine
+
+    @contextlib.asynccontextmanager
+    async def any_engine_for(self, model: str) -> AsyncIterator[Engine]:
+        """The engine serving ``model`` (a name, alias or adapter), whatever its task, held for
+        the request's lifetime; the engine says which routes it serves (``Engine.routes``)."""
+        async with self.supervisor.acquire(self.supervisor.resolve(model)) as engine:
             yield engine

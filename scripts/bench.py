@@ -73,9 +73,9 @@ DEFAULT_ENGINE_ARGS = ("max_model_len=512", "dtype=float32")
 
 # Runs vLLM's benchmark client in its own process: `python -c CLIENT_CODE <bench serve args>`.
 # Changes to it, none touching what it measures:
-# - vLLM's client re-aligns prompts through the server's /tokenize when its local tokenizer and
-#   the server's disagree on a prompt's length. The appliance has no /tokenize, so the two servers
-#   would get different prompts; the alignment is switched off so both get the same requests.
+# (vLLM's client re-aligns prompts through the server's /tokenize and /detokenize when its
+# local tokenizer and the server's disagree on a prompt's length; the appliance serves both
+# routes, so both servers get the same, re-aligned, prompts.)
 # - With BENCH_BARRIER_DIR and BENCH_BARRIER_N set (two models driven at once), the clients wait
 #   for each other twice: after their imports and tokenizer load ("loaded"), so that one
 #   client's start-up does not eat the CPU while the other one works; and after their test
@@ -89,9 +89,6 @@ CLIENT_CODE = """
 import asyncio, os, sys, time
 from vllm.benchmarks import serve
 from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-async def _same_prompts(base_url, model_id, input_requests, ssl_context=None):
-    return input_requests
 
 async def _wait_for_all(stage, poll):
     barrier, n = os.environ.get("BENCH_BARRIER_DIR"), int(os.environ.get("BENCH_BARRIER_N", "1"))
@@ -128,7 +125,6 @@ async def _benchmark_together(*args, **kwargs):
         result["bench_start_unix"] = _window_starts[0]
     return result
 
-serve._align_prompts_to_server_tokenizer = _same_prompts
 serve.benchmark = _benchmark_together
 serve.get_request = _timed_get_request
 if _fetch_metrics is not None:

@@ -26,6 +26,7 @@ from appliance.api.openai_routes import build_openai_router
 from appliance.api.peer import local_host_names
 from appliance.api.status_page import StatusPage
 from appliance.api.usage_routes import build_usage_router
+from appliance.api.vllm_routes import build_vllm_router
 from appliance.appliance import Appliance
 from appliance.errors import ApplianceError
 from appliance.settings import Settings
@@ -105,6 +106,8 @@ def create_app(
     )
     app.state.appliance = core
     register_error_handlers(app)
+    # One gate for every model route: its caps count on-demand loads whatever route asked.
+    load_gate = LoadGate(core.router, settings.on_demand)
     app.include_router(build_health_router(core.supervisor))
     app.include_router(
         build_openai_router(
@@ -112,8 +115,17 @@ def create_app(
             core.metrics,
             log_prompts=settings.log_prompts,
             check_quota=core.usage.check_quota,
-            load_gate=LoadGate(core.router, settings.on_demand),
+            load_gate=load_gate,
             list_aliases=settings.list_aliases,
+        )
+    )
+    app.include_router(
+        build_vllm_router(
+            core.router,
+            core.metrics,
+            log_prompts=settings.log_prompts,
+            check_quota=core.usage.check_quota,
+            load_gate=load_gate,
         )
     )
     app.include_router(build_admin_router(core))

@@ -52,6 +52,7 @@ from appliance.api_keys import (
     key_digest,
 )
 from appliance.config_problems import describe, locate
+from appliance.engines.route_table import is_model_route
 from appliance.errors import (
     ApplianceError,
     AuthenticationError,
@@ -407,8 +408,8 @@ def _needed_role(path: str, root_path: str = "") -> Role | None:
     first = parts[0] if parts else ""
     if first == "admin":
         return Role.ADMIN
-    if first == "v1":
-        return Role.USER
+    if first == "v1" or is_model_route("/" + "/".join(parts)):
+        return Role.USER  # the model routes outside /v1 (/tokenize, /rerank...) too
     return None
 
 

@@ -28,6 +28,7 @@ from appliance.api.auth import (
     require_role,
 )
 from appliance.api.load_gate import LoadGate
+from appliance.api.model_cards import vllm_card_fields
 from appliance.api.stream_usage import USAGE_MARK, ask_for_usage, hide_usage, usage_of_event
 from appliance.catalogue.schema import RemoteModelSpec
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
@@ -317,6 +318,8 @@ def build_openai_router(
             }
             with contextlib.suppress(ApplianceError):  # the table may lag a catalogue change
                 entry["state"] = router.supervisor.state_of(spec.name).value
+                engine = router.supervisor.get(spec.name).engine
+                entry.update(vllm_card_fields(engine, admin=caller_is_admin(request.scope)))
             if isinstance(spec, RemoteModelSpec) and caller_is_admin(request.scope):
                 # Where a backend lives is the operator's business, not a user key's.
                 entry["backend_url"] = spec.backend_url

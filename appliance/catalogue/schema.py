@@ -53,10 +53,55 @@ SINGLE_ENGINE_KEYS: dict[str, str] = {
     "prefill_context_parallel_size": "placement does not account for context parallelism",
 }
 
+# `vllm serve` settings of its own HTTP server (FrontendArgs in vLLM's cli_args.py), which the
+# appliance's one server replaces: accepted, they would be silently ignored. Each names the
+# appliance's option for the same thing.
+SERVER_ONLY_ENGINE_KEYS: dict[str, str] = {
+    "host": "use `appliance up --host`",
+    "port": "use `appliance up --port`",
+    "uds": "the appliance listens on TCP (`appliance up --host/--port`)",
+    "grpc_port": "the appliance serves HTTP only",
+    "api_key": "use API keys (`appliance up --api-keys FILE`, APPLIANCE_API_KEYS)",
+    "allowed_origins": "use `appliance up --cors-origin`",
+    "allow_credentials": "use `appliance up --cors-origin` (CORS is the appliance's)",
+    "allowed_methods": "use `appliance up --cors-origin` (CORS is the appliance's)",
+    "allowed_headers": "use `appliance up --cors-origin` (CORS is the appliance's)",
+    "ssl_keyfile": "terminate TLS in a reverse proxy in front of the appliance",
+    "ssl_certfile": "terminate TLS in a reverse proxy in front of the appliance",
+    "ssl_ca_certs": "terminate TLS in a reverse proxy in front of the appliance",
+    "ssl_cert_reqs": "terminate TLS in a reverse proxy in front of the appliance",
+    "ssl_ciphers": "terminate TLS in a reverse proxy in front of the appliance",
+    "enable_ssl_refresh": "terminate TLS in a reverse proxy in front of the appliance",
+    "root_path": "the appliance's routes are at the root; a proxy may strip a prefix",
+    "middleware": "the appliance's middleware is fixed (keys, limits, request ids, logs)",
+    "uvicorn_log_level": "use `appliance up --log-level`",
+    "disable_uvicorn_access_log": "the appliance writes its own access log",
+    "disable_access_log_for_endpoints": "the appliance writes its own access log",
+    "enable_request_id_headers": "the appliance always returns X-Request-Id",
+    "disable_fastapi_docs": "the appliance's /docs follow its keys file (public: [docs])",
+    "enable_offline_docs": "the appliance's /docs are its own",
+    "enable_server_load_tracking": "the appliance's /metrics count requests in flight",
+    "data_parallel_supervisor_port": "the appliance runs one engine per entry",
+    "dp_supervisor_probe_interval_s": "the appliance runs one engine per entry",
+    "dp_supervisor_probe_timeout_s": "the appliance runs one engine per entry",
+    "dp_supervisor_probe_failure_threshold": "the appliance runs one engine per entry",
+}
+
+
+def check_server_only_keys(keys: dict[str, Any]) -> None:
+    """Refuse ``vllm serve`` HTTP-server settings in ``engine:``, naming the appliance's own."""
+    for key, instead in SERVER_ONLY_ENGINE_KEYS.items():
+        if key in keys:
+            raise ValueError(
+                f"engine setting {key!r} is a setting of vllm serve's own HTTP server, which "
+                f"the appliance replaces: {instead}"
+            )
+
 
 class Task(str, enum.Enum):
     """What a model does."""
 
+    AUTO = "auto"  # vLLM picks the runner; the routes served are what the engine reports
     GENERATE = "generate"  # chat and text completions
     EMBED = "embed"  # embeddings (vLLM's pooling runner)
 
@@ -150,7 +195,14 @@ class _EntryBase(BaseModel):
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="The name clients ask for.")
     version: str = Field("1", min_length=1, max_length=64)
     owner: str = Field("local", min_length=1, max_length=128)
-    task: Task = Task.GENERATE
+    task: Task = Field(
+        Task.AUTO,
+        description=(
+            "Optional: 'embed' asks vLLM for its pooling runner and 'generate' for its "
+            "generate runner; by default vLLM picks, and the routes a model serves are what "
+            "its engine reports."
+        ),
+    )
     max_queue: int | None = Field(
         None,
         ge=1,
@@ -267,6 +319,7 @@ class LocalModelSpec(_EntryBase):
         for key, why in RESERVED_ENGINE_KEYS.items():
             if key in keys:
                 raise ValueError(f"engine setting {key!r} {why}; remove it from engine")
+        check_server_only_keys(keys)
         for key, why in SINGLE_ENGINE_KEYS.items():
             if key in keys and keys[key] not in (None, 1, "1"):
                 raise ValueError(f"engine setting {key!r} is not supported: {why}")

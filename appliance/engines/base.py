@@ -117,6 +117,24 @@ class EngineFigureSink(Protocol):
 
 
 @dataclass(frozen=True)
+class RouteCall:
+    """One request to a route of ``vllm serve`` other than the three OpenAI ones above.
+
+    ``route`` is the route as vLLM registers it (``"POST /tokenize"``,
+    ``"GET /v1/responses/{response_id}"``); ``path`` and ``query`` are what the client sent, and
+    ``body`` its bytes, passed on untouched so the engine validates them as vLLM would.
+    """
+
+    route: str
+    method: str
+    path: str
+    query: bytes = b""
+    body: bytes = b""
+    request_id: str | None = None
+    stream: bool = False  # whether the client asked for a stream (``"stream": true``)
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A snapshot of an engine's own load, for metrics and the admin API."""
 
@@ -138,6 +156,20 @@ class Engine(Protocol):
 
     async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Reply:
         """Answer one OpenAI request whose JSON body is ``body``."""
+        ...
+
+    def routes(self) -> frozenset[str] | None:
+        """The routes this engine answers (``"POST /tokenize"``...); None when unknown (a
+        remote backend answers for itself)."""
+        ...
+
+    async def handle_route(self, call: RouteCall, request: Request) -> Reply:
+        """Answer ``call`` as ``vllm serve`` would, status and body alike."""
+        ...
+
+    def model_card(self) -> dict[str, Any] | None:
+        """What ``vllm serve``'s ``/v1/models`` says of this model (``max_model_len``,
+        ``root``, ``parent``...); None when unknown (a remote backend)."""
         ...
 
     async def sleep(self, level: int) -> None:

@@ -136,7 +136,10 @@ class EngineFactory:
         """Raise ``ConfigError`` naming the model and field if ``spec`` cannot be served."""
         if isinstance(spec, LocalModelSpec):
             self._args.build(
-                spec, resolve_source(spec, self._base_dir), adapters=self._adapters(spec)
+                spec,
+                resolve_source(spec, self._base_dir),
+                adapters=self._adapters(spec),
+                base_dir=self._base_dir,
             )
 
     def adapter_source(self, model: str, name: str, source: str) -> str:
@@ -172,5 +175,6 @@ class EngineFactory:
             resolve_source(spec, self._base_dir),
             gpu_memory_utilization=utilization,
             adapters=self._adapters(spec),
+            base_dir=self._base_dir,
         )
         return VLLMEngine(spec, args, env=env, figures=self._figures)

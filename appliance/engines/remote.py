@@ -24,7 +24,15 @@ from starlette.requests import Request
 
 from appliance.catalogue.schema import ModelSpec, RemoteModelSpec
 from appliance.engines.address_guard import AddressCheck, guarded_transport
-from appliance.engines.base import Endpoint, EngineStats, JSONReply, Reply, StreamReply, Usage
+from appliance.engines.base import (
+    Endpoint,
+    EngineStats,
+    JSONReply,
+    Reply,
+    RouteCall,
+    StreamReply,
+    Usage,
+)
 from appliance.engines.circuit_breaker import BreakerState, CircuitBreaker
 from appliance.errors import (
     BackendError,
@@ -247,6 +255,41 @@ class RemoteEngine:
 
     async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Reply:
         """Forward one request; a stream is committed only once the upstream answered 2xx/3xx."""
+        if self.spec.backend_model is not None:
+            # The backend knows the model by its own name, not by this entry's.
+            body = {**body, "model": self.spec.backend_model}
+        stream = endpoint is not Endpoint.EMBEDDINGS and bool(body.get("stream"))
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        return await self._forward("POST", f"/v1/{endpoint.value}", content, request, stream)
+
+    def model_card(self) -> None:
+        """Unknown here: the backend's own ``/v1/models`` has it."""
+        return None
+
+    def routes(self) -> None:
+        """Unknown: the backend answers for itself which routes it has."""
+        return None
+
+    async def handle_route(self, call: RouteCall, request: Request) -> Reply:
+        """Pass ``call`` through to the same route of the backend, body untouched; the answer
+        is a stream when the backend sends one (``text/event-stream``)."""
+        target = call.path + (f"?{call.query.decode('latin-1')}" if call.query else "")
+        content = call.body
+        if self.spec.backend_model is not None and content:
+            content = _with_model(content, self.spec.backend_model)
+        return await self._forward(call.method, target, content, request, None, call.stream)
+
+    async def _forward(
+        self,
+        method: str,
+        target: str,
+        content: bytes,
+        request: Request,
+        stream: bool | None,
+        asked_stream: bool = False,
+    ) -> Reply:
+        """Send to ``{backend_url}{target}``; ``stream`` None: a stream if the backend streams
+        (``asked_stream``, what the client asked, then only picks the read timeout)."""
         detail = bool(request.scope.get(DETAIL_SCOPE, True))
         wait = self.breaker.admit()
         if wait is not None:
@@ -256,18 +299,17 @@ class RemoteEngine:
                 f"{self.breaker.failures} consecutive failures{last}; retry in {wait:.1f}s",
                 retry_after=wait,
             )
-        if self.spec.backend_model is not None:
-            # The backend knows the model by its own name, not by this entry's.
-            body = {**body, "model": self.spec.backend_model}
-        stream = endpoint is not Endpoint.EMBEDDINGS and bool(body.get("stream"))
         call = _Call(self)
         response: httpx.Response | None = None
         streaming = False  # True once a _Relay owns the open response
         try:
             deadline = time.monotonic() + self._settings.total_timeout
             response = await asyncio.wait_for(
-                self._send(endpoint, body, request, stream), self._settings.total_timeout
+                self._send(method, target, content, request, bool(stream) or asked_stream),
+                self._settings.total_timeout,
             )
+            if stream is None:
+                stream = response.headers.get("content-type", "").startswith("text/event-stream")
             if stream and response.status_code < 400:
                 streaming = True
                 return StreamReply(chunks=_Relay(self, response, call, detail))
@@ -345,7 +387,7 @@ class RemoteEngine:
         return 502, json.dumps(envelope(message, "backend_error", "backend_error")).encode()
 
     async def _send(
-        self, endpoint: Endpoint, body: dict[str, Any], request: Request, stream: bool
+        self, method: str, target: str, content: bytes, request: Request, stream: bool
     ) -> httpx.Response:
         """Send, retrying only a failed connect; the response body is not read yet."""
         s = self._settings
@@ -358,9 +400,9 @@ class RemoteEngine:
             pool=s.pool_timeout,
         )
         upstream = self._client.build_request(
-            "POST",
-            f"{self.url}/v1/{endpoint.value}",
-            content=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
+            method,
+            f"{self.url}{target}",
+            content=content if method != "GET" else None,
             headers=self._headers(request.headers.get("x-request-id")),
             timeout=timeout,
         )
@@ -481,6 +523,18 @@ class RemoteEngine:
 def _serves(engine: RemoteEngine, spec: RemoteModelSpec) -> bool:
     """Whether ``engine`` proxies to the same backend and upstream model as ``spec`` says."""
     return engine.url == spec.backend_url and engine.spec.upstream_name == spec.upstream_name
+
+
+def _with_model(content: bytes, model: str) -> bytes:
+    """A JSON body naming ``model`` instead of this entry's name (``backend_model``); a body
+    that is not a JSON object with a ``model`` goes on untouched, for the backend to judge."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return content
+    if not isinstance(body, dict) or "model" not in body:
+        return content
+    return json.dumps({**body, "model": model}, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class _Rename:

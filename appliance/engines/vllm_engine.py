@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -27,6 +28,7 @@ from starlette.datastructures import State
 from starlette.requests import Request
 
 from appliance.catalogue.schema import ModelSpec, Task
+from appliance.engines.asgi_call import call_app
 from appliance.engines.base import (
     Endpoint,
     EngineFigureSink,
@@ -35,6 +37,7 @@ from appliance.engines.base import (
     FinishedRequestTimes,
     JSONReply,
     Reply,
+    RouteCall,
     StreamReply,
     Usage,
 )
@@ -189,6 +192,31 @@ def _vllm_parser() -> argparse.ArgumentParser:
     return make_arg_parser(FlexibleArgumentParser(prog="models.yaml engine"))
 
 
+def _template_path(model: str, value: Any, base_dir: Path | None) -> Any:
+    """A ``chat_template`` that is a relative file path, made absolute against ``base_dir``.
+
+    vLLM takes a value with any of ``{}`` or a newline as the template itself, else as a path.
+    """
+    if not isinstance(value, str) or any(c in value for c in "{}\n"):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if not path.is_file():
+        raise ConfigError(
+            f"model {model!r}: engine setting 'chat_template': file {str(path)!r} does not exist",
+            param="engine.chat_template",
+        )
+    return str(path.resolve())
+
+
+def _argv_item(value: Any) -> str:
+    """One item of a list-valued setting as a command-line word."""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
 class EngineArgsBuilder:
     """Turns a catalogue entry into vLLM's own serve arguments, validated by vLLM's parser."""
 
@@ -225,7 +253,9 @@ class EngineArgsBuilder:
             return [option, json.dumps(value)]
         if isinstance(value, list):
             if action.nargs in ("+", "*"):
-                return [option, *(str(v) for v in value)]
+                # Mapping items (lora_modules: [{name, path}]) go as JSON, which vLLM's
+                # parsers of such settings read; plain items as text.
+                return [option, *(_argv_item(v) for v in value)]
             return [option, json.dumps(value)]
         if value is None:
             return []
@@ -238,12 +268,16 @@ class EngineArgsBuilder:
         *,
         gpu_memory_utilization: float | None = None,
         adapters: Sequence[tuple[str, str]] = (),
+        base_dir: Path | None = None,
     ) -> argparse.Namespace:
         """Parse ``spec.engine`` with vLLM's parser; raise ``ConfigError`` naming the setting.
 
         ``adapters``: (name, path or hub id) of each LoRA adapter to serve from the start; with
         any (or ``enable_lora`` in ``spec.engine``) the engine runs with vLLM's LoRA support,
-        so adapters can also be loaded and unloaded while it runs."""
+        so adapters can also be loaded and unloaded while it runs. ``base_dir``: the
+        catalogue's folder, against which a relative ``chat_template`` path is resolved (vLLM
+        would take it against the process's working directory).
+        """
         parser = self.parser
         argv = [
             "--model",
@@ -255,9 +289,13 @@ class EngineArgsBuilder:
         ]
         if spec.task is Task.EMBED:
             argv += ["--runner", "pooling"]
+        elif spec.task is Task.GENERATE:
+            argv += ["--runner", "generate"]
         if gpu_memory_utilization is not None:
             argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:.4f}"]
         for key, value in spec.engine.items():
+            if key.replace("-", "_") == "chat_template":
+                value = _template_path(spec.name, value, base_dir)
             argv += self._setting_to_argv(spec.name, key, value)
         if adapters:
             if not any(k.replace("-", "_") == "enable_lora" for k in spec.engine):
@@ -420,6 +458,9 @@ class VLLMEngine:
         self._env = dict(env or {})
         self._engine: Any = None
         self._state = State()
+        self._app: Any = None  # vLLM's own FastAPI app for this engine (``vllm serve``'s)
+        self._routes: frozenset[str] = frozenset()
+        self._card: dict[str, Any] | None = None  # this model in vLLM's /v1/models
         self._stats = _StatsRecorder(spec.name, figures)
         self._request_types: dict[Endpoint, TypeAdapter[Any]] = {}
         self._sleep_level = 0  # 0 awake, else the level vLLM was put to sleep at
@@ -499,7 +540,13 @@ class VLLMEngine:
             raise EngineError(f"model {self.spec.name!r} failed to start: {exc}") from exc
         try:
             tasks = await self._engine.get_supported_tasks()
+            self._app = _vllm_app(self._args, tasks, self._engine.model_config)
+            # The app's state is where vLLM's routes look for their serving objects.
+            self._state = self._app.state
             await init_app_state(self._engine, self._state, self._args, tasks)
+            self._routes = _routes_of(self._app)
+            cards = await self._state.openai_serving_models.show_available_models()
+            self._card = cards.data[0].model_dump(mode="json") if cards.data else None
             self._request_types = _request_types()
         except Exception as exc:
             await self.stop()
@@ -574,9 +621,7 @@ class VLLMEngine:
         handler = getattr(self._state, name, None)
         if handler is None:
             raise WrongTaskError(
-                f"model {self.spec.name!r} is a {self.spec.task.value} model and does not "
-                f"serve /v1/{endpoint.value}",
-                param="model",
+                f"model {self.spec.name!r} does not serve /v1/{endpoint.value}", param="model"
             )
         return handler
 
@@ -660,6 +705,28 @@ class VLLMEngine:
             )
         return models
 
+    def model_card(self) -> dict[str, Any] | None:
+        """This model's entry in vLLM's own ``/v1/models``, as vLLM built it at start."""
+        return self._card
+
+    def routes(self) -> frozenset[str]:
+        """The routes vLLM registered for this engine's tasks (``"POST /tokenize"``...)."""
+        return self._routes
+
+    async def handle_route(self, call: RouteCall, request: Request) -> Reply:
+        """Answer ``call`` with vLLM's own app for this engine: its validation, its errors,
+        its stream events."""
+        if self._engine is None or self._app is None:
+            raise EngineError(f"model {self.spec.name!r} has no running engine")
+        reply = await call_app(
+            self._app, call, client=request.scope.get("client"), server=request.scope.get("server")
+        )
+        if self._engine.errored:
+            raise EngineError(f"model {self.spec.name!r}: engine died")
+        if isinstance(reply, JSONReply) and reply.status_code == 200:
+            reply.usage = _usage_from_json(reply.body)
+        return reply
+
     def _error_reply(self, exc: Exception) -> JSONReply:
         """Map an exception from vLLM's serving layer with vLLM's own rules."""
         from vllm.entrypoints.serve.exception_handling.error_response import (
@@ -702,6 +769,55 @@ def _request_types() -> dict[Endpoint, TypeAdapter[Any]]:
     }
 
 
+def _vllm_app(args: argparse.Namespace, tasks: Any, model_config: Any) -> Any:
+    """The FastAPI app ``vllm serve`` builds for this model, its routes and error handlers.
+
+    Its middleware is dropped: CORS, keys and request ids are the appliance's, and vLLM's
+    Prometheus instrumentation would count into a registry nobody reads (the appliance has
+    its own metrics).
+    """
+    from vllm.entrypoints.launchers.app import build_app
+
+    # build_app imports SageMaker's hosting standards, which reconfigure logging (the root
+    # level goes to ERROR, which silenced the appliance's access log): put it back.
+    with _logging_kept():
+        app = build_app(args, tuple(tasks), model_config)
+    app.user_middleware.clear()
+    return app
+
+
+@contextlib.contextmanager
+def _logging_kept() -> Iterator[None]:
+    """Restore the root logger and every existing logger's level, handlers and switches."""
+    root = logging.getLogger()
+    saved_root = (root.level, list(root.handlers))
+    saved = {
+        name: (logger.level, list(logger.handlers), logger.disabled, logger.propagate)
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    try:
+        yield
+    finally:
+        root.setLevel(saved_root[0])
+        root.handlers[:] = saved_root[1]
+        for name, (level, handlers, disabled, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+            logger.disabled = disabled
+            logger.propagate = propagate
+
+
+def _routes_of(app: Any) -> frozenset[str]:
+    """``"METHOD path"`` for every route of vLLM's app."""
+    routes = set()
+    for route in app.routes:
+        for method in getattr(route, "methods", None) or ():
+            routes.add(f"{method} {route.path}")
+    return frozenset(routes)
+
+
 def _invalid_request(exc: ValidationError) -> InvalidRequestError:
     first = exc.errors()[0]
     param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
@@ -714,9 +830,13 @@ def _invalid_request(exc: ValidationError) -> InvalidRequestError:
 def _usage_from_json(body: bytes | memoryview) -> Usage | None:
     try:
         usage = json.loads(bytes(body)).get("usage") or {}
+        # OpenAI's names, or the Responses and Anthropic APIs' input/output names.
+        return Usage(
+            usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0,
+            usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0,
+        )
     except (ValueError, AttributeError):
         return None
-    return Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0) or 0)
 
 
 async def _encode_stream(chunks: AsyncIterator[str]) -> AsyncIterator[bytes]:

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.requests import Request as StarletteRequest
 
 from appliance.catalogue.schema import LocalModelSpec, RemoteModelSpec
-from appliance.engines.base import Endpoint, JSONReply, StreamReply, Usage
+from appliance.engines.base import Endpoint, JSONReply, RouteCall, StreamReply, Usage
 from appliance.engines.circuit_breaker import BreakerState, CircuitBreaker
 from appliance.engines.remote import (
     RemoteBackends,
@@ -102,6 +102,23 @@ def upstream_app(seen: Seen) -> FastAPI:
             _events(seen, body.get("tag", ""), body.get("chunks", 3), body.get("delay", 0.0)),
             media_type="text/event-stream",
         )
+
+    @app.post("/tokenize")
+    @app.post("/v1/messages")
+    async def other_route(request: Request) -> Response:
+        raw = await request.body()
+        body = json.loads(raw)
+        seen.requests.append((request.url.path, dict(request.headers), body))
+        if body.get("stream"):
+            return StreamingResponse(
+                _events(seen, body.get("tag", ""), 2, 0.0), media_type="text/event-stream"
+            )
+        return Response(raw, media_type="application/json")
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored(response_id: str, request: Request) -> JSONResponse:
+        seen.paths.append(f"{request.url.path}?{request.url.query}")
+        return JSONResponse({"id": response_id}, status_code=404)
 
     return app
 
@@ -277,6 +294,41 @@ async def test_upstream_plain_500_becomes_502_envelope(upstream: Upstream) -> No
     assert error["code"] == "backend_error"
     assert "boom" in error["message"] and upstream.url in error["message"]
     assert engine.breaker.failures == 1
+
+
+# -- vLLM's other routes (issue 11) ----------------------------------------------------------
+
+
+async def test_other_routes_pass_through_with_body_untouched(upstream: Upstream) -> None:
+    raw = b'{"model":"echo",  "prompt":"h\u00e9"}'
+    call = RouteCall("POST /tokenize", "POST", "/tokenize", body=raw, request_id="req-7")
+    async with remote(upstream.url) as (engine, _):
+        assert engine.routes() is None and engine.model_card() is None
+        reply = await engine.handle_route(call, incoming({"X-Request-Id": "req-7"}))
+    assert isinstance(reply, JSONReply) and reply.status_code == 200
+    assert reply.body == raw
+    path, headers, _ = upstream.seen.requests[-1]
+    assert path == "/tokenize" and headers["x-request-id"] == "req-7"
+
+
+async def test_other_routes_stream_when_the_backend_streams(upstream: Upstream) -> None:
+    body = json.dumps({"model": "echo", "stream": True, "tag": "messages"}).encode()
+    call = RouteCall("POST /v1/messages", "POST", "/v1/messages", body=body, stream=True)
+    async with remote(upstream.url) as (engine, _):
+        reply = await engine.handle_route(call, incoming())
+        assert isinstance(reply, StreamReply)
+        chunks = [chunk async for chunk in reply.chunks]
+    assert b"".join(chunks).endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_get_route_keeps_its_query_and_status(upstream: Upstream) -> None:
+    call = RouteCall(
+        "GET /v1/responses/{response_id}", "GET", "/v1/responses/resp_1", query=b"stream=false"
+    )
+    async with remote(upstream.url) as (engine, _):
+        reply = await engine.handle_route(call, incoming())
+    assert isinstance(reply, JSONReply) and reply.status_code == 404
+    assert upstream.seen.paths[-1] == "/v1/responses/resp_1?stream=false"
 
 
 # -- streams ---------------------------------------------------------------------------------

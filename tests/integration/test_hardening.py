@@ -274,21 +274,43 @@ def test_engine_metrics_expose_vllms_figures(appliance: ApplianceProcess) -> Non
     assert labelled == {MODEL}
 
 
+TEXTS = st.one_of(st.text(max_size=60), JSON_VALUES)
+# vLLM's other routes (issue 11): fewer examples each, to keep CI time; each caps its output.
+VLLM_ROUTE_CASES = [
+    ("/v1/responses", "input", st.one_of(TEXTS, MESSAGES), 60),
+    ("/v1/messages", "messages", MESSAGES, 60),
+    ("/v1/messages/count_tokens", "messages", MESSAGES, 40),
+    ("/tokenize", "prompt", TEXTS, 40),
+    (
+        "/detokenize",
+        "tokens",
+        st.one_of(st.lists(st.integers(-5, 400), max_size=5), JSON_VALUES),
+        40,
+    ),
+    ("/rerank", "query", TEXTS, 20),
+]
+
+
 @pytest.mark.parametrize(
-    ("path", "content_key", "content"),
+    ("path", "content_key", "content", "examples"),
     [
-        ("/v1/chat/completions", "messages", MESSAGES),
-        ("/v1/completions", "prompt", st.one_of(st.text(max_size=60), JSON_VALUES)),
-        ("/v1/embeddings", "input", st.one_of(st.text(max_size=60), JSON_VALUES)),
+        ("/v1/chat/completions", "messages", MESSAGES, 200),
+        ("/v1/completions", "prompt", TEXTS, 200),
+        ("/v1/embeddings", "input", TEXTS, 200),
+        *VLLM_ROUTE_CASES,
     ],
 )
 def test_fuzz_never_5xx(
-    appliance: ApplianceProcess, path: str, content_key: str, content: st.SearchStrategy[Any]
+    appliance: ApplianceProcess,
+    path: str,
+    content_key: str,
+    content: st.SearchStrategy[Any],
+    examples: int,
 ) -> None:
     http = httpx.Client(base_url=appliance.url, headers=auth(USER), timeout=60)
 
     @settings(
-        max_examples=200,
+        max_examples=examples,
         deadline=None,
         suppress_health_check=list(HealthCheck),
         derandomize=True,
@@ -297,6 +319,8 @@ def test_fuzz_never_5xx(
     def check(body: Any) -> None:
         if isinstance(body, dict) and isinstance(body.get("max_tokens"), int):
             body["max_tokens"] = min(body["max_tokens"], 8)  # keep each case fast
+        if isinstance(body, dict) and path == "/v1/responses":
+            body["max_output_tokens"] = 4  # else it generates up to the context length
         response = http.post(path, content=json.dumps(body), headers=JSON)
         assert response.status_code < 500, (body, response.text)
         if response.status_code >= 400:
@@ -438,3 +462,45 @@ def test_fuzz_admin_routes_never_5xx(appliance: ApplianceProcess, action: str) -
 
     check()
     assert httpx.get(f"{appliance.url}/health").status_code == 200
+
+
+def test_keys_limits_and_metrics_cover_vllms_other_routes(appliance: ApplianceProcess) -> None:
+    url = appliance.url
+    tokenize = {"model": MODEL, "prompt": "count me"}
+    responses = {"model": MODEL, "input": "hi", "max_output_tokens": 3}
+    for method, path, body in (
+        ("POST", "/tokenize", tokenize),
+        ("POST", "/v1/responses", responses),
+        ("GET", "/v1/responses/resp_0", None),
+        ("POST", "/v2/rerank", {"model": MODEL, "query": "a", "documents": ["b"]}),
+    ):
+        none = httpx.request(method, f"{url}{path}", json=body, timeout=30)
+        assert none.status_code == 401, (path, none.text)
+    limited = httpx.post(f"{url}/tokenize", json=tokenize, headers=auth(LIMITED), timeout=30)
+    assert limited.status_code in (403, 429)  # not its model; or over its rate by now
+    if limited.status_code == 403:
+        assert limited.json()["error"]["code"] == "model_not_allowed"
+    before = scrape(appliance)
+    for _ in range(2):
+        ok = httpx.post(f"{url}/tokenize", json=tokenize, headers=auth(USER), timeout=30)
+        assert ok.status_code == 200 and ok.headers["x-request-id"]
+    answer = httpx.post(f"{url}/v1/responses", json=responses, headers=auth(USER), timeout=60)
+    assert answer.status_code == 200, answer.text
+
+    def counted() -> bool:
+        after = scrape(appliance)
+        tokenized = value(
+            after, "appliance_requests_total", model=MODEL, endpoint="tokenize", status="200"
+        ) - value(
+            before, "appliance_requests_total", model=MODEL, endpoint="tokenize", status="200"
+        )
+        responded = value(
+            after, "appliance_requests_total", model=MODEL, endpoint="responses", status="200"
+        ) - value(
+            before, "appliance_requests_total", model=MODEL, endpoint="responses", status="200"
+        )
+        return tokenized == 2 and responded == 1
+
+    wait_until(counted, "the /tokenize and /v1/responses requests counted by endpoint", 10)
+    log = appliance.log_path.read_text()
+    assert '"path": "/tokenize"' in log and '"key": "user"' in log

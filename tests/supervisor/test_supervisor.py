@@ -67,6 +67,12 @@ class FakeEngine:
     async def handle(self, endpoint: Any, body: Any, request: Any) -> JSONReply:
         return JSONReply(200, b"{}")
 
+    def routes(self) -> None:
+        return None  # unknown: like a remote backend, it answers for itself
+
+    def model_card(self) -> None:
+        return None
+
     def is_alive(self) -> bool:
         return self.alive
 

@@ -36,6 +36,12 @@ class EchoBackend:
     async def handle(self, endpoint: Any, body: dict[str, Any], request: Any) -> JSONReply:
         return JSONReply(200, json.dumps({"model": body["model"], "object": "x"}).encode())
 
+    def routes(self) -> None:
+        return None  # unknown: like a remote backend, it answers for itself
+
+    def model_card(self) -> None:
+        return None
+
     def is_alive(self) -> bool:
         return True
 

@@ -56,6 +56,12 @@ class EchoEngine:
     async def wake_up(self) -> None:
         raise NotImplementedError
 
+    def routes(self) -> None:
+        return None  # unknown: like a remote backend, it answers for itself
+
+    def model_card(self) -> None:
+        return None
+
     def is_alive(self) -> bool:
         return self.alive
 

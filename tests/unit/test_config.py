@@ -45,7 +45,8 @@ def test_minimal_entry_gets_defaults() -> None:
             source: org/model
     """)
     spec = config.models[0]
-    assert spec.task is Task.GENERATE and spec.autoload and spec.resources.tensor_parallel_size == 1
+    # No task: vLLM picks the runner and the engine says which routes it serves (issue 11).
+    assert spec.task is Task.AUTO and spec.autoload and spec.resources.tensor_parallel_size == 1
 
 
 def test_invalid_yaml() -> None:

@@ -39,6 +39,12 @@ class FakeEngine:
 
     snapshot: EngineStats | None
 
+    def routes(self) -> None:
+        return None  # unknown: like a remote backend, it answers for itself
+
+    def model_card(self) -> None:
+        return None
+
     def stats(self) -> EngineStats:
         if self.snapshot is None:
             raise RuntimeError("engine is dying")

@@ -1,0 +1,296 @@
+"""The rest of ``vllm serve``'s routes: Responses, Messages, tokenize, pooling, score, rerank...
+
+Each route in ``route_table.ENGINE_ROUTES`` is routed by the ``model`` of its JSON body to that
+model's engine, which answers it as ``vllm serve`` does (a local engine with vLLM's own app for
+that model; a remote one by passing the request through). The appliance adds what it adds to
+every model request: keys and per-key model lists, load gate and quotas, queue limits, request
+ids, the access log and the metrics' ``endpoint`` label. A model whose engine does not serve a
+route gets a 400 naming the routes it does serve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from appliance.api.auth import (
+    KEY_SCOPE,
+    Role,
+    caller_is_admin,
+    check_model_allowed,
+    may_load_on_demand,
+    model_allowed,
+    require_role,
+)
+from appliance.api.load_gate import LoadGate
+from appliance.api.openai_routes import (
+    _DOC_BODY,
+    CLIENT_CLOSED_REQUEST,
+    QuotaCheck,
+    _model_of,
+    _prompt_of,
+    _ReleasingStream,
+    _until_disconnect,
+    _watch_stream,
+    read_json_object,
+)
+from appliance.engines.asgi_call import content_type
+from appliance.engines.base import Engine, JSONReply, Reply, RouteCall, StreamReply, Usage
+from appliance.engines.remote import DETAIL_SCOPE
+from appliance.engines.route_table import (
+    ENGINE_ROUTES,
+    RESPONSE_ID_ROUTES,
+    VERSION_PATH,
+    ModelRoute,
+    wrong_route_message,
+)
+from appliance.errors import (
+    ApplianceError,
+    ModelFailedError,
+    ModelNotFoundError,
+    WrongTaskError,
+)
+from appliance.metrics import Metrics
+from appliance.request_info import RequestInfo, request_info
+from appliance.router import Router
+from appliance.supervisor.states import ModelState
+
+
+def endpoint_label(path: str) -> str:
+    """The metrics' ``endpoint`` label of a route: its path without ``/`` or ``/v1/`` in front
+    (``/v1/responses`` is ``responses``, as ``/v1/completions`` is ``completions``)."""
+    return path.removeprefix("/v1/").lstrip("/")
+
+
+def _check_serves(engine: Engine, model: str, route: ModelRoute) -> None:
+    routes = engine.routes()
+    if routes is not None and route.key not in routes:
+        raise WrongTaskError(wrong_route_message(model, route.path, routes), param="model")
+
+
+def _route_call(request: Request, route: ModelRoute, body: bytes, stream: bool) -> RouteCall:
+    return RouteCall(
+        route=route.key,
+        method=request.method,
+        path=request.url.path,
+        query=request.scope.get("query_string", b""),
+        body=body,
+        request_id=request.headers.get("x-request-id"),
+        stream=stream,
+    )
+
+
+def _answer(
+    reply: Reply | None,
+    release: contextlib.AsyncExitStack,
+    info: RequestInfo,
+    metrics: Metrics,
+) -> Response | _ReleasingStream:
+    """The HTTP answer for an engine's reply; ``release`` is closed when it has gone out."""
+    if reply is None:
+        # Nobody is listening; 499 (nginx's "client closed request") is for the log.
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    if isinstance(reply, JSONReply):
+        info.usage = reply.usage
+        headers = {k: v for k, v in reply.headers.items() if k.lower() != "content-type"}
+        return Response(
+            content=reply.body,
+            status_code=reply.status_code,
+            media_type=content_type(reply.headers),
+            headers=headers,
+        )
+    assert isinstance(reply, StreamReply)
+    headers = {k: v for k, v in reply.headers.items() if k.lower() != "content-type"}
+    return _ReleasingStream(
+        _note_usage(_watch_stream(reply.chunks, info, metrics, hidden_usage=False), info),
+        reply.chunks,
+        release,
+        headers={"Cache-Control": "no-cache", **headers},
+    )
+
+
+async def _note_usage(chunks: AsyncIterator[bytes], info: RequestInfo) -> AsyncIterator[bytes]:
+    """Pass events on; note the token counts of the Responses and Messages APIs' events
+    (``input_tokens``/``output_tokens``, inside ``response`` or ``message`` for some), which
+    per-key accounting needs as much as the OpenAI routes' ``usage``."""
+    async for chunk in chunks:
+        if b'"input_tokens"' in chunk:
+            info.usage = _usage_in_events(chunk) or info.usage
+        yield chunk
+
+
+def _usage_in_events(chunk: bytes) -> Usage | None:
+    found = None
+    for line in chunk.splitlines():
+        if not line.startswith(b"data: {"):
+            continue
+        try:
+            event = json.loads(line[6:])
+        except ValueError:
+            continue
+        for holder in (event, event.get("response"), event.get("message")):
+            usage = holder.get("usage") if isinstance(holder, dict) else None
+            if isinstance(usage, dict) and "input_tokens" in usage:
+                found = Usage(usage.get("input_tokens", 0), usage.get("output_tokens", 0))
+    return found
+
+
+def build_vllm_router(
+    router: Router,
+    metrics: Metrics,
+    *,
+    log_prompts: bool = False,
+    check_quota: QuotaCheck | None = None,
+    load_gate: LoadGate | None = None,
+    version: str | None = None,
+) -> APIRouter:
+    """The routes of ``route_table.ENGINE_ROUTES`` and ``RESPONSE_ID_ROUTES``, bound to
+    ``router``, and ``/version`` (vLLM's version, ``version``: None reads it when asked)."""
+    api = APIRouter(tags=["vLLM"])
+    user = [Depends(require_role(Role.USER))]
+
+    async def serve(request: Request, route: ModelRoute) -> Response:
+        info = request_info(request.scope)
+        info.endpoint = endpoint_label(route.path)
+        body = await read_json_object(request)
+        raw = await request.body()
+        asked = _model_of(body)
+        info.model = asked
+        target = router.target_of(asked)  # None when no entry answers to it: 404 below
+        check_model_allowed(request.scope, asked, target.names if target else ())
+        # As on /v1: the name the engine serves it under (an alias becomes its model's name,
+        # an adapter keeps its own) for labels, usage and the engine; the gate is the entry's.
+        model = target.served_as if target else asked
+        entry = target.entry if target else asked
+        info.model = model
+        if model != asked:
+            body["model"] = model
+            raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        # Remote engines name their backend and quote its errors only to admins.
+        request.scope[DETAIL_SCOPE] = caller_is_admin(request.scope)
+        if load_gate is not None:
+            load_gate.check(entry, may_load=may_load_on_demand(request.scope))
+        if check_quota is not None:
+            identity = request.scope.get(KEY_SCOPE)
+            check_quota(identity.name if identity is not None else None)
+        if log_prompts:
+            info.extra["prompt"] = _prompt_of(body)
+        info.stream = body.get("stream") is True
+        release = contextlib.AsyncExitStack()
+        try:
+            asked = time.perf_counter()
+            try:
+                engine = await release.enter_async_context(router.any_engine_for(entry))
+            except ModelFailedError as exc:
+                if caller_is_admin(request.scope):
+                    raise
+                raise ModelFailedError(
+                    f"model {model!r} failed; the operator can see why in the admin API",
+                    retry_after=exc.retry_after,
+                ) from None
+            metrics.observe_queue_wait(model, time.perf_counter() - asked)
+            _check_serves(engine, model, route)
+            call = _route_call(request, route, raw, info.stream)
+            reply = await _until_disconnect(engine.handle_route(call, request), request)
+        except BaseException:
+            await release.aclose()
+            raise
+        answer = _answer(reply, release, info, metrics)
+        if not isinstance(answer, _ReleasingStream):
+            await release.aclose()
+        return answer
+
+    async def serve_stored_response(request: Request, route: ModelRoute) -> Response:
+        """A route about a stored response names no model: ask each ready local model that
+        serves the route (and that the key may use) until one knows the response."""
+        info = request_info(request.scope)
+        info.endpoint = endpoint_label("/v1/responses")
+        info.stream = request.query_params.get("stream") == "true"
+        call = _route_call(request, route, b"", info.stream)
+        last: Reply | None = None
+        for handle in router.supervisor.handles():
+            if handle.state is not ModelState.READY or not model_allowed(
+                request.scope, handle.name
+            ):
+                continue
+            release = contextlib.AsyncExitStack()
+            try:
+                try:
+                    engine = await release.enter_async_context(router.any_engine_for(handle.name))
+                except ApplianceError:
+                    continue  # it stopped being ready (or is full) since it was listed
+                routes = engine.routes()
+                if routes is None or route.key not in routes:
+                    await release.aclose()
+                    continue
+                reply = await _until_disconnect(engine.handle_route(call, request), request)
+            except BaseException:
+                await release.aclose()
+                raise
+            if isinstance(reply, JSONReply) and reply.status_code == 404:
+                await release.aclose()
+                last = reply
+                continue
+            info.model = handle.name
+            answer = _answer(reply, release, info, metrics)
+            if not isinstance(answer, _ReleasingStream):
+                await release.aclose()
+            return answer
+        if last is not None:
+            return _answer(last, contextlib.AsyncExitStack(), info, metrics)
+        raise ModelNotFoundError(
+            f"no ready model that this key may use holds response "
+            f"{request.path_params.get('response_id')!r}"
+        )
+
+    def add_model_route(route: ModelRoute) -> None:
+        async def endpoint(request: Request) -> Response:
+            return await serve(request, route)
+
+        endpoint.__doc__ = f"{route.summary}: answered by the model's engine as vLLM does."
+        api.add_api_route(
+            route.path,
+            endpoint,
+            methods=[route.method],
+            summary=route.summary,
+            openapi_extra=_DOC_BODY,
+            dependencies=user,
+            response_class=Response,
+        )
+
+    def add_response_id_route(route: ModelRoute) -> None:
+        async def endpoint(request: Request, response_id: str) -> Response:
+            return await serve_stored_response(request, route)
+
+        endpoint.__doc__ = f"{route.summary}, from whichever ready model holds it."
+        api.add_api_route(
+            route.path,
+            endpoint,
+            methods=[route.method],
+            summary=route.summary,
+            dependencies=user,
+            response_class=Response,
+        )
+
+    for route in ENGINE_ROUTES:
+        add_model_route(route)
+    for route in RESPONSE_ID_ROUTES:
+        add_response_id_route(route)
+
+    @api.get(VERSION_PATH, summary="vLLM version")
+    async def vllm_version_route() -> JSONResponse:
+        """The version of vLLM the engines run, as ``vllm serve``'s ``/version`` answers."""
+        return JSONResponse({"version": version or _installed_vllm_version()})
+
+    return api
+
+
+def _installed_vllm_version() -> str:
+    from appliance.engines.vllm_engine import vllm_version
+
+    return vllm_version()
