@@ -227,3 +227,9 @@ class EngineError(ApplianceError):
     status_code = 503
     error_type = "service_unavailable"
     code = "engine_error"
+
+
+class PullRefusedError(InvalidRequestError):
+    """A model pull cannot start: not a hub id, a local source, gated, missing, no disk."""
+
+    code = "pull_refused"

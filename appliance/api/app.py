@@ -24,6 +24,7 @@ from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.observers import RequestObservers
 from appliance.api.openai_routes import build_openai_router
 from appliance.api.peer import local_host_names
+from appliance.api.pull_routes import build_pull_router
 from appliance.api.status_page import StatusPage
 from appliance.api.usage_routes import build_usage_router
 from appliance.appliance import Appliance
@@ -111,6 +112,7 @@ def create_app(
         )
     )
     app.include_router(build_admin_router(core))
+    app.include_router(build_pull_router(core))
     app.include_router(build_usage_router(core.usage))
     app.include_router(build_metrics_router(core.metrics))
     # Added first, so it runs inside the request-context middleware (ids and access log).

@@ -6,6 +6,7 @@ import typer
 
 from appliance.cli.doctor_cmd import doctor
 from appliance.cli.models_cmd import models_app
+from appliance.cli.pull_cmd import pull
 from appliance.cli.up_cmd import up
 from appliance.cli.usage_cmd import usage
 
@@ -17,6 +18,7 @@ app = typer.Typer(
 )
 app.command("up")(up)
 app.command("doctor")(doctor)
+models_app.command("pull")(pull)
 app.add_typer(models_app, name="models")
 app.command("usage")(usage)
 
