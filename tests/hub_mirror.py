@@ -173,28 +173,30 @@ class HubMirror:
                 if data is None:
                     self._error(404, "EntryNotFound", f"{name} not in {repo_id}")
                     return
-                start = 0
+                start, end = 0, len(data)
                 wanted = self.headers.get("Range")
                 status = 200
                 if wanted and not head:
-                    match = re.fullmatch(r"bytes=(\d+)-", wanted.strip())
-                    if match is None:
-                        self._error(416, "RangeNotSatisfiable", wanted)
+                    match = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted.strip())
+                    if match is None or int(match.group(1)) >= len(data):
+                        self._error(416, "RangeNotSatisfiable", wanted or "")
                         return
                     start, status = int(match.group(1)), 206
+                    if match.group(2):
+                        end = min(end, int(match.group(2)) + 1)
                 mirror._record(SeenRequest(self.command, f"{repo_id}/{name}", wanted, status))
                 self.send_response(status)
                 self.send_header("X-Repo-Commit", repo.commit)
                 self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
                 self.send_header("Accept-Ranges", "bytes")
-                self.send_header("Content-Length", str(len(data) - start))
+                self.send_header("Content-Length", str(end - start))
                 if status == 206:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
                 self.end_headers()
                 if head:
                     return
                 key = (repo_id, name)
-                body = data[start:]
+                body = data[start:end]
                 cut = mirror.controls.drop_once.pop(key, None)
                 held = mirror.controls.stall.pop(key, None)
                 if cut is not None:

@@ -6,7 +6,9 @@ import typer
 
 from appliance.cli.doctor_cmd import doctor
 from appliance.cli.models_cmd import models_app
+from appliance.cli.plan_cmd import plan
 from appliance.cli.pull_cmd import pull
+from appliance.cli.rm_cmd import rm
 from appliance.cli.up_cmd import up
 from appliance.cli.usage_cmd import usage
 
@@ -19,6 +21,8 @@ app = typer.Typer(
 app.command("up")(up)
 app.command("doctor")(doctor)
 models_app.command("pull")(pull)
+models_app.command("rm")(rm)
+models_app.command("plan")(plan)
 app.add_typer(models_app, name="models")
 app.command("usage")(usage)
 

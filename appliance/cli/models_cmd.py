@@ -12,6 +12,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from appliance.admin_key import find_admin_key
+from appliance.cli.files_view import describe_files
 
 models_app = typer.Typer(help="List, load and unload models on a running appliance.")
 out = Console()
@@ -76,9 +77,11 @@ def _gib(value: Any) -> str:
 @models_app.command("list")
 def list_models(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
     """Every model in the catalogue, local and remote, with its state."""
-    body = AdminClient(url, api_key).call("GET", "/admin/models")
+    client = AdminClient(url, api_key)
+    body = client.call("GET", "/admin/models")
+    on_disk = {f["name"]: f for f in client.call("GET", "/admin/files").get("data", [])}
     table = Table(title=f"catalogue ({body.get('catalogue_source', '?')})")
-    for column in ("NAME", "TASK", "VERSION", "OWNER", "SOURCE", "STATE"):
+    for column in ("NAME", "TASK", "VERSION", "OWNER", "SOURCE", "STATE", "ON DISK"):
         table.add_column(column)
     for m in body.get("data", []):
         table.add_row(
@@ -88,6 +91,7 @@ def list_models(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None
             m["owner"],
             m.get("source") or m.get("backend_url") or "",
             m.get("state", "-"),
+            describe_files(on_disk.get(m["name"])),
         )
     out.print(table)
 

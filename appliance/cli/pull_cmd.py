@@ -118,7 +118,8 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _local_target(name: str, config: Path | None) -> PullTarget:
+def local_target(name: str, config: Path | None) -> PullTarget:
+    """NAME from ``config`` when it names it (its hub source), else NAME as a hub id."""
     if config is not None and config.exists():
         catalogue = load_catalogue_file(config)
         for spec in catalogue.models:
@@ -129,7 +130,7 @@ def _local_target(name: str, config: Path | None) -> PullTarget:
 
 def _pull_here(name: str, config: Path | None) -> None:
     try:
-        target = _local_target(name, config)
+        target = local_target(name, config)
         plan = plan_pull(target.repo_id, revision=target.revision, cache_dir=target.cache_dir)
         with PullView(err) as view:
             run_pull(plan, lambda event: view.show(event.to_dict()))

@@ -274,6 +274,15 @@ class Supervisor:
             retry_after=wait,
         )
 
+    def plan_load(self, name: str) -> tuple[Allocation, list[str]]:
+        """Where ``name`` would go if loaded now and which models would be evicted for it: a
+        dry run (`appliance models plan`) that changes nothing. A model that holds devices
+        already (loading, ready, sleeping, draining) answers with its own allocation."""
+        handle = self.get(name)
+        if handle.allocation is not None:
+            return handle.allocation, []
+        return self._plan(handle, self.capacity.demand(handle.spec))
+
     async def load(self, name: str) -> ModelHandle:
         """Load ``name`` (or wait for the load under way); return its handle once ready."""
         handle = self.get(name)

@@ -1,9 +1,12 @@
-"""``POST /admin/models/{name}/pull``: the CLI's `models pull` run on the appliance's own disk.
+"""Admin routes about models' files: pull from the hub, what is on disk, free it.
 
+``POST /admin/models/{name}/pull`` is the CLI's `models pull` run on the appliance's own disk.
 The answer streams one JSON object per line (``application/x-ndjson``): the plan, progress per
 file, ``file_done``, then ``done`` or ``error``, so a remote CLI draws the same bars as a local
 one. Only hub ids are pulled, by name or by a catalogue entry's hub source: a request over HTTP
 never names a local path (the trust rule for anything that arrives over the network).
+``GET /admin/files`` says per local entry whether its files are there and their size;
+``DELETE /admin/models/{name}/files`` frees a hub entry's cache, refused while it is loaded.
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from appliance.api.auth import Role, require_role
 from appliance.appliance import Appliance
-from appliance.errors import PullRefusedError
+from appliance.errors import LifecycleError, PullRefusedError
+from appliance.hub.disk import files_on_disk, remove_from_cache
 from appliance.hub.pull import (
     PullError,
     PullEvent,
@@ -32,13 +37,18 @@ from appliance.hub.pull import (
     run_pull,
     target_for_spec,
 )
+from appliance.supervisor.states import ModelState
 
 _DONE = object()
 
 
+def _base_dir(app: Appliance) -> Path:
+    return Path(app.settings.config_path).resolve().parent
+
+
 def pull_target(app: Appliance, name: str) -> PullTarget:
     """A catalogue entry's hub source, else ``name`` itself when it is a hub id."""
-    base_dir = Path(app.settings.config_path).resolve().parent
+    base_dir = _base_dir(app)
     try:
         if name in app.catalogue:
             return target_for_spec(app.catalogue.get(name), base_dir)
@@ -78,7 +88,7 @@ async def _events(plan: PullPlan, request: Request) -> AsyncIterator[bytes]:
                 await worker
 
 
-def build_pull_router(app: Appliance) -> APIRouter:
+def build_hub_router(app: Appliance) -> APIRouter:
     """The admin route that pulls a model's files into the appliance's hub cache."""
     api = APIRouter(
         prefix="/admin", tags=["Admin"], dependencies=[Depends(require_role(Role.ADMIN))]
@@ -97,5 +107,39 @@ def build_pull_router(app: Appliance) -> APIRouter:
         except PullError as exc:
             raise PullRefusedError(str(exc), param="name") from None
         return StreamingResponse(_events(plan, request), media_type="application/x-ndjson")
+
+    @api.get("/files", summary="Each local model's files on disk")
+    async def files() -> JSONResponse:
+        """Per local entry: whether a loadable set of files is there, their size, where."""
+
+        def scan() -> list[dict[str, object]]:
+            rows = []
+            for spec in app.catalogue.specs():
+                if spec.is_local:
+                    found = files_on_disk(spec, _base_dir(app))
+                    rows.append({"name": spec.name, "source": spec.source, **asdict(found)})
+            return rows
+
+        return JSONResponse({"object": "list", "data": await asyncio.to_thread(scan)})
+
+    @api.delete("/models/{name:path}/files", summary="Free a hub model's files")
+    async def remove(name: str) -> JSONResponse:
+        """Delete the cached hub files of an entry (or hub id); 409 while a model using them
+        is loaded, 400 for a local folder (the operator's files, never deleted here)."""
+        target = pull_target(app, name)
+        for spec in app.catalogue.specs():
+            if not spec.is_local:
+                continue
+            try:
+                same = target_for_spec(spec, _base_dir(app)).repo_id == target.repo_id
+            except PullError:
+                continue
+            state = app.supervisor.get(spec.name).state
+            if same and state not in (ModelState.UNLOADED, ModelState.FAILED):
+                raise LifecycleError(
+                    f"{spec.name} is {state.value} from {target.repo_id}: unload it first"
+                )
+        freed = await asyncio.to_thread(remove_from_cache, target)
+        return JSONResponse({"name": name, "repo": target.repo_id, "freed_bytes": freed})
 
     return api
