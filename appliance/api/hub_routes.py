@@ -115,7 +115,7 @@ def build_hub_router(app: Appliance) -> APIRouter:
         def scan() -> list[dict[str, object]]:
             rows = []
             for spec in app.catalogue.specs():
-                if spec.is_local:
+                if getattr(spec, "source", None) is not None:
                     found = files_on_disk(spec, _base_dir(app))
                     rows.append({"name": spec.name, "source": spec.source, **asdict(found)})
             return rows
@@ -128,7 +128,7 @@ def build_hub_router(app: Appliance) -> APIRouter:
         is loaded, 400 for a local folder (the operator's files, never deleted here)."""
         target = pull_target(app, name)
         for spec in app.catalogue.specs():
-            if not spec.is_local:
+            if getattr(spec, "source", None) is None:
                 continue
             try:
                 same = target_for_spec(spec, _base_dir(app)).repo_id == target.repo_id

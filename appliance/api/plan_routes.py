@@ -17,17 +17,19 @@ from fastapi.responses import JSONResponse
 
 from appliance.api.auth import Role, require_role
 from appliance.appliance import Appliance
-from appliance.errors import InsufficientResourcesError, InvalidRequestError
+from appliance.errors import (
+    EvictionTooSoonError,
+    InsufficientResourcesError,
+    InvalidRequestError,
+)
 from appliance.hub.disk import files_on_disk
 
 
 def describe_plan(app: Appliance, name: str) -> dict[str, Any]:
     """The dry run of loading ``name`` as JSON-ready data."""
     spec = app.catalogue.get(name)
-    if not spec.is_local:
-        raise InvalidRequestError(
-            f"{name} is served by {spec.backend_url}: nothing is placed here", param="name"
-        )
+    if getattr(spec, "source", None) is None:
+        raise InvalidRequestError(f"{name} is a remote backend: nothing is placed here")
     supervisor = app.supervisor
     handle = supervisor.get(name)
     devices = {d.index: d for d in supervisor.inventory.devices}
@@ -39,7 +41,9 @@ def describe_plan(app: Appliance, name: str) -> dict[str, Any]:
     }
     try:
         allocation, evicted = supervisor.plan_load(name)
-    except InsufficientResourcesError as exc:
+    except (InsufficientResourcesError, EvictionTooSoonError) as exc:
+        # The answer a load would get now (507, or 503 while the models in the way are too
+        # recently loaded to evict), told as the plan's outcome.
         body.update(fits=False, reason=exc.message, devices=[], evict=[])
         return body
     body.update(

@@ -90,7 +90,7 @@ def files_on_disk(spec: ModelSpec, base_dir: Path | None = None) -> FilesOnDisk:
 
 
 def _local_files(spec: ModelSpec, base_dir: Path | None) -> FilesOnDisk:
-    source = spec.source
+    source = getattr(spec, "source", None)
     if source is None or source.startswith(PACKAGE_PREFIX):
         # Remote backends hold nothing here; a package's model is part of its install.
         return FilesOnDisk(present=source is not None, size_bytes=0, location=None, removable=False)

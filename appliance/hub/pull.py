@@ -134,9 +134,9 @@ def target_for_spec(spec: ModelSpec, base_dir: Path | None = None) -> PullTarget
     vLLM reads ``revision`` and ``download_dir`` from the same engine settings, so a pull with
     them lands exactly where the engine will look.
     """
-    source = spec.source
+    source = getattr(spec, "source", None)  # a remote backend's entry has none
     if source is None:
-        raise PullError(f"{spec.name} is served by {spec.backend_url}: there is nothing to pull")
+        raise PullError(f"{spec.name} is a remote backend: there is nothing to pull")
     local = Path(source).expanduser()
     if not local.is_absolute() and base_dir is not None:
         local = base_dir / local

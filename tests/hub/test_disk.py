@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from huggingface_hub import constants
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import CatalogueFile, ModelSpec
 from appliance.hub.disk import files_on_disk, loadable, remove_from_cache
 from appliance.hub.pull import PullTarget
+
+
+def entry(**fields: Any) -> ModelSpec:
+    """A catalogue entry as models.yaml gives it (whatever class the schema makes of it)."""
+    return CatalogueFile.model_validate({"models": [fields]}).models[0]
 
 
 def _cached(cache: Path, repo: str, files: dict[str, bytes], commit: str = "c" * 40) -> Path:
@@ -37,7 +43,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_a_pulled_hub_model_is_present_with_its_size(cache: Path) -> None:
     root = _cached(cache, "org/m", {"config.json": b"{}", "model.safetensors": b"x" * 1000})
-    found = files_on_disk(ModelSpec(name="m", source="org/m"))
+    found = files_on_disk(entry(name="m", source="org/m"))
     assert found.present and found.removable
     assert found.size_bytes == 1002
     assert found.location == str(root)
@@ -54,11 +60,11 @@ def test_a_missing_shard_is_not_present(cache: Path) -> None:
             "model-1.safetensors": b"x",
         },
     )
-    assert not files_on_disk(ModelSpec(name="m", source="org/m")).present
+    assert not files_on_disk(entry(name="m", source="org/m")).present
 
 
 def test_not_pulled(cache: Path) -> None:
-    found = files_on_disk(ModelSpec(name="m", source="org/other"))
+    found = files_on_disk(entry(name="m", source="org/other"))
     assert not found.present and found.size_bytes == 0
 
 
@@ -67,7 +73,7 @@ def test_local_folder_is_reported_never_removable(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"y" * 10)
-    found = files_on_disk(ModelSpec(name="m", source="weights"), tmp_path)
+    found = files_on_disk(entry(name="m", source="weights"), tmp_path)
     assert found.present and not found.removable and found.size_bytes == 12
     assert loadable(folder)
 

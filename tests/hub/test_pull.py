@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from huggingface_hub import constants
 
-from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.schema import CatalogueFile, ModelSpec
 from appliance.hub import pull
 from appliance.hub.pull import PullError, PullEvent, plan_pull, run_pull, target_for_spec
 from tests.hub_mirror import HubMirror, MirroredRepo
@@ -23,6 +24,11 @@ FILES = {
     "pytorch_model.bin": b"pickled twin of the safetensors",
     "original/consolidated.00.pth": b"meta's original checkpoint",
 }
+
+
+def entry(**fields: Any) -> ModelSpec:
+    """A catalogue entry as models.yaml gives it (whatever class the schema makes of it)."""
+    return CatalogueFile.model_validate({"models": [fields]}).models[0]
 
 
 @pytest.fixture
@@ -133,14 +139,12 @@ def test_offline_is_refused(mirror: HubMirror, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_target_for_spec(tmp_path: Path) -> None:
-    hub = ModelSpec(
-        name="m", source="org/model", engine={"revision": "v2", "download_dir": "/data/hf"}
-    )
+    hub = entry(name="m", source="org/model", engine={"revision": "v2", "download_dir": "/data/hf"})
     assert target_for_spec(hub) == pull.PullTarget("org/model", "v2", "/data/hf")
     (tmp_path / "weights").mkdir()
     with pytest.raises(PullError, match="local folder"):
-        target_for_spec(ModelSpec(name="m", source="weights"), tmp_path)
+        target_for_spec(entry(name="m", source="weights"), tmp_path)
     with pytest.raises(PullError, match="local folder"):
-        target_for_spec(ModelSpec(name="m", source="package:pkg/model"))
+        target_for_spec(entry(name="m", source="package:pkg/model"))
     with pytest.raises(PullError, match="nothing to pull"):
-        target_for_spec(ModelSpec(name="m", backend_url="http://box:8000"))
+        target_for_spec(entry(name="m", backend_url="http://box:8000"))
