@@ -157,6 +157,18 @@ class ModelLoadingError(ModelNotReadyError):
     code = "model_loading"
 
 
+class ModelDownloadingError(ModelNotReadyError):
+    """The model's files are still downloading; Retry-After says when they should be done."""
+
+    code = "model_downloading"
+
+
+class ModelDownloadFailedError(ModelNotReadyError):
+    """The model's files could not be downloaded (gated, gone, no disk, hub unreachable)."""
+
+    code = "download_failed"
+
+
 class ModelDrainingError(ModelNotReadyError):
     """The model is being unloaded; it takes no new requests."""
 

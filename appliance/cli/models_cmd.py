@@ -13,6 +13,7 @@ from rich.table import Table
 
 from appliance.admin_key import find_admin_key
 from appliance.cli.files_view import describe_files
+from appliance.cli.load_progress import describe_state, follow_load
 
 models_app = typer.Typer(help="List, load and unload models on a running appliance.")
 out = Console()
@@ -120,7 +121,7 @@ def ps(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
         load = m.get("load_seconds")
         table.add_row(
             m["name"],
-            m["state"],
+            describe_state(m),
             devices,
             _gib(m.get("memory_gib")),
             _sleep(m),
@@ -150,10 +151,13 @@ def _with_spinner(text: str, action: Any) -> dict[str, Any]:
 
 @models_app.command("load")
 def load(name: str, url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
-    """Load a model and wait until it is ready."""
+    """Load a model and wait until it is ready (its download first, when its files are missing)."""
     client = AdminClient(url, api_key)
-    body = _with_spinner(
-        f"loading {name}", lambda: client.call("POST", f"/admin/models/{name}/load", timeout=3600)
+    body = follow_load(
+        name,
+        lambda: client.call("POST", f"/admin/models/{name}/load", timeout=3600),
+        AdminClient(url, api_key),
+        err,
     )
     evicted = body.get("evicted") or []
     note = f" (evicted: {', '.join(evicted)})" if evicted else ""

@@ -370,6 +370,23 @@ def run_pull(
                 "file_done", plan.repo_id, file=planned.path, done=planned.size, total=planned.size
             )
         )
-    on_event(PullEvent("done", plan.repo_id, total=plan.total_bytes, folder=folder))
     assert folder is not None  # a plan always has files
+    _point_ref(plan, Path(folder))
+    on_event(PullEvent("done", plan.repo_id, total=plan.total_bytes, folder=folder))
     return Path(folder)
+
+
+def _point_ref(plan: PullPlan, snapshot: Path) -> None:
+    """Name the pulled commit by its branch or tag (``refs/main``), as the cache layout does.
+
+    Files are fetched by commit so that a branch moving mid-pull cannot mix two revisions;
+    the library writes no ref for such downloads. Written last, the ref also means "complete":
+    vLLM offline, ``models list`` and the fetcher find the snapshot through it.
+    """
+    if plan.revision == plan.commit:
+        return
+    ref = snapshot.parents[1] / "refs" / plan.revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    temporary = ref.with_name(f".{ref.name}.tmp")
+    temporary.write_text(plan.commit)
+    temporary.replace(ref)

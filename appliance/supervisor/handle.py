@@ -14,6 +14,7 @@ from typing import Protocol
 
 from appliance.catalogue.schema import ModelSpec
 from appliance.engines.base import Engine
+from appliance.supervisor.downloads import DownloadProgress
 from appliance.supervisor.inventory import Inventory
 from appliance.supervisor.placement import Allocation
 from appliance.supervisor.states import Lifecycle, ModelState, Transition
@@ -89,6 +90,7 @@ class ModelHandle:
     sleep_level: int = 0  # 0 awake; 1 or 2 while asleep at that vLLM sleep level
     host_gib: float = 0.0  # host memory its weights fill while asleep at level 1
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    download: DownloadProgress | None = None  # while (or since) its files were downloading
 
     @property
     def name(self) -> str:

@@ -22,6 +22,7 @@ from appliance.errors import (
     EvictionTooSoonError,
     InsufficientResourcesError,
     LifecycleError,
+    ModelDownloadingError,
     ModelDrainingError,
     ModelFailedError,
     ModelLoadingError,
@@ -33,6 +34,7 @@ from appliance.errors import (
 )
 from appliance.supervisor.capacity import HostCapacity
 from appliance.supervisor.device_locks import DeviceChange
+from appliance.supervisor.downloads import DownloadProgress, WeightsFetcher
 from appliance.supervisor.handle import (
     EngineMaker,
     ModelHandle,
@@ -59,8 +61,11 @@ class Supervisor:
         limits: SupervisorLimits | None = None,
         observer: SupervisorObserver | None = None,
         capacity: HostCapacity | None = None,
+        fetcher: WeightsFetcher | None = None,
     ) -> None:
-        """``capacity`` places engines on ``inventory`` (default: the default policy there)."""
+        """``capacity`` places engines on ``inventory`` (default: the default policy there);
+        ``fetcher`` downloads a model's missing files before it loads (None: the engine's
+        own start fetches them, with no ``downloading`` state)."""
         self.inventory = inventory
         self.limits = limits or SupervisorLimits()
         self.capacity = capacity or HostCapacity(
@@ -70,6 +75,7 @@ class Supervisor:
         )
         self._engines = engines
         self._observer = observer
+        self._fetcher = fetcher
         self._models: dict[str, ModelHandle] = {}
         self._watch_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -197,9 +203,17 @@ class Supervisor:
         ]
 
     async def _load(self, handle: ModelHandle, reason: str) -> None:
-        handle.lifecycle.swap((S.UNLOADED, S.FAILED), S.LOADING, reason)
+        fetcher = self._fetcher
+        downloading = fetcher is not None and fetcher.missing(handle.spec)
+        first = S.DOWNLOADING if downloading else S.LOADING
+        handle.lifecycle.swap((S.UNLOADED, S.FAILED), first, reason)
         started = time.monotonic()
         try:
+            if fetcher is not None and downloading:
+                # Before placement: a long download holds no device and evicts nobody.
+                handle.download = DownloadProgress()
+                await fetcher.fetch(handle.spec, handle.download)
+                handle.lifecycle.swap(S.DOWNLOADING, S.LOADING, "files downloaded")
             allocation = await self._make_room(handle, self.capacity.demand(handle.spec))
             engine = self._engines.create(handle.spec, allocation, self.inventory)
             async with self.capacity.locks.hold(allocation.devices, DeviceChange.START):
@@ -212,7 +226,7 @@ class Supervisor:
             # Nothing broke when a load is cancelled or the model does not fit now.
             no_room = isinstance(exc, (InsufficientResourcesError, EvictionTooSoonError))
             target = S.UNLOADED if cancelled or no_room else S.FAILED
-            handle.lifecycle.swap(S.LOADING, target, handle.last_error)
+            handle.lifecycle.swap((S.DOWNLOADING, S.LOADING), target, handle.last_error)
             raise
         handle.engine = engine
         handle.load_seconds = time.monotonic() - started
@@ -414,6 +428,11 @@ class Supervisor:
     async def unload(self, name: str, *, reason: str = "unload requested") -> ModelHandle:
         """Drain ``name`` (bounded), then shut its engine down and free its devices."""
         handle = self.get(name)
+        if handle.state is S.DOWNLOADING and handle.load_task is not None:
+            # Nothing to drain or stop yet: cancel the download (it stops between files).
+            handle.load_task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(handle.load_task)
         if handle.state is S.LOADING and handle.load_task is not None:
             # Let the load finish (or fail) so its engine is not left behind half-built.
             with contextlib.suppress(Exception):
@@ -462,6 +481,13 @@ class Supervisor:
         state = handle.state
         if state is S.LOADING:
             return ModelLoadingError(f"model {name!r} is still loading", retry_after=retry)
+        if state is S.DOWNLOADING and handle.download is not None:
+            progress = handle.download
+            return ModelDownloadingError(
+                f"model {name!r} is downloading its files ({progress.done_bytes} of "
+                f"{progress.total_bytes} bytes); it loads next",
+                retry_after=round(progress.retry_after(retry)),
+            )
         if state is S.DRAINING:
             return ModelDrainingError(f"model {name!r} is being unloaded", retry_after=retry)
         if state is S.FAILED:
@@ -495,7 +521,7 @@ class Supervisor:
             load = self._ensure_loading(handle, "load on demand")
         elif handle.state is S.SLEEPING and handle.spec.load_on_demand:
             load = self._ensure_waking(handle, "wake on demand")
-        elif handle.state is S.LOADING:
+        elif handle.state in (S.LOADING, S.DOWNLOADING):
             load = handle.load_task
         if load is not None:
             handle.waiting += 1
@@ -610,6 +636,11 @@ class Supervisor:
             "engine_waiting": stats.waiting if stats else 0,
             "last_error": handle.last_error,
             "restarts": handle.failures,
+            "download": (
+                handle.download.as_status()
+                if handle.download is not None and handle.state is S.DOWNLOADING
+                else None
+            ),
         }
 
     def all_ready(self, names: Callable[[ModelHandle], bool] | None = None) -> bool:

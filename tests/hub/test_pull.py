@@ -67,6 +67,8 @@ def test_pull_reports_progress_and_fills_the_cache(mirror: HubMirror) -> None:
     events: list[PullEvent] = []
     folder = run_pull(plan_pull(REPO), events.append)
     assert (folder / "model.safetensors").read_bytes() == BIG
+    # The branch names the pulled commit, as the cache layout has it (vLLM offline finds it).
+    assert (folder.parents[1] / "refs" / "main").read_text() == "a" * 40
     assert folder == Path(constants.HF_HUB_CACHE) / "models--test-org--tiny" / "snapshots" / (
         "a" * 40
     )

@@ -10,18 +10,21 @@ line on stderr and exit code 1. Every cache is a temporary HF_HOME: the shared o
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from openai import OpenAI
 
 from tests.hub_mirror import HubMirror, MirroredRepo, repo_from_folder
-from tests.integration.harness import MODELS_DIR, REPO, ApplianceProcess
+from tests.integration.harness import MODELS_DIR, REPO, ApplianceProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +34,7 @@ CHUNK = 10 * 1024 * 1024  # huggingface_hub writes a download to disk in chunks 
 LARGE = bytes(range(256)) * (CHUNK * 2 // 256)
 CHAT = "test-org/tiny-llama"
 GATED = "test-org/licensed-llama"
+FRESH = "test-org/tiny-mistral"  # loaded on demand with no pull first: it downloads
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,7 @@ def mirror() -> Iterator[HubMirror]:
     repos = {
         CHAT: MirroredRepo(files=files, commit="1" * 40),
         GATED: MirroredRepo(files=files, commit="2" * 40, gated_token="hf_licensed"),
+        FRESH: MirroredRepo(files=repo_from_folder(MODELS_DIR / "tiny-mistral"), commit="3" * 40),
     }
     with HubMirror(repos) as server:
         yield server
@@ -126,7 +131,13 @@ class HubAppliance(ApplianceProcess):
             "resources": {"memory_gib": 1},
             "engine": {"max_model_len": 512, "dtype": "float32"},
         }
-        super().__init__(workdir, [chat])
+        fresh = {
+            **chat,
+            "name": "fresh-chat",
+            "source": FRESH,
+            "load_on_demand": True,
+        }
+        super().__init__(workdir, [chat, fresh])
         self.hub_env = hub_env(mirror, workdir / "hf")
 
     def env(self) -> dict[str, str]:
@@ -137,6 +148,21 @@ class HubAppliance(ApplianceProcess):
         return env
 
 
+def model_state(appliance: ApplianceProcess, name: str) -> str:
+    """The model's state in GET /admin/models."""
+    body = httpx.get(f"{appliance.url}/admin/models/{name}/status", timeout=10).json()
+    return str(body["state"])
+
+
+def log_events(appliance: ApplianceProcess, event: str) -> list[dict[str, Any]]:
+    """The appliance's JSON log lines of one event kind."""
+    found = []
+    for line in appliance.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{") and f'"event": "{event}"' in line:
+            found.append(json.loads(line))
+    return found
+
+
 def on_disk(env: dict[str, str], name: str) -> str:
     """The row of `models list` for ``name``."""
     code, printed = finish(cli("models", "list", env=env))
@@ -145,7 +171,7 @@ def on_disk(env: dict[str, str], name: str) -> str:
 
 
 def test_remote_pull_then_load_and_serve(mirror: HubMirror, tmp_path: Path) -> None:
-    appliance = HubAppliance(tmp_path, mirror).start()
+    appliance = HubAppliance(tmp_path, mirror).start("--load-wait", "1")
     try:
         env = {**hub_env(mirror, tmp_path / "cli-hf"), "APPLIANCE_URL": appliance.url}
         assert on_disk(env, "pulled-chat").split()[-1] == "no"
@@ -160,6 +186,7 @@ def test_remote_pull_then_load_and_serve(mirror: HubMirror, tmp_path: Path) -> N
         # Into the appliance's cache, not this process's.
         assert (tmp_path / "hf/hub/models--test-org--tiny-llama").is_dir()
         assert not (tmp_path / "cli-hf/hub").exists()
+        assert "yes, 26.8 MB" in on_disk(env, "pulled-chat")
 
         code, printed = finish(cli("models", "pull", GATED, env=env))
         assert code == 1 and printed.strip().count("\n") == 0, printed
@@ -187,5 +214,45 @@ def test_remote_pull_then_load_and_serve(mirror: HubMirror, tmp_path: Path) -> N
         assert code == 0 and f"{CHAT}: freed 26.8 MB" in printed, printed
         assert not (tmp_path / "hf/hub/models--test-org--tiny-llama").exists()
         assert on_disk(env, "pulled-chat").split()[-1] == "no"
+
+        # A model whose files are missing: the first request starts downloading -> loading ->
+        # ready; meanwhile 503 with Retry-After, and the progress in models ps and /metrics.
+        mirror.controls.release.clear()
+        mirror.controls.stalled.clear()
+        mirror.controls.stall[(FRESH, "model.safetensors")] = 1024 * 1024
+        refused = httpx.post(
+            f"{appliance.url}/v1/chat/completions",
+            json={"model": "fresh-chat", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "model_downloading"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert mirror.controls.stalled.wait(30)
+        code, printed = finish(cli("models", "ps", env=env))
+        assert code == 0 and "downloading" in printed and "of 5.8 MB" in printed, printed
+        scraped = httpx.get(f"{appliance.url}/metrics", timeout=10).text
+        assert 'appliance_model_download_total_bytes{model="fresh-chat"}' in scraped
+        mirror.controls.release.set()  # the cut connection is retried; the download ends
+        wait_until(
+            lambda: model_state(appliance, "fresh-chat") in ("ready", "failed"),
+            "fresh-chat ready",
+            timeout=400,
+        )
+        assert model_state(appliance, "fresh-chat") == "ready", appliance.tail()
+        reply = client.chat.completions.create(
+            model="fresh-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert reply.choices[0].message.content is not None
+        states = [
+            (t["from_state"], t["to_state"])
+            for t in log_events(appliance, "model_state")
+            if t["model"] == "fresh-chat"
+        ]
+        assert states == [
+            ("unloaded", "downloading"),
+            ("downloading", "loading"),
+            ("loading", "ready"),
+        ]
     finally:
         appliance.stop()
