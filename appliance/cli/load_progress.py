@@ -38,6 +38,16 @@ def describe_state(model: dict[str, Any]) -> str:
     return text + ")"
 
 
+def describe_times(model: dict[str, Any]) -> str:
+    """``31.2s``, or ``31.2s (wake 0.9s)`` once it has woken from sleep: what each tier costs
+    to bring back."""
+    load, wake = model.get("load_seconds"), model.get("wake_seconds")
+    text = f"{load:.1f}s" if isinstance(load, (int, float)) and load else "-"
+    if isinstance(wake, (int, float)) and wake:
+        text += f" (wake {wake:.1f}s)"
+    return text
+
+
 def follow_load(
     name: str, action: Callable[[], dict[str, Any]], status: StatusSource, console: Console
 ) -> dict[str, Any]:

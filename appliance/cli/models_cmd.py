@@ -13,7 +13,7 @@ from rich.table import Table
 
 from appliance.admin_key import find_admin_key
 from appliance.cli.files_view import describe_files
-from appliance.cli.load_progress import describe_state, follow_load
+from appliance.cli.load_progress import describe_state, describe_times, follow_load
 
 models_app = typer.Typer(help="List, load and unload models on a running appliance.")
 out = Console()
@@ -118,14 +118,13 @@ def ps(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
         if m.get("state") in (None, "unloaded"):
             continue
         devices = ",".join(str(d) for d in m.get("devices", [])) or "-"
-        load = m.get("load_seconds")
         table.add_row(
             m["name"],
             describe_state(m),
             devices,
             _gib(m.get("memory_gib")),
             _sleep(m),
-            f"{load:.1f}s" if load else "-",
+            describe_times(m),
             str(m.get("in_flight", 0)),
             (m.get("last_error") or "")[:60],
         )

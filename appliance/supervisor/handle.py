@@ -90,6 +90,7 @@ class ModelHandle:
     sleep_level: int = 0  # 0 awake; 1 or 2 while asleep at that vLLM sleep level
     host_gib: float = 0.0  # host memory its weights fill while asleep at level 1
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    wake_seconds: float | None = None  # how long its last wake from sleep took
     download: DownloadProgress | None = None  # while (or since) its files were downloading
 
     @property

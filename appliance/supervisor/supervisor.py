@@ -421,7 +421,8 @@ class Supervisor:
         handle.sleep_level = 0
         handle.host_gib = 0.0
         handle.last_used = handle.ready_since = time.monotonic()
-        handle.lifecycle.swap(S.LOADING, S.READY, f"awake in {time.monotonic() - started:.1f}s")
+        handle.wake_seconds = handle.last_used - started
+        handle.lifecycle.swap(S.LOADING, S.READY, f"awake in {handle.wake_seconds:.1f}s")
 
     # -- unloading -------------------------------------------------------------------------
 
@@ -613,7 +614,30 @@ class Supervisor:
                 keep_alive = handle.spec.keep_alive
                 idle = handle.in_flight == 0 and now - handle.last_used > (keep_alive or 0)
                 if keep_alive is not None and idle:
-                    self._background(self.unload(handle.name, reason=f"idle for {keep_alive:.0f}s"))
+                    self._background(self._expire(handle, keep_alive))
+
+    async def _expire(self, handle: ModelHandle, keep_alive: float) -> None:
+        """keep_alive ran out: sleep at level 1 where the engine can and the host's sleep budget
+        has room for its weights (a wake takes about a second, a reload tens of seconds), and
+        unload only otherwise. On CPU (no sleep mode) that is always an unload."""
+        reason = f"idle for {keep_alive:.0f}s"
+        can_sleep = self.inventory.kind is DeviceKind.GPU and handle.spec.engine.get(
+            "enable_sleep_mode"
+        )
+        if can_sleep and handle.state is S.READY:
+            try:
+                await self.sleep(handle.name, level=1)
+                return
+            except LifecycleError as exc:  # the host budget is full (or the state moved on)
+                log.info(
+                    "model %s: %s, and it cannot sleep (%s): unloading",
+                    handle.name,
+                    reason,
+                    exc.message,
+                    extra={"model": handle.name, "event": "keep_alive_unload"},
+                )
+        if handle.state is S.READY:
+            await self.unload(handle.name, reason=reason)
 
     # -- reporting and shutdown ------------------------------------------------------------
 
@@ -631,6 +655,7 @@ class Supervisor:
             "sleep_level": handle.sleep_level or None,
             "host_memory_gib": round(handle.host_gib, 3) if handle.host_gib else None,
             "load_seconds": round(handle.load_seconds, 3) if handle.load_seconds else None,
+            "wake_seconds": round(handle.wake_seconds, 3) if handle.wake_seconds else None,
             "in_flight": handle.in_flight,
             "engine_running": stats.running if stats else 0,
             "engine_waiting": stats.waiting if stats else 0,
