@@ -1,7 +1,8 @@
 """``GET /admin/models/{name}/plan``: where a load would go now, without loading anything.
 
 The answer comes from the same pure placement the supervisor uses for a real load (devices,
-the memory reserved on each, the evictable models that would be unloaded for it), plus
+the memory reserved on each, the evictable models that would be put to sleep or unloaded for
+it), plus
 whether the model's files are on disk (a load without them downloads first).
 """
 
@@ -40,12 +41,13 @@ def describe_plan(app: Appliance, name: str) -> dict[str, Any]:
         "placed_already": handle.allocation is not None,
     }
     try:
-        allocation, evicted = supervisor.plan_load(name)
+        plan = supervisor.plan_load(name)
     except (InsufficientResourcesError, EvictionTooSoonError) as exc:
         # The answer a load would get now (507, or 503 while the models in the way are too
         # recently loaded to evict), told as the plan's outcome.
-        body.update(fits=False, reason=exc.message, devices=[], evict=[])
+        body.update(fits=False, reason=exc.message, devices=[], sleep=[], evict=[])
         return body
+    allocation = plan.allocation
     body.update(
         fits=True,
         memory_share=round(allocation.memory_share, 4),
@@ -58,13 +60,17 @@ def describe_plan(app: Appliance, name: str) -> dict[str, Any]:
             }
             for index, gib in zip(allocation.devices, allocation.reserved_gib, strict=True)
         ],
+        sleep=[
+            {"name": sleeper, "level": 1, "memory_gib": _memory_gib(app, sleeper)}
+            for sleeper in plan.sleep
+        ],
         evict=[
             {
                 "name": victim,
                 "state": supervisor.get(victim).state.value,
                 "memory_gib": _memory_gib(app, victim),
             }
-            for victim in evicted
+            for victim in plan.evict
         ],
     )
     return body

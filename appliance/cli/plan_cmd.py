@@ -23,6 +23,15 @@ def plan_lines(body: dict[str, Any]) -> list[str]:
     )
     verb = "is placed on" if body.get("placed_already") else "would load on"
     lines = [f"{name} ({body.get('state')}): {verb} {where}"]
+    sleep = body.get("sleep") or []
+    if sleep:
+        lines.append(
+            "sleeps (level 1, weights to host RAM): "
+            + ", ".join(
+                v["name"] + (f" ({v['memory_gib']:.1f} GiB)" if v.get("memory_gib") else "")
+                for v in sleep
+            )
+        )
     evict = body.get("evict") or []
     lines.append(
         "evicts: "
@@ -48,7 +57,7 @@ def plan_lines(body: dict[str, Any]) -> list[str]:
 
 
 def plan(name: str, url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
-    """Dry run of loading a model: devices, memory, which models would be evicted."""
+    """Dry run of loading a model: devices, memory, which models would sleep or be evicted."""
     body = AdminClient(url, api_key).call("GET", f"/admin/models/{name}/plan")
     for line in plan_lines(body):
         out.print(line, highlight=False, soft_wrap=True)

@@ -43,6 +43,7 @@ from appliance.supervisor.handle import (
 )
 from appliance.supervisor.inventory import DeviceKind, Inventory
 from appliance.supervisor.placement import Allocation, Demand, PlacementError
+from appliance.supervisor.residency import LoadPlan, Sleeper
 from appliance.supervisor.states import Lifecycle, ModelState, Transition
 
 log = logging.getLogger("appliance.supervisor")
@@ -238,10 +239,21 @@ class Supervisor:
             self._observer.on_load(handle.name, handle.load_seconds)
 
     async def _make_room(self, handle: ModelHandle, demand: Demand) -> Allocation:
-        """Place ``demand`` for ``handle``, evicting what must go; reserve it on the handle.
+        """Place ``demand`` for ``handle``, sleeping or evicting what must go; reserve it on the
+        handle. Sleeping comes first (a wake is about a second, a reload tens of seconds);
+        evictable models are unloaded only when sleeping cannot make the room.
 
         The reservation is made before the slow start, so concurrent loads see it taken.
         """
+        asleep = self._plan_sleep(handle, demand)
+        if asleep is not None:
+            allocation, sleepers = asleep
+            handle.allocation = allocation
+            handle.evicted = []
+            for name in sleepers:
+                log.info("putting %s to sleep to make room for %s", name, handle.name)
+                await self.sleep(name, level=1)
+            return allocation
         allocation, evicted = self._plan(handle, demand)
         handle.allocation = allocation
         handle.evicted = list(evicted)
@@ -288,14 +300,56 @@ class Supervisor:
             retry_after=wait,
         )
 
-    def plan_load(self, name: str) -> tuple[Allocation, list[str]]:
-        """Where ``name`` would go if loaded now and which models would be evicted for it: a
-        dry run (`appliance models plan`) that changes nothing. A model that holds devices
-        already (loading, ready, sleeping, draining) answers with its own allocation."""
+    def _plan_sleep(
+        self, handle: ModelHandle, demand: Demand
+    ) -> tuple[Allocation, list[str]] | None:
+        """Room for ``demand`` by sleeping ready evictable models with sleep mode (GPU only),
+        within the host's sleep budget; None when that cannot make it. Changes nothing."""
+        if self.inventory.kind is not DeviceKind.GPU:
+            return None
+        now = time.monotonic()
+        sleepers = [
+            Sleeper(
+                name=h.name,
+                host_gib=self._weights_gib(h),
+                wake_seconds=h.wake_seconds,
+                last_used=h.last_used,
+            )
+            for h in self._models.values()
+            if h.spec.evictable
+            and h.spec.engine.get("enable_sleep_mode")
+            and h.state is S.READY
+            and h.engine is not None
+            and h.name != handle.name
+            and now - h.ready_since >= self.limits.min_resident_seconds
+        ]
+        if not sleepers:
+            return None
+        used = sum(h.host_gib for h in self._models.values() if h.state is S.SLEEPING)
+        return self.capacity.plan_sleep(demand, self._allocations(handle.name), sleepers, used)
+
+    @staticmethod
+    def _weights_gib(handle: ModelHandle) -> float:
+        """What a level-1 sleep of ``handle`` puts in host RAM: its weights, else its share."""
+        weights = handle.engine.weights_gib() if handle.engine is not None else None
+        if weights is not None:
+            return weights
+        return handle.allocation.memory_gib if handle.allocation is not None else 0.0
+
+    def plan_load(self, name: str) -> LoadPlan:
+        """Where ``name`` would go if loaded now, which models would sleep and which would be
+        evicted for it: a dry run (`appliance models plan`) that changes nothing. A model that
+        holds devices already (loading, ready, sleeping, draining) answers with its own
+        allocation."""
         handle = self.get(name)
         if handle.allocation is not None:
-            return handle.allocation, []
-        return self._plan(handle, self.capacity.demand(handle.spec))
+            return LoadPlan(handle.allocation, sleep=[], evict=[])
+        demand = self.capacity.demand(handle.spec)
+        asleep = self._plan_sleep(handle, demand)
+        if asleep is not None:
+            return LoadPlan(asleep[0], sleep=asleep[1], evict=[])
+        allocation, evicted = self._plan(handle, demand)
+        return LoadPlan(allocation, sleep=[], evict=evicted)
 
     async def load(self, name: str) -> ModelHandle:
         """Load ``name`` (or wait for the load under way); return its handle once ready."""

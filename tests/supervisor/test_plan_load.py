@@ -24,9 +24,10 @@ def test_plan_names_devices_and_evictions_and_changes_nothing() -> None:
         )
         await sup.wait_autoload()
         log_before = list(maker.log)
-        allocation, evicted = sup.plan_load("big")
-        assert evicted == ["a"]
-        assert allocation.devices == (sup.get("a").allocation.devices)  # type: ignore[union-attr]
+        plan = sup.plan_load("big")
+        # a can sleep (sleep mode, room in the host budget): asleep it keeps only its context.
+        assert plan.sleep == ["a"] and plan.evict == []
+        assert plan.allocation.devices == (sup.get("a").allocation.devices)  # type: ignore[union-attr]
         # Nothing moved: a still ready, big still unloaded, no engine touched.
         assert sup.get("a").state is S.READY and sup.get("big").state is S.UNLOADED
         assert sup.get("big").allocation is None
@@ -35,12 +36,28 @@ def test_plan_names_devices_and_evictions_and_changes_nothing() -> None:
     run(body, devices=2)
 
 
+def test_plan_evicts_when_the_host_budget_cannot_take_a_sleeper() -> None:
+    async def body(sup: Supervisor, maker: RecordingMaker) -> None:
+        await sup.start(
+            [
+                entry("a", evictable=True, resources={"memory_share": 0.5}),
+                entry("big", autoload=False, resources={"memory_share": 0.6}),
+            ]
+        )
+        await sup.wait_autoload()
+        plan = sup.plan_load("big")
+        assert plan.sleep == [] and plan.evict == ["a"]
+        assert sup.get("a").state is S.READY
+
+    run(body, host_budget=0.5)
+
+
 def test_plan_of_a_placed_model_is_its_own_allocation() -> None:
     async def body(sup: Supervisor, maker: RecordingMaker) -> None:
         await sup.start([entry("a", resources={"memory_share": 0.5})])
         await sup.wait_autoload()
-        allocation, evicted = sup.plan_load("a")
-        assert allocation == sup.get("a").allocation and evicted == []
+        plan = sup.plan_load("a")
+        assert plan.allocation == sup.get("a").allocation and plan.evict == []
 
     run(body)
 
@@ -78,3 +95,19 @@ def test_plan_lines() -> None:
     ]
     refused = {"name": "big", "fits": False, "reason": "model big needs 90 GiB"}
     assert plan_lines(refused) == ["big: would not fit now: model big needs 90 GiB"]
+
+
+def test_plan_lines_name_the_sleepers() -> None:
+    body = {
+        "name": "big",
+        "state": "unloaded",
+        "fits": True,
+        "devices": [{"label": "gpu0", "reserved_gib": 49.0, "total_gib": 80.0}],
+        "sleep": [{"name": "a", "level": 1, "memory_gib": 41.0}],
+        "evict": [],
+    }
+    assert plan_lines(body) == [
+        "big (unloaded): would load on gpu0 49.0 of 80.0 GiB",
+        "sleeps (level 1, weights to host RAM): a (41.0 GiB)",
+        "evicts: nothing",
+    ]

@@ -1,8 +1,9 @@
-"""Residency on keep_alive expiry: sleep (level 1) before unload, bounded by the host budget.
+"""Residency tiers: sleep (level 1) before unload, bounded by the host budget.
 
-On simulated GPUs with recording engines: an idle model with sleep mode goes to sleep and a
-request wakes it (its wake time measured); with the host budget full it is unloaded; on CPU
-(no sleep mode) it is unloaded as before.
+On simulated GPUs with recording engines: an idle model with sleep mode goes to sleep at
+keep_alive expiry and a request wakes it (its wake time measured); a load that needs room puts
+evictable models to sleep, cheapest to wake first, and unloads only when the host budget
+cannot take their weights; on CPU (no sleep mode) it is an unload as before.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from collections.abc import Callable
 
 from appliance.supervisor.capacity import HostCapacity
 from appliance.supervisor.inventory import Device, DeviceKind, Inventory
+from appliance.supervisor.placement import Allocation, Demand
+from appliance.supervisor.residency import Sleeper, plan_sleep
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
-from tests.supervisor.test_gpu_lifecycle import LIMITS, RecordingMaker, entry, run
+from tests.supervisor.test_gpu_lifecycle import LIMITS, RecordingMaker, entry, gpus, run
 
 S = ModelState
 
@@ -75,3 +78,82 @@ def test_on_cpu_an_idle_model_is_unloaded_as_before() -> None:
             await sup.shutdown()
 
     asyncio.run(main())
+
+
+# -- making room: sleep before unload --------------------------------------------------------
+
+
+def test_a_load_puts_an_evictable_model_to_sleep_instead_of_unloading_it() -> None:
+    async def body(sup: Supervisor, maker: RecordingMaker) -> None:
+        await sup.start(
+            [
+                entry("a", evictable=True, resources={"memory_share": 0.5}),
+                entry("big", autoload=False, resources={"memory_share": 0.6}),
+            ]
+        )
+        await sup.wait_autoload()
+        await sup.load("big")
+        a = sup.get("a")
+        assert a.state is S.SLEEPING and a.sleep_level == 1 and sup.get("big").state is S.READY
+        assert ("stop", "a") not in maker.log
+        assert maker.log.index(("sleep", "a", 1)) < maker.log.index(("start", "big"))
+
+    run(body)
+
+
+def test_with_the_host_budget_full_the_load_unloads_instead() -> None:
+    async def body(sup: Supervisor, maker: RecordingMaker) -> None:
+        await sup.start(
+            [
+                entry("a", evictable=True, resources={"memory_share": 0.5}),
+                entry("big", autoload=False, resources={"memory_share": 0.6}),
+            ]
+        )
+        await sup.wait_autoload()
+        await sup.load("big")
+        assert sup.get("a").state is S.UNLOADED and ("stop", "a") in maker.log
+
+    run(body, host_budget=0.5)
+
+
+def _allocation(name: str, device: int, gib: float) -> Allocation:
+    return Allocation(name, (device,), gib / 80.0, (gib + 1.0,), headroom_gib=1.0)
+
+
+def test_cheapest_to_wake_sleeps_first_and_only_as_many_as_needed() -> None:
+    inventory = gpus(1)
+    allocations = [_allocation("slow", 0, 30.0), _allocation("quick", 0, 30.0)]
+    sleepers = [
+        Sleeper("slow", host_gib=30.0, wake_seconds=9.0, last_used=0.0),
+        Sleeper("quick", host_gib=30.0, wake_seconds=1.0, last_used=5.0),
+    ]
+    demand = Demand("new", memory_gib=30.0)
+    planned = plan_sleep(demand, inventory, allocations, sleepers, 100.0, default_share=0.9)
+    assert planned is not None
+    assert planned[1] == ["quick"]  # slept LRU would pick "slow"; "quick" wakes 9x faster
+
+
+def test_sleepers_whose_weights_overfill_the_host_budget_are_passed_over() -> None:
+    inventory = gpus(1)
+    allocations = [_allocation("big", 0, 40.0), _allocation("small", 0, 30.0)]
+    sleepers = [
+        Sleeper("big", host_gib=40.0, wake_seconds=1.0, last_used=0.0),
+        Sleeper("small", host_gib=30.0, wake_seconds=2.0, last_used=0.0),
+    ]
+    demand = Demand("new", memory_gib=30.0)
+    planned = plan_sleep(demand, inventory, allocations, sleepers, 35.0, default_share=0.9)
+    assert planned is not None and planned[1] == ["small"]
+    # No budget at all: sleeping cannot make room; the caller unloads instead.
+    assert plan_sleep(demand, inventory, allocations, sleepers, 0.0, default_share=0.9) is None
+
+
+def test_fits_as_it_is_sleeps_nobody() -> None:
+    planned = plan_sleep(
+        Demand("new", memory_gib=10.0),
+        gpus(1),
+        [_allocation("a", 0, 30.0)],
+        [Sleeper("a", host_gib=30.0, wake_seconds=None, last_used=0.0)],
+        100.0,
+        default_share=0.9,
+    )
+    assert planned is not None and planned[1] == []
