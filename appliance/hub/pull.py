@@ -6,7 +6,7 @@ files a server needs, checks the disk before the first byte, turns the library's
 into events anyone can render (the CLI's rich bars, the admin route's NDJSON stream), and turns
 the library's exceptions into one line an operator can act on.
 
-Resuming: a connection dropped mid-file resumes from the last byte written (the library
+Resuming: a connection dropped mid-file resumes from the last 10 MiB chunk written (the library
 retries with a Range request). After Ctrl-C, a second pull skips every file already complete
 in the cache; the file that was cut restarts, because huggingface_hub keeps no partial file
 across processes (it writes to a process-unique temporary file and deletes it on failure).
@@ -38,9 +38,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
 from appliance.catalogue.schema import ModelSpec
-
-# The catalogue's prefix for a model folder shipped inside a Python package (never pulled).
-PACKAGE_PREFIX = "package:"
+from appliance.engines.factory import PACKAGE_PREFIX
 
 # What a server never reads, even when a repository ships it: other frameworks' weights,
 # exports, and Meta's original consolidated checkpoints (as big as the model itself).
