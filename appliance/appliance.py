@@ -33,6 +33,7 @@ from appliance.engine_metrics import EngineMetrics
 from appliance.engines.factory import EngineFactory
 from appliance.engines.remote import RemoteBackends
 from appliance.errors import ConfigError
+from appliance.hub.fetcher import HubFetcher
 from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.settings import Settings
@@ -163,6 +164,7 @@ class Appliance:
                     config.placement.sleep_host_budget_gib
                 ),
             ),
+            fetcher=HubFetcher(base_dir=settings.config_path.resolve().parent),
         )
         self.supervisor.capacity.check_catalogue(config.models)
         self.metrics.bind(supervisor=self.supervisor)

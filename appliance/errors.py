@@ -157,6 +157,18 @@ class ModelLoadingError(ModelNotReadyError):
     code = "model_loading"
 
 
+class ModelDownloadingError(ModelNotReadyError):
+    """The model's files are still downloading; Retry-After says when they should be done."""
+
+    code = "model_downloading"
+
+
+class ModelDownloadFailedError(ModelNotReadyError):
+    """The model's files could not be downloaded (gated, gone, no disk, hub unreachable)."""
+
+    code = "download_failed"
+
+
 class ModelDrainingError(ModelNotReadyError):
     """The model is being unloaded; it takes no new requests."""
 
@@ -227,3 +239,9 @@ class EngineError(ApplianceError):
     status_code = 503
     error_type = "service_unavailable"
     code = "engine_error"
+
+
+class PullRefusedError(InvalidRequestError):
+    """A model pull cannot start: not a hub id, a local source, gated, missing, no disk."""
+
+    code = "pull_refused"

@@ -275,11 +275,24 @@ class _ScrapeCollector(Collector):
             "Share of the engine's KV cache in use (0 to 1).",
             labels=["model"],
         )
+        download_done = GaugeMetricFamily(
+            "appliance_model_download_bytes",
+            "Bytes of its files a downloading model has on disk so far.",
+            labels=["model"],
+        )
+        download_total = GaugeMetricFamily(
+            "appliance_model_download_total_bytes",
+            "Size of the files a downloading model needs.",
+            labels=["model"],
+        )
         handles = self._m.supervisor.handles() if self._m.supervisor is not None else []
         for handle in handles:
             in_flight.add_metric([handle.name], handle.in_flight)
             for each in ModelState:
                 state.add_metric([handle.name, each.value], 1.0 if handle.state is each else 0.0)
+            if handle.state is ModelState.DOWNLOADING and handle.download is not None:
+                download_done.add_metric([handle.name], handle.download.done_bytes)
+                download_total.add_metric([handle.name], handle.download.total_bytes)
             if handle.engine is None:
                 continue
             try:
@@ -291,7 +304,7 @@ class _ScrapeCollector(Collector):
             waiting.add_metric([handle.name], stats.waiting)
             if stats.kv_cache_usage is not None:
                 kv.add_metric([handle.name], stats.kv_cache_usage)
-        yield from (in_flight, state, running, waiting, kv)
+        yield from (in_flight, state, running, waiting, kv, download_done, download_total)
 
     def _catalogue(self) -> Iterator[Metric]:
         status = self._m.registry_status() if self._m.registry_status is not None else {}

@@ -18,12 +18,14 @@ from appliance.api.auth import AuthMiddleware, describe_open
 from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.health_routes import build_health_router
+from appliance.api.hub_routes import build_hub_router
 from appliance.api.load_gate import LoadGate
 from appliance.api.metrics_routes import build_metrics_router
 from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.observers import RequestObservers
 from appliance.api.openai_routes import build_openai_router
 from appliance.api.peer import local_host_names
+from appliance.api.plan_routes import build_plan_router
 from appliance.api.status_page import StatusPage
 from appliance.api.usage_routes import build_usage_router
 from appliance.api.vllm_routes import build_vllm_router
@@ -129,6 +131,8 @@ def create_app(
         )
     )
     app.include_router(build_admin_router(core))
+    app.include_router(build_hub_router(core))
+    app.include_router(build_plan_router(core))
     app.include_router(build_usage_router(core.usage))
     app.include_router(build_metrics_router(core.metrics))
     # Added first, so it runs inside the request-context middleware (ids and access log).

@@ -65,7 +65,8 @@ class LoadGate:
                 "demand; an operator or a key with may_load can load it",
                 retry_after=retry,
             )
-        loading = sum(1 for h in self._router.supervisor.handles() if h.state is ModelState.LOADING)
+        busy = (ModelState.LOADING, ModelState.DOWNLOADING)
+        loading = sum(1 for h in self._router.supervisor.handles() if h.state in busy)
         if loading >= self._limits.max_concurrent_loads:
             raise LoadRefusedError(
                 f"model {model!r} is not loaded, and {loading} model(s) are loading already, "

@@ -7,6 +7,9 @@ import typer
 from appliance.cli.adapters_cmd import adapters_app
 from appliance.cli.doctor_cmd import doctor
 from appliance.cli.models_cmd import models_app
+from appliance.cli.plan_cmd import plan
+from appliance.cli.pull_cmd import pull
+from appliance.cli.rm_cmd import rm
 from appliance.cli.up_cmd import up
 from appliance.cli.usage_cmd import usage
 
@@ -18,6 +21,9 @@ app = typer.Typer(
 )
 app.command("up")(up)
 app.command("doctor")(doctor)
+models_app.command("pull")(pull)
+models_app.command("rm")(rm)
+models_app.command("plan")(plan)
 app.add_typer(models_app, name="models")
 app.add_typer(adapters_app, name="adapters")
 app.command("usage")(usage)

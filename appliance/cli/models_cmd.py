@@ -12,6 +12,8 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from appliance.admin_key import find_admin_key
+from appliance.cli.files_view import describe_files
+from appliance.cli.load_progress import describe_state, describe_times, follow_load
 
 models_app = typer.Typer(help="List, load and unload models on a running appliance.")
 out = Console()
@@ -87,9 +89,11 @@ def _gib(value: Any) -> str:
 @models_app.command("list")
 def list_models(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
     """Every model in the catalogue, local and remote, with its state."""
-    body = AdminClient(url, api_key).call("GET", "/admin/models")
+    client = AdminClient(url, api_key)
+    body = client.call("GET", "/admin/models")
+    on_disk = {f["name"]: f for f in client.call("GET", "/admin/files").get("data", [])}
     table = Table(title=f"catalogue ({body.get('catalogue_source', '?')})")
-    for column in ("NAME", "ALIASES", "TASK", "VERSION", "OWNER", "SOURCE", "STATE"):
+    for column in ("NAME", "ALIASES", "TASK", "VERSION", "OWNER", "SOURCE", "STATE", "ON DISK"):
         table.add_column(column)
     for m in body.get("data", []):
         table.add_row(
@@ -100,6 +104,7 @@ def list_models(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None
             m["owner"],
             m.get("source") or m.get("backend_url") or "",
             m.get("state", "-"),
+            describe_files(on_disk.get(m["name"])),
         )
         for adapter in m.get("adapters") or []:
             # A LoRA adapter is a model name of its own, served by its parent's engine.
@@ -111,6 +116,7 @@ def list_models(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None
                 m["owner"],
                 f"LoRA of {m['name']}: {adapter['source']}",
                 m.get("state", "-"),
+                "-",
             )
     out.print(table)
 
@@ -136,14 +142,13 @@ def ps(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
         if m.get("state") in (None, "unloaded"):
             continue
         devices = ",".join(str(d) for d in m.get("devices", [])) or "-"
-        load = m.get("load_seconds")
         table.add_row(
             m["name"],
-            m["state"],
+            describe_state(m),
             devices,
             _gib(m.get("memory_gib")),
             _sleep(m),
-            f"{load:.1f}s" if load else "-",
+            describe_times(m),
             str(m.get("in_flight", 0)),
             (m.get("last_error") or "")[:60],
         )
@@ -169,10 +174,13 @@ def _with_spinner(text: str, action: Any) -> dict[str, Any]:
 
 @models_app.command("load")
 def load(name: str, url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
-    """Load a model and wait until it is ready."""
+    """Load a model and wait until it is ready (its download first, when its files are missing)."""
     client = AdminClient(url, api_key)
-    body = _with_spinner(
-        f"loading {name}", lambda: client.call("POST", f"/admin/models/{name}/load", timeout=3600)
+    body = follow_load(
+        name,
+        lambda: client.call("POST", f"/admin/models/{name}/load", timeout=3600),
+        AdminClient(url, api_key),
+        err,
     )
     evicted = body.get("evicted") or []
     note = f" (evicted: {', '.join(evicted)})" if evicted else ""

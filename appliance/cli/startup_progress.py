@@ -41,6 +41,10 @@ def _line(handle: ModelHandle, now: float) -> tuple[RenderableType, str, str, st
     elapsed = f"{now - handle.lifecycle.since:.0f}s"
     if state is ModelState.LOADING:
         return Spinner("dots"), handle.name, "loading", elapsed
+    if state is ModelState.DOWNLOADING and handle.download is not None:
+        done, total = handle.download.done_bytes, handle.download.total_bytes
+        share = f"{100 * done / total:.0f}% of {total / 1e9:.1f} GB" if total else ""
+        return Spinner("dots"), handle.name, "downloading", f"{share} {elapsed}".strip()
     return Text("·"), handle.name, state.value, ""
 
 

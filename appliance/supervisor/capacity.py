@@ -25,6 +25,7 @@ from appliance.supervisor.placement import (
     place,
     plan_eviction,
 )
+from appliance.supervisor.residency import Sleeper, plan_sleep
 
 
 class HostCapacity:
@@ -77,6 +78,25 @@ class HostCapacity:
             self.inventory,
             allocations,
             evictable,
+            default_share=self._default_share,
+            policy=self.policy,
+        )
+
+    def plan_sleep(
+        self,
+        demand: Demand,
+        allocations: Sequence[Allocation],
+        sleepers: Sequence[Sleeper],
+        host_used_gib: float,
+    ) -> tuple[Allocation, list[str]] | None:
+        """Room for ``demand`` by sleeping some ``sleepers`` within the host's sleep budget
+        (``host_used_gib`` of it taken already); None when sleeping cannot make it."""
+        return plan_sleep(
+            demand,
+            self.inventory,
+            allocations,
+            sleepers,
+            self._sleep_host_budget_gib - host_used_gib,
             default_share=self._default_share,
             policy=self.policy,
         )

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from appliance.catalogue.schema import LocalModelSpec, RemoteModelSpec
 from appliance.engines.base import Engine
+from appliance.supervisor.downloads import DownloadProgress
 from appliance.supervisor.inventory import Inventory
 from appliance.supervisor.placement import Allocation
 from appliance.supervisor.states import Lifecycle, ModelState, Transition
@@ -110,6 +111,8 @@ class ModelHandle:
     host_gib: float = 0.0  # host memory its weights fill while asleep at level 1
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> its source
+    wake_seconds: float | None = None  # how long its last wake from sleep took
+    download: DownloadProgress | None = None  # while (or since) its files were downloading
 
     @property
     def name(self) -> str:

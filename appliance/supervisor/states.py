@@ -24,6 +24,7 @@ class ModelState(str, enum.Enum):
     """Where a model is in its life (a remote backend: ready or unavailable only)."""
 
     UNLOADED = "unloaded"  # no engine; holds no device memory
+    DOWNLOADING = "downloading"  # its files are being fetched; no engine, no device memory yet
     LOADING = "loading"  # engine starting (or waking from sleep); requests wait, bounded
     READY = "ready"  # engine up; serving requests
     SLEEPING = "sleeping"  # engine alive but its GPU memory released (vLLM sleep mode; GPU only)
@@ -34,6 +35,10 @@ class ModelState(str, enum.Enum):
 
 # The legal changes, from -> allowed targets. Why each edge exists:
 #   unloaded -> loading    load (operator, autoload at start, or on demand)
+#   unloaded -> downloading  the same load, when the model's files are not on disk yet
+#   downloading -> loading   the files are there; placement and the engine start follow
+#   downloading -> failed    the download failed (gated, gone, disk full, hub unreachable)
+#   downloading -> unloaded  load cancelled (unload asked mid-download, shutdown)
 #   loading  -> ready      the engine answered its first health check
 #   loading  -> failed     the engine could not start (bad weights, out of memory, crash)
 #   loading  -> unloaded   load cancelled (unload asked mid-load, shutdown); nothing to drain
@@ -46,6 +51,7 @@ class ModelState(str, enum.Enum):
 #   draining -> unloaded   the engine stopped and its devices are free
 #   draining -> failed     the engine could not be stopped cleanly (devices may still be held)
 #   failed   -> loading    restart after a failure
+#   failed   -> downloading  a retry after a failed download
 #   failed   -> unloaded   the operator clears the failure (unload) once the engine is gone
 #   ready    -> unavailable  a remote backend's circuit breaker opened (or its health check
 #                            failed); remote entries start ready and only ever swap these two
@@ -55,14 +61,15 @@ class ModelState(str, enum.Enum):
 # running engine is always stopped through draining), and any state -> itself (a no-op swap
 # hides a logic error in the caller).
 TRANSITIONS: Mapping[ModelState, frozenset[ModelState]] = {
-    ModelState.UNLOADED: frozenset({ModelState.LOADING}),
+    ModelState.UNLOADED: frozenset({ModelState.LOADING, ModelState.DOWNLOADING}),
+    ModelState.DOWNLOADING: frozenset({ModelState.LOADING, ModelState.FAILED, ModelState.UNLOADED}),
     ModelState.LOADING: frozenset({ModelState.READY, ModelState.FAILED, ModelState.UNLOADED}),
     ModelState.READY: frozenset(
         {ModelState.DRAINING, ModelState.SLEEPING, ModelState.FAILED, ModelState.UNAVAILABLE}
     ),
     ModelState.SLEEPING: frozenset({ModelState.LOADING, ModelState.DRAINING, ModelState.FAILED}),
     ModelState.DRAINING: frozenset({ModelState.UNLOADED, ModelState.FAILED}),
-    ModelState.FAILED: frozenset({ModelState.LOADING, ModelState.UNLOADED}),
+    ModelState.FAILED: frozenset({ModelState.LOADING, ModelState.DOWNLOADING, ModelState.UNLOADED}),
     ModelState.UNAVAILABLE: frozenset({ModelState.READY}),
 }
 

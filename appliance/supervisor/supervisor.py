@@ -27,6 +27,7 @@ from appliance.errors import (
     EvictionTooSoonError,
     InsufficientResourcesError,
     LifecycleError,
+    ModelDownloadingError,
     ModelDrainingError,
     ModelFailedError,
     ModelLoadingError,
@@ -38,6 +39,7 @@ from appliance.errors import (
 )
 from appliance.supervisor.capacity import HostCapacity
 from appliance.supervisor.device_locks import DeviceChange
+from appliance.supervisor.downloads import DownloadProgress, WeightsFetcher
 from appliance.supervisor.handle import (
     EngineMaker,
     ModelHandle,
@@ -47,6 +49,7 @@ from appliance.supervisor.handle import (
 )
 from appliance.supervisor.inventory import DeviceKind, Inventory
 from appliance.supervisor.placement import Allocation, Demand, PlacementError
+from appliance.supervisor.residency import LoadPlan, Sleeper
 from appliance.supervisor.states import Lifecycle, ModelState, Transition
 
 log = logging.getLogger("appliance.supervisor")
@@ -82,9 +85,12 @@ class Supervisor:
         observer: SupervisorObserver | None = None,
         capacity: HostCapacity | None = None,
         remotes: RemoteEngines | None = None,
+        fetcher: WeightsFetcher | None = None,
     ) -> None:
         """``capacity`` places engines on ``inventory`` (default: the default policy there);
-        ``remotes`` proxies remote entries (without it they answer 503)."""
+        ``remotes`` proxies remote entries (without it they answer 503); ``fetcher`` downloads
+        a model's missing files before it loads (None: the engine's own start fetches them,
+        with no ``downloading`` state)."""
         self.inventory = inventory
         self.limits = limits or SupervisorLimits()
         self.capacity = capacity or HostCapacity(
@@ -95,6 +101,7 @@ class Supervisor:
         self._engines = engines
         self._remotes = remotes
         self._observer = observer
+        self._fetcher = fetcher
         self._models: dict[str, ModelHandle] = {}
         self._aliases: dict[str, str] = {}  # alias -> the name of the entry it stands for
         self._adapters: dict[str, str] = {}  # LoRA adapter -> the model whose engine has it
@@ -324,9 +331,17 @@ class Supervisor:
     async def _load(self, handle: ModelHandle, reason: str) -> None:
         spec = handle.local
         assert spec is not None, "only local models load"
-        handle.lifecycle.swap((S.UNLOADED, S.FAILED), S.LOADING, reason)
+        fetcher = self._fetcher
+        downloading = fetcher is not None and fetcher.missing(spec)
+        first = S.DOWNLOADING if downloading else S.LOADING
+        handle.lifecycle.swap((S.UNLOADED, S.FAILED), first, reason)
         started = time.monotonic()
         try:
+            if fetcher is not None and downloading:
+                # Before placement: a long download holds no device and evicts nobody.
+                handle.download = DownloadProgress()
+                await fetcher.fetch(spec, handle.download)
+                handle.lifecycle.swap(S.DOWNLOADING, S.LOADING, "files downloaded")
             allocation = await self._make_room(handle, self.capacity.demand(spec))
             engine = self._engines.create(spec, allocation, self.inventory)
             async with self.capacity.locks.hold(allocation.devices, DeviceChange.START):
@@ -339,7 +354,7 @@ class Supervisor:
             # Nothing broke when a load is cancelled or the model does not fit now.
             no_room = isinstance(exc, (InsufficientResourcesError, EvictionTooSoonError))
             target = S.UNLOADED if cancelled or no_room else S.FAILED
-            handle.lifecycle.swap(S.LOADING, target, handle.last_error)
+            handle.lifecycle.swap((S.DOWNLOADING, S.LOADING), target, handle.last_error)
             raise
         # Adapters loaded at run time (declared ones came with the engine's arguments).
         declared = set(spec.adapter_names())
@@ -362,10 +377,21 @@ class Supervisor:
             self._observer.on_load(handle.name, handle.load_seconds)
 
     async def _make_room(self, handle: ModelHandle, demand: Demand) -> Allocation:
-        """Place ``demand`` for ``handle``, evicting what must go; reserve it on the handle.
+        """Place ``demand`` for ``handle``, sleeping or evicting what must go; reserve it on the
+        handle. Sleeping comes first (a wake is about a second, a reload tens of seconds);
+        evictable models are unloaded only when sleeping cannot make the room.
 
         The reservation is made before the slow start, so concurrent loads see it taken.
         """
+        asleep = self._plan_sleep(handle, demand)
+        if asleep is not None:
+            allocation, sleepers = asleep
+            handle.allocation = allocation
+            handle.evicted = []
+            for name in sleepers:
+                log.info("putting %s to sleep to make room for %s", name, handle.name)
+                await self.sleep(name, level=1)
+            return allocation
         allocation, evicted = self._plan(handle, demand)
         handle.allocation = allocation
         handle.evicted = list(evicted)
@@ -414,6 +440,58 @@ class Supervisor:
             f"evicted); retry in {wait:.0f}s",
             retry_after=wait,
         )
+
+    def _plan_sleep(
+        self, handle: ModelHandle, demand: Demand
+    ) -> tuple[Allocation, list[str]] | None:
+        """Room for ``demand`` by sleeping ready evictable models with sleep mode (GPU only),
+        within the host's sleep budget; None when that cannot make it. Changes nothing."""
+        if self.inventory.kind is not DeviceKind.GPU:
+            return None
+        now = time.monotonic()
+        sleepers = [
+            Sleeper(
+                name=h.name,
+                host_gib=self._weights_gib(h),
+                wake_seconds=h.wake_seconds,
+                last_used=h.last_used,
+            )
+            for h in self._models.values()
+            if h.local is not None
+            and h.local.evictable
+            and h.local.engine.get("enable_sleep_mode")
+            and h.state is S.READY
+            and h.engine is not None
+            and h.name != handle.name
+            and now - h.ready_since >= self.limits.min_resident_seconds
+        ]
+        if not sleepers:
+            return None
+        used = sum(h.host_gib for h in self._models.values() if h.state is S.SLEEPING)
+        return self.capacity.plan_sleep(demand, self._allocations(handle.name), sleepers, used)
+
+    @staticmethod
+    def _weights_gib(handle: ModelHandle) -> float:
+        """What a level-1 sleep of ``handle`` puts in host RAM: its weights, else its share."""
+        weights = handle.engine.weights_gib() if handle.engine is not None else None
+        if weights is not None:
+            return weights
+        return handle.allocation.memory_gib if handle.allocation is not None else 0.0
+
+    def plan_load(self, name: str) -> LoadPlan:
+        """Where ``name`` would go if loaded now, which models would sleep and which would be
+        evicted for it: a dry run (`appliance models plan`) that changes nothing. A model that
+        holds devices already (loading, ready, sleeping, draining) answers with its own
+        allocation."""
+        handle, spec = self._get_local(name)
+        if handle.allocation is not None:
+            return LoadPlan(handle.allocation, sleep=[], evict=[])
+        demand = self.capacity.demand(spec)
+        asleep = self._plan_sleep(handle, demand)
+        if asleep is not None:
+            return LoadPlan(asleep[0], sleep=asleep[1], evict=[])
+        allocation, evicted = self._plan(handle, demand)
+        return LoadPlan(allocation, sleep=[], evict=evicted)
 
     async def load(self, name: str) -> ModelHandle:
         """Load ``name`` (or wait for the load under way); return its handle once ready."""
@@ -584,13 +662,19 @@ class Supervisor:
         handle.sleep_level = 0
         handle.host_gib = 0.0
         handle.last_used = handle.ready_since = time.monotonic()
-        handle.lifecycle.swap(S.LOADING, S.READY, f"awake in {time.monotonic() - started:.1f}s")
+        handle.wake_seconds = handle.last_used - started
+        handle.lifecycle.swap(S.LOADING, S.READY, f"awake in {handle.wake_seconds:.1f}s")
 
     # -- unloading -------------------------------------------------------------------------
 
     async def unload(self, name: str, *, reason: str = "unload requested") -> ModelHandle:
         """Drain ``name`` (bounded), then shut its engine down and free its devices."""
         handle, _ = self._get_local(name)
+        if handle.state is S.DOWNLOADING and handle.load_task is not None:
+            # Nothing to drain or stop yet: cancel the download (it stops between files).
+            handle.load_task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(handle.load_task)
         if handle.state is S.LOADING and handle.load_task is not None:
             # Let the load finish (or fail) so its engine is not left behind half-built.
             with contextlib.suppress(Exception):
@@ -639,6 +723,13 @@ class Supervisor:
         state = handle.state
         if state is S.LOADING:
             return ModelLoadingError(f"model {name!r} is still loading", retry_after=retry)
+        if state is S.DOWNLOADING and handle.download is not None:
+            progress = handle.download
+            return ModelDownloadingError(
+                f"model {name!r} is downloading its files ({progress.done_bytes} of "
+                f"{progress.total_bytes} bytes); it loads next",
+                retry_after=round(progress.retry_after(retry)),
+            )
         if state is S.DRAINING:
             return ModelDrainingError(f"model {name!r} is being unloaded", retry_after=retry)
         if state is S.FAILED:
@@ -690,7 +781,7 @@ class Supervisor:
             load = self._ensure_loading(handle, "load on demand")
         elif handle.state is S.SLEEPING and spec.load_on_demand:
             load = self._ensure_waking(handle, "wake on demand")
-        elif handle.state is S.LOADING:
+        elif handle.state in (S.LOADING, S.DOWNLOADING):
             load = handle.load_task
         if load is not None:
             handle.waiting += 1
@@ -795,7 +886,32 @@ class Supervisor:
                 keep_alive = handle.local.keep_alive
                 idle = handle.in_flight == 0 and now - handle.last_used > (keep_alive or 0)
                 if keep_alive is not None and idle:
-                    self._background(self.unload(handle.name, reason=f"idle for {keep_alive:.0f}s"))
+                    self._background(self._expire(handle, keep_alive))
+
+    async def _expire(self, handle: ModelHandle, keep_alive: float) -> None:
+        """keep_alive ran out: sleep at level 1 where the engine can and the host's sleep budget
+        has room for its weights (a wake takes about a second, a reload tens of seconds), and
+        unload only otherwise. On CPU (no sleep mode) that is always an unload."""
+        reason = f"idle for {keep_alive:.0f}s"
+        can_sleep = (
+            self.inventory.kind is DeviceKind.GPU
+            and handle.local is not None
+            and bool(handle.local.engine.get("enable_sleep_mode"))
+        )
+        if can_sleep and handle.state is S.READY:
+            try:
+                await self.sleep(handle.name, level=1)
+                return
+            except LifecycleError as exc:  # the host budget is full (or the state moved on)
+                log.info(
+                    "model %s: %s, and it cannot sleep (%s): unloading",
+                    handle.name,
+                    reason,
+                    exc.message,
+                    extra={"model": handle.name, "event": "keep_alive_unload"},
+                )
+        if handle.state is S.READY:
+            await self.unload(handle.name, reason=reason)
 
     def _refresh_remote(self, handle: ModelHandle) -> None:
         """Follow a remote entry's backend even while no request comes (health checks)."""
@@ -861,11 +977,17 @@ class Supervisor:
             "sleep_level": handle.sleep_level or None,
             "host_memory_gib": round(handle.host_gib, 3) if handle.host_gib else None,
             "load_seconds": round(handle.load_seconds, 3) if handle.load_seconds else None,
+            "wake_seconds": round(handle.wake_seconds, 3) if handle.wake_seconds else None,
             "in_flight": handle.in_flight,
             "engine_running": stats.running if stats else 0,
             "engine_waiting": stats.waiting if stats else 0,
             "last_error": handle.last_error,
             "restarts": handle.failures,
+            "download": (
+                handle.download.as_status()
+                if handle.download is not None and handle.state is S.DOWNLOADING
+                else None
+            ),
         }
 
     def all_ready(self, names: Callable[[ModelHandle], bool] | None = None) -> bool:

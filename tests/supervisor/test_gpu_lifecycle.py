@@ -284,7 +284,10 @@ def test_a_sleeping_model_gives_its_gpu_share_back_and_takes_it_again_to_wake() 
         await sup.start(
             [
                 entry("a", resources={"memory_share": 0.6}),
-                entry("b", autoload=False, evictable=True, resources={"memory_share": 0.5}),
+                # Without sleep mode: it cannot sleep to make room, so it is evicted.
+                entry(
+                    "b", autoload=False, evictable=True, resources={"memory_share": 0.5}, engine={}
+                ),
             ]
         )
         await sup.wait_autoload()

@@ -60,6 +60,10 @@ def test_table_covers_every_state_and_has_no_self_loops() -> None:
     # The chosen edges, spelt out so a change to the table is a deliberate test change.
     assert {(o.value, n.value) for o, n in LEGAL} == {
         ("unloaded", "loading"),
+        ("unloaded", "downloading"),
+        ("downloading", "loading"),
+        ("downloading", "failed"),
+        ("downloading", "unloaded"),
         ("loading", "ready"),
         ("loading", "failed"),
         ("loading", "unloaded"),
@@ -72,6 +76,7 @@ def test_table_covers_every_state_and_has_no_self_loops() -> None:
         ("draining", "unloaded"),
         ("draining", "failed"),
         ("failed", "loading"),
+        ("failed", "downloading"),
         ("failed", "unloaded"),
         ("ready", "unavailable"),  # a remote backend's breaker opened
         ("unavailable", "ready"),  # and closed again
@@ -81,6 +86,7 @@ def test_table_covers_every_state_and_has_no_self_loops() -> None:
 def test_every_state_value_is_its_lowercase_name() -> None:
     assert [s.value for s in ModelState] == [
         "unloaded",
+        "downloading",
         "loading",
         "ready",
         "sleeping",

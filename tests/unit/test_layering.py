@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "appliance.supervisor.states",
         ),
     ),
-    ("engines", ("appliance.engines",)),
+    ("engines", ("appliance.engines", "appliance.hub")),
     (
         "host",
         (
@@ -49,6 +49,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "appliance.supervisor.placement",
             "appliance.supervisor.device_locks",
             "appliance.supervisor.capacity",
+            "appliance.supervisor.residency",
+            "appliance.supervisor.downloads",
         ),
     ),
     ("catalogue", ("appliance.catalogue", "appliance.api_keys")),

@@ -40,16 +40,18 @@ BODY = {
 def test_models_list_shows_aliases_adapters_and_remote_states(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    files = {"data": [{"name": "tiny-chat", "present": True, "size_bytes": 2**20}]}
+
     def call(self: Any, method: str, path: str, **_: Any) -> dict[str, Any]:
-        assert (method, path) == ("GET", "/admin/models")
-        return BODY
+        assert (method, path) in (("GET", "/admin/models"), ("GET", "/admin/files"))
+        return BODY if path == "/admin/models" else files
 
     monkeypatch.setattr(models_cmd.AdminClient, "call", call)
     result = CliRunner().invoke(app, ["models", "list"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     chat = next(line for line in lines if line.startswith("│ tiny-chat"))
-    assert "gpt-4o-mini" in chat and "ready" in chat
+    assert "gpt-4o-mini" in chat and "ready" in chat and "yes, 1.0 MB" in chat
     sql = next(line for line in lines if line.startswith("│ tiny-sql"))
     assert "LoRA of tiny-chat: /loras/sql" in sql
     far = next(line for line in lines if line.startswith("│ far"))

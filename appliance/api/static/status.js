@@ -9,7 +9,7 @@ const KEY_STORAGE = "appliance.adminKey";
 const COLOURS = ["#2563eb", "#16a34a", "#d97706", "#9333ea", "#dc2626", "#0891b2", "#4b5563"];
 const ACTIONS = {
   // Which buttons a model in a given state offers.
-  unloaded: ["load"], failed: ["load", "unload"], loading: ["unload"],
+  unloaded: ["load"], failed: ["load", "unload"], loading: ["unload"], downloading: ["unload"],
   ready: ["unload", "sleep"], sleeping: ["wake", "unload"], draining: [],
 };
 

@@ -1,0 +1,79 @@
+"""The supervisor's fetcher for hub models: the ``downloading`` step before ``loading``.
+
+It pulls with the same code as `appliance models pull` (``appliance.hub.pull``), so a load
+on demand and an operator's pull fill the same cache the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from pathlib import Path
+
+from huggingface_hub import constants
+
+from appliance.catalogue.schema import ModelSpec
+from appliance.errors import ModelDownloadFailedError
+from appliance.hub.disk import loadable
+from appliance.hub.pull import PullError, PullEvent, plan_pull, run_pull, target_for_spec
+from appliance.supervisor.downloads import DownloadProgress
+
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+class HubFetcher:
+    """Finds hub models whose files are missing and downloads them, with progress."""
+
+    def __init__(self, base_dir: Path | None = None) -> None:
+        """``base_dir``: the catalogue's folder (relative local sources are taken from it)."""
+        self._base_dir = base_dir
+
+    def missing(self, spec: ModelSpec) -> bool:
+        """A hub model with no loadable snapshot at its revision in the cache; never when the
+        hub is off (HF_HUB_OFFLINE: vLLM then says itself what is missing)."""
+        if constants.HF_HUB_OFFLINE:
+            return False
+        try:
+            target = target_for_spec(spec, self._base_dir)
+        except PullError:
+            return False  # a local folder, a package, a remote backend
+        cache = Path(target.cache_dir or constants.HF_HUB_CACHE).expanduser()
+        root = cache / ("models--" + target.repo_id.replace("/", "--"))
+        revision = target.revision or constants.DEFAULT_REVISION
+        if COMMIT.match(revision):
+            commit = revision
+        else:
+            try:
+                commit = (root / "refs" / revision).read_text().strip()
+            except OSError:
+                return True
+        snapshot = root / "snapshots" / commit
+        return not (snapshot.is_dir() and loadable(snapshot))
+
+    async def fetch(self, spec: ModelSpec, progress: DownloadProgress) -> None:
+        """Plan and pull ``spec``'s files; a cancelled load stops the pull between files."""
+        cancelled = threading.Event()
+        per_file: dict[str, int] = {}
+
+        def count(event: PullEvent) -> None:
+            if event.event in ("progress", "file_done") and event.file is not None:
+                per_file[event.file] = event.done or 0
+                progress.done_bytes = progress.cached_bytes + sum(per_file.values())
+
+        def work() -> None:
+            target = target_for_spec(spec, self._base_dir)
+            plan = plan_pull(target.repo_id, revision=target.revision, cache_dir=target.cache_dir)
+            progress.total_bytes = plan.total_bytes
+            progress.cached_bytes = progress.done_bytes = plan.total_bytes - plan.missing_bytes
+            run_pull(plan, count, cancelled=cancelled)
+
+        try:
+            await asyncio.to_thread(work)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        except PullError as exc:
+            raise ModelDownloadFailedError(
+                f"model {spec.name!r}: downloading its files failed: {exc}"
+            ) from None
