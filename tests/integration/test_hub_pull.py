@@ -24,7 +24,13 @@ import pytest
 from openai import OpenAI
 
 from tests.hub_mirror import HubMirror, MirroredRepo, repo_from_folder
-from tests.integration.harness import MODELS_DIR, REPO, ApplianceProcess, wait_until
+from tests.integration.harness import (
+    MODELS_DIR,
+    REPO,
+    START_DEADLINE,
+    ApplianceProcess,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -54,6 +60,9 @@ def hub_env(mirror: HubMirror, home: Path) -> dict[str, str]:
     """Online through the mirror, with a cache of this test's own; no token."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
     env.update(HF_ENDPOINT=mirror.url, HF_HOME=str(home), PYTHONPATH=str(REPO), COLUMNS="200")
+    # A stalled transfer stays stalled until the test releases it (the default read timeout,
+    # 10 s, would end it by itself on a busy machine).
+    env["HF_HUB_DOWNLOAD_TIMEOUT"] = "300"
     return env
 
 
@@ -234,11 +243,14 @@ def test_remote_pull_then_load_and_serve(mirror: HubMirror, tmp_path: Path) -> N
         scraped = httpx.get(f"{appliance.url}/metrics", timeout=10).text
         assert 'appliance_model_download_total_bytes{model="fresh-chat"}' in scraped
         mirror.controls.release.set()  # the cut connection is retried; the download ends
-        wait_until(
-            lambda: model_state(appliance, "fresh-chat") in ("ready", "failed"),
-            "fresh-chat ready",
-            timeout=400,
-        )
+        try:
+            wait_until(
+                lambda: model_state(appliance, "fresh-chat") in ("ready", "failed"),
+                "fresh-chat ready",
+                timeout=START_DEADLINE,
+            )
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; it is {model_state(appliance, 'fresh-chat')}") from exc
         assert model_state(appliance, "fresh-chat") == "ready", appliance.tail()
         reply = client.chat.completions.create(
             model="fresh-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=4
