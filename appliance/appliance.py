@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from appliance.catalogue.catalogue import Catalogue
@@ -27,6 +28,7 @@ from appliance.catalogue.registry_client import (
 )
 from appliance.catalogue.schema import CatalogueFile, ModelSpec
 from appliance.catalogue.trust import RegistryGate
+from appliance.engine_metrics import EngineMetrics
 from appliance.engines.factory import EngineFactory
 from appliance.engines.remote import RemoteBackends
 from appliance.errors import ConfigError
@@ -97,9 +99,15 @@ class Appliance:
         config = load_catalogue_file(settings.config_path)
         # The operator's environment, before the engine factory sets what vLLM must read.
         environ = dict(os.environ)
+        # vLLM's per-step engine figures, only when asked for (they cost work on every step);
+        # their registry joins the appliance's once that exists.
+        self.engine_metrics = (
+            EngineMetrics(CollectorRegistry()) if settings.engine_metrics else None
+        )
         self.engines = EngineFactory(
             base_dir=settings.config_path.resolve().parent,
             cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
+            figures=self.engine_metrics,
         )
         for spec in config.models:
             self.engines.validate(spec)
@@ -116,6 +124,8 @@ class Appliance:
             # Without GPUs there is nothing to read: skip NVML at every scrape.
             gpu_memory=self.gpus.read if on_gpu else list,
         )
+        if self.engine_metrics is not None:
+            self.metrics.registry.register(self.engine_metrics.registry)
         self.supervisor = Supervisor(
             self.inventory,
             self.engines,

@@ -169,6 +169,12 @@ class ModelFailedError(ModelNotReadyError):
     code = "model_failed"
 
 
+class EvictionTooSoonError(ModelNotReadyError):
+    """A load needs room that only models loaded moments ago hold; they stay a while first."""
+
+    code = "eviction_too_soon"
+
+
 class LifecycleError(ApplianceError):
     """An operator's lifecycle request cannot be done in the model's current state."""
 

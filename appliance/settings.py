@@ -73,6 +73,13 @@ class Settings(BaseModel):
     )
     quotas: QuotaConfig = Field(default_factory=QuotaConfig)
     status_page: bool = Field(True, description="Serve the status page at / and /ui.")
+    engine_metrics: bool = Field(
+        False,
+        description=(
+            "Expose vLLM's own engine figures per model (prefix cache, preemptions, queue, "
+            "prefill and decode times, speculative decoding); they cost work on every step."
+        ),
+    )
 
     def usage_db_path(self) -> Path:
         """Where per-key usage is kept."""

@@ -46,6 +46,12 @@ def up(
         False, help="Log prompts (truncated) in the access log. Off: no prompt text is logged."
     ),
     restart_tries: int = typer.Option(3, help="Restarts of a dead engine before giving up."),
+    min_resident: float = typer.Option(
+        30.0,
+        min=0,
+        help="Seconds a model stays loaded (or awake) before it may be evicted for another; "
+        "stops on-demand loads from evicting each other in a loop.",
+    ),
     api_keys: Path | None = typer.Option(
         None,
         "--api-keys",
@@ -95,6 +101,12 @@ def up(
         "tokens_per_month}}.",
     ),
     status_page: bool = typer.Option(True, help="Serve the status page at / and /ui."),
+    engine_metrics: bool = typer.Option(
+        False,
+        "--engine-metrics",
+        help="Expose vLLM's own engine figures per model on /metrics (prefix cache, "
+        "preemptions, queue/prefill/decode times); costs work on every engine step.",
+    ),
 ) -> None:
     """Start the appliance: every autoload model in the catalogue, behind one OpenAI API."""
     # vLLM reads these at import: no phoning home, and its log lines go through ours (JSON).
@@ -124,10 +136,12 @@ def up(
             restart_max_tries=restart_tries,
             restart_backoff_seconds=restart_backoff,
             max_queue=max_queue,
+            min_resident_seconds=min_resident,
         ),
         "log_prompts": log_prompts,
         "usage_db": usage_db,
         "status_page": status_page,
+        "engine_metrics": engine_metrics,
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib

@@ -99,6 +99,42 @@ class RouteCall:
 
 
 @dataclass(frozen=True)
+class FinishedRequestTimes:
+    """Where a finished request spent its time inside the engine, as vLLM measured it."""
+
+    queued: float
+    prefill: float
+    decode: float
+    inference: float
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class EngineStepFigures:
+    """What one of vLLM's engine steps reports beyond the gauges of ``EngineStats``.
+
+    Counts are increments since the previous step (vLLM reports them that way).
+    """
+
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    preemptions: int = 0
+    prompt_tokens_cached: int = 0
+    spec_decode_drafts: int = 0
+    spec_decode_draft_tokens: int = 0
+    spec_decode_accepted_tokens: int = 0
+    finished: tuple[FinishedRequestTimes, ...] = ()
+
+
+class EngineFigureSink(Protocol):
+    """Takes vLLM's per-step engine figures (``--engine-metrics``); called on every step."""
+
+    def record_engine_step(self, model: str, figures: EngineStepFigures) -> None:
+        """Account one engine step of ``model``."""
+        ...
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A snapshot of an engine's own load, for metrics and the admin API."""
 

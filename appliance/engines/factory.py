@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from appliance.catalogue.schema import ModelSpec
-from appliance.engines.base import Engine
+from appliance.engines.base import Engine, EngineFigureSink
 from appliance.errors import ConfigError
 from appliance.supervisor.inventory import DeviceKind, Inventory
 from appliance.supervisor.placement import Allocation
@@ -88,13 +88,20 @@ def resolve_source(spec: ModelSpec, base_dir: Path | None = None) -> str:
 class EngineFactory:
     """Checks entries and makes engines for them; the supervisor calls nothing else of vLLM."""
 
-    def __init__(self, *, base_dir: Path | None = None, cpu_kv_cache_gib: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        base_dir: Path | None = None,
+        cpu_kv_cache_gib: int = 1,
+        figures: EngineFigureSink | None = None,
+    ) -> None:
         from appliance.engines.vllm_engine import EngineArgsBuilder, prepare_process_environment
 
         # Before anything imports vLLM: it reads these once, at import or first engine.
         prepare_process_environment(os.environ)
         self._base_dir = base_dir
         self._cpu_kv_cache_gib = cpu_kv_cache_gib
+        self._figures = figures  # vLLM's engine figures go here when --engine-metrics is on
         self._args = EngineArgsBuilder()
 
     @property
@@ -133,4 +140,4 @@ class EngineFactory:
             gpu_memory_utilization=utilization,
             base_dir=self._base_dir,
         )
-        return VLLMEngine(spec, args, env=env)
+        return VLLMEngine(spec, args, env=env, figures=self._figures)

@@ -31,7 +31,10 @@ from appliance.catalogue.schema import ModelSpec, Task
 from appliance.engines.asgi_call import call_app
 from appliance.engines.base import (
     Endpoint,
+    EngineFigureSink,
     EngineStats,
+    EngineStepFigures,
+    FinishedRequestTimes,
     JSONReply,
     Reply,
     RouteCall,
@@ -302,12 +305,29 @@ class EngineArgsBuilder:
 
 
 class _StatsRecorder:
-    """Keeps the latest scheduler statistics vLLM reports, for metrics."""
+    """Keeps the latest scheduler statistics vLLM reports, for metrics.
 
-    def __init__(self) -> None:
+    With a ``sink`` (``--engine-metrics``) it also hands on each step's counts and finished
+    requests' timings, the figures vLLM's own Prometheus logger would have exposed.
+    """
+
+    def __init__(self, model: str = "", sink: EngineFigureSink | None = None) -> None:
         self.running = 0
         self.waiting = 0
         self.kv_cache_usage: float | None = None
+        self._model = model
+        self._sink = sink
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        """Take one step's statistics from vLLM."""
+        if scheduler_stats is not None:
+            self.running = scheduler_stats.num_running_reqs
+            self.waiting = scheduler_stats.num_waiting_reqs
+            self.kv_cache_usage = scheduler_stats.kv_cache_usage
+        if self._sink is not None:
+            figures = _step_figures(scheduler_stats, iteration_stats)
+            if figures != _NO_FIGURES:
+                self._sink.record_engine_step(self._model, figures)
 
     def factory(self) -> Any:
         """A vLLM stat-logger factory whose loggers write into this recorder."""
@@ -326,15 +346,53 @@ class _StatsRecorder:
                 mm_cache_stats: Any = None,
                 engine_idx: int = 0,
             ) -> None:
-                if scheduler_stats is not None:
-                    recorder.running = scheduler_stats.num_running_reqs
-                    recorder.waiting = scheduler_stats.num_waiting_reqs
-                    recorder.kv_cache_usage = scheduler_stats.kv_cache_usage
+                recorder.record(scheduler_stats, iteration_stats)
 
             def log_engine_initialized(self) -> None:
                 pass
 
         return _Logger
+
+
+_NO_FIGURES = EngineStepFigures()
+
+
+def _step_figures(scheduler_stats: Any, iteration_stats: Any) -> EngineStepFigures:
+    """Our figures from vLLM's ``SchedulerStats`` and ``IterationStats`` of one step."""
+    queries = hits = drafts = draft_tokens = accepted = 0
+    if scheduler_stats is not None:
+        queries = scheduler_stats.prefix_cache_stats.queries
+        hits = scheduler_stats.prefix_cache_stats.hits
+        spec = scheduler_stats.spec_decoding_stats
+        if spec is not None:
+            drafts = spec.num_drafts
+            draft_tokens = spec.num_draft_tokens
+            accepted = spec.num_accepted_tokens
+    preemptions = cached = 0
+    finished: tuple[FinishedRequestTimes, ...] = ()
+    if iteration_stats is not None:
+        preemptions = iteration_stats.num_preempted_reqs
+        cached = iteration_stats.prompt_token_stats.cached_tokens
+        finished = tuple(
+            FinishedRequestTimes(
+                queued=done.queued_time,
+                prefill=done.prefill_time,
+                decode=done.decode_time,
+                inference=done.inference_time,
+                finish_reason=str(done.finish_reason),
+            )
+            for done in iteration_stats.finished_requests
+        )
+    return EngineStepFigures(
+        prefix_cache_queries=queries,
+        prefix_cache_hits=hits,
+        preemptions=preemptions,
+        prompt_tokens_cached=cached,
+        spec_decode_drafts=drafts,
+        spec_decode_draft_tokens=draft_tokens,
+        spec_decode_accepted_tokens=accepted,
+        finished=finished,
+    )
 
 
 def _unexposed_prometheus_logger() -> Any:
@@ -378,6 +436,7 @@ class VLLMEngine:
         args: argparse.Namespace,
         *,
         env: Mapping[str, str] | None = None,
+        figures: EngineFigureSink | None = None,
     ) -> None:
         self.spec = spec
         self._args = args
@@ -387,7 +446,7 @@ class VLLMEngine:
         self._app: Any = None  # vLLM's own FastAPI app for this engine (``vllm serve``'s)
         self._routes: frozenset[str] = frozenset()
         self._card: dict[str, Any] | None = None  # this model in vLLM's /v1/models
-        self._stats = _StatsRecorder()
+        self._stats = _StatsRecorder(spec.name, figures)
         self._request_types: dict[Endpoint, TypeAdapter[Any]] = {}
         self._sleep_level = 0  # 0 awake, else the level vLLM was put to sleep at
         self._weights_folder: str | None = None  # where a hub model's weights were downloaded

@@ -64,6 +64,9 @@ class SupervisorLimits:
     default_memory_share: float = 0.9  # GPU share for a model that declares no memory
     cpu_default_model_gib: float = 2.0  # CPU memory for a model that declares no memory
     max_queue: int = 512  # requests in flight or waiting per model, unless the model says
+    # A model loaded (or woken) less than this ago is not evicted for another: without it, two
+    # on-demand models could evict each other in a loop and keep the devices busy loading.
+    min_resident_seconds: float = 30.0
 
 
 @dataclass
@@ -77,6 +80,7 @@ class ModelHandle:
     in_flight: int = 0
     waiting: int = 0  # requests waiting for the model to load or wake
     last_used: float = field(default_factory=time.monotonic)
+    ready_since: float = 0.0  # monotonic time of its last load or wake; eviction waits on it
     last_error: str | None = None
     load_seconds: float | None = None
     failures: int = 0

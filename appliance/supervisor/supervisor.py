@@ -19,6 +19,7 @@ from appliance.catalogue.schema import ModelSpec
 from appliance.engines.base import Engine
 from appliance.errors import (
     ApplianceError,
+    EvictionTooSoonError,
     InsufficientResourcesError,
     LifecycleError,
     ModelDrainingError,
@@ -209,13 +210,13 @@ class Supervisor:
             cancelled = not isinstance(exc, Exception)
             handle.last_error = "load cancelled" if cancelled else str(exc)
             # Nothing broke when a load is cancelled or the model does not fit now.
-            no_room = isinstance(exc, InsufficientResourcesError)
+            no_room = isinstance(exc, (InsufficientResourcesError, EvictionTooSoonError))
             target = S.UNLOADED if cancelled or no_room else S.FAILED
             handle.lifecycle.swap(S.LOADING, target, handle.last_error)
             raise
         handle.engine = engine
         handle.load_seconds = time.monotonic() - started
-        handle.last_used = time.monotonic()
+        handle.last_used = handle.ready_since = time.monotonic()
         handle.last_error = None
         handle.failures = 0
         handle.lifecycle.swap(S.LOADING, S.READY, f"loaded in {handle.load_seconds:.1f}s")
@@ -240,14 +241,38 @@ class Supervisor:
     def _plan(self, handle: ModelHandle, demand: Demand) -> tuple[Allocation, list[str]]:
         """Where ``demand`` would go now, and what would be evicted for it; changes nothing.
 
-        Ready and sleeping evictable models may be evicted.
+        Ready and sleeping evictable models may be evicted, once they have been resident for
+        ``min_resident_seconds``. When only younger ones stand in the way, the answer is a 503
+        with Retry-After for when they may go, not a 507: the model will fit then.
         """
-        evictable = {
-            h.name: h.last_used
+        now = time.monotonic()
+        minimum = self.limits.min_resident_seconds
+        candidates = [
+            h
             for h in self._models.values()
             if h.spec.evictable and h.state in (S.READY, S.SLEEPING) and h.name != handle.name
-        }
-        return self.capacity.plan(demand, self._allocations(handle.name), evictable)
+        ]
+        allocations = self._allocations(handle.name)
+        settled = {h.name: h.last_used for h in candidates if now - h.ready_since >= minimum}
+        try:
+            return self.capacity.plan(demand, allocations, settled)
+        except PlacementError:
+            if len(settled) == len(candidates):
+                raise
+            # Raises PlacementError again when even evicting the young ones would not help.
+            _, victims = self.capacity.plan(
+                demand, allocations, {h.name: h.last_used for h in candidates}
+            )
+        young = {h.name: h for h in candidates if h.name not in settled}
+        waits = [minimum - (now - young[v].ready_since) for v in victims if v in young]
+        wait = max(1.0, *waits)
+        names = ", ".join(repr(v) for v in sorted(victims) if v in young)
+        raise EvictionTooSoonError(
+            f"model {handle.name!r} needs the room of {names}, loaded less than "
+            f"{minimum:g}s ago (models stay loaded that long before they can be "
+            f"evicted); retry in {wait:.0f}s",
+            retry_after=wait,
+        )
 
     async def load(self, name: str) -> ModelHandle:
         """Load ``name`` (or wait for the load under way); return its handle once ready."""
@@ -355,7 +380,7 @@ class Supervisor:
             # Checked before the state changes (nothing awaits in between): a wake that
             # cannot get its memory back leaves the model asleep, and says why.
             self._plan(handle, demand)
-        except PlacementError as exc:
+        except (PlacementError, EvictionTooSoonError) as exc:
             handle.last_error = f"cannot wake: {exc.message}"
             raise
         handle.lifecycle.swap(S.SLEEPING, S.LOADING, reason)
@@ -372,7 +397,7 @@ class Supervisor:
             raise
         handle.sleep_level = 0
         handle.host_gib = 0.0
-        handle.last_used = time.monotonic()
+        handle.last_used = handle.ready_since = time.monotonic()
         handle.lifecycle.swap(S.LOADING, S.READY, f"awake in {time.monotonic() - started:.1f}s")
 
     # -- unloading -------------------------------------------------------------------------
@@ -470,6 +495,10 @@ class Supervisor:
                 await asyncio.wait({load}, timeout=self.limits.load_wait_seconds)
             finally:
                 handle.waiting -= 1
+            if load.done() and not load.cancelled():
+                refused = load.exception()
+                if isinstance(refused, EvictionTooSoonError):
+                    raise refused  # says when to retry, where "not loaded" would not
         engine = handle.engine
         if handle.state is not S.READY or engine is None:
             raise self._not_ready(handle)

@@ -62,7 +62,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppliancePro
     proc = ApplianceProcess(
         workdir, [tiny_chat(MODEL, engine={"max_model_len": 2048, "dtype": "float32"})]
     )
-    proc.start("--api-keys", str(keys))
+    proc.start("--api-keys", str(keys), "--engine-metrics")
     yield proc
     proc.stop()
 
@@ -221,6 +221,43 @@ def bodies(content_key: str, content: st.SearchStrategy[Any]) -> st.SearchStrate
         optional=FIELDS,
     )
     return st.one_of(base, base, base, JSON_VALUES)
+
+
+def test_engine_metrics_expose_vllms_figures(appliance: ApplianceProcess) -> None:
+    """--engine-metrics: vLLM's own per-step figures, labelled by model, on /metrics."""
+    client = OpenAI(base_url=f"{appliance.url}/v1", api_key=USER, max_retries=0)
+    before = scrape(appliance)
+    # The same long prompt four times: the later ones find its blocks in the prefix cache.
+    prompt = "the same words every time, long enough to fill a few cache blocks. " * 12
+    for _ in range(4):
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=3, extra_body={"ignore_eos": True}
+        )
+
+    def delta(samples: dict[Any, float], name: str, **labels: str) -> float:
+        return value(samples, name, model=MODEL, **labels) - value(
+            before, name, model=MODEL, **labels
+        )
+
+    after: dict[Any, float] = {}
+
+    def counted() -> bool:
+        after.update(scrape(appliance))
+        return delta(after, "appliance_vllm_request_queue_time_seconds_count") >= 4
+
+    # vLLM hands the finished requests' stats to its loggers on the step after the last token.
+    wait_until(counted, "vLLM's figures for the four requests on /metrics")
+    assert delta(after, "appliance_vllm_request_queue_time_seconds_count") == 4
+    assert delta(after, "appliance_vllm_request_prefill_time_seconds_count") == 4
+    assert delta(after, "appliance_vllm_request_decode_time_seconds_count") == 4
+    assert delta(after, "appliance_vllm_request_success_total", finished_reason="length") == 4
+    queried = delta(after, "appliance_vllm_prefix_cache_queries_total")
+    hits = delta(after, "appliance_vllm_prefix_cache_hits_total")
+    assert queried >= 4 * 100  # every prompt token is looked up (about 160 per prompt)
+    assert 0 < hits < queried  # the first prompt misses, the three after it hit
+    assert delta(after, "appliance_vllm_prompt_tokens_cached_total") == hits
+    labelled = {dict(labels).get("model") for name, labels in after if "_vllm_" in name}
+    assert labelled == {MODEL}
 
 
 TEXTS = st.one_of(st.text(max_size=60), JSON_VALUES)

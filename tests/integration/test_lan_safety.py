@@ -141,8 +141,12 @@ def box(tmp_path_factory: pytest.TempPathFactory, backend: _Server) -> Iterator[
     keys.chmod(0o600)
     garbage = {"name": "garbage", "backend_url": f"http://127.0.0.1:{backend.server_port}"}
     lazy = tiny_chat("lazy", arch="gpt2", autoload=False, load_on_demand=True, evictable=True)
-    proc = ApplianceProcess(workdir, [tiny_chat(), garbage, lazy])
-    proc.start("--api-keys", str(keys), "--host", "0.0.0.0")
+    # Room for tiny-chat and one of the two on-demand models (1 GiB each), not both.
+    rival = tiny_chat(
+        "lazy-rival", arch="gpt2", autoload=False, load_on_demand=True, evictable=True
+    )
+    proc = ApplianceProcess(workdir, [tiny_chat(), garbage, lazy, rival])
+    proc.start("--api-keys", str(keys), "--host", "0.0.0.0", "--cpu-memory-gib", "2")
     yield proc
     proc.stop()
 
@@ -273,6 +277,36 @@ def test_a_key_that_may_not_load_cannot_start_a_load(lan: str, box: AppliancePro
     assert states["lazy"] == "unloaded"
     with outsider(lan, box, NO_LOAD) as client:  # a loaded model still serves this key
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_a_user_key_cannot_make_two_models_evict_each_other(
+    lan: str, box: ApplianceProcess
+) -> None:
+    lazy = {**CHAT, "model": "lazy"}
+    rival = {**CHAT, "model": "lazy-rival"}
+    with outsider(lan, box, USER) as client:
+        answers: list[httpx.Response] = []
+
+        def lazy_answers() -> bool:  # 503 model_loading while the on-demand load runs
+            answers.append(client.post("/v1/chat/completions", json=lazy))
+            return answers[-1].status_code != 503
+
+        wait_until(lazy_answers, "lazy loaded on demand", timeout=240)
+        assert answers[-1].status_code == 200, answers[-1].text
+        # The rival fits only if lazy goes; lazy was loaded moments ago, so it stays.
+        refused = client.post("/v1/chat/completions", json=rival)
+        assert refused.status_code == 503, refused.text
+        assert 1 <= int(refused.headers["retry-after"]) <= 30
+        error = refused.json()["error"]
+        assert error["code"] == "eviction_too_soon" and "'lazy'" in error["message"]
+        assert client.post("/v1/chat/completions", json=lazy).status_code == 200
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    states = {m["name"]: m["state"] for m in httpx.get(f"{box.url}/admin/models").json()["data"]}
+    assert (states["lazy"], states["lazy-rival"], states["tiny-chat"]) == (
+        "ready",
+        "unloaded",
+        "ready",
+    )
 
 
 # --- remote backends are untrusted -----------------------------------------------------------

@@ -115,6 +115,7 @@ def key_series(appliance: ApplianceProcess) -> dict[tuple[str, str, str], float]
     """The per-key counters of /metrics as {(name, key, model): value}."""
     text = httpx.get(f"{appliance.url}/metrics", timeout=30).text
     assert "_created" not in text
+    assert "appliance_vllm_" not in text  # vLLM's engine figures only with --engine-metrics
     return {
         (s.name, s.labels["key"], s.labels["model"]): s.value
         for family in text_string_to_metric_families(text)

@@ -25,7 +25,11 @@ from appliance.supervisor.supervisor import Supervisor
 T = TypeVar("T")
 S = ModelState
 LIMITS = SupervisorLimits(
-    load_wait_seconds=2.0, drain_seconds=1.0, restart_max_tries=0, watch_interval_seconds=0.05
+    load_wait_seconds=2.0,
+    drain_seconds=1.0,
+    restart_max_tries=0,
+    watch_interval_seconds=0.05,
+    min_resident_seconds=0.0,  # eviction tests here are about which model goes, not when
 )
 
 

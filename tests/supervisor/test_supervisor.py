@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from appliance.catalogue.schema import ModelSpec
 from appliance.engines.base import EngineStats, JSONReply
 from appliance.errors import (
+    EvictionTooSoonError,
     InsufficientResourcesError,
     LifecycleError,
     ModelDrainingError,
@@ -120,6 +122,7 @@ LIMITS = SupervisorLimits(
     restart_max_tries=2,
     restart_backoff_seconds=0.05,
     watch_interval_seconds=0.02,
+    min_resident_seconds=0.0,  # the eviction tests below are about which model goes, not when
 )
 
 
@@ -324,6 +327,59 @@ def test_evictable_models_make_room_least_recently_used_first() -> None:
         assert sup.get("c").evicted == ["old"]
 
     run(body, budget=8.0)
+
+
+def test_a_model_loaded_moments_ago_is_not_evicted_for_another() -> None:
+    async def body(sup: Supervisor, maker: FakeMaker, rec: Recorder) -> None:
+        await sup.start([spec("a", evictable=True), spec("b", evictable=True, autoload=False)])
+        await sup.wait_autoload()
+        with pytest.raises(EvictionTooSoonError) as caught:
+            await sup.load("b")
+        # A 503 that says when the room frees up, not a 507: b fits once a has stayed its time.
+        assert caught.value.status_code == 503
+        assert caught.value.retry_after is not None and 50 <= caught.value.retry_after <= 60
+        assert "'a'" in caught.value.message and "60s" in caught.value.message
+        assert sup.get("b").state is S.UNLOADED and sup.get("a").state is S.READY
+        assert rec.evictions == []
+        # Once a has been loaded for the minimum time, the same load evicts it.
+        sup.get("a").ready_since -= 60
+        await sup.load("b")
+        assert rec.evictions == ["a"] and sup.get("b").state is S.READY
+        # b was just loaded: a load of a now may not evict it back (no ping-pong).
+        with pytest.raises(EvictionTooSoonError):
+            await sup.load("a")
+        assert sup.get("b").state is S.READY and rec.evictions == ["a"]
+
+    run(body, budget=6.0, limits=replace(LIMITS, min_resident_seconds=60.0))
+
+
+def test_a_request_that_would_evict_a_young_model_is_told_when_to_retry() -> None:
+    async def body(sup: Supervisor, maker: FakeMaker, rec: Recorder) -> None:
+        on_demand = {"evictable": True, "autoload": False, "load_on_demand": True}
+        await sup.start([spec("a", **on_demand), spec("b", **on_demand)])
+        async with sup.acquire("a"):
+            pass
+        with pytest.raises(EvictionTooSoonError) as caught:
+            async with sup.acquire("b"):
+                pass
+        assert caught.value.retry_after is not None and caught.value.retry_after > 50
+        assert sup.get("a").state is S.READY and sup.get("b").state is S.UNLOADED
+
+    run(body, budget=6.0, limits=replace(LIMITS, min_resident_seconds=60.0))
+
+
+def test_young_models_that_would_not_make_room_anyway_give_a_507() -> None:
+    async def body(sup: Supervisor, maker: FakeMaker, rec: Recorder) -> None:
+        big = ModelSpec.model_validate(
+            {"name": "big", "source": "org/big", "autoload": False, "resources": {"memory_gib": 9}}
+        )
+        await sup.start([spec("a", evictable=True), big])
+        await sup.wait_autoload()
+        with pytest.raises(InsufficientResourcesError):
+            await sup.load("big")
+        assert sup.get("a").state is S.READY and rec.evictions == []
+
+    run(body, budget=8.0, limits=replace(LIMITS, min_resident_seconds=60.0))
 
 
 def test_keep_alive_unloads_an_idle_model() -> None:
