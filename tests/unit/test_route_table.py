@@ -92,7 +92,7 @@ def test_every_vllm_route_is_mounted_or_listed_as_not_mounted(
         for method, path in sorted(routes):
             assert (method, path) in mounted or path in NOT_MOUNTED, (
                 f"vLLM registers {method} {path} for a {kind} model: mount it "
-                "(appliance/api/route_table.py) or say why not in NOT_MOUNTED"
+                "(appliance/engines/route_table.py) or say why not in NOT_MOUNTED"
             )
 
 
