@@ -206,6 +206,39 @@ def _prompt_of(body: dict[str, Any]) -> str:
 QuotaCheck = Callable[[str | None], None]
 
 
+def admit_model_request(
+    request: Request,
+    body: dict[str, Any],
+    router: Router,
+    *,
+    load_gate: LoadGate | None,
+    check_quota: QuotaCheck | None,
+) -> tuple[str, str]:
+    """What every model route checks before it borrows an engine, for ``body``'s ``model``:
+    the caller's key may use it (by any of its names), may start a load it would start, and
+    is within its quota. Returns ``(model, entry)``: the name the engine serves it under (an
+    alias becomes its model's name, as ``vllm serve --served-model-name NAME ALIAS`` answers;
+    an adapter keeps its own), used for labels, usage and the engine; and the table entry
+    whose engine, load gate and queue it uses. An unknown name passes through: the route's
+    engine lookup answers 404."""
+    info = request_info(request.scope)
+    asked = _model_of(body)
+    info.model = asked
+    target = router.target_of(asked)
+    check_model_allowed(request.scope, asked, target.names if target else ())
+    model = target.served_as if target else asked
+    entry = target.entry if target else asked
+    info.model = model
+    # Remote engines name their backend and quote its errors only to admins.
+    request.scope[DETAIL_SCOPE] = caller_is_admin(request.scope)
+    if load_gate is not None:
+        load_gate.check(entry, may_load=may_load_on_demand(request.scope))
+    if check_quota is not None:
+        identity = request.scope.get(KEY_SCOPE)
+        check_quota(identity.name if identity is not None else None)
+    return model, entry
+
+
 def build_openai_router(
     router: Router,
     metrics: Metrics,
@@ -226,24 +259,10 @@ def build_openai_router(
         info = request_info(request.scope)
         info.endpoint = endpoint.value
         body = await read_json_object(request)
-        asked = _model_of(body)
-        info.model = asked
-        target = router.target_of(asked)  # None when no entry answers to it: 404 below
-        check_model_allowed(request.scope, asked, target.names if target else ())
-        # From here on the name the engine serves it under (an alias becomes its model's name,
-        # as vllm serve --served-model-name NAME ALIAS answers; an adapter keeps its own):
-        # labels, usage and what the engine sees. The gate and the queue are the model's.
-        model = target.served_as if target else asked
-        entry = target.entry if target else asked
-        info.model = model
+        model, entry = admit_model_request(
+            request, body, router, load_gate=load_gate, check_quota=check_quota
+        )
         body["model"] = model
-        # Remote engines name their backend and quote its errors only to admins.
-        request.scope[DETAIL_SCOPE] = caller_is_admin(request.scope)
-        if load_gate is not None:
-            load_gate.check(entry, may_load=may_load_on_demand(request.scope))
-        if check_quota is not None:
-            identity = request.scope.get(KEY_SCOPE)
-            check_quota(identity.name if identity is not None else None)
         if log_prompts:
             info.extra["prompt"] = _prompt_of(body)
         info.stream = bool(body.get("stream")) and endpoint is not Endpoint.EMBEDDINGS

@@ -19,11 +19,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from appliance.api.auth import (
-    KEY_SCOPE,
     Role,
     caller_is_admin,
-    check_model_allowed,
-    may_load_on_demand,
     model_allowed,
     require_role,
 )
@@ -32,16 +29,15 @@ from appliance.api.openai_routes import (
     _DOC_BODY,
     CLIENT_CLOSED_REQUEST,
     QuotaCheck,
-    _model_of,
     _prompt_of,
     _ReleasingStream,
     _until_disconnect,
     _watch_stream,
+    admit_model_request,
     read_json_object,
 )
 from appliance.engines.asgi_call import content_type
 from appliance.engines.base import Engine, JSONReply, Reply, RouteCall, StreamReply, Usage
-from appliance.engines.remote import DETAIL_SCOPE
 from appliance.engines.route_table import (
     ENGINE_ROUTES,
     RESPONSE_ID_ROUTES,
@@ -159,25 +155,12 @@ def build_vllm_router(
         info.endpoint = endpoint_label(route.path)
         body = await read_json_object(request)
         raw = await request.body()
-        asked = _model_of(body)
-        info.model = asked
-        target = router.target_of(asked)  # None when no entry answers to it: 404 below
-        check_model_allowed(request.scope, asked, target.names if target else ())
-        # As on /v1: the name the engine serves it under (an alias becomes its model's name,
-        # an adapter keeps its own) for labels, usage and the engine; the gate is the entry's.
-        model = target.served_as if target else asked
-        entry = target.entry if target else asked
-        info.model = model
-        if model != asked:
+        model, entry = admit_model_request(
+            request, body, router, load_gate=load_gate, check_quota=check_quota
+        )
+        if model != body["model"]:  # an alias: the engine knows the model by its name
             body["model"] = model
             raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        # Remote engines name their backend and quote its errors only to admins.
-        request.scope[DETAIL_SCOPE] = caller_is_admin(request.scope)
-        if load_gate is not None:
-            load_gate.check(entry, may_load=may_load_on_demand(request.scope))
-        if check_quota is not None:
-            identity = request.scope.get(KEY_SCOPE)
-            check_quota(identity.name if identity is not None else None)
         if log_prompts:
             info.extra["prompt"] = _prompt_of(body)
         info.stream = body.get("stream") is True
