@@ -306,7 +306,13 @@ class LocalModelSpec(_EntryBase):
     @classmethod
     def _needs_a_source(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            if data.get("source") is None and data.get("backend_url") is None:
+            known = set(cls.model_fields) | set(REMOTE_ONLY_FIELDS)
+            if (
+                data.get("source") is None
+                and data.get("backend_url") is None
+                # With an unknown field (a misspelt source, say) both errors are reported.
+                and set(data) <= known
+            ):
                 raise ValueError(_EXACTLY_ONE)
             if "backend_url" in data and data["backend_url"] is None:
                 data = {k: v for k, v in data.items() if k != "backend_url"}

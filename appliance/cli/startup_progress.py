@@ -16,6 +16,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from appliance.catalogue.schema import RemoteModelSpec
 from appliance.supervisor.handle import ModelHandle
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
@@ -55,6 +56,8 @@ def render(supervisor: Supervisor, now: float | None = None) -> RenderableType:
     for _ in range(4):
         table.add_column()
     for handle in supervisor.handles():
+        if isinstance(handle.spec, RemoteModelSpec):
+            continue  # a remote backend has nothing to load here
         if handle.spec.autoload or handle.state is not ModelState.UNLOADED:
             table.add_row(*_line(handle, moment))
     return Group(Text("loading models", style="bold"), table)

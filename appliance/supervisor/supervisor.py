@@ -7,6 +7,12 @@ states, metrics). For local models it also places them on devices, loads and unl
 ``keep_alive``; it follows remote backends' health as their state; and it applies a changed
 catalogue without touching what did not change. Every state change goes through
 ``Lifecycle.swap`` and is logged and reported to the observer.
+
+What the HTTP side uses of it is kept narrow and plain data, so the owner can later live in
+another process than the HTTP workers: resolve a name (``target_of``, ``model_named``),
+borrow and give back (``acquire``), read status (``describe``, ``state_of``,
+``adapters_of``) and ask for lifecycle changes (``load``, ``unload``, ``sleep``, ``wake``,
+``load_adapter``, ``unload_adapter``), all by name.
 """
 
 from __future__ import annotations
@@ -1013,7 +1019,7 @@ class Supervisor:
             *(
                 self.unload(h.name, reason="appliance shutting down")
                 for h in self._models.values()
-                if h.state is not S.UNLOADED
+                if h.local is not None and h.state is not S.UNLOADED
             ),
             return_exceptions=True,
         )

@@ -393,3 +393,12 @@ def test_adapters_are_names_that_clash_with_nothing() -> None:
         models:
           - {name: base, source: c/d, engine: {lora_modules: ["a=/x"]}}
     """)
+
+
+def test_a_misspelt_source_is_named() -> None:
+    message = error_of("""
+        models:
+          - name: alpha
+            sorce: org/model
+    """)
+    assert "model 'alpha'" in message and "unknown field 'sorce'" in message

@@ -68,6 +68,17 @@ def test_lines_per_state() -> None:
     assert "spare" not in text  # not autoloaded and not loading: nothing to show
 
 
+def test_remote_entries_are_not_drawn() -> None:
+    from appliance.catalogue.schema import RemoteModelSpec
+
+    far = RemoteModelSpec(name="far", backend_url="http://box-a:8000")
+    supervisor = FakeSupervisor(
+        [FakeHandle("chat", ModelState.LOADING), FakeHandle("far", ModelState.READY, spec=far)]  # type: ignore[arg-type]
+    )
+    text = text_of(render(supervisor, now=142.0))  # type: ignore[arg-type]
+    assert "chat loading" in text and "far" not in text
+
+
 def test_draws_until_the_autoload_ends() -> None:
     handle = FakeHandle("chat", ModelState.LOADING)
     supervisor = FakeSupervisor([handle])
