@@ -47,6 +47,7 @@ class EngineMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[str, _ModelChildren] = {}
         r = registry
 
         def counter(name: str, doc: str, *labels: str) -> Counter:
@@ -90,21 +91,41 @@ class EngineMetrics:
 
     def record_engine_step(self, model: str, figures: EngineStepFigures) -> None:
         """Account one engine step of ``model`` (a catalogue name: the label set stays bounded)."""
-        increments = (
-            (self.prefix_cache_queries, figures.prefix_cache_queries),
-            (self.prefix_cache_hits, figures.prefix_cache_hits),
-            (self.prompt_tokens_cached, figures.prompt_tokens_cached),
-            (self.preemptions, figures.preemptions),
-            (self.spec_drafts, figures.spec_decode_drafts),
-            (self.spec_draft_tokens, figures.spec_decode_draft_tokens),
-            (self.spec_accepted, figures.spec_decode_accepted_tokens),
-        )
-        for metric, amount in increments:
+        children = self._children.get(model)
+        if children is None:
+            children = self._children[model] = _ModelChildren(self, model)
+        for child, amount in (
+            (children.prefix_cache_queries, figures.prefix_cache_queries),
+            (children.prefix_cache_hits, figures.prefix_cache_hits),
+            (children.prompt_tokens_cached, figures.prompt_tokens_cached),
+            (children.preemptions, figures.preemptions),
+            (children.spec_drafts, figures.spec_decode_drafts),
+            (children.spec_draft_tokens, figures.spec_decode_draft_tokens),
+            (children.spec_accepted, figures.spec_decode_accepted_tokens),
+        ):
             if amount > 0:
-                metric.labels(model=model).inc(amount)
+                child.inc(amount)
         for done in figures.finished:
             self.request_success.labels(model=model, finished_reason=done.finish_reason).inc()
-            self.queue_time.labels(model=model).observe(done.queued)
-            self.prefill_time.labels(model=model).observe(done.prefill)
-            self.decode_time.labels(model=model).observe(done.decode)
-            self.inference_time.labels(model=model).observe(done.inference)
+            children.queue_time.observe(done.queued)
+            children.prefill_time.observe(done.prefill)
+            children.decode_time.observe(done.decode)
+            children.inference_time.observe(done.inference)
+
+
+class _ModelChildren:
+    """One model's labelled series, looked up once: ``labels()`` validates and locks on every
+    call, and steps come many times a second per engine."""
+
+    def __init__(self, metrics: EngineMetrics, model: str) -> None:
+        self.prefix_cache_queries = metrics.prefix_cache_queries.labels(model=model)
+        self.prefix_cache_hits = metrics.prefix_cache_hits.labels(model=model)
+        self.prompt_tokens_cached = metrics.prompt_tokens_cached.labels(model=model)
+        self.preemptions = metrics.preemptions.labels(model=model)
+        self.spec_drafts = metrics.spec_drafts.labels(model=model)
+        self.spec_draft_tokens = metrics.spec_draft_tokens.labels(model=model)
+        self.spec_accepted = metrics.spec_accepted.labels(model=model)
+        self.queue_time = metrics.queue_time.labels(model=model)
+        self.prefill_time = metrics.prefill_time.labels(model=model)
+        self.decode_time = metrics.decode_time.labels(model=model)
+        self.inference_time = metrics.inference_time.labels(model=model)
