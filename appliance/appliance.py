@@ -36,7 +36,7 @@ from appliance.errors import ConfigError
 from appliance.hub.fetcher import HubFetcher
 from appliance.metrics import Metrics
 from appliance.router import Router
-from appliance.settings import Settings
+from appliance.settings import Settings, default_http_workers
 from appliance.supervisor.capacity import HostCapacity
 from appliance.supervisor.handle import EngineMaker
 from appliance.supervisor.inventory import DeviceKind, GpuMonitor, Inventory, detect_inventory
@@ -134,6 +134,12 @@ class Appliance:
         )
         self.gpus = GpuMonitor()
         on_gpu = self.inventory.kind is DeviceKind.GPU
+        self.workers = settings.workers or default_http_workers(
+            len(self.inventory.devices) if on_gpu else 0, os.cpu_count() or 1
+        )
+        if factory is not None:
+            # Every HTTP worker holds its own client of each engine core (issue 16).
+            factory.clients = self.workers
         self.catalogue = Catalogue(config.models, CatalogueSource.FILE)
         self.metrics = Metrics(
             catalogue=self.catalogue,

@@ -92,7 +92,26 @@ class Settings(BaseModel):
     list_aliases: bool = Field(
         False, description="List each model alias in GET /v1/models as a model of its own."
     )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description=(
+            "HTTP worker processes (the owner is one of them); None: one per GPU, with four "
+            "cores per worker at least (``default_http_workers``)."
+        ),
+    )
 
     def usage_db_path(self) -> Path:
         """Where per-key usage is kept."""
         return self.usage_db or self.config_path.resolve().parent / "usage.db"
+
+
+CORES_PER_HTTP_WORKER = 4
+"""A worker keeps a core busy at full load, and the engines' schedulers need cores too."""
+
+
+def default_http_workers(gpus: int, cores: int) -> int:
+    """HTTP workers when not told: one per GPU (as ``vllm serve`` defaults its API servers to
+    its data-parallel engines), as far as the cores allow; 1 without GPUs or on a small box."""
+    return max(1, min(gpus, cores // CORES_PER_HTTP_WORKER))

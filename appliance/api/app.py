@@ -14,21 +14,23 @@ from starlette.middleware.cors import CORSMiddleware
 
 from appliance import __version__
 from appliance.api.admin_routes import build_admin_router
-from appliance.api.auth import AuthMiddleware, describe_open
+from appliance.api.auth import AuthMiddleware, describe_open, key_limits_of
 from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.error_handlers import register_error_handlers
+from appliance.api.forwarded import NameTheWorker, TrustWorkers
 from appliance.api.health_routes import build_health_router
 from appliance.api.hub_routes import build_hub_router
 from appliance.api.load_gate import LoadGate
 from appliance.api.metrics_routes import build_metrics_router
 from appliance.api.middleware import RequestContextMiddleware
+from appliance.api.model_access import TableAccess
 from appliance.api.observers import RequestObservers
-from appliance.api.openai_routes import build_openai_router
+from appliance.api.openai_routes import build_model_list_router, build_openai_router
 from appliance.api.peer import local_host_names
 from appliance.api.plan_routes import build_plan_router
 from appliance.api.status_page import StatusPage
 from appliance.api.usage_routes import build_usage_router
-from appliance.api.vllm_routes import build_vllm_router
+from appliance.api.vllm_routes import build_table_routes, build_vllm_router
 from appliance.appliance import Appliance
 from appliance.errors import ApplianceError
 from appliance.settings import Settings
@@ -50,12 +52,16 @@ def create_app(
     startup_view: StartupView | None = None,
     engines: EngineMaker | None = None,
     inventory: Inventory | None = None,
+    worker_token: str | None = None,
+    with_workers: Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]] | None = None,
 ) -> FastAPI:
     """Build the appliance (validating the catalogue) and its HTTP app.
 
     Engines start in the app's lifespan, not here, so building the app is cheap and fails
     fast on a bad configuration. ``engines`` and ``inventory`` replace vLLM's engine maker and
     the detected devices (fast tests of the HTTP layer run the routes on a test engine).
+    With HTTP workers (``appliance up --workers``), ``with_workers`` runs them while the
+    engines are up, and ``worker_token`` is what their passed-on requests carry.
     """
     core = appliance or Appliance(settings, engines=engines, inventory=inventory)
 
@@ -92,7 +98,8 @@ def create_app(
         announcer = asyncio.create_task(announce_ready())
         viewer = asyncio.create_task(startup_view(core.supervisor)) if startup_view else None
         try:
-            yield
+            async with with_workers(app) if with_workers else contextlib.nullcontext():
+                yield
         finally:
             announcer.cancel()
             if viewer is not None:
@@ -111,32 +118,24 @@ def create_app(
     # One gate for every model route: its caps count on-demand loads whatever route asked.
     load_gate = LoadGate(core.router, settings.on_demand)
     app.include_router(build_health_router(core.supervisor))
-    app.include_router(
-        build_openai_router(
-            core.router,
-            core.metrics,
-            log_prompts=settings.log_prompts,
-            check_quota=core.usage.check_quota,
-            load_gate=load_gate,
-            list_aliases=settings.list_aliases,
-        )
+    access = TableAccess(
+        core.router, core.metrics, load_gate=load_gate, check_quota=core.usage.check_quota
     )
-    app.include_router(
-        build_vllm_router(
-            core.router,
-            core.metrics,
-            log_prompts=settings.log_prompts,
-            check_quota=core.usage.check_quota,
-            load_gate=load_gate,
-        )
-    )
+    # One set of key limits, shared with the HTTP workers' admissions.
+    key_limits = key_limits_of(settings.auth)
+    app.state.model_access = access
+    app.state.key_limits = key_limits
+    app.include_router(build_openai_router(access, core.metrics, log_prompts=settings.log_prompts))
+    app.include_router(build_model_list_router(core.router, list_aliases=settings.list_aliases))
+    app.include_router(build_vllm_router(access, core.metrics, log_prompts=settings.log_prompts))
+    app.include_router(build_table_routes(core.router, core.metrics))
     app.include_router(build_admin_router(core))
     app.include_router(build_hub_router(core))
     app.include_router(build_plan_router(core))
     app.include_router(build_usage_router(core.usage))
     app.include_router(build_metrics_router(core.metrics))
     # Added first, so it runs inside the request-context middleware (ids and access log).
-    app.add_middleware(AuthMiddleware, config=settings.auth)
+    app.add_middleware(AuthMiddleware, config=settings.auth, limits=key_limits)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -161,4 +160,8 @@ def create_app(
         body_timeout=settings.body_timeout_seconds,
         observer=RequestObservers([core.metrics, core.usage]),
     )
+    if core.workers > 1:
+        app.add_middleware(NameTheWorker, index=0)
+    # Outermost: only a worker of ours may say which client a passed-on request came from.
+    app.add_middleware(TrustWorkers, token=worker_token)
     return app

@@ -280,11 +280,37 @@ class _Entry:
     limits: KeyLimits
 
 
+def key_limits_of(config: AuthConfig, *, clock: Clock = time.monotonic) -> dict[str, KeyLimits]:
+    """Each key's rate and concurrency limits, by key name: one set for the whole appliance
+    (HTTP workers take their slots from the owner's set, over the control channel)."""
+    return {
+        key.name: KeyLimits(
+            requests_per_minute=key.requests_per_minute,
+            max_concurrent=key.max_concurrent,
+            clock=clock,
+        )
+        for key in config.keys
+    }
+
+
 class AuthMiddleware:
     """Bearer-key check, role check and per-key limits, in front of every non-public route."""
 
-    def __init__(self, app: ASGIApp, *, config: AuthConfig, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        config: AuthConfig,
+        clock: Clock = time.monotonic,
+        limits: Mapping[str, KeyLimits] | None = None,
+        slots_elsewhere: bool = False,
+    ) -> None:
+        """``limits``: the keys' limits (default: a set of this middleware's own);
+        ``slots_elsewhere``: an HTTP worker's middleware, whose requests take their key's
+        slot with their model lease from the owner (``appliance.workers``), not here."""
         self.app = app
+        limits = limits if limits is not None else key_limits_of(config, clock=clock)
+        self._slots_here = not slots_elsewhere
         # Hashed once here: requests are compared by digest, in time independent of the key.
         self._entries = [
             _Entry(
@@ -295,11 +321,7 @@ class AuthMiddleware:
                     models=frozenset(key.models) if key.models is not None else None,
                     may_load=key.may_load,
                 ),
-                limits=KeyLimits(
-                    requests_per_minute=key.requests_per_minute,
-                    max_concurrent=key.max_concurrent,
-                    clock=clock,
-                ),
+                limits=limits[key.name],
             )
             for key in config.keys
         ]
@@ -331,6 +353,10 @@ class AuthMiddleware:
             await self._refuse(scope, receive, send, self._access.refusal(identity, needed, scope))
             return
         if entry is None:
+            await self.app(scope, receive, send)
+            return
+        if not self._slots_here:
+            scope[KEY_SCOPE] = entry.identity
             await self.app(scope, receive, send)
             return
         wait = entry.limits.try_acquire()

@@ -11,29 +11,20 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from appliance.api.auth import (
-    KEY_SCOPE,
-    Role,
-    caller_is_admin,
-    check_model_allowed,
-    may_load_on_demand,
-    model_allowed,
-    require_role,
-)
-from appliance.api.load_gate import LoadGate
+from appliance.api.auth import Role, caller_is_admin, model_allowed, require_role
+from appliance.api.model_access import ModelAccess
 from appliance.api.model_cards import vllm_card_fields
 from appliance.api.stream_usage import USAGE_MARK, ask_for_usage, hide_usage, usage_of_event
 from appliance.catalogue.schema import RemoteModelSpec
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
-from appliance.engines.remote import DETAIL_SCOPE
-from appliance.errors import ApplianceError, InvalidRequestError, ModelFailedError
+from appliance.errors import ApplianceError, InvalidRequestError
 from appliance.metrics import Metrics
 from appliance.request_info import RequestInfo, request_info
 from appliance.router import Router
@@ -59,7 +50,6 @@ _DOC_BODY = {
 MAX_JSON_DEPTH = 64
 """Deepest nesting of a request body; far beyond any real request, well short of the
 recursion limits of the parsers and serialisers the body meets later."""
-MAX_MODEL_NAME_CHARS = 256
 _TOO_DEEP = f"the request body is nested deeper than {MAX_JSON_DEPTH} levels"
 
 
@@ -93,18 +83,6 @@ def _nested_deeper_than(value: Any, limit: int) -> bool:
         children = item.values() if isinstance(item, dict) else item
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
     return False
-
-
-def _model_of(body: dict[str, Any]) -> str:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequestError("'model' is required and must be a string", param="model")
-    if len(model) > MAX_MODEL_NAME_CHARS:
-        # Refused before the name reaches the access log, the metrics or an error message.
-        raise InvalidRequestError(
-            f"'model' is longer than {MAX_MODEL_NAME_CHARS} characters", param="model"
-        )
-    return model
 
 
 async def _until_disconnect(coro: Any, request: Request) -> Reply | None:
@@ -203,86 +181,31 @@ def _prompt_of(body: dict[str, Any]) -> str:
     return ""
 
 
-QuotaCheck = Callable[[str | None], None]
-
-
-def admit_model_request(
-    request: Request,
-    body: dict[str, Any],
-    router: Router,
-    *,
-    load_gate: LoadGate | None,
-    check_quota: QuotaCheck | None,
-) -> tuple[str, str]:
-    """What every model route checks before it borrows an engine, for ``body``'s ``model``:
-    the caller's key may use it (by any of its names), may start a load it would start, and
-    is within its quota. Returns ``(model, entry)``: the name the engine serves it under (an
-    alias becomes its model's name, as ``vllm serve --served-model-name NAME ALIAS`` answers;
-    an adapter keeps its own), used for labels, usage and the engine; and the table entry
-    whose engine, load gate and queue it uses. An unknown name passes through: the route's
-    engine lookup answers 404."""
-    info = request_info(request.scope)
-    asked = _model_of(body)
-    info.model = asked
-    target = router.target_of(asked)
-    check_model_allowed(request.scope, asked, target.names if target else ())
-    model = target.served_as if target else asked
-    entry = target.entry if target else asked
-    info.model = model
-    # Remote engines name their backend and quote its errors only to admins.
-    request.scope[DETAIL_SCOPE] = caller_is_admin(request.scope)
-    if load_gate is not None:
-        load_gate.check(entry, may_load=may_load_on_demand(request.scope))
-    if check_quota is not None:
-        identity = request.scope.get(KEY_SCOPE)
-        check_quota(identity.name if identity is not None else None)
-    return model, entry
-
-
 def build_openai_router(
-    router: Router,
+    access: ModelAccess,
     metrics: Metrics,
     *,
     log_prompts: bool = False,
-    check_quota: QuotaCheck | None = None,
-    load_gate: LoadGate | None = None,
-    list_aliases: bool = False,
 ) -> APIRouter:
-    """The ``/v1`` routes, bound to ``router``; prompts reach the log only if ``log_prompts``;
-    ``check_quota`` is given the caller's key name and raises if it is over its quota;
-    ``load_gate`` refuses on-demand loads the caller may not start now; ``list_aliases``:
-    ``GET /v1/models`` lists each alias as a model of its own, as ``vllm serve`` lists every
-    ``--served-model-name``."""
+    """The OpenAI model routes (chat, completions, embeddings); ``access`` admits each request
+    and lends it its engine; prompts reach the log only if ``log_prompts``."""
     api = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_role(Role.USER))])
 
     async def serve(request: Request, endpoint: Endpoint) -> Response:
         info = request_info(request.scope)
         info.endpoint = endpoint.value
         body = await read_json_object(request)
-        model, entry = admit_model_request(
-            request, body, router, load_gate=load_gate, check_quota=check_quota
-        )
-        body["model"] = model
+        lease = await access.lease(request, body, endpoint)
+        body["model"] = lease.model
         if log_prompts:
             info.extra["prompt"] = _prompt_of(body)
         info.stream = bool(body.get("stream")) and endpoint is not Endpoint.EMBEDDINGS
         # Usage is needed for per-key accounting even when the client did not ask for it.
         hidden_usage = info.stream and ask_for_usage(body)
         release = contextlib.AsyncExitStack()
+        release.push_async_callback(lease.release)
         try:
-            waited_from = time.perf_counter()
-            try:
-                engine = await release.enter_async_context(router.engine_for(entry, endpoint))
-            except ModelFailedError as exc:
-                if caller_is_admin(request.scope):
-                    raise
-                # Why an engine failed names paths and internals: the operator's to read.
-                raise ModelFailedError(
-                    f"model {model!r} failed; the operator can see why in the admin API",
-                    retry_after=exc.retry_after,
-                ) from None
-            metrics.observe_queue_wait(model, time.perf_counter() - waited_from)
-            reply = await _until_disconnect(engine.handle(endpoint, body, request), request)
+            reply = await _until_disconnect(lease.engine.handle(endpoint, body, request), request)
         except BaseException:
             await release.aclose()
             raise
@@ -321,6 +244,14 @@ def build_openai_router(
     async def embeddings(request: Request) -> Response:
         """Embeddings of one input or a list of inputs."""
         return await serve(request, Endpoint.EMBEDDINGS)
+
+    return api
+
+
+def build_model_list_router(router: Router, *, list_aliases: bool = False) -> APIRouter:
+    """``GET /v1/models``: the table's models; ``list_aliases``: each alias is listed as a
+    model of its own, as ``vllm serve`` lists every ``--served-model-name``."""
+    api = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_role(Role.USER))])
 
     @api.get("/models", summary="List models")
     async def list_models(request: Request) -> JSONResponse:

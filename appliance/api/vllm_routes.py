@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
@@ -20,20 +19,17 @@ from fastapi.responses import JSONResponse, Response
 
 from appliance.api.auth import (
     Role,
-    caller_is_admin,
     model_allowed,
     require_role,
 )
-from appliance.api.load_gate import LoadGate
+from appliance.api.model_access import ModelAccess
 from appliance.api.openai_routes import (
     _DOC_BODY,
     CLIENT_CLOSED_REQUEST,
-    QuotaCheck,
     _prompt_of,
     _ReleasingStream,
     _until_disconnect,
     _watch_stream,
-    admit_model_request,
     read_json_object,
 )
 from appliance.engines.asgi_call import content_type
@@ -47,7 +43,6 @@ from appliance.engines.route_table import (
 )
 from appliance.errors import (
     ApplianceError,
-    ModelFailedError,
     ModelNotFoundError,
     WrongTaskError,
 )
@@ -137,16 +132,13 @@ def _usage_in_events(chunk: bytes) -> Usage | None:
 
 
 def build_vllm_router(
-    router: Router,
+    access: ModelAccess,
     metrics: Metrics,
     *,
     log_prompts: bool = False,
-    check_quota: QuotaCheck | None = None,
-    load_gate: LoadGate | None = None,
-    version: str | None = None,
 ) -> APIRouter:
-    """The routes of ``route_table.ENGINE_ROUTES`` and ``RESPONSE_ID_ROUTES``, bound to
-    ``router``, and ``/version`` (vLLM's version, ``version``: None reads it when asked)."""
+    """The routes of ``route_table.ENGINE_ROUTES``: ``access`` admits each request and lends
+    it its model's engine."""
     api = APIRouter(tags=["vLLM"])
     user = [Depends(require_role(Role.USER))]
 
@@ -155,9 +147,8 @@ def build_vllm_router(
         info.endpoint = endpoint_label(route.path)
         body = await read_json_object(request)
         raw = await request.body()
-        model, entry = admit_model_request(
-            request, body, router, load_gate=load_gate, check_quota=check_quota
-        )
+        lease = await access.lease(request, body, None)
+        model = lease.model
         if model != body["model"]:  # an alias: the engine knows the model by its name
             body["model"] = model
             raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
@@ -165,21 +156,11 @@ def build_vllm_router(
             info.extra["prompt"] = _prompt_of(body)
         info.stream = body.get("stream") is True
         release = contextlib.AsyncExitStack()
+        release.push_async_callback(lease.release)
         try:
-            asked = time.perf_counter()
-            try:
-                engine = await release.enter_async_context(router.any_engine_for(entry))
-            except ModelFailedError as exc:
-                if caller_is_admin(request.scope):
-                    raise
-                raise ModelFailedError(
-                    f"model {model!r} failed; the operator can see why in the admin API",
-                    retry_after=exc.retry_after,
-                ) from None
-            metrics.observe_queue_wait(model, time.perf_counter() - asked)
-            _check_serves(engine, model, route)
+            _check_serves(lease.engine, model, route)
             call = _route_call(request, route, raw, info.stream)
-            reply = await _until_disconnect(engine.handle_route(call, request), request)
+            reply = await _until_disconnect(lease.engine.handle_route(call, request), request)
         except BaseException:
             await release.aclose()
             raise
@@ -187,6 +168,35 @@ def build_vllm_router(
         if not isinstance(answer, _ReleasingStream):
             await release.aclose()
         return answer
+
+    def add_model_route(route: ModelRoute) -> None:
+        async def endpoint(request: Request) -> Response:
+            return await serve(request, route)
+
+        endpoint.__doc__ = f"{route.summary}: answered by the model's engine as vLLM does."
+        api.add_api_route(
+            route.path,
+            endpoint,
+            methods=[route.method],
+            summary=route.summary,
+            openapi_extra=_DOC_BODY,
+            dependencies=user,
+            response_class=Response,
+        )
+
+    for route in ENGINE_ROUTES:
+        add_model_route(route)
+    return api
+
+
+def build_table_routes(
+    router: Router, metrics: Metrics, *, version: str | None = None
+) -> APIRouter:
+    """The vLLM routes that name no model and so need the whole table: the stored-response
+    routes (``RESPONSE_ID_ROUTES``) and ``/version`` (vLLM's version, ``version``: None reads it
+    when asked)."""
+    api = APIRouter(tags=["vLLM"])
+    user = [Depends(require_role(Role.USER))]
 
     async def serve_stored_response(request: Request, route: ModelRoute) -> Response:
         """A route about a stored response names no model: ask each ready local model that
@@ -231,21 +241,6 @@ def build_vllm_router(
             f"{request.path_params.get('response_id')!r}"
         )
 
-    def add_model_route(route: ModelRoute) -> None:
-        async def endpoint(request: Request) -> Response:
-            return await serve(request, route)
-
-        endpoint.__doc__ = f"{route.summary}: answered by the model's engine as vLLM does."
-        api.add_api_route(
-            route.path,
-            endpoint,
-            methods=[route.method],
-            summary=route.summary,
-            openapi_extra=_DOC_BODY,
-            dependencies=user,
-            response_class=Response,
-        )
-
     def add_response_id_route(route: ModelRoute) -> None:
         async def endpoint(request: Request, response_id: str) -> Response:
             return await serve_stored_response(request, route)
@@ -260,8 +255,6 @@ def build_vllm_router(
             response_class=Response,
         )
 
-    for route in ENGINE_ROUTES:
-        add_model_route(route)
     for route in RESPONSE_ID_ROUTES:
         add_response_id_route(route)
 

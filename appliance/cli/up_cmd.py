@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -130,6 +132,15 @@ def up(
         _DEFAULT["list_aliases"],
         help="List each model alias in GET /v1/models as a model of its own.",
     ),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        max=64,
+        help="HTTP worker processes sharing the port, each a client of every engine "
+        "(request parsing, templating, detokenizing and streaming spread over cores). "
+        "Default: one per GPU, four cores each at least; 1 on a small box.",
+    ),
     engine_metrics: bool = typer.Option(
         _DEFAULT["engine_metrics"],
         "--engine-metrics",
@@ -148,6 +159,7 @@ def up(
     from appliance.admin_key import admin_key_file
     from appliance.api.app import create_app
     from appliance.api.auth import load_auth_config, with_generated_admin_key
+    from appliance.appliance import Appliance
     from appliance.logs import configure_logging
     from appliance.usage.quotas import load_quotas
 
@@ -170,6 +182,7 @@ def up(
         "status_page": status_page,
         "engine_metrics": engine_metrics,
         "list_aliases": list_aliases,
+        "workers": workers,
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib
@@ -199,27 +212,58 @@ def up(
             options["cors_origins"] = cors_origin
         options["quotas"] = load_quotas(quotas)
         settings = Settings.model_validate(options)
-        app = create_app(settings, startup_view=progress)
+        core = Appliance(settings)
+        pool = None
+        if core.workers > 1:
+            from appliance.workers.pool import WorkerPool
+
+            pool = WorkerPool(settings, core.workers, _listen(settings.host, settings.port))
+        app = create_app(
+            settings,
+            core,
+            startup_view=progress,
+            worker_token=pool.token if pool else None,
+            with_workers=pool.running if pool else None,
+        )
     except ConfigError as exc:
         err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        err.print(
+            f"[bold red]error:[/] cannot listen on {host}:{port}: {exc.strerror}",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(2) from None
     # Uvicorn drains and shuts down on SIGTERM/SIGINT, then re-raises the signal with the
     # handlers it found; these make that a clean exit (0) rather than death by signal, since
     # by then the shutdown did finish.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_cleanly)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        loop="uvloop",
-        http="httptools",
-        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+    options_uvicorn: dict[str, Any] = {
+        "log_config": None,
+        "access_log": False,
+        "loop": "uvloop",
+        "http": "httptools",
+        "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
         # Clients on the LAN (the OpenAI SDK pools connections) reuse them between requests;
         # uvicorn's 5 s default closes idle ones so soon that a reuse can race the close.
-        timeout_keep_alive=75,
+        "timeout_keep_alive": 75,
         # Past this many open connections uvicorn answers 503 at once instead of queueing.
-        limit_concurrency=settings.max_connections,
-    )
+        "limit_concurrency": settings.max_connections,
+    }
+    if pool is None:
+        uvicorn.run(app, host=settings.host, port=settings.port, **options_uvicorn)
+    elif not pool.serve(uvicorn.Config(app, **options_uvicorn)):
+        raise typer.Exit(3)  # the app did not start (uvicorn.run's own exit code for it)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket every HTTP process accepts from (workers inherit it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock

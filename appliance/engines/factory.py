@@ -124,6 +124,9 @@ class EngineFactory:
         self._cpu_kv_cache_gib = cpu_kv_cache_gib
         self._figures = figures  # vLLM's engine figures go here when --engine-metrics is on
         self._args = EngineArgsBuilder()
+        # Client processes each engine core serves (``appliance up --workers``); set once the
+        # host's devices are known, before any engine starts.
+        self.clients = 1
 
     @property
     def cuda_build(self) -> bool:

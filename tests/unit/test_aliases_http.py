@@ -14,7 +14,8 @@ from fastapi import FastAPI
 from appliance.api.auth import ApiKey, AuthConfig, AuthMiddleware, Role
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.middleware import RequestContextMiddleware
-from appliance.api.openai_routes import build_openai_router
+from appliance.api.model_access import TableAccess
+from appliance.api.openai_routes import build_model_list_router, build_openai_router
 from appliance.catalogue.catalogue import Catalogue
 from appliance.catalogue.registry_client import CatalogueSource
 from appliance.catalogue.schema import RemoteModelSpec, parse_model_spec
@@ -77,9 +78,9 @@ def calls(list_aliases: bool, requests: list[tuple[str, str, str | None, Any]]) 
         metrics = Metrics(catalogue=catalogue, supervisor=supervisor)
         app = FastAPI()
         register_error_handlers(app)
-        app.include_router(
-            build_openai_router(Router(catalogue, supervisor), metrics, list_aliases=list_aliases)
-        )
+        router = Router(catalogue, supervisor)
+        app.include_router(build_openai_router(TableAccess(router, metrics), metrics))
+        app.include_router(build_model_list_router(router, list_aliases=list_aliases))
         keys = [
             ApiKey.model_validate({"name": "alice", "key": ALICE, "models": ["fast"]}),
             ApiKey.model_validate({"name": "bob", "key": BOB, "models": ["other"]}),

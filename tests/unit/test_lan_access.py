@@ -329,11 +329,15 @@ class _FailedRouter:
 
 
 def test_why_a_model_failed_is_shown_to_admins_only() -> None:
+    from unittest.mock import MagicMock
+
+    from appliance.api.model_access import TableAccess
     from appliance.api.openai_routes import build_openai_router
 
     app = FastAPI()
     register_error_handlers(app)
-    app.include_router(build_openai_router(_FailedRouter(), None))  # type: ignore[arg-type]
+    access = TableAccess(_FailedRouter(), MagicMock())  # type: ignore[arg-type]
+    app.include_router(build_openai_router(access, MagicMock()))
     app.add_middleware(AuthMiddleware, config=AuthConfig(keys=keys(Role.USER)))
     app.add_middleware(RequestContextMiddleware, max_body_bytes=2**20)
     call = caller(app)

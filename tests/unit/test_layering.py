@@ -1,6 +1,6 @@
 """The import rule of the README's layout section, kept: nothing imports upward.
 
-    cli -> registry -> api -> app -> supervisor -> engines -> host -> catalogue -> base
+    cli -> registry -> workers -> api -> app -> supervisor -> engines -> host -> catalogue -> base
 
 A module may import modules of its own layer or of layers to its right, never to its left.
 Every import counts, those under ``if TYPE_CHECKING:`` included (a type is a dependency too).
@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "appliance"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("appliance.cli", "appliance.__main__")),
     ("registry", ("appliance.registry",)),  # the registry service: its own HTTP app
+    ("workers", ("appliance.workers",)),  # HTTP worker processes around the api
     ("api", ("appliance.api",)),  # the HTTP edge
     (
         "app",

@@ -17,8 +17,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from appliance.api.openai_routes import build_openai_router
-from appliance.api.vllm_routes import build_vllm_router, endpoint_label
+from appliance.api.openai_routes import build_model_list_router, build_openai_router
+from appliance.api.vllm_routes import build_table_routes, build_vllm_router, endpoint_label
 from appliance.engines.route_table import (
     ENGINE_ROUTES,
     MODEL_ROUTES,
@@ -75,7 +75,9 @@ def vllm_routes() -> dict[str, set[tuple[str, str]]]:
 def _appliance_routes() -> set[tuple[str, str]]:
     app = FastAPI()
     app.include_router(build_openai_router(MagicMock(), MagicMock()))
-    app.include_router(build_vllm_router(MagicMock(), MagicMock(), version="0"))
+    app.include_router(build_model_list_router(MagicMock()))
+    app.include_router(build_vllm_router(MagicMock(), MagicMock()))
+    app.include_router(build_table_routes(MagicMock(), MagicMock(), version="0"))
     return {
         (method, route.path)
         for route in app.routes
@@ -140,7 +142,8 @@ def test_metrics_label_of_a_route() -> None:
 
 def test_the_docs_describe_the_new_routes() -> None:
     app = FastAPI()
-    app.include_router(build_vllm_router(MagicMock(), MagicMock(), version="0"))
+    app.include_router(build_vllm_router(MagicMock(), MagicMock()))
+    app.include_router(build_table_routes(MagicMock(), MagicMock(), version="0"))
     paths = app.openapi()["paths"]
     assert "requestBody" in paths["/tokenize"]["post"]
     assert "/v1/responses/{response_id}" in paths and "/version" in paths

@@ -1,0 +1,149 @@
+"""How a model route gets its model: admission checks, then the engine, held until released.
+
+Every model route asks a ``ModelAccess`` for a ``Lease``: the name the engine serves the model
+under, the engine itself, and a release to call once the answer has gone out. In the process
+that owns the model table this is ``TableAccess``: the checks and the supervisor are right
+here. An HTTP worker process has another ``ModelAccess`` that asks the owner for the same
+lease over the control channel (``appliance.workers``), so limits, queues and loads stay one
+set whatever process a request reached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from starlette.requests import Request
+
+from appliance.api.auth import (
+    KEY_SCOPE,
+    caller_is_admin,
+    check_model_allowed,
+    may_load_on_demand,
+)
+from appliance.api.load_gate import LoadGate
+from appliance.engines.base import Endpoint, Engine
+from appliance.engines.remote import DETAIL_SCOPE
+from appliance.errors import InvalidRequestError, ModelFailedError
+from appliance.metrics import Metrics
+from appliance.request_info import request_info
+from appliance.router import Router
+
+MAX_MODEL_NAME_CHARS = 256
+
+QuotaCheck = Callable[[str | None], None]
+
+
+@dataclass
+class Lease:
+    """A model lent to one request: ``model`` is the name its engine serves it under (an
+    alias becomes its model's name), ``entry`` the table entry whose engine and queue it
+    uses; ``release`` gives it back (once the answer, or the stream, has gone out)."""
+
+    model: str
+    entry: str
+    engine: Engine
+    release: Callable[[], Awaitable[None]]
+
+
+class ModelAccess(Protocol):
+    """Admits a model request and lends it its engine."""
+
+    async def lease(
+        self, request: Request, body: dict[str, Any], endpoint: Endpoint | None
+    ) -> Lease:
+        """Check ``body``'s ``model`` may be used by this caller now, then borrow its engine
+        for ``endpoint`` (None: any route the engine serves; the route checks it)."""
+        ...
+
+
+def model_of(body: dict[str, Any]) -> str:
+    """The body's ``model``, checked: a non-empty string of sane length (else 400)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("'model' is required and must be a string", param="model")
+    if len(model) > MAX_MODEL_NAME_CHARS:
+        # Refused before the name reaches the access log, the metrics or an error message.
+        raise InvalidRequestError(
+            f"'model' is longer than {MAX_MODEL_NAME_CHARS} characters", param="model"
+        )
+    return model
+
+
+def admit_model_request(
+    request: Request,
+    body: dict[str, Any],
+    router: Router,
+    *,
+    load_gate: LoadGate | None,
+    check_quota: QuotaCheck | None,
+) -> tuple[str, str]:
+    """What every model route checks before it borrows an engine, for ``body``'s ``model``:
+    the caller's key may use it (by any of its names), may start a load it would start, and
+    is within its quota. Returns ``(model, entry)``: the name the engine serves it under (an
+    alias becomes its model's name, as ``vllm serve --served-model-name NAME ALIAS`` answers;
+    an adapter keeps its own), used for labels, usage and the engine; and the table entry
+    whose engine, load gate and queue it uses. An unknown name passes through: the route's
+    engine lookup answers 404."""
+    info = request_info(request.scope)
+    asked = model_of(body)
+    info.model = asked
+    target = router.target_of(asked)
+    check_model_allowed(request.scope, asked, target.names if target else ())
+    model = target.served_as if target else asked
+    entry = target.entry if target else asked
+    info.model = model
+    # Remote engines name their backend and quote its errors only to admins.
+    request.scope[DETAIL_SCOPE] = caller_is_admin(request.scope)
+    if load_gate is not None:
+        load_gate.check(entry, may_load=may_load_on_demand(request.scope))
+    if check_quota is not None:
+        identity = request.scope.get(KEY_SCOPE)
+        check_quota(identity.name if identity is not None else None)
+    return model, entry
+
+
+class TableAccess:
+    """``ModelAccess`` in the process that owns the model table."""
+
+    def __init__(
+        self,
+        router: Router,
+        metrics: Metrics,
+        *,
+        load_gate: LoadGate | None = None,
+        check_quota: QuotaCheck | None = None,
+    ) -> None:
+        self._router = router
+        self._metrics = metrics
+        self._load_gate = load_gate
+        self._check_quota = check_quota
+
+    async def lease(
+        self, request: Request, body: dict[str, Any], endpoint: Endpoint | None
+    ) -> Lease:
+        """Admit (``admit_model_request``), then borrow the engine from the supervisor."""
+        model, entry = admit_model_request(
+            request, body, self._router, load_gate=self._load_gate, check_quota=self._check_quota
+        )
+        held = contextlib.AsyncExitStack()
+        asked = time.perf_counter()
+        try:
+            engine = await held.enter_async_context(
+                self._router.engine_for(entry, endpoint)
+                if endpoint is not None
+                else self._router.any_engine_for(entry)
+            )
+        except ModelFailedError as exc:
+            if caller_is_admin(request.scope):
+                raise
+            # Why an engine failed names paths and internals: the operator's to read.
+            raise ModelFailedError(
+                f"model {model!r} failed; the operator can see why in the admin API",
+                retry_after=exc.retry_after,
+            ) from None
+        self._metrics.observe_queue_wait(model, time.perf_counter() - asked)
+        return Lease(model=model, entry=entry, engine=engine, release=held.aclose)

@@ -1,0 +1,209 @@
+"""The owner's side of the control channel: what HTTP workers ask of the model table.
+
+A worker serving a model request asks for a ``lease``: the owner charges the caller's key
+(rate and concurrency), runs the same admission as its own routes (``TableAccess``: key's
+model list, load gate, quota, queue limit, load or wake on demand) and answers with how to
+reach the engine core (an ``EngineLink``), which the worker then talks to itself. ``release``
+gives the lease back; ``observe`` hands over a finished request's figures, so metrics and
+per-key usage are counted once, here. A worker that dies gives back everything it held.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import pickle
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from starlette.requests import Request
+
+from appliance.api.auth import ACCESS_SCOPE, KEY_SCOPE, Access, KeyIdentity
+from appliance.api.model_access import TableAccess
+from appliance.api.rate_limit import KeyLimits
+from appliance.api_keys import AuthConfig
+from appliance.engines.base import Endpoint, Engine, Usage
+from appliance.engines.remote import DETAIL_SCOPE
+from appliance.errors import ApplianceError, RateLimitedError
+from appliance.metrics import Metrics
+from appliance.request_info import INFO_KEY, RequestInfo, RequestObserver
+from appliance.router import Router
+from appliance.workers.control import ControlError, WorkerSession
+
+
+def relayed(exc: ApplianceError) -> ControlError:
+    """``exc`` as the control channel carries it, for the worker to answer as we would."""
+    return ControlError(
+        exc.message,
+        {
+            "status": exc.status_code,
+            "type": exc.error_type,
+            "code": exc.code,
+            "param": exc.param,
+            "retry_after": exc.retry_after,
+        },
+    )
+
+
+class OwnerService:
+    """Answers the workers' calls with the owner's model table, key limits and observers."""
+
+    def __init__(
+        self,
+        *,
+        router: Router,
+        access: TableAccess,
+        auth: AuthConfig,
+        key_limits: Mapping[str, KeyLimits],
+        metrics: Metrics,
+        observers: Sequence[RequestObserver],
+    ) -> None:
+        self._router = router
+        self._access = access
+        self._key_limits = key_limits
+        self._identities = {
+            key.name: KeyIdentity(
+                name=key.name,
+                role=key.role,
+                models=frozenset(key.models) if key.models is not None else None,
+                may_load=key.may_load,
+            )
+            for key in auth.keys
+        }
+        self._rules = Access(auth)
+        self._metrics = metrics
+        self._observers = tuple(observers)
+        self._leases = itertools.count(1)
+        # Engine objects are the identity of a link: a restarted model gets a new engine.
+        self._link_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self._links = itertools.count(1)
+
+    def handlers(self) -> dict[str, Any]:
+        """The calls a worker may make, for ``ControlServer``."""
+        return {"lease": self.lease, "release": self.release, "observe": self.observe}
+
+    async def lease(self, session: WorkerSession, args: dict[str, Any]) -> dict[str, Any]:
+        """Admit one model request a worker received; lend it the engine's link."""
+        model = str(args.get("model", ""))
+        target = self._router.target_of(model)
+        if target is not None and self._router.supervisor.get(target.entry).local is None:
+            # A backend elsewhere: the worker passes the request to us whole (it is
+            # network-bound anyway), and our own routes admit it, once.
+            return {"proxy": True}
+        key = args.get("key")
+        identity = self._identities.get(key) if isinstance(key, str) else None
+        limits = self._key_limits.get(identity.name) if identity is not None else None
+        if limits is not None:
+            wait = limits.try_acquire()
+            if wait is not None:
+                raise relayed(
+                    RateLimitedError(f"API key {key!r} is over its rate limit", retry_after=wait)
+                )
+        request = _request_for(args, identity, self._rules)
+        try:
+            lease = await self._access.lease(request, {"model": model}, _endpoint(args))
+        except ApplianceError as exc:
+            if limits is not None:
+                limits.release()
+            raise relayed(exc) from None
+        link = _link_of(lease.engine)
+        if link is None:
+            # An engine only this process can reach (started before workers were asked for).
+            await lease.release()
+            if limits is not None:
+                limits.release()
+            return {"proxy": True}
+
+        async def release() -> None:
+            try:
+                await lease.release()
+            finally:
+                if limits is not None:
+                    limits.release()
+
+        token = str(next(self._leases))
+        session.hold(token, release)
+        return {
+            "lease": token,
+            "model": lease.model,
+            "entry": lease.entry,
+            "link_id": self._link_id(lease.engine),
+            "link": base64.b64encode(pickle.dumps(link)).decode(),
+            "adapters": self._router.supervisor.adapters_of(lease.entry),
+            # Whether errors may name backends and paths to this caller (an admin).
+            "detail": bool(request.scope.get(DETAIL_SCOPE)),
+        }
+
+    async def release(self, session: WorkerSession, args: dict[str, Any]) -> dict[str, Any]:
+        """A worker's request is done with its lease."""
+        release = session.give_back(str(args.get("lease")))
+        if release is not None:
+            await release()
+        return {}
+
+    async def observe(self, session: WorkerSession, args: dict[str, Any]) -> dict[str, Any]:
+        """Count finished requests a worker served, and its streams' inter-token gaps."""
+        for done in args.get("requests", ()):
+            info = _info_from(done)
+            for observer in self._observers:
+                observer.on_request_done(info, int(done["status"]), float(done["seconds"]))
+        for model, gaps in dict(args.get("gaps", {})).items():
+            for gap in gaps:
+                self._metrics.observe_inter_token(str(model), float(gap))
+        return {}
+
+    def _link_id(self, engine: Engine) -> str:
+        found = self._link_ids.get(engine)
+        if found is None:
+            found = self._link_ids[engine] = str(next(self._links))
+        return found
+
+
+def _link_of(engine: Engine) -> Any:
+    link = getattr(engine, "link", None)
+    return link() if callable(link) else None
+
+
+def _endpoint(args: Mapping[str, Any]) -> Endpoint | None:
+    value = args.get("endpoint")
+    return Endpoint(value) if value is not None else None
+
+
+def _peer(args: Mapping[str, Any]) -> tuple[str, int] | None:
+    peer = args.get("peer")
+    if isinstance(peer, list) and len(peer) == 2:
+        return str(peer[0]), int(peer[1])
+    return None
+
+
+def _request_for(args: Mapping[str, Any], identity: KeyIdentity | None, rules: Access) -> Request:
+    """A stand-in for the worker's request, carrying what admission reads of it: the key, the
+    peer (loopback callers count as admins with no admin key), and its request info."""
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "headers": [],
+        "client": _peer(args),
+        ACCESS_SCOPE: rules,
+        INFO_KEY: RequestInfo(request_id=str(args.get("request_id", ""))),
+    }
+    if identity is not None:
+        scope[KEY_SCOPE] = identity
+    return Request(scope)
+
+
+def _info_from(done: Mapping[str, Any]) -> RequestInfo:
+    usage = done.get("usage")
+    info = RequestInfo(
+        request_id=str(done.get("request_id", "")),
+        started=0.0,
+        model=done.get("model"),
+        endpoint=done.get("endpoint"),
+        usage=Usage(int(usage[0]), int(usage[1])) if isinstance(usage, list) else None,
+        stream=bool(done.get("stream")),
+        first_token_at=done.get("ttft"),
+        extra=dict(done.get("extra") or {}),
+    )
+    return info

@@ -1,0 +1,360 @@
+"""An HTTP worker's app: model requests served here, on this process's own engine clients;
+everything else passed to the owner.
+
+A model request (the OpenAI routes and every vLLM model route) is read, checked and admitted
+as in the owner (the same routes, with a ``ModelAccess`` that asks the owner for the lease),
+then sent straight to the engine core by this process's vLLM client of it: the request's
+Python work (parsing, templating, detokenizing, SSE) runs here, which is the point of having
+workers. Its figures go to the owner, which counts them with its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import pickle
+import time
+from collections import defaultdict
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from appliance.api.auth import KEY_SCOPE, AuthMiddleware
+from appliance.api.cross_site import CrossSiteGuard
+from appliance.api.error_handlers import register_error_handlers
+from appliance.api.forwarded import NameTheWorker
+from appliance.api.middleware import RequestContextMiddleware
+from appliance.api.model_access import Lease, model_of
+from appliance.api.openai_routes import build_openai_router
+from appliance.api.peer import local_host_names
+from appliance.api.vllm_routes import build_vllm_router
+from appliance.engines.base import Endpoint, Engine
+from appliance.engines.remote import DETAIL_SCOPE
+from appliance.engines.route_table import is_model_route
+from appliance.errors import ApplianceError
+from appliance.request_info import RequestInfo, request_info
+from appliance.settings import Settings
+from appliance.workers.control import ControlClient, ControlError
+from appliance.workers.proxy import BODY_SCOPE, OwnerProxy
+
+log = logging.getLogger("appliance")
+
+_OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+ANSWERED_BY_OWNER = "answered_by_owner"
+
+
+class EngineAttacher(Protocol):
+    """Makes this process a client of an engine another process started."""
+
+    async def attach(self, link: Any, client_index: int) -> Engine:
+        """A started ``Engine`` talking to the engine core ``link`` names."""
+        ...
+
+
+class RelayedError(ApplianceError):
+    """An error the owner raised, answered here as the owner would have."""
+
+    def __init__(self, message: str, detail: dict[str, Any]) -> None:
+        super().__init__(message, param=detail.get("param"), retry_after=detail.get("retry_after"))
+        self.status_code = int(detail.get("status", 500))
+        self.error_type = str(detail.get("type", "internal_error"))
+        self.code = str(detail.get("code", "internal_error"))
+
+
+class PassToOwner(Exception):
+    """The model is not served by an engine this worker can reach: the owner answers."""
+
+
+class AttachedEngines:
+    """This worker's clients of the owner's engines, made on first use, one per engine."""
+
+    def __init__(self, attacher: EngineAttacher, index: int) -> None:
+        self._attacher = attacher
+        self._index = index
+        self._engines: dict[str, Engine] = {}
+        self._entry_of: dict[str, str] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def get(self, entry: str, link_id: str, link: str, adapters: dict[str, str]) -> Engine:
+        """The client for ``link_id``, attached now if new; older clients of ``entry`` are
+        closed (the owner restarted or reloaded it, after draining their requests)."""
+        engine = self._engines.get(link_id)
+        if engine is None:
+            async with self._locks[link_id]:
+                engine = self._engines.get(link_id)
+                if engine is None:
+                    engine = await self._attach(entry, link_id, link)
+        await _sync_adapters(engine, adapters)
+        return engine
+
+    async def _attach(self, entry: str, link_id: str, link: str) -> Engine:
+        for old_id in [k for k, e in self._entry_of.items() if e == entry and k != link_id]:
+            old = self._engines.pop(old_id, None)
+            self._entry_of.pop(old_id, None)
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.stop()
+        # The link comes from the owner, our parent, over a socket only this user can open.
+        described: Any = pickle.loads(base64.b64decode(link))
+        started = time.perf_counter()
+        engine = await self._attacher.attach(described, self._index)
+        log.info(
+            "attached to engine",
+            extra={"model": entry, "seconds": round(time.perf_counter() - started, 2)},
+        )
+        self._engines[link_id] = engine
+        self._entry_of[link_id] = entry
+        return engine
+
+    async def close(self) -> None:
+        """Close every client (the engine cores stay: they are the owner's)."""
+        engines, self._engines = self._engines, {}
+        for engine in engines.values():
+            with contextlib.suppress(Exception):
+                await engine.stop()
+
+
+async def _sync_adapters(engine: Engine, adapters: dict[str, str]) -> None:
+    """Each client's serving layer lists adapters of its own: load the owner's set here."""
+    known = getattr(engine, "adapters", None)
+    have = known() if callable(known) else {}
+    for name, source in adapters.items():
+        if name not in have:
+            await engine.load_adapter(name, source)
+    for name in set(have) - set(adapters):
+        with contextlib.suppress(ApplianceError):
+            await engine.unload_adapter(name)
+
+
+class WorkerAccess:
+    """``ModelAccess`` in an HTTP worker: the owner admits and lends; the engine is ours."""
+
+    def __init__(self, control: ControlClient, engines: AttachedEngines) -> None:
+        self._control = control
+        self._engines = engines
+
+    async def lease(
+        self, request: Request, body: dict[str, Any], endpoint: Endpoint | None
+    ) -> Lease:
+        """Ask the owner for a lease on ``body``'s model; attach to its engine if new."""
+        info = request_info(request.scope)
+        info.model = asked = model_of(body)
+        identity = request.scope.get(KEY_SCOPE)
+        client = request.scope.get("client")
+        try:
+            got = await self._control.call(
+                "lease",
+                model=asked,
+                key=identity.name if identity is not None else None,
+                peer=list(client) if client else None,
+                endpoint=endpoint.value if endpoint is not None else None,
+                request_id=info.request_id,
+            )
+        except ControlError as exc:
+            raise RelayedError(str(exc), exc.detail) from None
+        if got.get("proxy"):
+            request.scope[BODY_SCOPE] = await request.body()
+            raise PassToOwner
+        token = str(got["lease"])
+        info.model = str(got["model"])
+        request.scope[DETAIL_SCOPE] = bool(got.get("detail"))
+
+        async def release() -> None:
+            with contextlib.suppress(ControlError):
+                await self._control.call("release", lease=token)
+
+        try:
+            engine = await self._engines.get(
+                str(got["entry"]), str(got["link_id"]), str(got["link"]), dict(got["adapters"])
+            )
+        except BaseException:
+            await release()
+            raise
+        return Lease(model=info.model, entry=str(got["entry"]), engine=engine, release=release)
+
+
+class FiguresToOwner:
+    """Request figures of this worker, sent to the owner to count (metrics, per-key usage).
+
+    Finished requests and inter-token gaps are batched and sent by one task, at most
+    ``period`` seconds after they happen, so counting costs no round trip per request.
+    """
+
+    def __init__(self, control: ControlClient, *, period: float = 0.2) -> None:
+        self._control = control
+        self._period = period
+        self._requests: list[dict[str, Any]] = []
+        self._gaps: defaultdict[str, list[float]] = defaultdict(list)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start sending."""
+        self._task = asyncio.create_task(self._send_every())
+
+    async def stop(self) -> None:
+        """Send what is left, then stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        await self._flush()
+
+    def on_request_done(self, info: RequestInfo, status: int, seconds: float) -> None:
+        """Queue a finished request (one passed to the owner is the owner's to count)."""
+        if info.extra.get(ANSWERED_BY_OWNER):
+            return
+        usage = info.usage
+        self._requests.append(
+            {
+                "request_id": info.request_id,
+                "model": info.model,
+                "endpoint": info.endpoint,
+                "usage": [usage.prompt_tokens, usage.completion_tokens] if usage else None,
+                "stream": info.stream,
+                "ttft": (info.first_token_at - info.started)
+                if info.first_token_at is not None
+                else None,
+                "extra": {"key": info.extra["key"]} if "key" in info.extra else {},
+                "status": status,
+                "seconds": seconds,
+            }
+        )
+        self._wake.set()
+
+    def observe_inter_token(self, model: str, seconds: float) -> None:
+        """Queue one gap between two tokens of a stream."""
+        self._gaps[model].append(seconds)
+
+    def observe_queue_wait(self, model: str, seconds: float) -> None:
+        """Not measured here: the owner times the wait while it lends the model."""
+
+    async def _send_every(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self._period)
+            self._wake.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        requests, self._requests = self._requests, []
+        gaps, self._gaps = dict(self._gaps), defaultdict(list)
+        if requests or gaps:
+            with contextlib.suppress(ControlError):
+                await self._control.call("observe", requests=requests, gaps=gaps)
+
+
+class WorkerDispatch:
+    """Model requests to this worker's own routes; everything else to the owner."""
+
+    def __init__(self, local: ASGIApp, owner: ASGIApp) -> None:
+        self._local = local
+        self._owner = owner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._local(scope, receive, send)
+            return
+        if scope["type"] == "http" and _served_here(scope):
+            await self._local(scope, receive, send)
+        else:
+            await self._owner(scope, receive, send)
+
+
+def _served_here(scope: Scope) -> bool:
+    if scope.get("method") != "POST":
+        return False
+    path = scope.get("path", "")
+    return path in _OPENAI_PATHS or is_model_route(path)
+
+
+def create_worker_app(
+    settings: Settings,
+    *,
+    index: int,
+    control: ControlClient,
+    engines: AttachedEngines,
+    owner: OwnerProxy,
+) -> ASGIApp:
+    """Worker ``index``'s app: the model routes over ``engines`` (leased through
+    ``control``), the rest passed to the owner through ``owner``."""
+    figures = FiguresToOwner(control)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        figures.start()
+        try:
+            yield
+        finally:
+            await figures.stop()
+            await engines.close()
+            await owner.aclose()
+            await control.close()
+
+    local = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    register_error_handlers(local)
+
+    access = WorkerAccess(control, engines)
+    local.include_router(
+        build_openai_router(access, figures, log_prompts=settings.log_prompts)  # type: ignore[arg-type]
+    )
+    local.include_router(
+        build_vllm_router(access, figures, log_prompts=settings.log_prompts)  # type: ignore[arg-type]
+    )
+    # Inside the key check: a request given up on is passed on without taking a key slot
+    # here (the owner's own check takes it).
+    local.add_middleware(_Replaying, owner=owner)
+    local.add_middleware(AuthMiddleware, config=settings.auth, slots_elsewhere=True)
+    app: ASGIApp = local
+    if settings.cors_origins:
+        app = CORSMiddleware(
+            app,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
+    app = CrossSiteGuard(
+        app,
+        allowed_hosts=settings.allowed_hosts or local_host_names(settings.host),
+        cors_origins=settings.cors_origins,
+    )
+    app = RequestContextMiddleware(
+        app,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout_seconds,
+        observer=figures,
+    )
+    return NameTheWorker(_Lifespan(WorkerDispatch(app, owner), local), index=index)
+
+
+class _Replaying:
+    """Runs the routes; a request they give up on (``PassToOwner``) goes to the owner with
+    the body already read, before any of the answer was sent."""
+
+    def __init__(self, app: ASGIApp, *, owner: ASGIApp) -> None:
+        self._app = app
+        self._owner = owner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._app(scope, receive, send)
+        except PassToOwner:
+            request_info(scope).extra[ANSWERED_BY_OWNER] = True
+            await self._owner(scope, receive, send)
+
+
+class _Lifespan:
+    """Lifespan events to the FastAPI app (which owns start and stop), the rest to ``app``."""
+
+    def __init__(self, app: ASGIApp, lifespan_app: ASGIApp) -> None:
+        self._app = app
+        self._lifespan_app = lifespan_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        target = self._lifespan_app if scope["type"] == "lifespan" else self._app
+        await target(scope, receive, send)
