@@ -132,8 +132,15 @@ def create_app(
     app.include_router(build_admin_router(core))
     app.include_router(build_hub_router(core))
     app.include_router(build_plan_router(core))
-    app.include_router(build_usage_router(core.usage))
-    app.include_router(build_metrics_router(core.metrics))
+
+    async def settle_figures() -> None:
+        """HTTP workers hand over the figures of the requests they answered, before a read."""
+        settle = getattr(app.state, "settle_workers", None)
+        if settle is not None:
+            await settle()
+
+    app.include_router(build_usage_router(core.usage, settle=settle_figures))
+    app.include_router(build_metrics_router(core.metrics, settle=settle_figures))
     # Added first, so it runs inside the request-context middleware (ids and access log).
     app.add_middleware(AuthMiddleware, config=settings.auth, limits=key_limits)
     if settings.cors_origins:

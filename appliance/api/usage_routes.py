@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import date
 
 from fastapi import APIRouter, Depends
@@ -24,8 +25,11 @@ def parse_since(since: str | None) -> date | None:
         ) from None
 
 
-def build_usage_router(ledger: UsageLedger) -> APIRouter:
-    """The ``/admin/usage`` route, reading ``ledger``."""
+def build_usage_router(
+    ledger: UsageLedger, *, settle: Callable[[], Awaitable[None]] | None = None
+) -> APIRouter:
+    """The ``/admin/usage`` route, reading ``ledger`` once ``settle`` has brought in the
+    figures other processes hold (HTTP workers)."""
     api = APIRouter(
         prefix="/admin", tags=["Admin"], dependencies=[Depends(require_role(Role.ADMIN))]
     )
@@ -38,6 +42,8 @@ def build_usage_router(ledger: UsageLedger) -> APIRouter:
         requests but carry no tokens.
         """
         first = parse_since(since)
+        if settle is not None:
+            await settle()
         rows = await ledger.totals(since=first, key=key)
         return JSONResponse(
             {

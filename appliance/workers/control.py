@@ -42,6 +42,8 @@ class WorkerSession:
 
     index: int
     held: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+    writer: asyncio.StreamWriter | None = None
+    asked: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
 
     def hold(self, token: str, release: Callable[[], Awaitable[None]]) -> None:
         """Remember ``release`` under ``token`` until the worker gives it back (or dies)."""
@@ -65,6 +67,7 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self._sessions: set[WorkerSession] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
         self.connected = asyncio.Event()
 
     async def start(self) -> None:
@@ -90,6 +93,22 @@ class ControlServer:
         """The indexes of the workers connected now."""
         return sorted(session.index for session in self._sessions)
 
+    async def ask_all(self, op: str, *, timeout: float) -> None:
+        """Call ``op`` on every connected worker and wait (at most ``timeout`` seconds) for
+        all of them to answer; a worker that does not is left to it."""
+        waits = []
+        for session in list(self._sessions):
+            if session.writer is None:
+                continue
+            call_id = f"owner-{next(self._ids)}"
+            future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            session.asked[call_id] = future
+            with contextlib.suppress(ConnectionError):
+                await _write(session.writer, {"id": call_id, "op": op, "args": {}})
+                waits.append(future)
+        if waits:
+            await asyncio.wait(waits, timeout=timeout)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -105,13 +124,18 @@ class ControlServer:
                 or not isinstance(hello.get("index"), int)
             ):
                 return
-            session = WorkerSession(index=hello["index"])
+            session = WorkerSession(index=hello["index"], writer=writer)
             self._sessions.add(session)
             self.connected.set()
             await _write(writer, {"id": hello.get("id"), "ok": {}})
             calls: set[asyncio.Task[None]] = set()
             try:
                 while (message := await _read(reader)) is not None:
+                    if "op" not in message:  # the answer to a call of ours
+                        asked = session.asked.pop(str(message.get("id")), None)
+                        if asked is not None and not asked.done():
+                            asked.set_result(message)
+                        continue
                     call = asyncio.create_task(self._answer(session, message, writer))
                     calls.add(call)
                     call.add_done_callback(calls.discard)
@@ -123,6 +147,9 @@ class ControlServer:
         finally:
             if session is not None:
                 self._sessions.discard(session)
+                for asked in session.asked.values():
+                    if not asked.done():
+                        asked.set_result({"error": {"message": "the worker is gone"}})
                 await self._release_all(session)
             writer.close()
             self._tasks.discard(task)
@@ -159,7 +186,15 @@ class ControlServer:
 class ControlClient:
     """A worker's end: one connection to the owner, calls multiplexed over it."""
 
-    def __init__(self, path: Path, token: str, index: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        token: str,
+        index: int,
+        handlers: Mapping[str, Callable[[], Awaitable[None]]] | None = None,
+    ) -> None:
+        """``handlers``: what the owner may ask of this worker (``flush``...)."""
+        self._handlers = dict(handlers or {})
         self._path = path
         self._token = token
         self.index = index
@@ -168,6 +203,7 @@ class ControlClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._asked: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
 
     async def connect(self) -> None:
@@ -213,6 +249,11 @@ class ControlClient:
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         try:
             while (reply := await _read(reader)) is not None:
+                if "op" in reply:  # the owner asks something of us
+                    task = asyncio.create_task(self._answer(reply))
+                    self._asked.add(task)
+                    task.add_done_callback(self._asked.discard)
+                    continue
                 future = self._pending.pop(reply.get("id"), None)  # type: ignore[arg-type]
                 if future is not None and not future.done():
                     future.set_result(reply)
@@ -221,6 +262,22 @@ class ControlClient:
         finally:
             self.closed.set()
             self._fail_pending()
+
+    async def _answer(self, message: dict[str, Any]) -> None:
+        handler = self._handlers.get(str(message.get("op")))
+        reply: dict[str, Any] = {"id": message.get("id")}
+        if handler is None:
+            reply["error"] = {"message": f"unknown call {message.get('op')!r}"}
+        else:
+            try:
+                await handler()
+                reply["ok"] = {}
+            except Exception as exc:
+                reply["error"] = {"message": f"{type(exc).__name__}: {exc}"}
+        if self._writer is not None:
+            with contextlib.suppress(ConnectionError):
+                async with self._lock:
+                    await _write(self._writer, reply)
 
     def _fail_pending(self) -> None:
         pending, self._pending = self._pending, {}

@@ -97,6 +97,8 @@ class WorkerPool:
         )
         control = ControlServer(self.control_path, self.token, service.handlers())
         await control.start()
+        # Before /metrics or /admin/usage are read, workers hand over what they counted.
+        app.state.settle_workers = lambda: control.ask_all("flush", timeout=3.0)
         self._spawn()
         watcher = asyncio.create_task(self._watch())
         try:

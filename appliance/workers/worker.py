@@ -37,10 +37,15 @@ async def _serve(start: WorkerStart) -> None:
     from appliance.engines.factory import EngineFactory
     from appliance.workers.control import ControlClient
     from appliance.workers.proxy import OwnerProxy
-    from appliance.workers.worker_app import AttachedEngines, create_worker_app
+    from appliance.workers.worker_app import AttachedEngines, FiguresToOwner, create_worker_app
 
     settings = start.settings
-    control = ControlClient(start.control_path, start.token, start.index)
+
+    async def flush() -> None:
+        await figures.flush()
+
+    control = ControlClient(start.control_path, start.token, start.index, {"flush": flush})
+    figures = FiguresToOwner(control)
     await control.connect()
     factory = EngineFactory(
         base_dir=settings.config_path.resolve().parent, cpu_kv_cache_gib=settings.cpu_kv_cache_gib
@@ -49,6 +54,7 @@ async def _serve(start: WorkerStart) -> None:
         settings,
         index=start.index,
         control=control,
+        figures=figures,
         engines=AttachedEngines(factory, start.index),
         owner=OwnerProxy(start.owner_path, start.token),
     )

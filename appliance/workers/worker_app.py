@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.api.auth import KEY_SCOPE, AuthMiddleware
 from appliance.api.cross_site import CrossSiteGuard
@@ -191,6 +191,28 @@ class FiguresToOwner:
         self._gaps: defaultdict[str, list[float]] = defaultdict(list)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Requests whose answer is out but which are not counted yet (a few instructions).
+        self._finishing = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    def answer_sent(self) -> None:
+        """A request's last byte went out; its figures follow (``counted``)."""
+        self._finishing += 1
+        self._settled.clear()
+
+    def counted(self) -> None:
+        """A request whose answer went out has been handed to ``on_request_done``."""
+        self._finishing -= 1
+        if self._finishing == 0:
+            self._settled.set()
+
+    async def flush(self) -> None:
+        """Send every figure of the requests answered so far, now (the owner asks this
+        before a scrape, so a client that saw its answer sees it counted)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), timeout=2.0)
+        await self._flush()
 
     def start(self) -> None:
         """Start sending."""
@@ -248,6 +270,35 @@ class FiguresToOwner:
                 await self._control.call("observe", requests=requests, gaps=gaps)
 
 
+class _Settling:
+    """Tells ``figures`` when a request's answer is out and when it has been counted, so
+    that a flush waits for the counts of every answer a client may have seen."""
+
+    def __init__(self, app: ASGIApp, figures: FiguresToOwner) -> None:
+        self._app = app
+        self._figures = figures
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        sent = False
+
+        async def watched(message: Message) -> None:
+            nonlocal sent
+            last = message["type"] == "http.response.body" and not message.get("more_body")
+            if last and not sent:
+                sent = True
+                self._figures.answer_sent()
+            await send(message)
+
+        try:
+            await self._app(scope, receive, watched)
+        finally:
+            if sent:
+                self._figures.counted()
+
+
 class WorkerDispatch:
     """Model requests to this worker's own routes; everything else to the owner."""
 
@@ -277,12 +328,12 @@ def create_worker_app(
     *,
     index: int,
     control: ControlClient,
+    figures: FiguresToOwner,
     engines: AttachedEngines,
     owner: OwnerProxy,
 ) -> ASGIApp:
     """Worker ``index``'s app: the model routes over ``engines`` (leased through
-    ``control``), the rest passed to the owner through ``owner``."""
-    figures = FiguresToOwner(control)
+    ``control``, figures sent with ``figures``), the rest passed to the owner via ``owner``."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
@@ -329,6 +380,7 @@ def create_worker_app(
         body_timeout=settings.body_timeout_seconds,
         observer=figures,
     )
+    app = _Settling(app, figures)
     return NameTheWorker(_Lifespan(WorkerDispatch(app, owner), local), index=index)
 
 
