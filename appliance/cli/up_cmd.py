@@ -255,7 +255,7 @@ def up(
     if pool is None:
         uvicorn.run(app, host=settings.host, port=settings.port, **options_uvicorn)
     elif not pool.serve(uvicorn.Config(app, **options_uvicorn)):
-        raise typer.Exit(3)  # the app did not start (uvicorn.run's own exit code for it)
+        raise typer.Exit(1)  # it did not start, or a worker died: not a clean stop
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -66,15 +66,16 @@ class WorkerPool:
         self._environ = dict(os.environ)
         self._processes: list[subprocess.Popen[bytes]] = []
         self._stopping = False
+        self.worker_died = False
         self._on_death: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGTERM)
 
     def serve(self, config: uvicorn.Config) -> bool:
         """Run the owner's HTTP server on the shared port and on its private socket for the
         workers, until a shutdown signal (passed on to the workers as it comes); False if
-        it never started."""
+        it never started, or stopped because a worker died."""
         server = _ForwardingServer(config, self)
         server.run(sockets=[self.listener, self.owner_socket()])
-        return server.started
+        return server.started and not self.worker_died
 
     def owner_socket(self) -> socket.socket:
         """The Unix socket the owner's HTTP server also listens on, for the workers."""
@@ -171,6 +172,7 @@ class WorkerPool:
                         extra={"event": "worker_died", "pid": process.pid, "code": code},
                     )
                     self._stopping = True
+                    self.worker_died = True
                     self._on_death()
                     return
             await asyncio.sleep(0.5)

@@ -91,7 +91,10 @@ def boxes(
     """A serves tiny-chat; the registry points tiny-chat at A; B follows the registry."""
     registry = Registry(tmp_path_factory.mktemp("registry"))
     registry.start()
-    a = ApplianceProcess(tmp_path_factory.mktemp("box-a"), [tiny_chat("tiny-chat")]).start()
+    # Both boxes with two HTTP workers (issue 16): B's workers pass remote entries to B's owner.
+    a = ApplianceProcess(tmp_path_factory.mktemp("box-a"), [tiny_chat("tiny-chat")]).start(
+        "--workers", "2"
+    )
     registry.put({"name": "tiny-chat", "backend_url": a.url, "owner": "box-a", "version": "1"})
     # A is on loopback here, which registry entries may reach only when models.yaml says so.
     b = ApplianceProcess(
@@ -100,7 +103,7 @@ def boxes(
         registry_url=registry.url,
         registry_ttl=1,
         registry_trust={"backend_networks": ["127.0.0.0/8"]},
-    ).start()
+    ).start("--workers", "2")
     yield a, b, registry
     b.stop()
     a.stop()

@@ -62,7 +62,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppliancePro
     proc = ApplianceProcess(
         workdir, [tiny_chat(MODEL, engine={"max_model_len": 2048, "dtype": "float32"})]
     )
-    proc.start("--api-keys", str(keys), "--engine-metrics")
+    proc.start("--api-keys", str(keys), "--engine-metrics", "--workers", "2")
     yield proc
     proc.stop()
 

@@ -33,7 +33,9 @@ GAMMA = tiny_chat("gamma", "mistral")
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApplianceProcess]:
     """alpha autoloads; beta loads on demand."""
     proc = ApplianceProcess(tmp_path_factory.mktemp("lifecycle"), [ALPHA, BETA])
-    proc.start("--load-wait", "240", "--restart-backoff", "3", "--drain-timeout", "60")
+    proc.start(
+        "--load-wait", "240", "--restart-backoff", "3", "--drain-timeout", "60", "--workers", "2"
+    )
     yield proc
     proc.stop()
 
