@@ -32,7 +32,7 @@ from appliance.api.model_access import Lease, model_of
 from appliance.api.openai_routes import build_openai_router
 from appliance.api.peer import local_host_names
 from appliance.api.vllm_routes import build_vllm_router
-from appliance.engines.base import Endpoint, Engine
+from appliance.engines.base import Endpoint, Engine, EngineLink
 from appliance.engines.remote import DETAIL_SCOPE
 from appliance.engines.route_table import is_model_route
 from appliance.errors import ApplianceError
@@ -50,8 +50,8 @@ ANSWERED_BY_OWNER = "answered_by_owner"
 class EngineAttacher(Protocol):
     """Makes this process a client of an engine another process started."""
 
-    async def attach(self, link: Any, client_index: int) -> Engine:
-        """A started ``Engine`` talking to the engine core ``link`` names."""
+    def attach(self, link: EngineLink, client_index: int) -> Engine:
+        """A new, not yet started, client ``client_index`` of the engine ``link`` names."""
         ...
 
 
