@@ -143,6 +143,25 @@ class EngineStats:
     kv_cache_usage: float | None = None
 
 
+@dataclass(frozen=True)
+class EngineLink:
+    """What another process of this appliance needs to become one more client of a local
+    engine whose engine cores were started for ``client_count`` client processes.
+
+    The owner (client 0) started the cores; client ``i`` binds ``inputs[i]`` and
+    ``outputs[i]`` (ZMQ addresses on this host) and talks to the cores directly, as each API
+    process of ``vllm serve --api-server-count N`` does. ``payload`` is opaque here: the
+    local engine module writes and reads it (it is a pickle, so a link must only ever come
+    from this appliance's own processes, never from the network).
+    """
+
+    model: str
+    client_count: int
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    payload: bytes = field(repr=False)
+
+
 class Engine(Protocol):
     """One model's engine, local or remote."""
 

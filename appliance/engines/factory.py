@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from appliance.catalogue.schema import LocalModelSpec, ModelSpec
-from appliance.engines.base import Engine, EngineFigureSink
+from appliance.engines.base import Engine, EngineFigureSink, EngineLink
 from appliance.errors import ConfigError
 from appliance.supervisor.inventory import DeviceKind, Inventory
 from appliance.supervisor.placement import Allocation
@@ -155,8 +155,14 @@ class EngineFactory:
             for a in spec.adapters
         ]
 
-    def create(self, spec: ModelSpec, allocation: Allocation, inventory: Inventory) -> Engine:
-        """A new, not yet started, engine for ``spec`` on the devices of ``allocation``."""
+    def create(
+        self, spec: ModelSpec, allocation: Allocation, inventory: Inventory, *, clients: int = 1
+    ) -> Engine:
+        """A new, not yet started, engine for ``spec`` on the devices of ``allocation``.
+
+        ``clients`` > 1 starts its engine cores for that many client processes; this engine is
+        client 0, and its ``link()`` lets the others ``attach``.
+        """
         from appliance.engines.vllm_engine import VLLMEngine
 
         env: dict[str, str] = {}
@@ -180,4 +186,19 @@ class EngineFactory:
             adapters=self._adapters(spec),
             base_dir=self._base_dir,
         )
-        return VLLMEngine(spec, args, env=env, figures=self._figures)
+        return VLLMEngine(spec, args, env=env, figures=self._figures, clients=clients)
+
+    @staticmethod
+    def link_of(engine: Engine) -> EngineLink | None:
+        """What other processes attach to ``engine`` with; None for an engine started for one
+        client, one not started, or a remote backend."""
+        link = getattr(engine, "link", None)
+        return link() if callable(link) else None
+
+    def attach(self, link: EngineLink, client_index: int) -> Engine:
+        """A new, not yet started, client ``client_index`` of the running engine ``link``
+        describes (made by another process's ``create(..., clients=N)``); its ``stop()``
+        leaves the engine running."""
+        from appliance.engines.vllm_engine import attach_engine
+
+        return attach_engine(link, client_index, figures=self._figures)

@@ -14,12 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
+import hashlib
 import io
 import json
 import logging
 import os
+import pickle
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ from appliance.engines.asgi_call import call_app
 from appliance.engines.base import (
     Endpoint,
     EngineFigureSink,
+    EngineLink,
     EngineStats,
     EngineStepFigures,
     FinishedRequestTimes,
@@ -442,8 +447,230 @@ def _unexposed_prometheus_logger() -> Any:
     return _Unexposed
 
 
+# -- one engine, several client processes ---------------------------------------------------
+#
+# `vllm serve --api-server-count N` starts the engine cores once with N pairs of client
+# addresses, and each API process builds its own AsyncLLM client on one pair, talking to the
+# cores over ZMQ with no hop between (entrypoints/cli/serve.py run_multi_api_server;
+# launchers/api_server/entry.py build_async_engine_client_from_engine_args). The same here: the
+# owner starts the cores and is client 0; other processes of the appliance attach as clients
+# 1..N-1 through an ``EngineLink``.
+#
+# vLLM 0.32 binds each client's listener before the cores start and hands it to the API
+# process it spawns (v1/engine/utils.py bind_engine_zmq_listeners); our workers are started on
+# their own, so each binds its IPC path itself, possibly long after the cores are up. That is
+# safe because each core *connects* to every client: its input thread connects a DEALER to
+# each input address and sends its ready message on it at once, and its output thread connects
+# a PUSH to each output address (v1/engine/core.py EngineCoreProc.process_input_sockets,
+# process_output_sockets). With ZMQ's default ZMQ_IMMEDIATE=0 a connecting socket queues what
+# is sent and retries the connection until the peer binds, so the ready message waits for the
+# client, which requires it before serving (v1/engine/core_client.py MPClient.__init__).
+# Outputs reach only the client that asked: a client stamps its index on each request and
+# utility call (AsyncMPClient.add_request_async, _call_utility_async), the scheduler groups
+# outputs by request.client_index (v1/core/sched/scheduler.py Scheduler.update_from_output),
+# and the output thread sends each group on sockets[client_index].
+# The ready message is sent once per core life: an index can be attached once. A second
+# client on the same index would wait for it until VLLM_ENGINE_READY_TIMEOUT_S.
+
+
+@dataclass
+class _EngineCores:
+    """The engine-core processes an owner started for several clients, and their addresses."""
+
+    manager: Any  # vLLM's CoreEngineProcManager
+    coordinator: Any  # vLLM's DPCoordinator (data parallelism only), else None
+    inputs: list[str]
+    outputs: list[str]
+    stats_update_address: str | None
+
+    def pids(self) -> tuple[tuple[int, float], ...]:
+        """(pid, start time) of each engine-core process (and the coordinator's)."""
+        import psutil
+
+        procs = list(self.manager.processes)
+        if self.coordinator is not None:
+            procs.append(self.coordinator.proc)
+        return tuple((p.pid, psutil.Process(p.pid).create_time()) for p in procs)
+
+    def alive(self) -> bool:
+        """False once any engine-core process (or the coordinator) has exited."""
+        if self.manager.finished_procs():
+            return False
+        return self.coordinator is None or self.coordinator.proc.exitcode is None
+
+    def shutdown(self) -> None:
+        """Stop the processes and remove every client's IPC socket file."""
+        try:
+            self.manager.shutdown()
+            if self.coordinator is not None:
+                self.coordinator.shutdown()
+        finally:
+            for address in (*self.inputs, *self.outputs):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(address.removeprefix("ipc://"))
+
+
+@dataclass(frozen=True)
+class _LinkPayload:
+    """What ``EngineLink.payload`` holds: everything an attaching process needs from vLLM."""
+
+    spec: ModelSpec
+    args: argparse.Namespace
+    # cloudpickled, as vLLM pickles it for its spawned engine processes (a model with remote
+    # code has config classes that only pickle by value: transformers_utils/config.py
+    # maybe_register_config_serialize_by_value).
+    vllm_config: bytes
+    core_pids: tuple[tuple[int, float], ...]
+    stats_update_address: str | None
+
+
+@dataclass(frozen=True)
+class _Attachment:
+    """An attached client's link, and its payload read."""
+
+    link: EngineLink
+    payload: _LinkPayload
+
+
+def _refuse_with_several_clients(vllm_config: Any) -> None:
+    """What vLLM itself refuses (or cannot do) when several API processes share an engine."""
+    import vllm.envs as envs
+
+    if envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
+        # vllm serve refuses it too: each process would resolve adapters on its own, with its
+        # own ids (entrypoints/cli/serve.py run_multi_api_server).
+        raise ConfigError(
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING cannot be used with several worker processes"
+        )
+    multimodal = vllm_config.model_config.multimodal_config
+    if multimodal is not None and multimodal.mm_tensor_ipc == "torch_shm":
+        # Its tensor queue is inherited by spawned API processes only (launch_core_engines).
+        raise ConfigError(
+            "engine setting mm_tensor_ipc 'torch_shm' cannot be used with several worker processes"
+        )
+    if vllm_config.parallel_config.data_parallel_backend == "ray":
+        raise ConfigError("Ray data parallelism cannot be used with several worker processes")
+
+
+def _launch_cores(vllm_config: Any, clients: int) -> _EngineCores:
+    """Start the engine cores for ``clients`` clients and wait until they are ready."""
+    from vllm.v1.engine import utils as engine_utils
+    from vllm.v1.executor import Executor
+
+    bind = engine_utils.get_engine_zmq_bind_addresses(vllm_config, clients)
+    if not all(a.startswith("ipc://") for a in (*bind.inputs, *bind.outputs)):
+        # TCP placeholders (port 0) are for engines on other hosts; a port is known only once
+        # bound, before the cores start, which our separately started workers cannot do.
+        raise ConfigError("several worker processes need engines on this host (IPC addresses)")
+    addresses = engine_utils.EngineZmqAddresses(
+        inputs=list(bind.inputs), outputs=list(bind.outputs)
+    )
+    launch: Any = None
+    try:
+        # log_stats: the cores must compute the SchedulerStats our stat logger records.
+        with engine_utils.launch_core_engines(
+            vllm_config, Executor.get_class(vllm_config), True, addresses
+        ) as launch:
+            pass  # leaving the block waits for every core's READY (wait_for_engine_startup)
+    except BaseException:
+        if launch is not None:
+            _EngineCores(launch.engine_manager, launch.coordinator, [], [], None).shutdown()
+        raise
+    return _EngineCores(
+        manager=launch.engine_manager,
+        coordinator=launch.coordinator,
+        inputs=list(launch.addresses.inputs),
+        outputs=list(launch.addresses.outputs),
+        stats_update_address=launch.addresses.frontend_stats_publish_address,
+    )
+
+
+def _client_addresses(
+    inputs: Sequence[str], outputs: Sequence[str], index: int, stats_update_address: str | None
+) -> dict[str, Any]:
+    """AsyncLLM's ``client_addresses`` for client ``index`` (what APIServerProcessManager in
+    v1/utils.py hands each API process, less the listeners it pre-binds)."""
+    addresses: dict[str, Any] = {"input_address": inputs[index], "output_address": outputs[index]}
+    if stats_update_address is not None:
+        addresses["stats_update_address"] = stats_update_address
+    return addresses
+
+
+def _processes_alive(pids: Sequence[tuple[int, float]]) -> bool:
+    """Whether every (pid, start time) is still a live process (not reused, not a zombie)."""
+    import psutil
+
+    for pid, created in pids:
+        try:
+            proc = psutil.Process(pid)
+            # A start time off by more than rounding: the pid was reused.
+            if abs(proc.create_time() - created) > 0.5 or proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.Error:
+            return False
+    return True
+
+
+# LoRA adapters are known to the engine core by ``lora_int_id`` alone: a second add_lora with an
+# id it holds is a no-op (lora/worker_manager.py LRUCacheWorkerLoRAManager.add_adapter: "may be
+# invoked multiple times for the same adapter when using multiple API servers"). Each client's
+# serving layer numbers adapters with its own counter (entrypoints/openai/models/serving.py
+# OpenAIServingModels.load_lora_adapter), so two clients loading at run time in different
+# orders would give one id to two adapters, and one would silently serve the other's weights.
+# With several clients an adapter loaded at run time therefore gets an id every client derives
+# alike from its name and source. Adapters of models.yaml are loaded at start in the same order
+# by every client (init_static_loras) and take counter ids 1..n, below these.
+_PINNED_LORA_ID: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "appliance_pinned_lora_id", default=None
+)
+_SHARED_LORA_IDS = 2**30  # ids from here up to 2**31 - 1 are derived; the counter stays below
+
+
+def _shared_lora_id(name: str, source: str) -> int:
+    """The id every client gives adapter ``name`` loaded from ``source``."""
+    digest = hashlib.sha256(f"{name}\0{source}".encode()).digest()
+    return _SHARED_LORA_IDS + int.from_bytes(digest[:8], "big") % _SHARED_LORA_IDS
+
+
+@contextlib.contextmanager
+def _pinned_lora_id(lora_id: int | None) -> Iterator[None]:
+    """Within the block (and the current task), a ``_PinnableCounter`` hands out ``lora_id``."""
+    token = _PINNED_LORA_ID.set(lora_id)
+    try:
+        yield
+    finally:
+        _PINNED_LORA_ID.reset(token)
+
+
+class _PinnableCounter:
+    """vLLM's adapter-id counter, except that a load may pin the id it hands out."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    @property
+    def value(self) -> int:
+        """The counter's value (vLLM's ``AtomicCounter.value``)."""
+        return int(self._inner.value)
+
+    def inc(self, num: int = 1) -> int:
+        """The pinned id when a load pinned one, else the next counter value."""
+        pinned = _PINNED_LORA_ID.get()
+        return pinned if pinned is not None else int(self._inner.inc(num))
+
+    def dec(self, num: int = 1) -> int:
+        """As vLLM's ``AtomicCounter.dec``."""
+        return int(self._inner.dec(num))
+
+
 class VLLMEngine:
-    """One local model: vLLM's ``AsyncLLM`` in this process, and its OpenAI serving layer."""
+    """One local model: vLLM's ``AsyncLLM`` in this process, and its OpenAI serving layer.
+
+    With ``clients`` > 1 it starts the engine cores for that many client processes and is
+    client 0 of them (the owner); ``link()`` then tells other processes how to attach as the
+    other clients (``attach_engine``). With 1, the default, vLLM starts the cores for this one
+    client, as ever.
+    """
 
     def __init__(
         self,
@@ -452,10 +679,18 @@ class VLLMEngine:
         *,
         env: Mapping[str, str] | None = None,
         figures: EngineFigureSink | None = None,
+        clients: int = 1,
     ) -> None:
+        if clients < 1:
+            raise ValueError(f"clients must be at least 1, not {clients}")
         self.spec = spec
         self._args = args
         self._env = dict(env or {})
+        self._clients = clients
+        self._client_index = 0
+        self._cores: _EngineCores | None = None  # the owner's, with several clients
+        self._link: EngineLink | None = None  # the owner's, with several clients
+        self._attachment: _Attachment | None = None  # set when attached to another's cores
         self._engine: Any = None
         self._state = State()
         self._app: Any = None  # vLLM's own FastAPI app for this engine (``vllm serve``'s)
@@ -474,21 +709,112 @@ class VLLMEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        if self._attachment is not None:
+            return self._attach_client(self._attachment.link, self._attachment.payload)
         _install_spawn_hook()
         engine_args = AsyncEngineArgs.from_cli_args(self._args)
+        if self._clients > 1:
+            # As run_multi_api_server configures the engine cores (entrypoints/cli/serve.py):
+            # rank -1 is the cores' side; ParallelConfig accepts -1 or [0, count).
+            engine_args._api_process_count = self._clients
+            engine_args._api_process_rank = -1
         with _SPAWN_WINDOW.open(self._env):
             _forget_device_caches()
             vllm_config = engine_args.create_engine_config(
                 usage_context=UsageContext.OPENAI_API_SERVER
             )
-            # Returns once the engine is ready; the window closes as soon as it is spawned.
-            return AsyncLLM.from_vllm_config(
+            if self._clients == 1:
+                # Returns once the engine is ready; the window closes as soon as it is spawned.
+                return AsyncLLM.from_vllm_config(
+                    vllm_config=vllm_config,
+                    usage_context=UsageContext.OPENAI_API_SERVER,
+                    stat_loggers=[self._stats.factory(), _unexposed_prometheus_logger()],
+                    enable_log_requests=False,
+                    disable_log_stats=False,
+                )
+            _refuse_with_several_clients(vllm_config)
+            cores = _launch_cores(vllm_config, self._clients)
+        try:
+            # The cores have their own copy (spawn pickled it); this one is client 0's, and a
+            # client's rank is its index (as entry.py build_async_engine_client sets it).
+            vllm_config.parallel_config._api_process_rank = 0
+            engine = AsyncLLM.from_vllm_config(
                 vllm_config=vllm_config,
                 usage_context=UsageContext.OPENAI_API_SERVER,
                 stat_loggers=[self._stats.factory(), _unexposed_prometheus_logger()],
                 enable_log_requests=False,
                 disable_log_stats=False,
+                client_addresses=_client_addresses(
+                    cores.inputs, cores.outputs, 0, cores.stats_update_address
+                ),
+                client_count=self._clients,
+                client_index=0,
             )
+        except BaseException:
+            cores.shutdown()
+            raise
+        self._cores = cores
+        try:
+            self._link = self._make_link(vllm_config, cores)
+        except BaseException:
+            self._shutdown(engine)
+            raise
+        return engine
+
+    def _make_link(self, vllm_config: Any, cores: _EngineCores) -> EngineLink:
+        import cloudpickle
+        from vllm.transformers_utils.config import maybe_register_config_serialize_by_value
+
+        maybe_register_config_serialize_by_value()
+        payload = _LinkPayload(
+            spec=self.spec,
+            args=self._args,
+            vllm_config=cloudpickle.dumps(vllm_config),
+            core_pids=cores.pids(),
+            stats_update_address=cores.stats_update_address,
+        )
+        return EngineLink(
+            model=self.spec.name,
+            client_count=self._clients,
+            inputs=tuple(cores.inputs),
+            outputs=tuple(cores.outputs),
+            payload=pickle.dumps(payload),
+        )
+
+    def _attach_client(self, link: EngineLink, payload: _LinkPayload) -> Any:
+        """Client ``self._client_index`` of cores another process started: no launch, no
+        spawn (so no spawn window), only this process's sockets."""
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        vllm_config = pickle.loads(payload.vllm_config)
+        _refuse_with_several_clients(vllm_config)
+        vllm_config.parallel_config._api_process_rank = self._client_index
+        return AsyncLLM.from_vllm_config(
+            vllm_config=vllm_config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=[self._stats.factory(), _unexposed_prometheus_logger()],
+            enable_log_requests=False,
+            disable_log_stats=False,
+            client_addresses=_client_addresses(
+                link.inputs, link.outputs, self._client_index, payload.stats_update_address
+            ),
+            client_count=link.client_count,
+            client_index=self._client_index,
+        )
+
+    def _shutdown(self, engine: Any) -> None:
+        """Shut ``engine`` (the client) down and, for an owner of several clients, its cores.
+
+        The cores go first, as MPClient.shutdown orders it: they then tell every client still
+        connected that the engine is dead (ENGINE_CORE_DEAD) before this client closes.
+        """
+        cores, self._cores = self._cores, None
+        try:
+            if cores is not None:
+                cores.shutdown()
+        finally:
+            engine.shutdown()
 
     def _download_weights(self) -> None:
         """Fetch a hub model's weights before the engine starts, with vLLM's own patterns.
@@ -520,12 +846,13 @@ class VLLMEngine:
         """Fetch the weights, start the engine processes, build the OpenAI serving layer."""
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
-        try:
-            await asyncio.to_thread(self._download_weights)
-        except Exception as exc:
-            raise EngineError(
-                f"model {self.spec.name!r}: downloading its weights failed: {exc}"
-            ) from exc
+        if self._attachment is None:  # an attached client's owner fetched them
+            try:
+                await asyncio.to_thread(self._download_weights)
+            except Exception as exc:
+                raise EngineError(
+                    f"model {self.spec.name!r}: downloading its weights failed: {exc}"
+                ) from exc
         building = asyncio.ensure_future(asyncio.to_thread(self._create_engine))
         try:
             self._engine = await asyncio.shield(building)
@@ -534,7 +861,7 @@ class VLLMEngine:
             # no engine process outlives a cancelled load (SIGTERM while loading, say).
             with contextlib.suppress(Exception):
                 engine = await building
-                await asyncio.to_thread(engine.shutdown)
+                await asyncio.to_thread(self._shutdown, engine)
             raise
         except Exception as exc:
             raise EngineError(f"model {self.spec.name!r} failed to start: {exc}") from exc
@@ -544,6 +871,10 @@ class VLLMEngine:
             # The app's state is where vLLM's routes look for their serving objects.
             self._state = self._app.state
             await init_app_state(self._engine, self._state, self._args, tasks)
+            if self._clients > 1:
+                models = getattr(self._state, "openai_serving_models", None)
+                if models is not None:
+                    models.lora_id_counter = _PinnableCounter(models.lora_id_counter)
             self._routes = _routes_of(self._app)
             cards = await self._state.openai_serving_models.show_available_models()
             self._card = cards.data[0].model_dump(mode="json") if cards.data else None
@@ -553,11 +884,22 @@ class VLLMEngine:
             raise EngineError(f"model {self.spec.name!r} failed to start: {exc}") from exc
 
     async def stop(self) -> None:
-        """Shut the engine's processes down; safe to call twice."""
+        """Shut the engine's processes down; safe to call twice.
+
+        An attached client closes only itself (aborting what it still has in flight, which
+        the cores would otherwise finish for nobody); the cores are its owner's.
+        """
         engine, self._engine = self._engine, None
-        if engine is not None:
-            # shutdown() joins processes; keep the event loop free while it does.
-            await asyncio.to_thread(engine.shutdown)
+        self._link = None
+        if engine is None:
+            return
+        if self._attachment is not None:
+            unfinished = list(engine.output_processor.request_states)
+            if unfinished and not engine.errored:
+                with contextlib.suppress(Exception):
+                    await engine.abort(unfinished, internal=True)
+        # shutdown() joins processes; keep the event loop free while it does.
+        await asyncio.to_thread(self._shutdown, engine)
 
     async def sleep(self, level: int) -> None:
         """vLLM sleep mode: level 1 offloads weights to CPU memory, level 2 drops them."""
@@ -598,17 +940,42 @@ class VLLMEngine:
     def is_alive(self) -> bool:
         """False once vLLM reports the engine dead (its core process died or raised)."""
         engine = self._engine
-        return engine is not None and not engine.errored
+        if engine is None or engine.errored:
+            return False
+        # With cores started apart from this client, vLLM's client does not watch their
+        # processes (MPClient.start_engine_core_monitor needs its own engine_manager): a core
+        # killed outright sends no ENGINE_CORE_DEAD, so look at the processes themselves.
+        if self._cores is not None:
+            return self._cores.alive()
+        if self._attachment is not None:
+            return _processes_alive(self._attachment.payload.core_pids)
+        return True
 
     def stats(self) -> EngineStats:
-        """Requests in flight in the engine and its KV-cache usage."""
+        """Requests in flight in the engine and its KV-cache usage.
+
+        With several clients, each engine step's SchedulerStats (running, waiting, KV cache)
+        go to one client only: the first with outputs in that step, else client 0
+        (v1/core/sched/scheduler.py Scheduler.update_from_output, "Return stats to only one
+        of the front-ends"). A client's latest snapshot may then be any age, so such a client
+        reports only what it knows: its own requests in flight. Per-step counts handed to the
+        figure sink stay exact summed over the clients (each step's go to exactly one), and
+        finished requests' times are each client's own.
+        """
         engine = self._engine
         unfinished = engine.get_num_unfinished_requests() if engine is not None else 0
+        if self._clients > 1:
+            return EngineStats(running=unfinished)
         return EngineStats(
             running=unfinished,
             waiting=self._stats.waiting,
             kv_cache_usage=self._stats.kv_cache_usage,
         )
+
+    def link(self) -> EngineLink | None:
+        """How another process attaches to this engine's cores as one more client; None with
+        one client, or before the engine has started."""
+        return self._link
 
     # -- requests --------------------------------------------------------------------------
 
@@ -669,13 +1036,19 @@ class VLLMEngine:
 
     async def load_adapter(self, name: str, source: str) -> None:
         """Serve the LoRA adapter at ``source`` (folder or hub id) as ``name``, with vLLM's
-        own runtime loading (what ``/v1/load_lora_adapter`` does); the engine keeps serving."""
+        own runtime loading (what ``/v1/load_lora_adapter`` does); the engine keeps serving.
+
+        Each client's serving layer keeps its own adapter list: with several clients every
+        one of them must load it (the cores load the weights once, see ``_shared_lora_id``).
+        """
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
         models = self._serving_models()
-        result = await models.load_lora_adapter(
-            LoadLoRAAdapterRequest(lora_name=name, lora_path=source), base_model_name=self.spec.name
-        )
+        with _pinned_lora_id(_shared_lora_id(name, source) if self._clients > 1 else None):
+            result = await models.load_lora_adapter(
+                LoadLoRAAdapterRequest(lora_name=name, lora_path=source),
+                base_model_name=self.spec.name,
+            )
         _raise_for_error(result, f"model {self.spec.name!r}: adapter {name!r}")
 
     async def unload_adapter(self, name: str) -> None:
@@ -741,6 +1114,33 @@ class VLLMEngine:
                 "engine error", extra={"model": self.spec.name, "error": repr(exc)}, exc_info=exc
             )
         return JSONReply(status_code=response.error.code, body=response.model_dump_json().encode())
+
+
+def attach_engine(
+    link: EngineLink, client_index: int, *, figures: EngineFigureSink | None = None
+) -> VLLMEngine:
+    """Client ``client_index`` of the engine cores ``link`` describes, not yet started.
+
+    Call from another process of this appliance than the owner's; ``start()`` then builds an
+    ``AsyncLLM`` client on that index's addresses (no engine is launched, no weights are
+    fetched) and the same OpenAI serving layer as the owner's. Its ``stop()`` closes this
+    client only. Each index can be attached once per engine start.
+
+    Raises:
+        ValueError: ``client_index`` is 0 (the owner's) or past ``link.client_count``.
+    """
+    if not 0 < client_index < link.client_count:
+        raise ValueError(
+            f"model {link.model!r}: client index {client_index} is not one of 1.."
+            f"{link.client_count - 1} (0 is the owner's)"
+        )
+    payload = pickle.loads(link.payload)
+    if not isinstance(payload, _LinkPayload):
+        raise ValueError(f"model {link.model!r}: not a link made by this appliance")
+    engine = VLLMEngine(payload.spec, payload.args, figures=figures, clients=link.client_count)
+    engine._client_index = client_index
+    engine._attachment = _Attachment(link, payload)
+    return engine
 
 
 def _raise_for_error(result: Any, what: str) -> None:
