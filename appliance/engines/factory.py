@@ -156,12 +156,17 @@ class EngineFactory:
         ]
 
     def create(
-        self, spec: ModelSpec, allocation: Allocation, inventory: Inventory, *, clients: int = 1
+        self,
+        spec: ModelSpec,
+        allocation: Allocation,
+        inventory: Inventory,
+        *,
+        clients: int | None = None,
     ) -> Engine:
         """A new, not yet started, engine for ``spec`` on the devices of ``allocation``.
 
         ``clients`` > 1 starts its engine cores for that many client processes; this engine is
-        client 0, and its ``link()`` lets the others ``attach``.
+        client 0, and its ``link()`` lets the others ``attach``. None: ``self.clients``.
         """
         from appliance.engines.vllm_engine import VLLMEngine
 
@@ -186,7 +191,9 @@ class EngineFactory:
             adapters=self._adapters(spec),
             base_dir=self._base_dir,
         )
-        return VLLMEngine(spec, args, env=env, figures=self._figures, clients=clients)
+        return VLLMEngine(
+            spec, args, env=env, figures=self._figures, clients=clients or self.clients
+        )
 
     @staticmethod
     def link_of(engine: Engine) -> EngineLink | None:

@@ -99,9 +99,10 @@ class AttachedEngines:
                 with contextlib.suppress(Exception):
                     await old.stop()
         # The link comes from the owner, our parent, over a socket only this user can open.
-        described: Any = pickle.loads(base64.b64decode(link))
+        described: EngineLink = pickle.loads(base64.b64decode(link))
         started = time.perf_counter()
-        engine = await self._attacher.attach(described, self._index)
+        engine = self._attacher.attach(described, self._index)
+        await engine.start()
         log.info(
             "attached to engine",
             extra={"model": entry, "seconds": round(time.perf_counter() - started, 2)},
