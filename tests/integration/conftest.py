@@ -15,9 +15,9 @@ from tests.integration.harness import ApplianceProcess, minilm, tiny_chat
 def serving_appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApplianceProcess]:
     """The default shape of models.yaml: a tiny chat model and MiniLM, both autoloaded."""
     # Two HTTP workers (issue 16): every module on this appliance runs across both.
-    appliance = ApplianceProcess(
-        tmp_path_factory.mktemp("serving"), [tiny_chat(), minilm()]
-    ).start("--workers", "2")
+    appliance = ApplianceProcess(tmp_path_factory.mktemp("serving"), [tiny_chat(), minilm()]).start(
+        "--workers", "2"
+    )
     yield appliance
     appliance.stop()
 

@@ -64,4 +64,7 @@ def test_no_engine_process_holds_the_listening_socket(
     assert serving_appliance.proc is not None
     assert _sockets(serving_appliance.proc.pid) & listening  # the check can see it at all
     holders = {pid for pid in serving_appliance.descendants() if _sockets(pid) & listening}
-    assert holders == set()
+    # The HTTP workers (issue 16) accept from it by design; nothing else may hold it.
+    workers = {pid for pid in holders if _cmdline(pid).startswith("appliance: http worker")}
+    assert workers, "the shared appliance runs two HTTP workers; the worker holds the socket"
+    assert holders - workers == set()

@@ -94,10 +94,18 @@ def value(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def title(pid: int) -> str:
+    """A process's command line as ``ps`` shows it (setproctitle pads it with empty args)."""
+    try:
+        return " ".join(psutil.Process(pid).cmdline()).strip()
+    except psutil.Error:
+        return ""
+
+
 def test_the_workers_are_processes_of_their_own(appliance: ApplianceProcess) -> None:
     assert appliance.proc is not None
-    titles = [psutil.Process(pid).cmdline() for pid in appliance.descendants()]
-    assert ["appliance: http worker 1"] in titles
+    titles = [title(pid) for pid in appliance.descendants()]
+    assert titles.count("appliance: http worker 1") == 1
 
 
 def test_requests_for_one_model_are_answered_by_both_workers(appliance: ApplianceProcess) -> None:
@@ -245,11 +253,12 @@ def _usage(appliance: ApplianceProcess, key: str) -> dict[str, int]:
 def test_the_worker_stops_with_the_appliance(tmp_path_factory: pytest.TempPathFactory) -> None:
     proc = ApplianceProcess(tmp_path_factory.mktemp("workers-stop"), [])
     proc.start("--workers", "2")
-    workers = {
-        pid
-        for pid in proc.descendants()
-        if psutil.Process(pid).cmdline() == ["appliance: http worker 1"]
-    }
-    assert len(workers) == 1
+    workers: set[int] = set()
+
+    def worker_running() -> bool:
+        workers.update(p for p in proc.descendants() if title(p) == "appliance: http worker 1")
+        return len(workers) == 1
+
+    wait_until(worker_running, "the worker process is up")
     assert proc.stop() == 0
     assert not any(psutil.pid_exists(pid) for pid in workers)
