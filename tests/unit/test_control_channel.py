@@ -177,3 +177,16 @@ def test_every_answer_names_its_worker_once() -> None:
     app = NameTheWorker(_app, index=3)  # type: ignore[arg-type]
     _, headers = _call(app, [])
     assert headers.count((b"x-appliance-worker", b"3")) == 1
+
+
+# --- how many workers when not told -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gpus", "cores", "workers"),
+    [(0, 2, 1), (0, 64, 1), (1, 16, 1), (4, 8, 2), (4, 64, 4), (8, 128, 8), (8, 16, 4)],
+)
+def test_one_worker_per_gpu_as_far_as_the_cores_allow(gpus: int, cores: int, workers: int) -> None:
+    from appliance.settings import default_http_workers
+
+    assert default_http_workers(gpus, cores) == workers
