@@ -93,9 +93,9 @@ class ControlServer:
         """The indexes of the workers connected now."""
         return sorted(session.index for session in self._sessions)
 
-    async def ask_all(self, op: str, *, timeout: float) -> None:
-        """Call ``op`` on every connected worker and wait (at most ``timeout`` seconds) for
-        all of them to answer; a worker that does not is left to it."""
+    async def ask_all(self, op: str, *, timeout: float, **args: Any) -> None:
+        """Call ``op`` with ``args`` on every connected worker and wait (at most ``timeout``
+        seconds) for all of them to answer; a worker that does not is left to it."""
         waits = []
         for session in list(self._sessions):
             if session.writer is None:
@@ -104,7 +104,7 @@ class ControlServer:
             future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             session.asked[call_id] = future
             with contextlib.suppress(ConnectionError):
-                await _write(session.writer, {"id": call_id, "op": op, "args": {}})
+                await _write(session.writer, {"id": call_id, "op": op, "args": args})
                 waits.append(future)
         if waits:
             await asyncio.wait(waits, timeout=timeout)
@@ -191,7 +191,7 @@ class ControlClient:
         path: Path,
         token: str,
         index: int,
-        handlers: Mapping[str, Callable[[], Awaitable[None]]] | None = None,
+        handlers: Mapping[str, Callable[[dict[str, Any]], Awaitable[None]]] | None = None,
     ) -> None:
         """``handlers``: what the owner may ask of this worker (``flush``...)."""
         self._handlers = dict(handlers or {})
@@ -270,7 +270,8 @@ class ControlClient:
             reply["error"] = {"message": f"unknown call {message.get('op')!r}"}
         else:
             try:
-                await handler()
+                args = message.get("args")
+                await handler(args if isinstance(args, dict) else {})
                 reply["ok"] = {}
             except Exception as exc:
                 reply["error"] = {"message": f"{type(exc).__name__}: {exc}"}

@@ -29,6 +29,7 @@ from appliance.errors import ApplianceError, RateLimitedError
 from appliance.metrics import Metrics
 from appliance.request_info import INFO_KEY, RequestInfo, RequestObserver
 from appliance.router import Router
+from appliance.supervisor.states import ModelState
 from appliance.workers.control import ControlError, WorkerSession
 
 
@@ -127,10 +128,7 @@ class OwnerService:
         return {
             "lease": token,
             "model": lease.model,
-            "entry": lease.entry,
-            "link_id": self._link_id(lease.engine),
-            "link": base64.b64encode(pickle.dumps(link)).decode(),
-            "adapters": self._router.supervisor.adapters_of(lease.entry),
+            **self._described(lease.entry, lease.engine, link),
             # Whether errors may name backends and paths to this caller (an admin).
             "detail": bool(request.scope.get(DETAIL_SCOPE)),
         }
@@ -152,6 +150,28 @@ class OwnerService:
             for gap in gaps:
                 self._metrics.observe_inter_token(str(model), float(gap))
         return {}
+
+    def links(self) -> list[dict[str, Any]]:
+        """Every ready local engine that workers can attach to, as a lease describes it:
+        workers attach ahead of their first request (making a vLLM client takes seconds)."""
+        found = []
+        for handle in self._router.supervisor.handles():
+            engine = handle.engine
+            if handle.state is not ModelState.READY or engine is None:
+                continue
+            link = _link_of(engine)
+            if link is not None:
+                found.append(self._described(handle.name, engine, link))
+        return found
+
+    def _described(self, entry: str, engine: Engine, link: Any) -> dict[str, Any]:
+        """How a worker reaches ``entry``'s engine (``AttachedEngines.get``'s arguments)."""
+        return {
+            "entry": entry,
+            "link_id": self._link_id(engine),
+            "link": base64.b64encode(pickle.dumps(link)).decode(),
+            "adapters": self._router.supervisor.adapters_of(entry),
+        }
 
     def _link_id(self, engine: Engine) -> str:
         found = self._link_ids.get(engine)

@@ -102,11 +102,13 @@ class WorkerPool:
         app.state.settle_workers = lambda: control.ask_all("flush", timeout=3.0)
         self._spawn()
         watcher = asyncio.create_task(self._watch())
+        announcer = asyncio.create_task(self._announce(service, control))
         try:
             yield
         finally:
             self._stopping = True
             watcher.cancel()
+            announcer.cancel()
             await asyncio.to_thread(self.stop, self.settings.shutdown_grace_seconds + 5)
             await control.stop()
             with contextlib.suppress(OSError):
@@ -160,6 +162,18 @@ class WorkerPool:
                 log.warning("http worker did not stop in time: killed", extra={"pid": process.pid})
                 process.kill()
                 process.wait()
+
+    async def _announce(self, service: OwnerService, control: ControlServer) -> None:
+        """Tell the workers of every engine they can attach to, whenever that set changes
+        (or a worker connects), so they attach before their first request for it."""
+        told: tuple[frozenset[str], tuple[int, ...]] | None = None
+        while True:
+            links = service.links()
+            now = (frozenset(link["link_id"] for link in links), tuple(control.workers()))
+            if now != told and now[1]:
+                await control.ask_all("attach", timeout=5.0, links=links)
+                told = now
+            await asyncio.sleep(0.5)
 
     async def _watch(self) -> None:
         """Take the appliance down if a worker dies while it is serving."""

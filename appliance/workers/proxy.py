@@ -26,7 +26,6 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
         b"te",
         b"trailer",
-        b"content-length",
         b"host",
     }
 )
@@ -65,12 +64,19 @@ class OwnerProxy:
         query = scope.get("query_string", b"")
         url = path.decode("latin-1") + (("?" + query.decode("latin-1")) if query else "")
         body = scope.pop(BODY_SCOPE, None)
-        request = self._client.build_request(
-            scope["method"],
-            url,
-            headers=headers,
-            content=body if body is not None else _body_of(receive),
-        )
+        if body is not None:
+            # Read already (to find the model): sent with its own length.
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+        else:
+            # The body framed as the client framed it: its Content-Length kept (httpx then
+            # streams it without chunking), chunked if it was, none if it had none (a body of
+            # unknown length would make the owner refuse a bodyless POST as not JSON).
+            framed = any(
+                k.lower() in (b"content-length", b"transfer-encoding")
+                for k, _ in scope.get("headers", ())
+            )
+            body = _body_of(receive) if framed else b""
+        request = self._client.build_request(scope["method"], url, headers=headers, content=body)
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError:
@@ -80,6 +86,7 @@ class OwnerProxy:
             out = [
                 (k.lower().encode("latin-1"), v.encode("latin-1"))
                 for k, v in response.headers.multi_items()
+                # Raw bytes pass through (aiter_raw), so the owner's Content-Length holds.
                 if k.lower().encode("latin-1") not in _HOP_BY_HOP
             ]
             start = {"type": "http.response.start", "status": response.status_code, "headers": out}

@@ -11,6 +11,7 @@ import os
 import pickle
 import socket
 import sys
+from typing import Any
 
 from appliance.workers.pool import WorkerStart
 
@@ -41,21 +42,27 @@ async def _serve(start: WorkerStart) -> None:
 
     settings = start.settings
 
-    async def flush() -> None:
+    async def flush(_: dict[str, Any]) -> None:
         await figures.flush()
 
-    control = ControlClient(start.control_path, start.token, start.index, {"flush": flush})
+    async def attach(args: dict[str, Any]) -> None:
+        engines.attach_ahead(list(args.get("links", [])))
+
+    control = ControlClient(
+        start.control_path, start.token, start.index, {"flush": flush, "attach": attach}
+    )
     figures = FiguresToOwner(control)
-    await control.connect()
     factory = EngineFactory(
         base_dir=settings.config_path.resolve().parent, cpu_kv_cache_gib=settings.cpu_kv_cache_gib
     )
+    engines = AttachedEngines(factory, start.index)
+    await control.connect()
     app = create_worker_app(
         settings,
         index=start.index,
         control=control,
         figures=figures,
-        engines=AttachedEngines(factory, start.index),
+        engines=engines,
         owner=OwnerProxy(start.owner_path, start.token),
     )
     config = uvicorn.Config(

@@ -78,6 +78,7 @@ class AttachedEngines:
         self._engines: dict[str, Engine] = {}
         self._entry_of: dict[str, str] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._ahead: set[asyncio.Task[Engine]] = set()
 
     async def get(self, entry: str, link_id: str, link: str, adapters: dict[str, str]) -> Engine:
         """The client for ``link_id``, attached now if new; older clients of ``entry`` are
@@ -111,8 +112,33 @@ class AttachedEngines:
         self._entry_of[link_id] = entry
         return engine
 
+    def attach_ahead(self, links: list[dict[str, Any]]) -> None:
+        """Attach to each engine of ``links`` (the owner's ``links()``) in the background, so
+        a first request finds its client made; a request meanwhile waits for the same one."""
+        for link in links:
+            if str(link["link_id"]) in self._engines:
+                continue
+            task = asyncio.create_task(
+                self.get(
+                    str(link["entry"]),
+                    str(link["link_id"]),
+                    str(link["link"]),
+                    dict(link["adapters"]),
+                )
+            )
+            self._ahead.add(task)
+            task.add_done_callback(self._attached_ahead)
+
+    def _attached_ahead(self, task: asyncio.Task[Engine]) -> None:
+        self._ahead.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A request for the model will try again, and answer with the reason.
+            log.warning("attaching ahead failed: %s", task.exception())
+
     async def close(self) -> None:
         """Close every client (the engine cores stay: they are the owner's)."""
+        for task in list(self._ahead):
+            task.cancel()
         engines, self._engines = self._engines, {}
         for engine in engines.values():
             with contextlib.suppress(Exception):

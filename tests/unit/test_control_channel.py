@@ -134,6 +134,30 @@ def test_calls_fail_at_once_when_the_owner_is_gone(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_the_owner_asks_every_worker_and_waits_for_their_answers(tmp_path: Path) -> None:
+    heard: list[tuple[int, dict[str, Any]]] = []
+
+    async def main() -> None:
+        server, path = await _with_server(tmp_path, {})
+        clients = []
+        for index in (1, 2):
+
+            async def flush(args: dict[str, Any], index: int = index) -> None:
+                await asyncio.sleep(0.05)
+                heard.append((index, args))
+
+            client = ControlClient(path, TOKEN, index=index, handlers={"flush": flush})
+            await client.connect()
+            clients.append(client)
+        await server.ask_all("flush", timeout=5, why="a scrape")
+        assert sorted(heard) == [(1, {"why": "a scrape"}), (2, {"why": "a scrape"})]
+        for client in clients:
+            await client.close()
+        await server.stop()
+
+    asyncio.run(main())
+
+
 # --- the owner's HTTP edge: who may name a client's address ---------------------------------
 
 
