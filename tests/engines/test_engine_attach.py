@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -62,6 +63,25 @@ def tiny_spec() -> LocalModelSpec:
         task="generate",
         engine={"max_model_len": 512, "dtype": "float32"},
     )
+
+
+def lora_spec() -> LocalModelSpec:
+    """The tiny Llama with vLLM's LoRA support on, so adapters can be loaded at run time."""
+    spec = tiny_spec()
+    return spec.model_copy(
+        update={"engine": {**spec.engine, "enable_lora": True, "max_lora_rank": 8, "max_loras": 2}}
+    )
+
+
+def build_adapter(out: Path, seed: int) -> Path:
+    """A tiny random LoRA adapter for the tiny Llama (scripts/build_tiny_lora.py), per seed."""
+    module_spec = importlib.util.spec_from_file_location(
+        "build_tiny_lora", REPO / "scripts" / "build_tiny_lora.py"
+    )
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return Path(module.build_lora(TINY, out, seed=seed))
 
 
 def incoming() -> Request:
@@ -190,7 +210,7 @@ def owner(loop: asyncio.AbstractEventLoop) -> Iterator[VLLMEngine]:
         pytest.skip("build the tiny models first: python scripts/build_tiny_model.py --all")
     factory = EngineFactory(base_dir=REPO)
     engine = factory.create(
-        tiny_spec(), Allocation("tiny-chat", (0,), 1.0, (1.0,)), cpu_inventory(4), clients=3
+        lora_spec(), Allocation("tiny-chat", (0,), 1.0, (1.0,)), cpu_inventory(4), clients=3
     )
     assert isinstance(engine, VLLMEngine)
     run(loop, engine.start(), START_SECONDS)
@@ -265,6 +285,11 @@ async def serve_commands(link: EngineLink, index: int, conn: Connection) -> None
                 return
             if command == "alive":
                 conn.send(("alive", engine.is_alive()))
+                continue
+            if command == "load":
+                assert body is not None
+                await engine.load_adapter(body["name"], body["source"])
+                conn.send(("loaded", None))
                 continue
             try:
                 conn.send(("answer", await answer(engine, body)))
@@ -357,6 +382,33 @@ def test_a_stream_from_the_second_client(
     mine = run(loop, answer(owner, completion()), REPLY_SECONDS)
     assert isinstance(mine, dict)
     assert streamed_text(events) == mine["choices"][0]["text"]
+
+
+@pytest.mark.integration
+def test_adapters_loaded_in_another_order_serve_the_same_weights(
+    loop: asyncio.AbstractEventLoop,
+    owner: VLLMEngine,
+    second: OtherClient,
+    tmp_path: Path,
+) -> None:
+    # The cores know an adapter by its id alone. vLLM's serving layer numbers adapters per
+    # client, so here client 1's first adapter would take the id of client 0's first, and
+    # serve its weights; derived ids keep them apart.
+    first = build_adapter(tmp_path / "sql-a", seed=1)
+    other = build_adapter(tmp_path / "sql-b", seed=2)
+    run(loop, owner.load_adapter("sql-a", str(first)), REPLY_SECONDS)
+    run(loop, owner.load_adapter("sql-b", str(other)), REPLY_SECONDS)
+    second.call("load", {"name": "sql-b", "source": str(other)})
+
+    def tokens(reply: Any) -> list[int]:
+        assert isinstance(reply, dict)
+        return list(reply["choices"][0]["token_ids"])
+
+    mine_a = tokens(run(loop, answer(owner, completion(model="sql-a")), REPLY_SECONDS))
+    mine_b = tokens(run(loop, answer(owner, completion(model="sql-b")), REPLY_SECONDS))
+    theirs_b = tokens(second.ask(completion(model="sql-b")))
+    assert mine_a != mine_b, "the two adapters must answer apart for this test to tell"
+    assert theirs_b == mine_b
 
 
 @pytest.mark.integration
