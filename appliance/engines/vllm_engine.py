@@ -808,6 +808,8 @@ class VLLMEngine:
     def _make_link(
         self, vllm_config: Any, cores: _EngineCores, pids: tuple[tuple[int, float], ...]
     ) -> EngineLink:
+        """The owner's ``EngineLink``, once client 0 is up (its config then holds what the
+        cores' ready message settled, such as an auto-fitted max_model_len)."""
         import cloudpickle
         from vllm.transformers_utils.config import maybe_register_config_serialize_by_value
 
