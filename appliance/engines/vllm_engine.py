@@ -611,6 +611,37 @@ def _processes_alive(pids: Sequence[tuple[int, float]]) -> bool:
     return True
 
 
+CORE_WATCH_SECONDS = 0.5  # how often a client of cores it did not launch looks at them
+
+
+def _watch_cores(engine: Any, pids: Sequence[tuple[int, float]], stopped: threading.Event) -> None:
+    """Fail ``engine``'s requests once one of the core processes ``pids`` has gone.
+
+    What MPClient.start_engine_core_monitor (v1/engine/core_client.py) does for cores its
+    client launched, which a client given ``client_addresses`` does not: a core killed outright
+    sends no ENGINE_CORE_DEAD, and requests, those in flight and new ones alike, would wait
+    for it forever. Runs in a daemon thread until ``stopped`` is set.
+    """
+    import weakref
+
+    client = weakref.ref(engine.engine_core)
+    del engine
+    while not stopped.wait(CORE_WATCH_SECONDS):
+        if _processes_alive(pids):
+            continue
+        core = client()
+        if core is not None and not stopped.is_set():
+            log.error(
+                "engine core process gone (its owner unloaded it, or it died)",
+                extra={"pids": [pid for pid, _ in pids]},
+            )
+            # As vLLM's own monitor: mark it dead, then shut the client down, which ends its
+            # output task with EngineDeadError for every request in flight.
+            core.resources.engine_dead = True
+            core.shutdown()
+        return
+
+
 # LoRA adapters are known to the engine core by ``lora_int_id`` alone: a second add_lora with an
 # id it holds is a no-op (lora/worker_manager.py LRUCacheWorkerLoRAManager.add_adapter: "may be
 # invoked multiple times for the same adapter when using multiple API servers"). Each client's
@@ -691,6 +722,7 @@ class VLLMEngine:
         self._cores: _EngineCores | None = None  # the owner's, with several clients
         self._link: EngineLink | None = None  # the owner's, with several clients
         self._attachment: _Attachment | None = None  # set when attached to another's cores
+        self._watch_stopped = threading.Event()  # ends the watch on cores this client shares
         self._engine: Any = None
         self._state = State()
         self._app: Any = None  # vLLM's own FastAPI app for this engine (``vllm serve``'s)
@@ -755,13 +787,29 @@ class VLLMEngine:
             raise
         self._cores = cores
         try:
-            self._link = self._make_link(vllm_config, cores)
+            pids = cores.pids()
+            self._link = self._make_link(vllm_config, cores, pids)
         except BaseException:
             self._shutdown(engine)
             raise
+        self._watch(engine, pids)
         return engine
 
-    def _make_link(self, vllm_config: Any, cores: _EngineCores) -> EngineLink:
+    def _watch(self, engine: Any, pids: Sequence[tuple[int, float]]) -> None:
+        """Start watching the cores' processes for this client (see ``_watch_cores``)."""
+        self._watch_stopped = threading.Event()
+        threading.Thread(
+            target=_watch_cores,
+            args=(engine, pids, self._watch_stopped),
+            name=f"appliance-cores-{self.spec.name}",
+            daemon=True,
+        ).start()
+
+    def _make_link(
+        self, vllm_config: Any, cores: _EngineCores, pids: tuple[tuple[int, float], ...]
+    ) -> EngineLink:
+        """The owner's ``EngineLink``, once client 0 is up (its config then holds what the
+        cores' ready message settled, such as an auto-fitted max_model_len)."""
         import cloudpickle
         from vllm.transformers_utils.config import maybe_register_config_serialize_by_value
 
@@ -770,7 +818,7 @@ class VLLMEngine:
             spec=self.spec,
             args=self._args,
             vllm_config=cloudpickle.dumps(vllm_config),
-            core_pids=cores.pids(),
+            core_pids=pids,
             stats_update_address=cores.stats_update_address,
         )
         return EngineLink(
@@ -790,7 +838,7 @@ class VLLMEngine:
         vllm_config = pickle.loads(payload.vllm_config)
         _refuse_with_several_clients(vllm_config)
         vllm_config.parallel_config._api_process_rank = self._client_index
-        return AsyncLLM.from_vllm_config(
+        engine = AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,
             stat_loggers=[self._stats.factory(), _unexposed_prometheus_logger()],
@@ -802,19 +850,23 @@ class VLLMEngine:
             client_count=link.client_count,
             client_index=self._client_index,
         )
+        self._watch(engine, payload.core_pids)
+        return engine
 
     def _shutdown(self, engine: Any) -> None:
         """Shut ``engine`` (the client) down and, for an owner of several clients, its cores.
 
-        The cores go first, as MPClient.shutdown orders it: they then tell every client still
-        connected that the engine is dead (ENGINE_CORE_DEAD) before this client closes.
+        The client goes first: the cores tell every client still connected that the engine
+        is dead (ENGINE_CORE_DEAD), which this one would log as a failure of its output
+        handler. Attached clients do hear it, and stop serving.
         """
         cores, self._cores = self._cores, None
+        self._watch_stopped.set()  # an orderly end: nothing for the watch to report
         try:
+            engine.shutdown()
+        finally:
             if cores is not None:
                 cores.shutdown()
-        finally:
-            engine.shutdown()
 
     def _download_weights(self) -> None:
         """Fetch a hub model's weights before the engine starts, with vLLM's own patterns.
@@ -898,6 +950,13 @@ class VLLMEngine:
             if unfinished and not engine.errored:
                 with contextlib.suppress(Exception):
                     await engine.abort(unfinished, internal=True)
+        if self._clients > 1 and engine.get_num_unfinished_requests() == 0:
+            # Nothing waits for outputs: end vLLM's output handler now, or closing the
+            # client's sockets from shutdown()'s thread may reach it first as EngineDeadError,
+            # which it logs as a failure. (With requests in flight it must run on, to fail them.)
+            handler = getattr(engine, "output_handler", None)
+            if handler is not None:
+                handler.cancel()
         # shutdown() joins processes; keep the event loop free while it does.
         await asyncio.to_thread(self._shutdown, engine)
 

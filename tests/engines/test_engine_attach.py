@@ -1,8 +1,8 @@
 """One engine, several client processes: what `vllm serve --api-server-count N` does.
 
-The owner starts the engine cores for two clients and is client 0; a second process, started
-with multiprocessing's spawn as the appliance's workers will be, attaches as client 1 and
-talks to the cores itself. One real tiny engine serves the whole module (one start); the first
+The owner starts the engine cores for three clients and is client 0; other processes, started
+with multiprocessing's spawn as the appliance's workers will be, attach as clients 1 and 2 and
+talk to the cores themselves. One real tiny engine serves the whole module (one start); the first
 tests need none.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -62,6 +63,25 @@ def tiny_spec() -> LocalModelSpec:
         task="generate",
         engine={"max_model_len": 512, "dtype": "float32"},
     )
+
+
+def lora_spec() -> LocalModelSpec:
+    """The tiny Llama with vLLM's LoRA support on, so adapters can be loaded at run time."""
+    spec = tiny_spec()
+    return spec.model_copy(
+        update={"engine": {**spec.engine, "enable_lora": True, "max_lora_rank": 8, "max_loras": 2}}
+    )
+
+
+def build_adapter(out: Path, seed: int) -> Path:
+    """A tiny random LoRA adapter for the tiny Llama (scripts/build_tiny_lora.py), per seed."""
+    module_spec = importlib.util.spec_from_file_location(
+        "build_tiny_lora", REPO / "scripts" / "build_tiny_lora.py"
+    )
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return Path(module.build_lora(TINY, out, seed=seed))
 
 
 def incoming() -> Request:
@@ -185,12 +205,12 @@ def run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], timeout: 
 
 @pytest.fixture(scope="module")
 def owner(loop: asyncio.AbstractEventLoop) -> Iterator[VLLMEngine]:
-    """The tiny engine, its cores started for two clients; this process is client 0."""
+    """The tiny engine, its cores started for three clients; this process is client 0."""
     if not (TINY / "config.json").exists():
         pytest.skip("build the tiny models first: python scripts/build_tiny_model.py --all")
     factory = EngineFactory(base_dir=REPO)
     engine = factory.create(
-        tiny_spec(), Allocation("tiny-chat", (0,), 1.0, (1.0,)), cpu_inventory(4), clients=2
+        lora_spec(), Allocation("tiny-chat", (0,), 1.0, (1.0,)), cpu_inventory(4), clients=3
     )
     assert isinstance(engine, VLLMEngine)
     run(loop, engine.start(), START_SECONDS)
@@ -198,29 +218,38 @@ def owner(loop: asyncio.AbstractEventLoop) -> Iterator[VLLMEngine]:
     run(loop, engine.stop(), REPLY_SECONDS)
 
 
-class SecondClient:
-    """Client 1 in a spawned process, driven over a pipe."""
+class OtherClient:
+    """Client ``index`` in a spawned process (as a worker process will be), driven by a pipe."""
 
-    def __init__(self, link: EngineLink) -> None:
+    def __init__(self, link: EngineLink, index: int) -> None:
         context = multiprocessing.get_context("spawn")
+        self.index = index
         self.conn, child = context.Pipe()
-        self.proc = context.Process(target=second_client, args=(link, child), name="client-1")
+        self.proc = context.Process(
+            target=other_client, args=(link, index, child), name=f"client-{index}"
+        )
         self.proc.start()
         child.close()
 
     def receive(self, timeout: float = REPLY_SECONDS) -> Any:
         """The child's next message; fails if it died or said it failed."""
         if not self.conn.poll(timeout):
-            raise TimeoutError(f"client 1 said nothing in {timeout}s (exit {self.proc.exitcode})")
+            raise TimeoutError(
+                f"client {self.index} said nothing in {timeout}s (exit {self.proc.exitcode})"
+            )
         message = self.conn.recv()
         if message[0] == "error":
-            raise AssertionError(f"client 1 failed:\n{message[1]}")
+            raise AssertionError(f"client {self.index} failed:\n{message[1]}")
         return message
 
-    def ask(self, body: dict[str, Any]) -> Any:
-        """Have client 1 answer ``body``; returns its JSON body or its stream's events."""
-        self.conn.send(("complete", body))
+    def call(self, command: str, body: dict[str, Any] | None = None) -> Any:
+        """Send ``command`` and return what the child answers."""
+        self.conn.send((command, body))
         return self.receive()[1]
+
+    def ask(self, body: dict[str, Any]) -> Any:
+        """The child's answer to ``body``: its JSON body or its stream's events."""
+        return self.call("complete", body)
 
     def close(self) -> None:
         """Stop the child (if it still runs) and reap it."""
@@ -233,18 +262,18 @@ class SecondClient:
             self.proc.join(10)
 
 
-def second_client(link: EngineLink, conn: Connection) -> None:
-    """The spawned process's body: attach as client 1, then answer the test's commands."""
+def other_client(link: EngineLink, index: int, conn: Connection) -> None:
+    """The spawned process's body: attach as client ``index``, then answer the test."""
     try:
-        asyncio.run(serve_commands(link, conn))
+        asyncio.run(serve_commands(link, index, conn))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         raise
 
 
-async def serve_commands(link: EngineLink, conn: Connection) -> None:
+async def serve_commands(link: EngineLink, index: int, conn: Connection) -> None:
     """Attach through the factory, as a worker process would, and serve until told to stop."""
-    engine = EngineFactory(base_dir=REPO).attach(link, 1)
+    engine = EngineFactory(base_dir=REPO).attach(link, index)
     try:
         await engine.start()
         conn.send(("ready", engine.model_card(), sorted(engine.routes() or ())))
@@ -254,7 +283,18 @@ async def serve_commands(link: EngineLink, conn: Connection) -> None:
                 await engine.stop()
                 conn.send(("stopped", engine.is_alive()))
                 return
-            conn.send(("answer", await answer(engine, body)))
+            if command == "alive":
+                conn.send(("alive", engine.is_alive()))
+                continue
+            if command == "load":
+                assert body is not None
+                await engine.load_adapter(body["name"], body["source"])
+                conn.send(("loaded", None))
+                continue
+            try:
+                conn.send(("answer", await answer(engine, body)))
+            except Exception as exc:  # what a route would turn into an error reply
+                conn.send(("raised", type(exc).__name__))
     finally:
         await engine.stop()
 
@@ -265,12 +305,11 @@ def card(model_card: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in model_card.items() if k not in ("created", "permission")}
 
 
-@pytest.fixture(scope="module")
-def second(owner: VLLMEngine) -> Iterator[SecondClient]:
-    """Client 1, attached from another process; stopped at the end if a test did not."""
+def attached(owner: VLLMEngine, index: int) -> Iterator[OtherClient]:
+    """Client ``index``, attached from another process; stopped at the end if not before."""
     link = owner.link()
     assert link is not None
-    client = SecondClient(link)
+    client = OtherClient(link, index)
     try:
         ready = client.receive(START_SECONDS)
         assert ready[0] == "ready"
@@ -282,19 +321,31 @@ def second(owner: VLLMEngine) -> Iterator[SecondClient]:
         client.close()
 
 
+@pytest.fixture(scope="module")
+def second(owner: VLLMEngine) -> Iterator[OtherClient]:
+    """Client 1, attached from another process."""
+    yield from attached(owner, 1)
+
+
+@pytest.fixture(scope="module")
+def third(owner: VLLMEngine) -> Iterator[OtherClient]:
+    """Client 2, attached from another process (it stays attached while the owner stops)."""
+    yield from attached(owner, 2)
+
+
 @pytest.mark.integration
 def test_the_link_names_a_pair_of_addresses_per_client(owner: VLLMEngine) -> None:
     link = owner.link()
     assert link is not None
-    assert (link.model, link.client_count) == ("tiny-chat", 2)
-    assert len(set(link.inputs + link.outputs)) == 4
+    assert (link.model, link.client_count) == ("tiny-chat", 3)
+    assert len(set(link.inputs + link.outputs)) == 6
     assert all(a.startswith("ipc://") for a in link.inputs + link.outputs)
     assert owner.is_alive()
 
 
 @pytest.mark.integration
 def test_both_clients_give_the_same_answer(
-    loop: asyncio.AbstractEventLoop, owner: VLLMEngine, second: SecondClient
+    loop: asyncio.AbstractEventLoop, owner: VLLMEngine, second: OtherClient
 ) -> None:
     mine = run(loop, answer(owner, completion()), REPLY_SECONDS)
     theirs = second.ask(completion())
@@ -306,12 +357,12 @@ def test_both_clients_give_the_same_answer(
 
 @pytest.mark.integration
 def test_each_client_gets_its_own_outputs_while_both_generate(
-    loop: asyncio.AbstractEventLoop, owner: VLLMEngine, second: SecondClient
+    loop: asyncio.AbstractEventLoop, owner: VLLMEngine, second: OtherClient
 ) -> None:
     # Client 1's longer request runs in the cores while client 0 asks twice. A client drops
     # outputs of requests it does not know, so outputs sent to the wrong client would leave
     # the other waiting (a timeout here) or cut its answer short.
-    second.conn.send(("complete", completion(max_tokens=64, ignore_eos=True)))
+    second.conn.send(("complete", completion(max_tokens=64, ignore_eos=True)))  # not awaited
     short = run(loop, answer(owner, completion(max_tokens=12, ignore_eos=True)), REPLY_SECONDS)
     again = run(loop, answer(owner, completion(max_tokens=24, ignore_eos=True)), REPLY_SECONDS)
     long = second.receive()[1]
@@ -324,7 +375,7 @@ def test_each_client_gets_its_own_outputs_while_both_generate(
 
 @pytest.mark.integration
 def test_a_stream_from_the_second_client(
-    loop: asyncio.AbstractEventLoop, owner: VLLMEngine, second: SecondClient
+    loop: asyncio.AbstractEventLoop, owner: VLLMEngine, second: OtherClient
 ) -> None:
     events = second.ask(completion(stream=True))
     assert isinstance(events, list)
@@ -334,11 +385,37 @@ def test_a_stream_from_the_second_client(
 
 
 @pytest.mark.integration
-def test_the_owner_serves_on_after_the_second_client_stops(
-    loop: asyncio.AbstractEventLoop, owner: VLLMEngine, second: SecondClient
+def test_adapters_loaded_in_another_order_serve_the_same_weights(
+    loop: asyncio.AbstractEventLoop,
+    owner: VLLMEngine,
+    second: OtherClient,
+    tmp_path: Path,
 ) -> None:
-    second.conn.send(("stop", None))
-    assert second.receive() == ("stopped", False)
+    # The cores know an adapter by its id alone. vLLM's serving layer numbers adapters per
+    # client, so here client 1's first adapter would take the id of client 0's first, and
+    # serve its weights; derived ids keep them apart.
+    first = build_adapter(tmp_path / "sql-a", seed=1)
+    other = build_adapter(tmp_path / "sql-b", seed=2)
+    run(loop, owner.load_adapter("sql-a", str(first)), REPLY_SECONDS)
+    run(loop, owner.load_adapter("sql-b", str(other)), REPLY_SECONDS)
+    second.call("load", {"name": "sql-b", "source": str(other)})
+
+    def tokens(reply: Any) -> list[int]:
+        assert isinstance(reply, dict)
+        return list(reply["choices"][0]["token_ids"])
+
+    mine_a = tokens(run(loop, answer(owner, completion(model="sql-a")), REPLY_SECONDS))
+    mine_b = tokens(run(loop, answer(owner, completion(model="sql-b")), REPLY_SECONDS))
+    theirs_b = tokens(second.ask(completion(model="sql-b")))
+    assert mine_a != mine_b, "the two adapters must answer apart for this test to tell"
+    assert theirs_b == mine_b
+
+
+@pytest.mark.integration
+def test_the_owner_serves_on_after_the_second_client_stops(
+    loop: asyncio.AbstractEventLoop, owner: VLLMEngine, second: OtherClient
+) -> None:
+    assert second.call("stop") is False  # is_alive() once stopped
     second.proc.join(REPLY_SECONDS)
     assert second.proc.exitcode == 0
     assert owner.is_alive()
@@ -348,15 +425,17 @@ def test_the_owner_serves_on_after_the_second_client_stops(
 
 @pytest.mark.integration
 def test_stopping_the_owner_ends_the_engine_processes(
-    loop: asyncio.AbstractEventLoop, owner: VLLMEngine, second: SecondClient
+    loop: asyncio.AbstractEventLoop, owner: VLLMEngine, second: OtherClient, third: OtherClient
 ) -> None:
     link = owner.link()
     assert link is not None
+    assert third.ask(completion())["choices"][0]["token_ids"]
     children = [
         p
         for p in psutil.Process().children(recursive=True)
-        # multiprocessing's resource tracker, and client 1 when this test runs alone
-        if "resource_tracker" not in " ".join(p.cmdline()) and p.pid != second.proc.pid
+        # multiprocessing's resource tracker, and the other clients' processes
+        if "resource_tracker" not in " ".join(p.cmdline())
+        and p.pid not in (second.proc.pid, third.proc.pid)
     ]
     assert children, "the engine cores are this process's children"
     run(loop, owner.stop(), REPLY_SECONDS)
@@ -371,3 +450,7 @@ def test_stopping_the_owner_ends_the_engine_processes(
     wait_until(lambda: all(gone(p) for p in children), "every engine process exits", 30)
     for address in link.inputs + link.outputs:
         assert not os.path.exists(address.removeprefix("ipc://")), address
+    # A client still attached learns that the engine is gone, and fails rather than hangs.
+    wait_until(lambda: third.call("alive") is False, "client 2 sees the engine gone", 10)
+    assert third.ask(completion()) == "EngineError"
+    assert third.call("stop") is False
