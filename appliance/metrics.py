@@ -285,7 +285,8 @@ class _ScrapeCollector(Collector):
             "Size of the files a downloading model needs.",
             labels=["model"],
         )
-        handles = self._m.supervisor.handles() if self._m.supervisor is not None else []
+        supervisor = self._m.supervisor
+        handles = supervisor.handles() if supervisor is not None else []
         for handle in handles:
             in_flight.add_metric([handle.name], handle.in_flight)
             for each in ModelState:
@@ -293,12 +294,12 @@ class _ScrapeCollector(Collector):
             if handle.state is ModelState.DOWNLOADING and handle.download is not None:
                 download_done.add_metric([handle.name], handle.download.done_bytes)
                 download_total.add_metric([handle.name], handle.download.total_bytes)
-            if handle.engine is None:
-                continue
             try:
-                stats = handle.engine.stats()
+                stats = supervisor.engine_stats(handle)
             except Exception as exc:  # a dying engine must not fail the whole scrape
                 log.debug("model %s: engine stats failed: %r", handle.name, exc)
+                continue
+            if stats is None:
                 continue
             running.add_metric([handle.name], stats.running)
             waiting.add_metric([handle.name], stats.waiting)

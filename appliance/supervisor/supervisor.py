@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.catalogue.schema import LocalModelSpec, ModelSpec, RemoteModelSpec
-from appliance.engines.base import Engine
+from appliance.engines.base import Engine, EngineStats
 from appliance.errors import (
     ApplianceError,
     BackendUnavailableError,
@@ -99,6 +100,9 @@ class Supervisor:
         with no ``downloading`` state)."""
         self.inventory = inventory
         self.limits = limits or SupervisorLimits()
+        # Requests other HTTP processes have in flight on a model's engine (issue 16: each
+        # worker is a client of its own, whose requests this process's client does not see).
+        self.peer_running: Callable[[str], int] = lambda name: 0
         self.capacity = capacity or HostCapacity(
             inventory,
             default_share=self.limits.default_memory_share,
@@ -969,10 +973,19 @@ class Supervisor:
         entry["reserved_gib"] = list(handle.allocation.reserved_gib) if handle.allocation else []
         return entry
 
+    def engine_stats(self, handle: ModelHandle) -> EngineStats | None:
+        """The load of ``handle``'s engine (None without one): its own figures, with the
+        requests HTTP workers have in flight on it counted as running."""
+        if handle.engine is None:
+            return None
+        stats = handle.engine.stats()
+        peers = self.peer_running(handle.name)
+        return dataclasses.replace(stats, running=stats.running + peers) if peers else stats
+
     def status(self, handle: ModelHandle) -> dict[str, Any]:
         """The state and load of one model (part of :meth:`describe`)."""
         allocation = handle.allocation
-        stats = handle.engine.stats() if handle.engine is not None else None
+        stats = self.engine_stats(handle)
         return {
             "state": handle.state.value,
             "since_seconds": round(time.monotonic() - handle.lifecycle.since, 3),

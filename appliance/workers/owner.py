@@ -14,6 +14,7 @@ import base64
 import itertools
 import pickle
 import weakref
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +24,14 @@ from appliance.api.auth import ACCESS_SCOPE, KEY_SCOPE, Access, KeyIdentity
 from appliance.api.model_access import TableAccess
 from appliance.api.rate_limit import KeyLimits
 from appliance.api_keys import AuthConfig
-from appliance.engines.base import Endpoint, Engine, Usage
+from appliance.engines.base import (
+    Endpoint,
+    Engine,
+    EngineFigureSink,
+    EngineStepFigures,
+    FinishedRequestTimes,
+    Usage,
+)
 from appliance.engines.remote import DETAIL_SCOPE
 from appliance.errors import ApplianceError, RateLimitedError
 from appliance.metrics import Metrics
@@ -59,7 +67,10 @@ class OwnerService:
         key_limits: Mapping[str, KeyLimits],
         metrics: Metrics,
         observers: Sequence[RequestObserver],
+        engine_metrics: EngineFigureSink | None = None,
     ) -> None:
+        """``engine_metrics``: where vLLM's per-step figures go (``--engine-metrics``); each
+        worker's client gets the steps of its own requests and sends them here."""
         self._router = router
         self._access = access
         self._key_limits = key_limits
@@ -79,6 +90,11 @@ class OwnerService:
         # Engine objects are the identity of a link: a restarted model gets a new engine.
         self._link_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._links = itertools.count(1)
+        # Requests workers have in flight, by entry: running in their own clients of the
+        # engine, where this process's client does not see them.
+        self._in_workers: Counter[str] = Counter()
+        router.supervisor.peer_running = lambda name: self._in_workers[name]
+        self._engine_metrics = engine_metrics
 
     def handlers(self) -> dict[str, Any]:
         """The calls a worker may make, for ``ControlServer``."""
@@ -116,7 +132,10 @@ class OwnerService:
                 limits.release()
             return {"proxy": True}
 
+        self._in_workers[lease.entry] += 1
+
         async def release() -> None:
+            self._in_workers[lease.entry] -= 1
             try:
                 await lease.release()
             finally:
@@ -149,6 +168,10 @@ class OwnerService:
         for model, gaps in dict(args.get("gaps", {})).items():
             for gap in gaps:
                 self._metrics.observe_inter_token(str(model), float(gap))
+        if self._engine_metrics is not None:
+            for model, steps in dict(args.get("steps", {})).items():
+                for step in steps:
+                    self._engine_metrics.record_engine_step(str(model), step_from(step))
         return {}
 
     def links(self) -> list[dict[str, Any]]:
@@ -178,6 +201,13 @@ class OwnerService:
         if found is None:
             found = self._link_ids[engine] = str(next(self._links))
         return found
+
+
+def step_from(sent: Mapping[str, Any]) -> EngineStepFigures:
+    """An engine step's figures as a worker sent them (``dataclasses.asdict``)."""
+    fields = dict(sent)
+    finished = tuple(FinishedRequestTimes(**done) for done in fields.pop("finished", ()))
+    return EngineStepFigures(**fields, finished=finished)
 
 
 def _link_of(engine: Engine) -> Any:

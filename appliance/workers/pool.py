@@ -95,6 +95,7 @@ class WorkerPool:
             key_limits=app.state.key_limits,
             metrics=app.state.appliance.metrics,
             observers=[app.state.appliance.metrics, app.state.appliance.usage],
+            engine_metrics=app.state.appliance.engine_metrics,
         )
         control = ControlServer(self.control_path, self.token, service.handlers())
         await control.start()

@@ -53,7 +53,10 @@ async def _serve(start: WorkerStart) -> None:
     )
     figures = FiguresToOwner(control)
     factory = EngineFactory(
-        base_dir=settings.config_path.resolve().parent, cpu_kv_cache_gib=settings.cpu_kv_cache_gib
+        base_dir=settings.config_path.resolve().parent,
+        cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
+        # vLLM's per-step figures of this worker's clients go to the owner's /metrics.
+        figures=figures if settings.engine_metrics else None,
     )
     engines = AttachedEngines(factory, start.index)
     await control.connect()

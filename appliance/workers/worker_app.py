@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import logging
 import pickle
 import time
@@ -32,7 +33,7 @@ from appliance.api.model_access import Lease, model_of
 from appliance.api.openai_routes import build_openai_router
 from appliance.api.peer import local_host_names
 from appliance.api.vllm_routes import build_vllm_router
-from appliance.engines.base import Endpoint, Engine, EngineLink
+from appliance.engines.base import Endpoint, Engine, EngineLink, EngineStepFigures
 from appliance.engines.remote import DETAIL_SCOPE
 from appliance.engines.route_table import is_model_route
 from appliance.errors import ApplianceError
@@ -216,6 +217,7 @@ class FiguresToOwner:
         self._period = period
         self._requests: list[dict[str, Any]] = []
         self._gaps: defaultdict[str, list[float]] = defaultdict(list)
+        self._steps: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # Requests whose answer is out but which are not counted yet (a few instructions).
@@ -275,6 +277,10 @@ class FiguresToOwner:
         )
         self._wake.set()
 
+    def record_engine_step(self, model: str, figures: EngineStepFigures) -> None:
+        """Queue one engine step's figures of this worker's client (``--engine-metrics``)."""
+        self._steps[model].append(dataclasses.asdict(figures))
+
     def observe_inter_token(self, model: str, seconds: float) -> None:
         """Queue one gap between two tokens of a stream."""
         self._gaps[model].append(seconds)
@@ -292,9 +298,10 @@ class FiguresToOwner:
     async def _flush(self) -> None:
         requests, self._requests = self._requests, []
         gaps, self._gaps = dict(self._gaps), defaultdict(list)
-        if requests or gaps:
+        steps, self._steps = dict(self._steps), defaultdict(list)
+        if requests or gaps or steps:
             with contextlib.suppress(ControlError):
-                await self._control.call("observe", requests=requests, gaps=gaps)
+                await self._control.call("observe", requests=requests, gaps=gaps, steps=steps)
 
 
 class _Settling:
