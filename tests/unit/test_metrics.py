@@ -74,6 +74,9 @@ class FakeSupervisor:
     def handles(self) -> list[FakeHandle]:
         return list(self.models)
 
+    def engine_stats(self, handle: FakeHandle) -> Any:
+        return handle.engine.stats() if handle.engine is not None else None
+
 
 def catalogue(*names: str, origin: CatalogueSource = CatalogueSource.FILE) -> Catalogue:
     return Catalogue([LocalModelSpec(name=n, source=f"models/{n}") for n in names], origin)
