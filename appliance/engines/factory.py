@@ -196,6 +196,13 @@ class EngineFactory:
         )
 
     @staticmethod
+    def import_client_modules() -> None:
+        """Import vLLM's client and serving modules now (an HTTP worker, before serving)."""
+        from appliance.engines.vllm_engine import import_client_modules
+
+        import_client_modules()
+
+    @staticmethod
     def link_of(engine: Engine) -> EngineLink | None:
         """What other processes attach to ``engine`` with; None for an engine started for one
         client, one not started, or a remote backend."""

@@ -59,6 +59,8 @@ async def _serve(start: WorkerStart) -> None:
         figures=figures if settings.engine_metrics else None,
     )
     engines = AttachedEngines(factory, start.index)
+    # Before serving: a first attach must not have to import vLLM and torch (see there).
+    await asyncio.to_thread(factory.import_client_modules)
     await control.connect()
     app = create_worker_app(
         settings,

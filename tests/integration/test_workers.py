@@ -111,14 +111,16 @@ def test_the_workers_are_processes_of_their_own(appliance: ApplianceProcess) -> 
 def test_requests_for_one_model_are_answered_by_both_workers(appliance: ApplianceProcess) -> None:
     answered: set[str] = set()
     texts = set()
-    for _ in range(100):
+
+    def both_answered() -> bool:
         reply = post(appliance, USER, temperature=0, max_tokens=4)
         assert reply.status_code == 200, reply.text
         answered.add(worker_of(reply))
         texts.add(reply.json()["choices"][0]["message"]["content"])
-        if answered == {"0", "1"}:
-            break
-    assert answered == {"0", "1"}
+        return answered == {"0", "1"}
+
+    # Which process accepts a connection is the kernel's choice; both take some.
+    wait_until(both_answered, "both workers answer", timeout=120)
     # Either worker's client of the same engine answers the same.
     assert len(texts) == 1
 
