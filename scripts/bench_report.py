@@ -378,6 +378,7 @@ def front_end_rows(front_end: dict[str, Any]) -> list[tuple[str, ...]]:
 
 def front_end_table(front_end: dict[str, Any], rounds: int) -> Any:
     """A rich table of ``front_end_rows``."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(
@@ -397,7 +398,7 @@ def front_end_table(front_end: dict[str, Any], rounds: int) -> Any:
             column, justify="left" if column in ("part", "server", "process") else "right"
         )
     for row in front_end_rows(front_end):
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))  # "vLLM[bench]" is not markup
     return table
 
 
