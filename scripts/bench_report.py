@@ -366,13 +366,11 @@ def front_end_rows(front_end: dict[str, Any]) -> list[tuple[str, ...]]:
                         label,
                         c,
                         server,
-                        f"front end, {count} process(es)",
+                        f"front end, summed ({count})",
                         *cells(entry["front_end"]),
                     )
                 )
-                rows.append(
-                    (label, c, server, "engine processes (not front end)", *cells(entry["engine"]))
-                )
+                rows.append((label, c, server, "engines (not front end)", *cells(entry["engine"])))
     return rows
 
 

@@ -304,7 +304,7 @@ def test_server_commands_take_workers_and_api_server_count(bench: ModuleType) ->
         bench.build_parser().parse_args(["--vllm-api-server-count", "2"])
     )
     cmd = bench.vllm_command(settings.model, 8000, settings)
-    assert cmd[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", settings.model.path]
+    assert cmd[1:5] == ["-c", bench.VLLM_SERVE_CODE, "serve", settings.model.path]
     assert cmd[cmd.index("--api-server-count") + 1] == "2"
     plain = bench.settings_from_args(bench.build_parser().parse_args([]))
     cmd = bench.vllm_command(plain.model, 8000, plain)
@@ -324,5 +324,6 @@ def test_appliance_workers_refused_when_appliance_up_lacks_the_option(
     assert not any(tmp_path.iterdir())  # refused before anything ran or was written
 
 
-def test_client_code_compiles(bench: ModuleType) -> None:
+def test_client_and_vllm_serve_code_compile(bench: ModuleType) -> None:
     compile(bench.CLIENT_CODE, "<bench client>", "exec")
+    compile(bench.VLLM_SERVE_CODE, "<vllm serve>", "exec")
