@@ -332,10 +332,10 @@ def print_tables(summary: dict[str, Any], rounds: int) -> None:
 
 
 def front_end_rows(front_end: dict[str, Any]) -> list[tuple[str, ...]]:
-    """The front-end CPU section as rows: part, c, server, process, ms/token, tok/s/core, cores.
+    """The front-end CPU section as rows: part, c, process, ms/token, tok/s per core, cores.
 
-    Per server kind and concurrency: each front-end process (and vLLM's launcher, which is not
-    counted), then the front end summed, then vLLM's engine processes summed for scale.
+    Per concurrency and server kind: each front-end process (and vLLM's launcher, which is not
+    counted), then the front end summed, then the engine processes summed, for scale.
     """
 
     def fmt(value: float, spec: str) -> str:
@@ -349,7 +349,7 @@ def front_end_rows(front_end: dict[str, Any]) -> list[tuple[str, ...]]:
         )
 
     rows: list[tuple[str, ...]] = []
-    for part, label in (("single_model", "one model"), ("two_models", "two models")):
+    for part, label in (("single_model", "1 model"), ("two_models", "2 models")):
         for c, row in front_end.get(part, {}).items():
             for kind, server in ((VLLM, "vLLM"), (APPLIANCE, "appliance")):
                 if kind not in row:
@@ -357,20 +357,14 @@ def front_end_rows(front_end: dict[str, Any]) -> list[tuple[str, ...]]:
                 entry = row[kind]
                 for key, proc in entry["processes"].items():
                     if proc["role"] == FRONT_END:
-                        rows.append((label, c, server, key, *cells(proc)))
+                        rows.append((label, c, key, *cells(proc)))
                     elif proc["role"] == LAUNCHER:
-                        rows.append((label, c, server, f"{key} (not counted)", *cells(proc)))
+                        rows.append((label, c, f"{key} (not counted)", *cells(proc)))
                 count = entry["front_end"].get("count", 1)
-                rows.append(
-                    (
-                        label,
-                        c,
-                        server,
-                        f"front end, summed ({count})",
-                        *cells(entry["front_end"]),
-                    )
-                )
-                rows.append((label, c, server, "engines (not front end)", *cells(entry["engine"])))
+                summed = f"{server} front end, {count} process(es) summed"
+                rows.append((label, c, summed, *cells(entry["front_end"])))
+                engines = f"{server} engines (not front end)"
+                rows.append((label, c, engines, *cells(entry["engine"])))
     return rows
 
 
@@ -380,21 +374,11 @@ def front_end_table(front_end: dict[str, Any], rounds: int) -> Any:
     from rich.table import Table
 
     table = Table(
-        title=f"front-end CPU per output token (median of {rounds} rounds), lower ms is better",
+        title=f"front-end CPU per output token (median of {rounds} rounds)",
         caption=front_end.get("definition", CPU_DEFINITION),
     )
-    for column in (
-        "part",
-        "c",
-        "server",
-        "process",
-        "ms CPU / output token",
-        "output tok/s per core",
-        "cores busy",
-    ):
-        table.add_column(
-            column, justify="left" if column in ("part", "server", "process") else "right"
-        )
+    for column in ("part", "c", "process", "ms/token", "tok/s per core", "cores"):
+        table.add_column(column, justify="left" if column in ("part", "process") else "right")
     for row in front_end_rows(front_end):
         table.add_row(*(escape(cell) for cell in row))  # "vLLM[bench]" is not markup
     return table
