@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
     p.add_argument("--skip-two-models", action="store_true", help="one-model part only")
+    p.add_argument("--skip-one-model", action="store_true", help="two-model part only")
     p.add_argument(
         "--server-cpus",
         type=parse_cpus,
@@ -392,6 +393,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     output_len = 32 if quick and args.output_len == 64 else args.output_len
     if args.rounds < 1:
         raise SystemExit("--rounds must be at least 1")
+    if args.skip_one_model and args.skip_two_models:
+        raise SystemExit("--skip-one-model and --skip-two-models leave nothing to run")
     return Settings(
         model=Model(SERVED_NAME, model_path(args.model)),
         model2=Model(SERVED_NAME_2, model_path(args.model2)),
@@ -406,6 +409,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         warmups=args.warmups,
         seed=args.seed,
         skip_two_models=args.skip_two_models,
+        skip_one_model=args.skip_one_model,
         server_cpus=tuple(args.server_cpus) if args.server_cpus else None,
         client_cpus=tuple(args.client_cpus) if args.client_cpus else None,
         startup_timeout=args.startup_timeout,
@@ -1019,14 +1023,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     data = Measurements()
     try:
-        one_model_part(settings, data)
+        if not settings.skip_one_model:
+            one_model_part(settings, data)
         if not settings.skip_two_models:
             two_model_part(settings, data)
     except KeyboardInterrupt:
         print("interrupted: reporting what was measured")
     except RuntimeError as exc:
         print(f"ERROR: {exc}")
-        if not data.runs:
+        if not data.runs and not data.two_runs:
             return 1
         print("reporting what was measured")
     summary = summarize(settings, data)

@@ -153,6 +153,8 @@ def summarize(settings: Settings, data: Measurements) -> dict[str, Any]:
     """Medians over rounds and appliance/vLLM ratios, per concurrency; startup; two models."""
     single: dict[str, Any] = {}
     for c in settings.concurrencies:
+        if not any(r.concurrency == c for r in data.runs):  # --skip-one-model
+            continue
         row: dict[str, Any] = {}
         for key, label, higher in METRICS:
             per_kind = {

@@ -56,6 +56,7 @@ class Settings:
     run_timeout: float
     out_dir: Path
     stamp: str
+    skip_one_model: bool = False
     appliance_workers: int | None = None  # `appliance up --workers K`; None: not passed
     vllm_api_server_count: int | None = None  # `vllm serve --api-server-count N`; None: not passed
 
