@@ -327,3 +327,12 @@ def test_appliance_workers_refused_when_appliance_up_lacks_the_option(
 def test_client_and_vllm_serve_code_compile(bench: ModuleType) -> None:
     compile(bench.CLIENT_CODE, "<bench client>", "exec")
     compile(bench.VLLM_SERVE_CODE, "<vllm serve>", "exec")
+
+
+def test_skip_one_model_and_skip_two_models_together_is_refused(bench: ModuleType) -> None:
+    settings = bench.settings_from_args(bench.build_parser().parse_args(["--skip-one-model"]))
+    assert settings.skip_one_model and not settings.skip_two_models
+    with pytest.raises(SystemExit, match="nothing to run"):
+        bench.settings_from_args(
+            bench.build_parser().parse_args(["--skip-one-model", "--skip-two-models"])
+        )
