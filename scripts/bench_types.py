@@ -56,6 +56,9 @@ class Settings:
     run_timeout: float
     out_dir: Path
     stamp: str
+    skip_one_model: bool = False
+    appliance_workers: int | None = None  # `appliance up --workers K`; None: not passed
+    vllm_api_server_count: int | None = None  # `vllm serve --api-server-count N`; None: not passed
 
     @property
     def log_dir(self) -> Path:
@@ -78,6 +81,8 @@ class RunResult:
 
     ``duration`` is vLLM's measured window in seconds, ``start_unix`` the wall-clock time it
     started (None where the client did not say: reports from older versions of bench.py).
+    ``cpu``: the servers' processes and their CPU counters at the window's start and end, as
+    the client read them (``bench_cpu.run_cpu`` turns them into figures); None: not read.
     """
 
     server: str
@@ -90,6 +95,7 @@ class RunResult:
     total_output_tokens: int = 0
     duration: float = float("nan")
     start_unix: float | None = None
+    cpu: dict[str, Any] | None = None
 
 
 @dataclass
