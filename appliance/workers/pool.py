@@ -202,6 +202,8 @@ class _ForwardingServer(uvicorn.Server):
         self._pool = pool
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """Forward ``sig`` to the workers, then shut down as uvicorn does."""
-        self._pool.forward(sig)
+        """Tell the workers to stop, then shut down as uvicorn does."""
+        # SIGTERM whatever came: after a Ctrl-C the workers got their own SIGINT from the
+        # terminal, and a second SIGINT would make uvicorn drop their requests unfinished.
+        self._pool.forward(signal.SIGTERM)
         super().handle_exit(sig, frame)
