@@ -191,6 +191,16 @@ class KeyIdentity:
         return self.models is None or model in self.models
 
 
+def key_identity(key: ApiKey) -> KeyIdentity:
+    """What routes may know of a configured key: its name, role, models and may_load."""
+    return KeyIdentity(
+        name=key.name,
+        role=key.role,
+        models=frozenset(key.models) if key.models is not None else None,
+        may_load=key.may_load,
+    )
+
+
 def check_model_allowed(scope: Scope, model: str, names: Sequence[str] = ()) -> None:
     """Raise ``ModelNotAllowedError`` (403) if the caller's key may not use ``model``.
 
@@ -315,12 +325,7 @@ class AuthMiddleware:
         self._entries = [
             _Entry(
                 digest=key_digest(key.key.get_secret_value()),
-                identity=KeyIdentity(
-                    name=key.name,
-                    role=key.role,
-                    models=frozenset(key.models) if key.models is not None else None,
-                    may_load=key.may_load,
-                ),
+                identity=key_identity(key),
                 limits=limits[key.name],
             )
             for key in config.keys

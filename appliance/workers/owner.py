@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from appliance.api.auth import ACCESS_SCOPE, KEY_SCOPE, Access, KeyIdentity
+from appliance.api.auth import ACCESS_SCOPE, KEY_SCOPE, Access, KeyIdentity, key_identity
 from appliance.api.model_access import TableAccess
 from appliance.api.rate_limit import KeyLimits
 from appliance.api_keys import AuthConfig
@@ -74,21 +74,14 @@ class OwnerService:
         self._router = router
         self._access = access
         self._key_limits = key_limits
-        self._identities = {
-            key.name: KeyIdentity(
-                name=key.name,
-                role=key.role,
-                models=frozenset(key.models) if key.models is not None else None,
-                may_load=key.may_load,
-            )
-            for key in auth.keys
-        }
+        self._identities = {key.name: key_identity(key) for key in auth.keys}
         self._rules = Access(auth)
         self._metrics = metrics
         self._observers = tuple(observers)
         self._leases = itertools.count(1)
         # Engine objects are the identity of a link: a restarted model gets a new engine.
-        self._link_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        # Each link is encoded once (its payload holds vLLM's whole config), not per lease.
+        self._encoded: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
         self._links = itertools.count(1)
         # Requests workers have in flight, by entry: running in their own clients of the
         # engine, where this process's client does not see them.
@@ -189,18 +182,19 @@ class OwnerService:
 
     def _described(self, entry: str, engine: Engine, link: Any) -> dict[str, Any]:
         """How a worker reaches ``entry``'s engine (``AttachedEngines.get``'s arguments)."""
+        encoded = self._encoded.get(engine)
+        if encoded is None:
+            link_id = str(next(self._links))
+            encoded = self._encoded[engine] = (
+                link_id,
+                base64.b64encode(pickle.dumps(link)).decode(),
+            )
         return {
             "entry": entry,
-            "link_id": self._link_id(engine),
-            "link": base64.b64encode(pickle.dumps(link)).decode(),
+            "link_id": encoded[0],
+            "link": encoded[1],
             "adapters": self._router.supervisor.adapters_of(entry),
         }
-
-    def _link_id(self, engine: Engine) -> str:
-        found = self._link_ids.get(engine)
-        if found is None:
-            found = self._link_ids[engine] = str(next(self._links))
-        return found
 
 
 def step_from(sent: Mapping[str, Any]) -> EngineStepFigures:
