@@ -33,14 +33,14 @@ from appliance.engine_metrics import EngineMetrics
 from appliance.engines.factory import EngineFactory
 from appliance.engines.remote import RemoteBackends
 from appliance.errors import ConfigError
+from appliance.host.capacity import HostCapacity
+from appliance.host.inventory import DeviceKind, GpuMonitor, Inventory, detect_inventory
+from appliance.host.placement import PlacementPolicy
 from appliance.hub.fetcher import HubFetcher
 from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.settings import Settings, default_http_workers
-from appliance.supervisor.capacity import HostCapacity
 from appliance.supervisor.handle import EngineMaker
-from appliance.supervisor.inventory import DeviceKind, GpuMonitor, Inventory, detect_inventory
-from appliance.supervisor.placement import PlacementPolicy
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
 from appliance.usage.ledger import UsageLedger

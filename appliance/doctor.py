@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from appliance.supervisor.inventory import GIB, scan_gpus
-from appliance.supervisor.placement import PlacementPolicy
+from appliance.host.inventory import GIB, scan_gpus
+from appliance.host.placement import PlacementPolicy
 
 # The oldest driver branch the CUDA 12.x user-space libraries of vllm==0.32.0's torch run on
 # with forward compatibility off; older drivers fail at the first kernel launch.

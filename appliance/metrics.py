@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from appliance import __version__
 from appliance.catalogue.registry_client import CatalogueSource
-from appliance.supervisor.inventory import GIB, GpuMemory, gpu_memory_used
+from appliance.host.inventory import GIB, GpuMemory, gpu_memory_used
 from appliance.supervisor.states import ModelState
 
 if TYPE_CHECKING:

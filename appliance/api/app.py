@@ -33,9 +33,9 @@ from appliance.api.usage_routes import build_usage_router
 from appliance.api.vllm_routes import build_table_routes, build_vllm_router
 from appliance.appliance import Appliance
 from appliance.errors import ApplianceError
+from appliance.host.inventory import Inventory
 from appliance.settings import Settings
 from appliance.supervisor.handle import EngineMaker
-from appliance.supervisor.inventory import Inventory
 from appliance.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("appliance")

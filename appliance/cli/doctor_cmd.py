@@ -32,7 +32,7 @@ def doctor(
     from appliance.catalogue.config_file import load_catalogue_file
     from appliance.catalogue.schema import PlacementSettings
     from appliance.doctor import Status, check_gpus, check_install
-    from appliance.supervisor.placement import PlacementPolicy
+    from appliance.host.placement import PlacementPolicy
 
     settings = PlacementSettings()
     if config.exists():

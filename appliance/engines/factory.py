@@ -10,8 +10,8 @@ from pathlib import Path
 from appliance.catalogue.schema import LocalModelSpec, ModelSpec
 from appliance.engines.base import Engine, EngineFigureSink, EngineLink
 from appliance.errors import ConfigError
-from appliance.supervisor.inventory import DeviceKind, Inventory
-from appliance.supervisor.placement import Allocation
+from appliance.host.inventory import DeviceKind, Inventory
+from appliance.host.placement import Allocation
 
 PACKAGE_PREFIX = "package:"
 

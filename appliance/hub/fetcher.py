@@ -15,9 +15,9 @@ from huggingface_hub import constants
 
 from appliance.catalogue.schema import ModelSpec
 from appliance.errors import ModelDownloadFailedError
+from appliance.host.downloads import DownloadProgress
 from appliance.hub.disk import loadable
 from appliance.hub.pull import PullError, PullEvent, plan_pull, run_pull, target_for_spec
-from appliance.supervisor.downloads import DownloadProgress
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 

@@ -1,6 +1,5 @@
-"""The supervisor and its engines: lifecycle states, device inventory, placement.
+"""The supervisor and its engines: lifecycle states and the model table's owner.
 
 ``supervisor`` owns the local engines; ``handle`` is what it keeps per model; ``states`` the
-lifecycle state machine; ``inventory`` the devices (NVML, or the CPU); ``placement`` which
-devices a model gets.
+lifecycle state machine. Host facts and planning (inventory, placement) live in ``host``.
 """

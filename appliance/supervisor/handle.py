@@ -14,9 +14,9 @@ from typing import Any, Protocol
 
 from appliance.catalogue.schema import LocalModelSpec, RemoteModelSpec
 from appliance.engines.base import Engine
-from appliance.supervisor.downloads import DownloadProgress
-from appliance.supervisor.inventory import Inventory
-from appliance.supervisor.placement import Allocation
+from appliance.host.downloads import DownloadProgress
+from appliance.host.inventory import Inventory
+from appliance.host.placement import Allocation
 from appliance.supervisor.states import Lifecycle, ModelState, Transition
 
 

@@ -44,9 +44,12 @@ from appliance.errors import (
     NotSupportedError,
     RateLimitedError,
 )
-from appliance.supervisor.capacity import HostCapacity
-from appliance.supervisor.device_locks import DeviceChange
-from appliance.supervisor.downloads import DownloadProgress, WeightsFetcher
+from appliance.host.capacity import HostCapacity
+from appliance.host.device_locks import DeviceChange
+from appliance.host.downloads import DownloadProgress, WeightsFetcher
+from appliance.host.inventory import DeviceKind, Inventory
+from appliance.host.placement import Allocation, Demand, PlacementError
+from appliance.host.residency import LoadPlan, Sleeper
 from appliance.supervisor.handle import (
     EngineMaker,
     ModelHandle,
@@ -54,9 +57,6 @@ from appliance.supervisor.handle import (
     SupervisorLimits,
     SupervisorObserver,
 )
-from appliance.supervisor.inventory import DeviceKind, Inventory
-from appliance.supervisor.placement import Allocation, Demand, PlacementError
-from appliance.supervisor.residency import LoadPlan, Sleeper
 from appliance.supervisor.states import Lifecycle, ModelState, Transition
 
 log = logging.getLogger("appliance.supervisor")

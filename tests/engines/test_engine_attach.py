@@ -44,8 +44,8 @@ from appliance.engines.vllm_engine import (
     _shared_lora_id,
     attach_engine,
 )
-from appliance.supervisor.inventory import cpu_inventory
-from appliance.supervisor.placement import Allocation
+from appliance.host.inventory import cpu_inventory
+from appliance.host.placement import Allocation
 from tests.integration.harness import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

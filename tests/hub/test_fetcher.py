@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from appliance.errors import ModelDownloadFailedError
+from appliance.host.downloads import DownloadProgress
 from appliance.hub.fetcher import HubFetcher
-from appliance.supervisor.downloads import DownloadProgress
 from tests.hub.test_pull import BIG, FILES, REPO, entry, mirror
 from tests.hub_mirror import HubMirror
 

@@ -10,9 +10,9 @@ import pytest
 
 from appliance.catalogue.schema import ModelSpec, parse_model_spec
 from appliance.errors import LifecycleError, ModelNotFoundError
+from appliance.host.inventory import Inventory, cpu_inventory
+from appliance.host.placement import Allocation
 from appliance.supervisor.handle import SupervisorLimits
-from appliance.supervisor.inventory import Inventory, cpu_inventory
-from appliance.supervisor.placement import Allocation
 from appliance.supervisor.supervisor import Supervisor, Target
 from tests.supervisor.test_supervisor import FakeEngine, FakeMaker, Recorder
 

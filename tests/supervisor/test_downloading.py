@@ -14,8 +14,8 @@ import pytest
 
 from appliance.catalogue.schema import ModelSpec
 from appliance.errors import ModelDownloadFailedError, ModelDownloadingError
-from appliance.supervisor.capacity import HostCapacity
-from appliance.supervisor.downloads import DownloadProgress
+from appliance.host.capacity import HostCapacity
+from appliance.host.downloads import DownloadProgress
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
 from tests.supervisor.test_gpu_lifecycle import LIMITS, RecordingMaker, entry, gpus

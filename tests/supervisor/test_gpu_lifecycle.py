@@ -15,10 +15,10 @@ import pytest
 from appliance.catalogue.schema import ModelSpec, parse_model_spec
 from appliance.engines.base import EngineStats, JSONReply
 from appliance.errors import ConfigError, InsufficientResourcesError, LifecycleError
-from appliance.supervisor.capacity import HostCapacity
+from appliance.host.capacity import HostCapacity
+from appliance.host.inventory import Device, DeviceKind, Inventory
+from appliance.host.placement import Allocation
 from appliance.supervisor.handle import SupervisorLimits
-from appliance.supervisor.inventory import Device, DeviceKind, Inventory
-from appliance.supervisor.placement import Allocation
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
 

@@ -11,8 +11,8 @@ import pytest
 from appliance.catalogue.schema import RemoteModelSpec, parse_model_spec
 from appliance.engines.base import EngineStats, JSONReply
 from appliance.errors import LifecycleError, ModelNotFoundError, RateLimitedError
+from appliance.host.inventory import cpu_inventory
 from appliance.supervisor.handle import SupervisorLimits
-from appliance.supervisor.inventory import cpu_inventory
 from appliance.supervisor.states import ModelState, Transition
 from appliance.supervisor.supervisor import Supervisor
 from tests.supervisor.test_supervisor import FakeMaker, Recorder

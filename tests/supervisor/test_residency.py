@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from appliance.supervisor.capacity import HostCapacity
-from appliance.supervisor.inventory import Device, DeviceKind, Inventory
-from appliance.supervisor.placement import Allocation, Demand
-from appliance.supervisor.residency import Sleeper, plan_sleep
+from appliance.host.capacity import HostCapacity
+from appliance.host.inventory import Device, DeviceKind, Inventory
+from appliance.host.placement import Allocation, Demand
+from appliance.host.residency import Sleeper, plan_sleep
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
 from tests.supervisor.test_gpu_lifecycle import LIMITS, RecordingMaker, entry, gpus, run

@@ -27,9 +27,9 @@ from appliance.errors import (
     NotSupportedError,
     RateLimitedError,
 )
+from appliance.host.inventory import Device, DeviceKind, Inventory, cpu_inventory
+from appliance.host.placement import Allocation
 from appliance.supervisor.handle import SupervisorLimits
-from appliance.supervisor.inventory import Device, DeviceKind, Inventory, cpu_inventory
-from appliance.supervisor.placement import Allocation
 from appliance.supervisor.states import ModelState, Transition
 from appliance.supervisor.supervisor import Supervisor
 

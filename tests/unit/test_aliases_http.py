@@ -20,10 +20,10 @@ from appliance.catalogue.catalogue import Catalogue
 from appliance.catalogue.registry_client import CatalogueSource
 from appliance.catalogue.schema import RemoteModelSpec, parse_model_spec
 from appliance.engines.base import EngineStats, JSONReply
+from appliance.host.inventory import cpu_inventory
 from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.supervisor.handle import SupervisorLimits
-from appliance.supervisor.inventory import cpu_inventory
 from appliance.supervisor.supervisor import Supervisor
 from tests.supervisor.test_supervisor import FakeMaker
 

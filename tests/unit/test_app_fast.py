@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from appliance.api.app import create_app
 from appliance.api_keys import ApiKey, AuthConfig, Role
 from appliance.engines.base import Endpoint, EngineStats, JSONReply, Reply, StreamReply
+from appliance.host.inventory import Inventory, cpu_inventory
+from appliance.host.placement import Allocation
 from appliance.settings import Settings
-from appliance.supervisor.inventory import Inventory, cpu_inventory
-from appliance.supervisor.placement import Allocation
 
 ADMIN = {"Authorization": "Bearer sk-ops-0123456789"}
 

@@ -13,7 +13,7 @@ from appliance.doctor import (
     judge_flashinfer,
     judge_headroom,
 )
-from appliance.supervisor.placement import PlacementPolicy
+from appliance.host.placement import PlacementPolicy
 
 
 @pytest.mark.parametrize(

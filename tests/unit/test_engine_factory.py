@@ -16,8 +16,8 @@ from appliance.catalogue.schema import parse_model_spec
 from appliance.engines.factory import EngineFactory, resolve_source
 from appliance.engines.vllm_engine import VLLMEngine
 from appliance.errors import ConfigError
-from appliance.supervisor.inventory import Device, DeviceKind, Inventory, cpu_inventory
-from appliance.supervisor.placement import Demand, place
+from appliance.host.inventory import Device, DeviceKind, Inventory, cpu_inventory
+from appliance.host.placement import Demand, place
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -43,17 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("engines", ("appliance.engines", "appliance.hub")),
-    (
-        "host",
-        (
-            "appliance.supervisor.inventory",
-            "appliance.supervisor.placement",
-            "appliance.supervisor.device_locks",
-            "appliance.supervisor.capacity",
-            "appliance.supervisor.residency",
-            "appliance.supervisor.downloads",
-        ),
-    ),
+    ("host", ("appliance.host",)),  # inventory, placement, capacity: host facts and planning
     ("catalogue", ("appliance.catalogue", "appliance.api_keys")),
     (
         "base",

@@ -21,8 +21,8 @@ from appliance.catalogue.catalogue import Catalogue
 from appliance.catalogue.registry_client import CatalogueSource
 from appliance.catalogue.schema import LocalModelSpec
 from appliance.engines.base import EngineStats, Usage
+from appliance.host.inventory import GIB, GpuMemory
 from appliance.metrics import Metrics
-from appliance.supervisor.inventory import GIB, GpuMemory
 from appliance.supervisor.states import ModelState, Transition
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "scripts" / "grafana-dashboard.json"

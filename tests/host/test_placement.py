@@ -8,8 +8,8 @@ import pytest
 
 from appliance.catalogue.schema import LocalModelSpec
 from appliance.errors import InsufficientResourcesError
-from appliance.supervisor.inventory import Device, DeviceKind, Inventory, cpu_inventory
-from appliance.supervisor.placement import (
+from appliance.host.inventory import Device, DeviceKind, Inventory, cpu_inventory
+from appliance.host.placement import (
     EXACT_PACK,
     Allocation,
     Demand,

@@ -15,7 +15,7 @@ import contextlib
 import enum
 from collections.abc import AsyncIterator, Iterable
 
-from appliance.supervisor.inventory import DeviceKind, Inventory
+from appliance.host.inventory import DeviceKind, Inventory
 
 
 class DeviceChange(str, enum.Enum):

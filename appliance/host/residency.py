@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from appliance.supervisor.inventory import Inventory
-from appliance.supervisor.placement import (
+from appliance.host.inventory import Inventory
+from appliance.host.placement import (
     Allocation,
     Demand,
     PlacementError,

@@ -6,6 +6,7 @@ A simulated NVML stands in for the driver (no GPU here); its numbers follow an H
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from appliance.errors import ConfigError
-from appliance.supervisor.inventory import (
+from appliance.host.inventory import (
     LINK_NVLINK,
     GpuMonitor,
     detect_inventory,
@@ -162,6 +163,8 @@ def test_indices_on_a_mixed_host_need_pci_order(nvml: SimulatedNVML) -> None:
 def test_a_gpu_in_mig_mode_is_left_out_with_a_warning(
     nvml: SimulatedNVML, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Importing vLLM elsewhere in the session raises the root level to ERROR: ask for warnings.
+    caplog.set_level(logging.WARNING, logger="appliance.host.inventory")
     nvml.gpus[1].mig = True
     inventory = scan_gpus({}).inventory
     assert inventory is not None

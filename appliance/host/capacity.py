@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from appliance.catalogue.schema import LocalModelSpec, ModelSpec
 from appliance.errors import ConfigError, LifecycleError
-from appliance.supervisor.device_locks import DeviceLocks
-from appliance.supervisor.inventory import DeviceKind, Inventory
-from appliance.supervisor.placement import (
+from appliance.host.device_locks import DeviceLocks
+from appliance.host.inventory import DeviceKind, Inventory
+from appliance.host.placement import (
     Allocation,
     Demand,
     PlacementError,
@@ -25,7 +25,7 @@ from appliance.supervisor.placement import (
     place,
     plan_eviction,
 )
-from appliance.supervisor.residency import Sleeper, plan_sleep
+from appliance.host.residency import Sleeper, plan_sleep
 
 
 class HostCapacity:

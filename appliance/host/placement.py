@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from appliance.catalogue.schema import ModelSpec, Packing, PlacementSettings
 from appliance.errors import InsufficientResourcesError
-from appliance.supervisor.inventory import Device, DeviceKind, Inventory
+from appliance.host.inventory import Device, DeviceKind, Inventory
 
 # Float slack, so that three models of 0.3 each still fit on a device whose share sums to 0.9.
 _EPSILON_GIB = 1e-6

@@ -16,8 +16,8 @@ from appliance.catalogue.schema import (
     Packing,
     PlacementSettings,
 )
-from appliance.supervisor.inventory import Device, DeviceKind, Inventory
-from appliance.supervisor.placement import (
+from appliance.host.inventory import Device, DeviceKind, Inventory
+from appliance.host.placement import (
     Allocation,
     Demand,
     PlacementError,
