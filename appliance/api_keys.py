@@ -97,6 +97,11 @@ class AuthConfig(BaseModel):
             by_digest[digest] = entry.name
         return self
 
+    def rate_windows(self) -> list[int]:
+        """Each key's requests-per-minute window size on a lending board (0: no rate
+        limit), in the keys file's order; every HTTP process lays its board out by it."""
+        return [key.requests_per_minute or 0 for key in self.keys]
+
 
 def key_digest(key: str) -> bytes:
     """What is kept of a key to recognise it: its SHA-256."""

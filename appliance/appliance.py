@@ -41,6 +41,7 @@ from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.settings import Settings, default_http_workers
 from appliance.supervisor.handle import EngineMaker
+from appliance.supervisor.lending_board import LendingBoard
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
 from appliance.usage.ledger import UsageLedger
@@ -172,6 +173,8 @@ class Appliance:
             ),
             fetcher=HubFetcher(base_dir=settings.config_path.resolve().parent),
         )
+        # Private to this process until HTTP workers share one (``lend_through``).
+        self.supervisor.lend_through(LendingBoard.private(settings.auth.rate_windows()))
         self.supervisor.capacity.check_catalogue(config.models)
         self.metrics.bind(supervisor=self.supervisor)
         self.usage = UsageLedger(

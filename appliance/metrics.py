@@ -288,7 +288,7 @@ class _ScrapeCollector(Collector):
         supervisor = self._m.supervisor
         handles = supervisor.handles() if supervisor is not None else []
         for handle in handles:
-            in_flight.add_metric([handle.name], handle.in_flight)
+            in_flight.add_metric([handle.name], supervisor.in_flight(handle))
             for each in ModelState:
                 state.add_metric([handle.name, each.value], 1.0 if handle.state is each else 0.0)
             if handle.state is ModelState.DOWNLOADING and handle.download is not None:

@@ -122,7 +122,7 @@ def create_app(
         core.router, core.metrics, load_gate=load_gate, check_quota=core.usage.check_quota
     )
     # One set of key limits, shared with the HTTP workers' admissions.
-    key_limits = key_limits_of(settings.auth)
+    key_limits = key_limits_of(settings.auth, board=core.supervisor.board)
     app.state.model_access = access
     app.state.key_limits = key_limits
     app.include_router(build_openai_router(access, core.metrics, log_prompts=settings.log_prompts))

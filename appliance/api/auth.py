@@ -41,7 +41,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from appliance.admin_key import ensure_admin_key
 from appliance.api.error_handlers import appliance_error_response
 from appliance.api.peer import is_loopback, peer_address
-from appliance.api.rate_limit import Clock, KeyLimits
+from appliance.api.rate_limit import Clock
 from appliance.api_keys import (
     KEY_MIN_LENGTH,
     NAME_PATTERN,
@@ -62,6 +62,7 @@ from appliance.errors import (
     RateLimitedError,
 )
 from appliance.request_info import INFO_KEY, RequestInfo
+from appliance.supervisor.lending_board import KeyLimits, LendingBoard
 
 log = logging.getLogger("appliance.auth")
 
@@ -290,16 +291,20 @@ class _Entry:
     limits: KeyLimits
 
 
-def key_limits_of(config: AuthConfig, *, clock: Clock = time.monotonic) -> dict[str, KeyLimits]:
-    """Each key's rate and concurrency limits, by key name: one set for the whole appliance
-    (HTTP workers take their slots from the owner's set, over the control channel)."""
+def key_limits_of(
+    config: AuthConfig, *, board: LendingBoard | None = None, clock: Clock = time.monotonic
+) -> dict[str, KeyLimits]:
+    """Each key's rate and concurrency limits, by key name, counted on ``board`` (made with
+    ``config.rate_windows()``; None: a private one): one set for every HTTP process."""
+    board = board if board is not None else LendingBoard.private(config.rate_windows())
     return {
         key.name: KeyLimits(
             requests_per_minute=key.requests_per_minute,
             max_concurrent=key.max_concurrent,
+            cells=board.key_cells(index),
             clock=clock,
         )
-        for key in config.keys
+        for index, key in enumerate(config.keys)
     }
 
 

@@ -1,8 +1,9 @@
-"""Per-key limits: requests per minute (a sliding window) and requests in flight.
+"""A sliding-window rate limit (the on-demand load gate's loads per minute).
 
-Both are plain objects driven by an injectable clock, so tests move time by hand. They are
-used from the event loop only: a check and the admission that follows it happen with no
-``await`` between them, so no lock is needed.
+A plain object driven by an injectable clock, so tests move time by hand, used from the
+event loop only: a check and the admission that follows it happen with no ``await`` between
+them, so no lock is needed. Per-key limits are counted on the lending board instead
+(``appliance.supervisor.lending_board``), which every HTTP process shares.
 """
 
 from __future__ import annotations
@@ -43,67 +44,3 @@ class SlidingWindow:
     def admit(self) -> None:
         """Count one request now; call only after ``retry_after()`` returned None."""
         self._times.append(self._clock())
-
-
-class ConcurrencyLimit:
-    """At most ``limit`` requests in flight; a slot is held until ``release``."""
-
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        self.limit = limit
-        self.in_flight = 0
-
-    def full(self) -> bool:
-        """Whether every slot is taken."""
-        return self.in_flight >= self.limit
-
-    def acquire(self) -> None:
-        """Take a slot; call only after ``full()`` returned False."""
-        self.in_flight += 1
-
-    def release(self) -> None:
-        """Give a slot back."""
-        self.in_flight -= 1
-
-
-class KeyLimits:
-    """The limits of one API key; either may be absent (no limit)."""
-
-    def __init__(
-        self,
-        *,
-        requests_per_minute: int | None,
-        max_concurrent: int | None,
-        clock: Clock = time.monotonic,
-    ) -> None:
-        self.rate = (
-            SlidingWindow(requests_per_minute, clock=clock)
-            if requests_per_minute is not None
-            else None
-        )
-        self.concurrency = ConcurrencyLimit(max_concurrent) if max_concurrent is not None else None
-
-    def try_acquire(self) -> float | None:
-        """Admit one request (None), or refuse it with the seconds to wait before retrying.
-
-        Both limits are checked before either is charged, so a request refused for one limit
-        does not use up the other; refused requests are not counted, so a client that keeps
-        retrying while limited is not locked out for longer.
-        """
-        wait = self.rate.retry_after() if self.rate is not None else None
-        if wait is not None:
-            return wait
-        if self.concurrency is not None and self.concurrency.full():
-            # No way to know when a request in flight ends; one second is the usual hint.
-            return 1.0
-        if self.rate is not None:
-            self.rate.admit()
-        if self.concurrency is not None:
-            self.concurrency.acquire()
-        return None
-
-    def release(self) -> None:
-        """The request admitted by ``try_acquire`` has finished."""
-        if self.concurrency is not None:
-            self.concurrency.release()

@@ -218,6 +218,7 @@ def up(
             from appliance.workers.pool import WorkerPool
 
             pool = WorkerPool(settings, core.workers, _listen(settings.host, settings.port))
+            core.supervisor.lend_through(pool.board)
         app = create_app(
             settings,
             core,

@@ -100,6 +100,7 @@ class ModelHandle:
     allocation: Allocation | None = None
     in_flight: int = 0
     waiting: int = 0  # requests waiting for the model to load or wake
+    slot: int | None = None  # its counters on the lending board (None: past the board's size)
     last_used: float = field(default_factory=time.monotonic)
     ready_since: float = 0.0  # monotonic time of its last load or wake; eviction waits on it
     last_error: str | None = None

@@ -57,6 +57,7 @@ from appliance.supervisor.handle import (
     SupervisorLimits,
     SupervisorObserver,
 )
+from appliance.supervisor.lending_board import ENTRY_SLOTS, LendingBoard
 from appliance.supervisor.states import Lifecycle, ModelState, Transition
 
 log = logging.getLogger("appliance.supervisor")
@@ -103,6 +104,9 @@ class Supervisor:
         # Requests other HTTP processes have in flight on a model's engine (issue 16: each
         # worker is a client of its own, whose requests this process's client does not see).
         self.peer_running: Callable[[str], int] = lambda name: 0
+        # Every HTTP process admits requests by the same counters (see lending_board).
+        self.board = LendingBoard.private()
+        self._free_slots = list(range(ENTRY_SLOTS - 1, -1, -1))
         self.capacity = capacity or HostCapacity(
             inventory,
             default_share=self.limits.default_memory_share,
@@ -127,6 +131,7 @@ class Supervisor:
         initial = S.UNLOADED if isinstance(spec, LocalModelSpec) else S.READY
         lifecycle = Lifecycle(spec.name, self._on_transition, initial=initial)
         handle = ModelHandle(spec=spec, lifecycle=lifecycle)
+        handle.slot = self._free_slots.pop() if self._free_slots else None
         if isinstance(spec, LocalModelSpec):
             handle.adapters = {a.name: a.source for a in spec.adapters}
         handle.idle.set()
@@ -148,8 +153,52 @@ class Supervisor:
                 "seconds_in_previous": round(transition.seconds_in_old, 3),
             },
         )
+        handle = self._models.get(transition.model)
+        if handle is not None and handle.slot is not None and handle.local is not None:
+            # Workers lend a local model only while it is ready, with the engine it had then.
+            if transition.new is S.READY:
+                self.board.open(handle.slot)
+            elif transition.old is S.READY:
+                self.board.close(handle.slot)
         if self._observer is not None:
             self._observer.on_transition(transition)
+
+    def _reclaim_slots(self) -> None:
+        """Board slots of entries gone from the table: closed, and free again once no
+        request counted on them is left (a remote entry's requests outlive its handle)."""
+        used = {h.slot for h in self._models.values()}
+        free = set(self._free_slots)
+        for slot in range(ENTRY_SLOTS):
+            if slot not in used and slot not in free:
+                self.board.close(slot)
+                if self.board.count(slot) == 0:
+                    self._free_slots.append(slot)
+
+    def lend_through(self, board: LendingBoard) -> None:
+        """Admit requests by ``board``, shared with HTTP workers (before ``start``)."""
+        self.board = board
+
+    def _worker_use(self, handle: ModelHandle) -> tuple[int, float]:
+        """Requests HTTP workers admitted by themselves and have in flight on ``handle``, and
+        when they last used it (its own ``last_used`` when later)."""
+        if handle.slot is None:
+            return 0, handle.last_used
+        board = self.board
+        return board.in_workers(handle.slot), max(handle.last_used, board.last_used(handle.slot))
+
+    def in_flight(self, handle: ModelHandle) -> int:
+        """Requests in flight on ``handle`` in every HTTP process."""
+        return handle.in_flight + self._worker_use(handle)[0]
+
+    async def _drained(self, handle: ModelHandle, timeout: float) -> None:
+        """Wait (at most ``timeout``) until no request is in flight on ``handle`` here or in
+        an HTTP worker (whose requests end unseen: their count is polled)."""
+        deadline = time.monotonic() + timeout
+        await asyncio.wait_for(handle.idle.wait(), timeout)
+        while self._worker_use(handle)[0] > 0:
+            if time.monotonic() >= deadline:
+                raise asyncio.TimeoutError
+            await asyncio.sleep(0.02)
 
     def handles(self) -> list[ModelHandle]:
         """Every entry, local and remote, in catalogue order."""
@@ -178,6 +227,7 @@ class Supervisor:
                     index[extra] = handle.name
         self._aliases = aliases
         self._adapters = adapters
+        self.board.table_changed()
 
     def target_of(self, name: str) -> Target | None:
         """What a request naming ``name`` gets: the entry whose engine serves it, the name
@@ -318,6 +368,7 @@ class Supervisor:
                 log.error("catalogue change failed: %r", result)
         # Keep catalogue order for listings.
         self._models = {n: self._models[n] for n in wanted if n in self._models}
+        self._reclaim_slots()
         self._index_aliases()
         return {"added": added, "removed": removed, "changed": changed}
 
@@ -430,7 +481,9 @@ class Supervisor:
             and h.name != handle.name
         ]
         allocations = self._allocations(handle.name)
-        settled = {h.name: h.last_used for h in candidates if now - h.ready_since >= minimum}
+        settled = {
+            h.name: self._worker_use(h)[1] for h in candidates if now - h.ready_since >= minimum
+        }
         try:
             return self.capacity.plan(demand, allocations, settled)
         except PlacementError:
@@ -438,7 +491,7 @@ class Supervisor:
                 raise
             # Raises PlacementError again when even evicting the young ones would not help.
             _, victims = self.capacity.plan(
-                demand, allocations, {h.name: h.last_used for h in candidates}
+                demand, allocations, {h.name: self._worker_use(h)[1] for h in candidates}
             )
         young = {h.name: h for h in candidates if h.name not in settled}
         waits = [minimum - (now - young[v].ready_since) for v in victims if v in young]
@@ -464,7 +517,7 @@ class Supervisor:
                 name=h.name,
                 host_gib=self._weights_gib(h),
                 wake_seconds=h.wake_seconds,
-                last_used=h.last_used,
+                last_used=self._worker_use(h)[1],
             )
             for h in self._models.values()
             if h.local is not None
@@ -558,8 +611,14 @@ class Supervisor:
         )
 
     def adapters_of(self, model: str) -> dict[str, str]:
-        """``model``'s LoRA adapters: name -> source (none for a remote entry)."""
-        return dict(self.get(model).adapters)
+        """``model``'s LoRA adapters: name -> source, resolved as its engine loaded it (a
+        relative folder against models.yaml's), so every client loads the same path under
+        the same id; none for a remote entry."""
+        handle = self.get(model)
+        return {
+            name: self._engines.adapter_source(handle.name, name, source)
+            for name, source in handle.adapters.items()
+        }
 
     # -- sleep mode (GPU only) -------------------------------------------------------------
 
@@ -593,7 +652,7 @@ class Supervisor:
         host_gib = self._host_gib_for_sleep(handle, engine, level)
         handle.lifecycle.swap(S.READY, S.SLEEPING, f"sleep level {level} requested")
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(handle.idle.wait(), self.limits.drain_seconds)
+            await self._drained(handle, self.limits.drain_seconds)
         try:
             async with self.capacity.locks.hold(allocation.devices, DeviceChange.SLEEP):
                 await engine.sleep(level)
@@ -699,7 +758,7 @@ class Supervisor:
             return handle
         handle.lifecycle.swap((S.READY, S.SLEEPING), S.DRAINING, reason)
         try:
-            await asyncio.wait_for(handle.idle.wait(), self.limits.drain_seconds)
+            await self._drained(handle, self.limits.drain_seconds)
         except asyncio.TimeoutError:
             log.warning(
                 "model %s: %d request(s) still running after %.0fs of draining; stopping anyway",
@@ -762,27 +821,41 @@ class Supervisor:
         ends); unloading waits for that.
         """
         handle = self.get(name)
-        limit = handle.spec.max_queue or self.limits.max_queue
-        if handle.in_flight + handle.waiting >= limit:
+        limit = self.queue_limit(handle)
+        # In flight or waiting, in this process and (on the board) in every HTTP worker.
+        slot = handle.slot
+        if not (
+            self.board.reserve(slot, limit)
+            if slot is not None
+            else handle.in_flight + handle.waiting < limit
+        ):
             raise RateLimitedError(
                 f"model {name!r} has {limit} requests in flight or waiting, its limit; "
                 "retry shortly",
                 retry_after=1,
             )
-        if handle.local is None:
-            engine = self._remote_engine(handle)
-        else:
-            engine = await self._local_engine(handle, handle.local)
-        handle.in_flight += 1
-        handle.idle.clear()
-        handle.last_used = time.monotonic()
         try:
-            yield engine
-        finally:
-            handle.in_flight -= 1
+            if handle.local is None:
+                engine = self._remote_engine(handle)
+            else:
+                engine = await self._local_engine(handle, handle.local)
+            handle.in_flight += 1
+            handle.idle.clear()
             handle.last_used = time.monotonic()
-            if handle.in_flight == 0:
-                handle.idle.set()
+            try:
+                yield engine
+            finally:
+                handle.in_flight -= 1
+                handle.last_used = time.monotonic()
+                if handle.in_flight == 0:
+                    handle.idle.set()
+        finally:
+            if slot is not None:
+                self.board.unreserve(slot)
+
+    def queue_limit(self, handle: ModelHandle) -> int:
+        """Requests ``handle`` may have in flight or waiting, in every HTTP process."""
+        return handle.spec.max_queue or self.limits.max_queue
 
     async def _local_engine(self, handle: ModelHandle, spec: LocalModelSpec) -> Engine:
         """The ready engine of a local model, after waiting (bounded) for a load or wake."""
@@ -894,7 +967,8 @@ class Supervisor:
                     self._mark_failed(handle, "engine died")
                     continue
                 keep_alive = handle.local.keep_alive
-                idle = handle.in_flight == 0 and now - handle.last_used > (keep_alive or 0)
+                in_workers, last_used = self._worker_use(handle)
+                idle = handle.in_flight + in_workers == 0 and now - last_used > (keep_alive or 0)
                 if keep_alive is not None and idle:
                     self._background(self._expire(handle, keep_alive))
 
@@ -979,7 +1053,7 @@ class Supervisor:
         if handle.engine is None:
             return None
         stats = handle.engine.stats()
-        peers = self.peer_running(handle.name)
+        peers = self.peer_running(handle.name) + self._worker_use(handle)[0]
         return dataclasses.replace(stats, running=stats.running + peers) if peers else stats
 
     def status(self, handle: ModelHandle) -> dict[str, Any]:
@@ -997,7 +1071,7 @@ class Supervisor:
             "host_memory_gib": round(handle.host_gib, 3) if handle.host_gib else None,
             "load_seconds": round(handle.load_seconds, 3) if handle.load_seconds else None,
             "wake_seconds": round(handle.wake_seconds, 3) if handle.wake_seconds else None,
-            "in_flight": handle.in_flight,
+            "in_flight": self.in_flight(handle),
             "engine_running": stats.running if stats else 0,
             "engine_waiting": stats.waiting if stats else 0,
             "last_error": handle.last_error,

@@ -1,11 +1,15 @@
 """The owner's side of the control channel: what HTTP workers ask of the model table.
 
-A worker serving a model request asks for a ``lease``: the owner charges the caller's key
-(rate and concurrency), runs the same admission as its own routes (``TableAccess``: key's
+A worker admits a request for a ready local model by itself, on the lending board
+(``appliance.supervisor.lending_board``), once it knows the name: what it learns from its
+first ``lease`` of it. Anything else it asks for a ``lease``: the owner charges the caller's
+key (rate and concurrency), runs the same admission as its own routes (``TableAccess``: key's
 model list, load gate, quota, queue limit, load or wake on demand) and answers with how to
-reach the engine core (an ``EngineLink``), which the worker then talks to itself. ``release``
-gives the lease back; ``observe`` hands over a finished request's figures, so metrics and
-per-key usage are counted once, here. A worker that dies gives back everything it held.
+reach the engine core (an ``EngineLink``, sent only to a worker that has not got it), which
+the worker then talks to itself, and what the worker needs to admit the next request for the
+same name alone (the entry's board slot and generation, its queue limit, its names).
+``release`` gives a lease back; ``observe`` hands over finished requests' figures, so metrics
+and per-key usage are counted once, here. A worker that dies gives back every lease it held.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from starlette.requests import Request
 
 from appliance.api.auth import ACCESS_SCOPE, KEY_SCOPE, Access, KeyIdentity, key_identity
 from appliance.api.model_access import TableAccess
-from appliance.api.rate_limit import KeyLimits
 from appliance.api_keys import AuthConfig
 from appliance.engines.base import (
     Endpoint,
@@ -37,6 +40,7 @@ from appliance.errors import ApplianceError, RateLimitedError
 from appliance.metrics import Metrics
 from appliance.request_info import INFO_KEY, RequestInfo, RequestObserver
 from appliance.router import Router
+from appliance.supervisor.lending_board import KeyLimits
 from appliance.supervisor.states import ModelState
 from appliance.workers.control import ControlError, WorkerSession
 
@@ -99,8 +103,8 @@ class OwnerService:
         target = self._router.target_of(model)
         if target is not None and self._router.supervisor.get(target.entry).local is None:
             # A backend elsewhere: the worker passes the request to us whole (it is
-            # network-bound anyway), and our own routes admit it, once.
-            return {"proxy": True}
+            # network-bound anyway), and our own routes admit it, once. It may remember so.
+            return {"proxy": True, "remote": True}
         key = args.get("key")
         identity = self._identities.get(key) if isinstance(key, str) else None
         limits = self._key_limits.get(identity.name) if identity is not None else None
@@ -137,12 +141,24 @@ class OwnerService:
 
         token = str(next(self._leases))
         session.hold(token, release)
+        described = self._described(lease.entry, lease.engine, link)
+        if described["link_id"] in args.get("held", ()):
+            del described["link"]  # the worker has it: tens of kB not sent again
+        supervisor = self._router.supervisor
+        handle = supervisor.get(lease.entry)
         return {
             "lease": token,
             "model": lease.model,
-            **self._described(lease.entry, lease.engine, link),
+            **described,
             # Whether errors may name backends and paths to this caller (an admin).
             "detail": bool(request.scope.get(DETAIL_SCOPE)),
+            # What the worker needs to admit the next request for this name by itself.
+            "names": list(target.names) if target is not None else [model],
+            "slot": handle.slot,
+            "generation": supervisor.board.generation(handle.slot)
+            if handle.slot is not None
+            else 0,
+            "limit": supervisor.queue_limit(handle),
         }
 
     async def release(self, session: WorkerSession, args: dict[str, Any]) -> dict[str, Any]:
@@ -161,6 +177,9 @@ class OwnerService:
         for model, gaps in dict(args.get("gaps", {})).items():
             for gap in gaps:
                 self._metrics.observe_inter_token(str(model), float(gap))
+        for model, waits in dict(args.get("waits", {})).items():
+            for wait in waits:
+                self._metrics.observe_queue_wait(str(model), float(wait))
         if self._engine_metrics is not None:
             for model, steps in dict(args.get("steps", {})).items():
                 for step in steps:

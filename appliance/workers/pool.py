@@ -32,6 +32,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from appliance.settings import Settings
+from appliance.supervisor.lending_board import LendingBoard
 from appliance.workers.control import ControlServer
 from appliance.workers.owner import OwnerService
 
@@ -47,6 +48,7 @@ class WorkerStart:
     listen_fd: int
     control_path: Path
     owner_path: Path
+    board_path: Path
     token: str
 
 
@@ -62,6 +64,9 @@ class WorkerPool:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="appliance-"))
         self.control_path = self.runtime_dir / "control.sock"
         self.owner_path = self.runtime_dir / "owner.sock"
+        # The counters every HTTP process admits requests by, without asking the owner.
+        self.board_path = self.runtime_dir / "board"
+        self.board = LendingBoard.create(self.board_path, settings.auth.rate_windows())
         # Captured now: later, an engine's spawn window may have its own variables in force.
         self._environ = dict(os.environ)
         self._processes: list[subprocess.Popen[bytes]] = []
@@ -114,6 +119,7 @@ class WorkerPool:
             await control.stop()
             with contextlib.suppress(OSError):
                 self.owner_path.unlink()
+                self.board_path.unlink()
                 self.runtime_dir.rmdir()
 
     def _spawn(self) -> None:
@@ -131,6 +137,7 @@ class WorkerPool:
                 listen_fd=fd,
                 control_path=self.control_path,
                 owner_path=self.owner_path,
+                board_path=self.board_path,
                 token=self.token,
             )
             assert process.stdin is not None

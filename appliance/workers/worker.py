@@ -36,6 +36,7 @@ async def _serve(start: WorkerStart) -> None:
     import uvicorn
 
     from appliance.engines.factory import EngineFactory
+    from appliance.supervisor.lending_board import LendingBoard
     from appliance.workers.control import ControlClient
     from appliance.workers.proxy import OwnerProxy
     from appliance.workers.worker_app import AttachedEngines, FiguresToOwner, create_worker_app
@@ -69,6 +70,7 @@ async def _serve(start: WorkerStart) -> None:
         figures=figures,
         engines=engines,
         owner=OwnerProxy(start.owner_path, start.token),
+        board=LendingBoard.attach(start.board_path, settings.auth.rate_windows()),
     )
     config = uvicorn.Config(
         app,

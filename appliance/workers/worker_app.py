@@ -2,10 +2,12 @@
 everything else passed to the owner.
 
 A model request (the OpenAI routes and every vLLM model route) is read, checked and admitted
-as in the owner (the same routes, with a ``ModelAccess`` that asks the owner for the lease),
-then sent straight to the engine core by this process's vLLM client of it: the request's
-Python work (parsing, templating, detokenizing, SSE) runs here, which is the point of having
-workers. Its figures go to the owner, which counts them with its own.
+as in the owner (the same routes, with a ``ModelAccess`` of its own), then sent straight to
+the engine core by this process's vLLM client of it: the request's Python work (parsing,
+templating, detokenizing, SSE) runs here, which is the point of having workers. A request for
+a ready local model whose name this worker has seen is admitted here, on the lending board
+every HTTP process shares (no round trip to the owner); any other asks the owner for a lease.
+Its figures go to the owner, in batches, which counts them with its own.
 """
 
 from __future__ import annotations
@@ -18,13 +20,21 @@ import logging
 import pickle
 import time
 from collections import defaultdict
-from typing import Any, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol
 
 from fastapi import FastAPI, Request
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.api.auth import KEY_SCOPE, AuthMiddleware
+from appliance.api.auth import (
+    KEY_SCOPE,
+    AuthMiddleware,
+    caller_is_admin,
+    check_model_allowed,
+    key_limits_of,
+)
 from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.forwarded import NameTheWorker
@@ -36,9 +46,10 @@ from appliance.api.vllm_routes import build_vllm_router
 from appliance.engines.base import Endpoint, Engine, EngineLink, EngineStepFigures
 from appliance.engines.remote import DETAIL_SCOPE
 from appliance.engines.route_table import is_model_route
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, ModelNotAllowedError
 from appliance.request_info import RequestInfo, request_info
 from appliance.settings import Settings
+from appliance.supervisor.lending_board import KeyLimits, LendingBoard
 from appliance.workers.control import ControlClient, ControlError
 from appliance.workers.proxy import BODY_SCOPE, OwnerProxy
 
@@ -70,6 +81,24 @@ class PassToOwner(Exception):
     """The model is not served by an engine this worker can reach: the owner answers."""
 
 
+class LinkMissing(Exception):
+    """The owner did not send a link this worker no longer has (closed meanwhile)."""
+
+
+@dataclass(frozen=True)
+class KnownName:
+    """What a worker learnt of a requested name from the owner's lease, to admit the next
+    request for it by itself (valid while the board's table generation stays the same)."""
+
+    model: str  # the name its engine serves it under
+    entry: str
+    names: tuple[str, ...]  # the names a key may list to be allowed it
+    link_id: str | None  # None: a remote entry, which the owner answers
+    slot: int | None
+    generation: int
+    limit: int
+
+
 class AttachedEngines:
     """This worker's clients of the owner's engines, made on first use, one per engine."""
 
@@ -81,14 +110,27 @@ class AttachedEngines:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._ahead: set[asyncio.Task[Engine]] = set()
 
-    async def get(self, entry: str, link_id: str, link: str, adapters: dict[str, str]) -> Engine:
-        """The client for ``link_id``, attached now if new; older clients of ``entry`` are
-        closed (the owner restarted or reloaded it, after draining their requests)."""
+    def held(self) -> list[str]:
+        """The link ids this worker has a client of (the owner need not send them again)."""
+        return list(self._engines)
+
+    def attached(self, link_id: str) -> Engine | None:
+        """The client of ``link_id`` if this worker has one."""
+        return self._engines.get(link_id)
+
+    async def get(
+        self, entry: str, link_id: str, link: str | None, adapters: dict[str, str]
+    ) -> Engine:
+        """The client for ``link_id``, attached now if new (``link`` is None when the owner
+        knew we had it); older clients of ``entry`` are closed (the owner restarted or
+        reloaded it, after draining their requests)."""
         engine = self._engines.get(link_id)
         if engine is None:
             async with self._locks[link_id]:
                 engine = self._engines.get(link_id)
                 if engine is None:
+                    if link is None:
+                        raise LinkMissing(link_id)
                     engine = await self._attach(entry, link_id, link)
         await _sync_adapters(engine, adapters)
         return engine
@@ -159,49 +201,143 @@ async def _sync_adapters(engine: Engine, adapters: dict[str, str]) -> None:
 
 
 class WorkerAccess:
-    """``ModelAccess`` in an HTTP worker: the owner admits and lends; the engine is ours."""
+    """``ModelAccess`` in an HTTP worker: a ready local model it knows is admitted here, on
+    the lending board; anything else the owner admits and lends. The engine is ours."""
 
-    def __init__(self, control: ControlClient, engines: AttachedEngines) -> None:
+    def __init__(
+        self,
+        control: ControlClient,
+        engines: AttachedEngines,
+        *,
+        board: LendingBoard,
+        key_limits: Mapping[str, KeyLimits],
+        quota_keys: frozenset[str],
+        figures: FiguresToOwner,
+    ) -> None:
+        """``key_limits``: each key's limits on ``board``; ``quota_keys``: keys with a token
+        quota, always admitted by the owner (their usage is counted there)."""
         self._control = control
         self._engines = engines
+        self._board = board
+        self._key_limits = key_limits
+        self._quota_keys = quota_keys
+        self._figures = figures
+        # By name and route: the owner's lease checked that the entry serves that route.
+        self._known: dict[tuple[str, Endpoint | None], KnownName] = {}
+        self._table_generation = board.table_generation
 
     async def lease(
         self, request: Request, body: dict[str, Any], endpoint: Endpoint | None
     ) -> Lease:
-        """Ask the owner for a lease on ``body``'s model; attach to its engine if new."""
+        """Admit ``body``'s model here if the board allows it, else ask the owner."""
         info = request_info(request.scope)
         info.model = asked = model_of(body)
+        if self._board.table_generation != self._table_generation:
+            # Names, aliases or adapters changed: what we learnt may be wrong now.
+            self._table_generation = self._board.table_generation
+            self._known.clear()
+        known = self._known.get((asked, endpoint))
+        if known is not None:
+            if known.link_id is None:
+                await self._pass_to_owner(request)
+            lease = self._lend_here(request, asked, known)
+            if lease is not None:
+                return lease
+        return await self._lease_from_owner(request, asked, endpoint)
+
+    def _lend_here(self, request: Request, asked: str, known: KnownName) -> Lease | None:
+        """The owner's admission of a request for a ready local model, done here: the key's
+        model list, then the entry still lent under the same engine, its queue and the key's
+        limits, all charged at once on the board. None: ask the owner (who words any
+        refusal, waits for loads, and charges nothing twice: nothing was charged here)."""
         identity = request.scope.get(KEY_SCOPE)
-        client = request.scope.get("client")
+        if identity is not None and identity.name in self._quota_keys:
+            return None
+        if known.slot is None or known.link_id is None:
+            return None
+        engine = self._engines.attached(known.link_id)
+        if engine is None or not engine.is_alive():
+            return None
         try:
-            got = await self._control.call(
-                "lease",
-                model=asked,
-                key=identity.name if identity is not None else None,
-                peer=list(client) if client else None,
-                endpoint=endpoint.value if endpoint is not None else None,
-                request_id=info.request_id,
-            )
-        except ControlError as exc:
-            raise RelayedError(str(exc), exc.detail) from None
-        if got.get("proxy"):
-            request.scope[BODY_SCOPE] = await request.body()
-            raise PassToOwner
-        token = str(got["lease"])
-        info.model = str(got["model"])
-        request.scope[DETAIL_SCOPE] = bool(got.get("detail"))
+            check_model_allowed(request.scope, asked, known.names)
+        except ModelNotAllowedError:
+            return None  # the owner refuses it, charging the key as it does
+        limits = self._key_limits.get(identity.name) if identity is not None else None
+        slot = known.slot
+        if not self._board.lend(slot, known.generation, known.limit, limits):
+            return None
+        info = request_info(request.scope)
+        info.model = known.model
+        # Remote engines name their backend and quote its errors only to admins.
+        request.scope[DETAIL_SCOPE] = caller_is_admin(request.scope)
+        self._figures.observe_queue_wait(known.model, 0.0)
 
         async def release() -> None:
-            with contextlib.suppress(ControlError):
-                await self._control.call("release", lease=token)
+            self._board.give_back(slot, limits)
 
-        try:
-            engine = await self._engines.get(
-                str(got["entry"]), str(got["link_id"]), str(got["link"]), dict(got["adapters"])
-            )
-        except BaseException:
-            await release()
-            raise
+        return Lease(model=known.model, entry=known.entry, engine=engine, release=release)
+
+    async def _pass_to_owner(self, request: Request) -> NoReturn:
+        request.scope[BODY_SCOPE] = await request.body()
+        raise PassToOwner
+
+    async def _lease_from_owner(
+        self, request: Request, asked: str, endpoint: Endpoint | None
+    ) -> Lease:
+        """Ask the owner for a lease on ``asked``; attach to its engine if new."""
+        info = request_info(request.scope)
+        identity = request.scope.get(KEY_SCOPE)
+        client = request.scope.get("client")
+        held = self._engines.held()
+        for _ in range(2):
+            try:
+                got = await self._control.call(
+                    "lease",
+                    model=asked,
+                    key=identity.name if identity is not None else None,
+                    peer=list(client) if client else None,
+                    endpoint=endpoint.value if endpoint is not None else None,
+                    request_id=info.request_id,
+                    held=held,
+                )
+            except ControlError as exc:
+                raise RelayedError(str(exc), exc.detail) from None
+            if got.get("proxy"):
+                if got.get("remote"):
+                    self._known[asked, endpoint] = KnownName(asked, asked, (), None, None, 0, 0)
+                await self._pass_to_owner(request)
+            token = str(got["lease"])
+
+            async def release(token: str = token) -> None:
+                with contextlib.suppress(ControlError):
+                    await self._control.call("release", lease=token)
+
+            try:
+                engine = await self._engines.get(
+                    str(got["entry"]), str(got["link_id"]), got.get("link"), dict(got["adapters"])
+                )
+            except LinkMissing:
+                await release()
+                held = []  # closed since we said we had it: ask once more, for the link
+                continue
+            except BaseException:
+                await release()
+                raise
+            break
+        else:
+            raise RelayedError("the engine link could not be had; retry", {"status": 503})
+        info.model = str(got["model"])
+        request.scope[DETAIL_SCOPE] = bool(got.get("detail"))
+        slot = got.get("slot")
+        self._known[asked, endpoint] = KnownName(
+            model=info.model,
+            entry=str(got["entry"]),
+            names=tuple(got.get("names", ())),
+            link_id=str(got["link_id"]),
+            slot=int(slot) if slot is not None else None,
+            generation=int(got.get("generation", 0)),
+            limit=int(got.get("limit", 0)),
+        )
         return Lease(model=info.model, entry=str(got["entry"]), engine=engine, release=release)
 
 
@@ -217,6 +353,7 @@ class FiguresToOwner:
         self._period = period
         self._requests: list[dict[str, Any]] = []
         self._gaps: defaultdict[str, list[float]] = defaultdict(list)
+        self._waits: defaultdict[str, list[float]] = defaultdict(list)
         self._steps: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -286,7 +423,8 @@ class FiguresToOwner:
         self._gaps[model].append(seconds)
 
     def observe_queue_wait(self, model: str, seconds: float) -> None:
-        """Not measured here: the owner times the wait while it lends the model."""
+        """Queue the wait of a request admitted here (the owner times those it lends)."""
+        self._waits[model].append(seconds)
 
     async def _send_every(self) -> None:
         while True:
@@ -299,9 +437,12 @@ class FiguresToOwner:
         requests, self._requests = self._requests, []
         gaps, self._gaps = dict(self._gaps), defaultdict(list)
         steps, self._steps = dict(self._steps), defaultdict(list)
-        if requests or gaps or steps:
+        waits, self._waits = dict(self._waits), defaultdict(list)
+        if requests or gaps or steps or waits:
             with contextlib.suppress(ControlError):
-                await self._control.call("observe", requests=requests, gaps=gaps, steps=steps)
+                await self._control.call(
+                    "observe", requests=requests, gaps=gaps, steps=steps, waits=waits
+                )
 
 
 class _Settling:
@@ -365,9 +506,11 @@ def create_worker_app(
     figures: FiguresToOwner,
     engines: AttachedEngines,
     owner: OwnerProxy,
+    board: LendingBoard,
 ) -> ASGIApp:
-    """Worker ``index``'s app: the model routes over ``engines`` (leased through
-    ``control``, figures sent with ``figures``), the rest passed to the owner via ``owner``."""
+    """Worker ``index``'s app: the model routes over ``engines`` (admitted on ``board`` or
+    leased through ``control``, figures sent with ``figures``), the rest passed to the owner
+    via ``owner``."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
@@ -383,7 +526,14 @@ def create_worker_app(
     local = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     register_error_handlers(local)
 
-    access = WorkerAccess(control, engines)
+    access = WorkerAccess(
+        control,
+        engines,
+        board=board,
+        key_limits=key_limits_of(settings.auth, board=board),
+        quota_keys=frozenset(settings.quotas.quotas),
+        figures=figures,
+    )
     local.include_router(
         build_openai_router(access, figures, log_prompts=settings.log_prompts)  # type: ignore[arg-type]
     )

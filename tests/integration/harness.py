@@ -125,8 +125,12 @@ def alive(pid: int) -> bool:
 class ApplianceProcess:
     """One `appliance up` in a subprocess, with its own models.yaml and log file."""
 
-    def __init__(self, workdir: Path, models: list[dict[str, Any]], **top: Any) -> None:
+    def __init__(
+        self, workdir: Path, models: list[dict[str, Any]], *, cwd: Path | None = None, **top: Any
+    ) -> None:
+        """``cwd``: the folder it runs in (default ``workdir``, where its models.yaml is)."""
         self.workdir = workdir
+        self.cwd = cwd or workdir
         self.config = workdir / "models.yaml"
         self.write_config(models, **top)
         self.port = free_port()
@@ -163,7 +167,7 @@ class ApplianceProcess:
                 "10",
                 *extra_args,
             ],
-            cwd=self.workdir,
+            cwd=self.cwd,
             env=self.env(),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.integration.harness import MODELS_DIR, ApplianceProcess, tiny_chat
+from tests.integration.harness import MODELS_DIR, ApplianceProcess, tiny_chat, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -89,8 +90,12 @@ def box(adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App
     entry = tiny_chat(
         aliases=["gpt-4o-mini"], adapters=[{"name": "tiny-sql", "source": str(adapter)}]
     )
-    proc = ApplianceProcess(tmp_path_factory.mktemp("lora-box"), [entry])
-    proc.start("--list-aliases")
+    # Run from another folder than models.yaml's: a relative adapter folder is models.yaml's,
+    # in every HTTP process.
+    proc = ApplianceProcess(
+        tmp_path_factory.mktemp("lora-box"), [entry], cwd=tmp_path_factory.mktemp("elsewhere")
+    )
+    proc.start("--list-aliases", "--workers", "2")
     yield proc
     proc.stop()
 
@@ -199,3 +204,45 @@ def test_an_adapter_loads_at_run_time_without_dropping_a_stream(
         f"{box.url}/v1/completions", json={"model": "tiny-sql-2", "prompt": "x"}, timeout=30
     )
     assert gone.status_code == 404
+
+
+def test_a_runtime_adapter_from_a_relative_folder_answers_alike_from_every_worker(
+    box: ApplianceProcess, adapter: Path, reference: dict[str, list[int]]
+) -> None:
+    shutil.copytree(adapter, box.workdir / "adapters" / "tiny-rel")
+    loaded = subprocess.run(
+        [*CLI, "load", "tiny-chat", "tiny-rel", "./adapters/tiny-rel", "--url", box.url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    answers: dict[str, list[int]] = {}
+
+    def both_workers_answered() -> bool:
+        # A new connection each time, so the kernel hands requests to either process.
+        reply = httpx.post(
+            f"{box.url}/v1/completions",
+            json={
+                "model": "tiny-rel",
+                "prompt": PROMPT,
+                "max_tokens": GREEDY["max_tokens"],
+                "temperature": 0,
+                **GREEDY["extra_body"],
+            },
+            timeout=120,
+        )
+        assert reply.status_code == 200, reply.text
+        answers[reply.headers["x-appliance-worker"]] = reply.json()["choices"][0]["token_ids"]
+        return len(answers) == 2
+
+    wait_until(both_workers_answered, "both HTTP workers answered the adapter", timeout=120)
+    assert answers["0"] == answers["1"] == reference["lora"]
+    assert reference["lora"] != reference["base"]
+    unloaded = subprocess.run(
+        [*CLI, "unload", "tiny-chat", "tiny-rel", "--url", box.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert unloaded.returncode == 0, unloaded.stderr

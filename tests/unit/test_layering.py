@@ -40,6 +40,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "appliance.supervisor.supervisor",
             "appliance.supervisor.handle",
             "appliance.supervisor.states",
+            "appliance.supervisor.lending_board",
         ),
     ),
     ("engines", ("appliance.engines", "appliance.hub")),

@@ -77,6 +77,9 @@ class FakeSupervisor:
     def engine_stats(self, handle: FakeHandle) -> Any:
         return handle.engine.stats() if handle.engine is not None else None
 
+    def in_flight(self, handle: FakeHandle) -> int:
+        return handle.in_flight
+
 
 def catalogue(*names: str, origin: CatalogueSource = CatalogueSource.FILE) -> Catalogue:
     return Catalogue([LocalModelSpec(name=n, source=f"models/{n}") for n in names], origin)
