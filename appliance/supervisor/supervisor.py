@@ -596,7 +596,7 @@ class Supervisor:
             await asyncio.wait_for(handle.idle.wait(), self.limits.drain_seconds)
         try:
             async with self.capacity.locks.hold(allocation.devices, DeviceChange.SLEEP):
-                await engine.sleep(level)
+                await self.capacity.sleep(handle.name, engine, allocation, level)
         except Exception as exc:
             handle.last_error = f"sleep failed: {exc}"
             handle.lifecycle.swap(S.SLEEPING, S.FAILED, handle.last_error)
@@ -604,7 +604,7 @@ class Supervisor:
             raise
         # Asleep, the engine holds only its CUDA context on the GPUs: the rest is free for
         # others, and the weights (level 1) count against the host's budget.
-        handle.allocation = allocation.sleeping()
+        handle.allocation = self.capacity.asleep(allocation)
         handle.sleep_level = level
         handle.host_gib = host_gib
         return handle
@@ -615,7 +615,7 @@ class Supervisor:
             return 0.0  # level 2 discards the weights
         assert handle.allocation is not None
         weights = engine.weights_gib()
-        need = weights if weights is not None else handle.allocation.memory_gib
+        need = weights if weights is not None else sum(handle.allocation.reserved_gib)
         used = sum(h.host_gib for h in self._models.values() if h.state is S.SLEEPING)
         self.capacity.check_host_room(handle.name, need, used)
         return need
@@ -721,7 +721,7 @@ class Supervisor:
             devices = allocation.devices if allocation is not None else ()
             try:
                 async with self.capacity.locks.hold(devices, DeviceChange.STOP):
-                    await engine.stop()
+                    await self.capacity.stop(handle.name, engine, allocation)
             except Exception as exc:  # a dead engine may fail to stop cleanly; it is gone anyway
                 log.warning("model %s: engine stop raised %r", handle.name, exc)
 
