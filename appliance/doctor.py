@@ -8,18 +8,24 @@ do), so the numbers are those an engine would see.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import multiprocessing
 import os
 import queue
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from appliance.host.inventory import GIB, scan_gpus
+from appliance.catalogue.schema import ModelSpec
+from appliance.host.capacity import HostCapacity
+from appliance.host.catalogue_fit import Fit, fit_catalogue
+from appliance.host.inventory import GIB, Inventory, scan_gpus
 from appliance.host.placement import PlacementPolicy
+from appliance.supervisor.handle import SupervisorLimits
 
 # The oldest driver branch the CUDA 12.x user-space libraries of vllm==0.32.0's torch run on
 # with forward compatibility off; older drivers fail at the first kernel launch.
@@ -96,10 +102,12 @@ def judge_flashinfer(versions: Mapping[str, str | None]) -> Finding:
     return Finding("flashinfer", Status.OK, f"flashinfer-python {main}, {present}")
 
 
-def judge_headroom(measured_gib: float, policy: PlacementPolicy, what: str) -> Finding:
+def judge_headroom(
+    measured_gib: float, policy: PlacementPolicy, what: str, reading: str = "own process"
+) -> Finding:
     """A measured per-engine overhead against what placement reserves for it."""
     reserved = policy.headroom_gib + (policy.tp_headroom_gib if what == "nccl" else 0.0)
-    detail = f"{measured_gib:.2f} GiB measured, placement reserves {reserved:.2f} GiB"
+    detail = f"{measured_gib:.2f} GiB measured ({reading}), placement reserves {reserved:.2f} GiB"
     if measured_gib > reserved:
         key = "gpu_headroom_gib" if what == "context" else "tp_headroom_gib"
         return Finding(
@@ -108,6 +116,62 @@ def judge_headroom(measured_gib: float, policy: PlacementPolicy, what: str) -> F
             detail + f": raise placement.{key} in models.yaml",
         )
     return Finding(f"{what} overhead", Status.OK, detail)
+
+
+def overhead_reading(own_bytes: int, device_delta_bytes: int) -> tuple[int, str]:
+    """What a CUDA context (or NCCL) cost, and how that was read.
+
+    NVML lists a process by its pid as the host sees it; inside a container that matches
+    none of ours, and the own-process reading is 0, which would pass any check. Then the
+    device's used-memory change over the same step is taken (it also counts whatever another
+    process allocated meanwhile: run doctor on an idle GPU).
+    """
+    if own_bytes > 0:
+        return own_bytes, "own process"
+    return max(device_delta_bytes, 0), "device total: NVML does not list this pid (container?)"
+
+
+# Below this, NCCL and vLLM's shared-memory queues between tensor-parallel workers fail or
+# fall back (Docker's default /dev/shm is 64 MiB).
+MIN_SHM_GIB = 1.0
+
+
+def judge_shm(shm_bytes: int | None, gpus: int, in_container: bool) -> Finding:
+    """/dev/shm must be big enough for NCCL and vLLM's shared-memory broadcast."""
+    hint = (
+        "run the container with --ipc=host (or --shm-size=16g)"
+        if in_container
+        else "remount /dev/shm bigger"
+    )
+    if shm_bytes is None:
+        return Finding("/dev/shm", Status.FAIL, f"no /dev/shm: NCCL needs it; {hint}")
+    size = shm_bytes / GIB
+    detail = f"/dev/shm {size:.2f} GiB" + (" (in a container)" if in_container else "")
+    if size >= MIN_SHM_GIB:
+        return Finding("/dev/shm", Status.OK, detail)
+    if gpus > 1:
+        return Finding(
+            "/dev/shm",
+            Status.FAIL,
+            f"{detail}: tensor parallelism over {gpus} GPUs needs {MIN_SHM_GIB:.0f}+ GiB; {hint}",
+        )
+    return Finding("/dev/shm", Status.WARN, f"{detail}: small for NCCL and multimodal; {hint}")
+
+
+def judge_owner_context(initialised: bool, uvm_open: bool) -> Finding:
+    """The serving process must not make a CUDA context: it would take memory on the first
+    GPU outside placement, and a forked or spawned engine would inherit a broken one."""
+    if initialised or uvm_open:
+        how = "torch.cuda is initialised" if initialised else "/dev/nvidia-uvm is open"
+        return Finding(
+            "owner CUDA context",
+            Status.FAIL,
+            f"importing the appliance's serving modules made a CUDA context ({how}): a module "
+            "touches CUDA at import; find it with CUDA_LAUNCH_BLOCKING=1 python -X importtime",
+        )
+    return Finding(
+        "owner CUDA context", Status.OK, "the serving process's imports make no CUDA context"
+    )
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -176,8 +240,16 @@ def check_gpus(policy: PlacementPolicy, *, measure: bool = True) -> list[Finding
             installed_versions(["flashinfer-python", "flashinfer-cubin", "flashinfer-jit-cache"])
         )
     )
+    findings.append(check_shm(len(scan.inventory.devices)))
     if not measure:
         return findings
+    owner = _run_child(_owner_child, "")
+    if "error" in owner:
+        findings.append(
+            Finding("owner CUDA context", Status.WARN, f"not checked: {owner['error']}")
+        )
+    else:
+        findings.append(judge_owner_context(owner["initialised"], owner["uvm"]))
     first = scan.inventory.devices[0]
     child = _run_child(_cuda_child, first.uuid or str(first.index))
     if "error" in child:
@@ -201,10 +273,50 @@ def check_gpus(policy: PlacementPolicy, *, measure: bool = True) -> list[Finding
             f"a child spawned with CUDA_VISIBLE_DEVICES={first.uuid} sees {seen}",
         )
     )
-    findings.append(judge_headroom(child["context"] / GIB, policy, "context"))
+    context, how = overhead_reading(child["context"], child["context_device"])
+    findings.append(judge_headroom(context / GIB, policy, "context", how))
     if child.get("nccl") is not None:
-        findings.append(judge_headroom(child["nccl"] / GIB, policy, "nccl"))
+        nccl, how = overhead_reading(child["nccl"], child["nccl_device"])
+        findings.append(judge_headroom(nccl / GIB, policy, "nccl", how))
     return findings
+
+
+def check_catalogue(
+    specs: Sequence[ModelSpec], inventory: Inventory, policy: PlacementPolicy
+) -> list[Finding]:
+    """The whole catalogue placed on this host: one line per model (``catalogue_fit``)."""
+    limits = SupervisorLimits()
+    capacity = HostCapacity(
+        inventory,
+        policy=policy,
+        default_share=limits.default_memory_share,
+        cpu_default_gib=limits.cpu_default_model_gib,
+    )
+    findings = []
+    for answer in fit_catalogue(specs, capacity):
+        crowded_autoload = answer.fit is Fit.CROWDED and answer.detail.startswith("autoload")
+        status = (
+            Status.OK
+            if answer.fit is Fit.FITS
+            else Status.FAIL
+            if answer.fit is Fit.NEVER or crowded_autoload
+            else Status.WARN
+        )
+        findings.append(Finding(f"fits: {answer.model}", status, answer.detail))
+    if not findings:
+        findings.append(Finding("fits", Status.OK, "no local model in the catalogue"))
+    return findings
+
+
+def check_shm(gpus: int) -> Finding:
+    """/dev/shm's size, and whether this runs in a container (for the --ipc=host hint)."""
+    try:
+        stat = os.statvfs("/dev/shm")
+        size: int | None = stat.f_blocks * stat.f_frsize
+    except OSError:
+        size = None
+    container = os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
+    return judge_shm(size, gpus, container)
 
 
 def _driver_versions() -> tuple[str | None, str | None]:
@@ -234,12 +346,14 @@ def _torch_cuda() -> str | None:
 
 
 def _run_child(target: Callable[[Any, str], None], device: str) -> dict[str, Any]:
-    """Run ``target(queue, device)`` in a spawned process with only ``device`` visible."""
+    """Run ``target(queue, device)`` in a spawned process with only ``device`` visible (every
+    GPU, as the serving process sees them, when ``device`` is empty)."""
     context = multiprocessing.get_context("spawn")
     results: Any = context.Queue()
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = device
-    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    if device:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     try:
         process = context.Process(target=target, args=(results, device))
         process.start()
@@ -275,13 +389,18 @@ def _cuda_child(results: Any, device: str) -> None:
             for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 if proc.pid == os.getpid():
                     return int(proc.usedGpuMemory or 0)
-            return 0
+            return 0  # not listed: inside a container NVML lists the host's pids
 
+        def device_used() -> int:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+        before = device_used()
         torch.zeros(1, device="cuda")
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()
-        context = mine()
+        context, context_device = mine(), device_used() - before
         nccl: int | None = None
+        nccl_device = 0
         try:
             import torch.distributed as dist
 
@@ -292,11 +411,39 @@ def _cuda_child(results: Any, device: str) -> None:
             torch.cuda.synchronize()
             time.sleep(0.5)
             nccl = mine() - context
+            nccl_device = device_used() - before - context_device
             dist.destroy_process_group()
         except Exception:
             nccl = None
         results.put(
-            {"total": total, "free": free, "visible": visible, "context": context, "nccl": nccl}
+            {
+                "total": total,
+                "free": free,
+                "visible": visible,
+                "context": context,
+                "context_device": context_device,
+                "nccl": nccl,
+                "nccl_device": nccl_device,
+            }
         )
+    except Exception as exc:  # reported, not raised: the parent prints it
+        results.put({"error": repr(exc)})
+
+
+def _owner_child(results: Any, device: str) -> None:
+    """In a spawned child: import what the serving process imports, then see whether that
+    made a CUDA context (it must not: see ``judge_owner_context``)."""
+    try:
+        import appliance.appliance
+        import appliance.engines.vllm_engine  # noqa: F401
+
+        initialised = False
+        if "torch" in sys.modules:
+            initialised = bool(sys.modules["torch"].cuda.is_initialized())
+        uvm = False
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                uvm = uvm or "nvidia-uvm" in os.readlink(f"/proc/self/fd/{fd}")
+        results.put({"initialised": initialised, "uvm": uvm})
     except Exception as exc:  # reported, not raised: the parent prints it
         results.put({"error": repr(exc)})

@@ -211,6 +211,14 @@ class HostCapacity:
         # Reloaded elsewhere since: the same engine keeps about the same on any of its GPUs.
         return kept if measured_on == devices else (max(kept),) * len(devices)
 
+    def place(self, spec: ModelSpec, beside: Sequence[Allocation]) -> Allocation:
+        """Where ``spec`` would go beside ``beside`` (no eviction, no sleep; changes nothing).
+
+        Raises:
+            PlacementError: it does not fit there.
+        """
+        return self._place(spec, beside)
+
     def _place(self, spec: ModelSpec, beside: Sequence[Allocation]) -> Allocation:
         return place(
             self.demand(spec),
