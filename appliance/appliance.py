@@ -34,6 +34,7 @@ from appliance.engines.factory import EngineFactory
 from appliance.engines.remote import RemoteBackends
 from appliance.errors import ConfigError
 from appliance.host.capacity import HostCapacity
+from appliance.host.cpus import usable_cpus
 from appliance.host.device_release import DeviceRelease, PsutilProcesses
 from appliance.host.inventory import DeviceKind, GpuMonitor, Inventory, detect_inventory
 from appliance.host.placement import PlacementPolicy
@@ -138,7 +139,7 @@ class Appliance:
         # not the appliance's to report.
         self.gpus = GpuMonitor([d.index for d in self.inventory.devices] if on_gpu else None)
         self.workers = settings.workers or default_http_workers(
-            len(self.inventory.devices) if on_gpu else 0, os.cpu_count() or 1
+            len(self.inventory.devices) if on_gpu else 0, usable_cpus()
         )
         if factory is not None:
             # Every HTTP worker holds its own client of each engine core (issue 16).
