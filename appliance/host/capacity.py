@@ -211,6 +211,20 @@ class HostCapacity:
         # Reloaded elsewhere since: the same engine keeps about the same on any of its GPUs.
         return kept if measured_on == devices else (max(kept),) * len(devices)
 
+    def place_demand(self, demand: Demand, beside: Sequence[Allocation]) -> Allocation:
+        """Where ``demand`` would go beside ``beside`` (changes nothing).
+
+        Raises:
+            PlacementError: it does not fit there.
+        """
+        return place(
+            demand,
+            self.inventory,
+            beside,
+            default_share=self._default_share,
+            policy=self.policy,
+        )
+
     def place(self, spec: ModelSpec, beside: Sequence[Allocation]) -> Allocation:
         """Where ``spec`` would go beside ``beside`` (no eviction, no sleep; changes nothing).
 

@@ -50,6 +50,7 @@ from appliance.host.downloads import DownloadProgress, WeightsFetcher
 from appliance.host.inventory import DeviceKind, Inventory
 from appliance.host.placement import Allocation, Demand, PlacementError
 from appliance.host.residency import LoadPlan, Sleeper
+from appliance.host.startup_plan import StartupPlan
 from appliance.supervisor.handle import (
     EngineMaker,
     ModelHandle,
@@ -119,6 +120,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._autoload: asyncio.Future[list[Any]] | None = None
+        self._startup = StartupPlan()  # where the autoload models go, in catalogue order
 
     # -- catalogue -------------------------------------------------------------------------
 
@@ -251,6 +253,9 @@ class Supervisor:
             self._models[spec.name] = self._new_handle(spec)
         self._index_aliases()
         self._watch_task = asyncio.create_task(self._watch(), name="supervisor-watch")
+        self._startup = StartupPlan.of(
+            self.capacity, [h.spec for h in self.handles() if h.autoload]
+        )
         loads = [
             self._ensure_loading(handle, "autoload at start")
             for handle in self._models.values()
@@ -352,7 +357,9 @@ class Supervisor:
                 handle.download = DownloadProgress()
                 await fetcher.fetch(spec, handle.download)
                 handle.lifecycle.swap(S.DOWNLOADING, S.LOADING, "files downloaded")
-            allocation = await self._make_room(handle, self.capacity.demand(spec))
+            demand = self.capacity.demand(spec)
+            demand = self._startup.follow(demand, self._allocations(handle.name))
+            allocation = await self._make_room(handle, demand)
             engine = self._engines.create(spec, allocation, self.inventory)
             async with self.capacity.locks.hold(allocation.devices, DeviceChange.START):
                 self.capacity.check_free(allocation)
