@@ -80,8 +80,10 @@ class RecordingEngine:
     def stats(self) -> EngineStats:
         return EngineStats()
 
+    weights: float | None = 1.0  # what the weight files measure (None: not found, offline)
+
     def weights_gib(self) -> float | None:
-        return 1.0
+        return self.weights
 
 
 class RecordingMaker:
@@ -494,3 +496,18 @@ def test_placement_holds_what_a_sleep_was_measured_to_leave() -> None:
             await sup.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_tensor_parallel_sleep_without_weight_sizes_counts_every_gpus_share() -> None:
+    """Under HF_HUB_OFFLINE the engine cannot size its weight files: the fallback must count
+    the weights of all TP ranks (each pins its shard in host RAM), not one GPU's share."""
+
+    async def body(sup: Supervisor, maker: RecordingMaker) -> None:
+        await sup.start([entry("tp", resources={"tensor_parallel_size": 4, "memory_gib": 20})])
+        await sup.wait_autoload()
+        sup.get("tp").engine.weights = None  # type: ignore[union-attr]
+        with pytest.raises(LifecycleError, match=r"its weights \(86\.0 GiB\)"):
+            await sup.sleep("tp", level=1)  # 4 x (20 + 1.5): over the 50 GiB budget
+        assert sup.get("tp").state is S.READY
+
+    run(body, devices=4, host_budget=50.0)
