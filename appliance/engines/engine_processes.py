@@ -35,4 +35,10 @@ def core_process_ids(engine: Any, cores: Any = None, *, attached: bool = False) 
 
 
 def _pids(procs: Iterable[Any]) -> tuple[int, ...]:
-    return tuple(int(p.pid) for p in procs if getattr(p, "pid", None) is not None)
+    # A process that has exited (exitcode set: reaped) is left out: its pid may already be
+    # another process's, which a stop would then wait for.
+    return tuple(
+        int(p.pid)
+        for p in procs
+        if getattr(p, "pid", None) is not None and getattr(p, "exitcode", None) is None
+    )
