@@ -13,9 +13,17 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from typing import Any
 
 from appliance.catalogue.schema import ModelSpec
-from appliance.doctor_probes import cuda_child, driver_versions, owner_child, run_child, torch_cuda
+from appliance.doctor_probes import (
+    cuda_child,
+    driver_versions,
+    owner_child,
+    run_child,
+    run_ranks,
+    torch_cuda,
+)
 from appliance.host.capacity import HostCapacity
 from appliance.host.catalogue_fit import Fit, fit_catalogue
 from appliance.host.inventory import GIB, Inventory, scan_gpus
@@ -169,6 +177,19 @@ def judge_owner_context(initialised: bool, uvm_open: bool) -> Finding:
     )
 
 
+def judge_tp_overheads(figures: Sequence[Mapping[str, Any]], policy: PlacementPolicy) -> Finding:
+    """NCCL across N GPUs (one rank per GPU, as a tensor-parallel engine runs) against what
+    placement reserves per GPU for a tensor-parallel engine: the largest rank decides."""
+    world = len(figures)
+    errors = [str(f["error"]) for f in figures if "error" in f]
+    if errors:
+        return Finding(f"nccl overhead ({world} GPUs)", Status.FAIL, "; ".join(errors))
+    readings = [overhead_reading(int(f["nccl"]), int(f["nccl_device"])) for f in figures]
+    worst, how = max(readings)
+    finding = judge_headroom(worst / GIB, policy, "nccl", f"largest of {world} ranks, {how}")
+    return Finding(f"nccl overhead ({world} GPUs)", finding.status, finding.detail)
+
+
 def _version(text: str) -> tuple[int, ...]:
     parts = []
     for part in text.split("."):
@@ -273,6 +294,9 @@ def check_gpus(policy: PlacementPolicy, *, measure: bool = True) -> list[Finding
     if child.get("nccl") is not None:
         nccl, how = overhead_reading(child["nccl"], child["nccl_device"])
         findings.append(judge_headroom(nccl / GIB, policy, "nccl", how))
+    uuids = [d.uuid for d in scan.inventory.devices if d.uuid][:8]
+    if len(uuids) > 1:
+        findings.append(judge_tp_overheads(run_ranks(uuids), policy))
     return findings
 
 

@@ -11,6 +11,7 @@ import contextlib
 import multiprocessing
 import os
 import queue
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -145,3 +146,78 @@ def owner_child(results: Any, device: str) -> None:
         results.put({"initialised": initialised, "uvm": uvm})
     except Exception as exc:  # reported, not raised: the parent prints it
         results.put({"error": repr(exc)})
+
+
+def run_ranks(uuids: list[str], timeout: float = 300.0) -> list[dict[str, Any]]:
+    """Run :func:`nccl_rank` on each of ``uuids`` at once (one process per GPU, as vLLM's
+    tensor-parallel workers run), and return each rank's figures (or its error)."""
+    context = multiprocessing.get_context("spawn")
+    results: Any = context.Queue()
+    with socket.socket() as probe:  # a free port for the ranks' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(uuids)
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    processes = []
+    try:
+        for rank in range(len(uuids)):
+            process = context.Process(target=nccl_rank, args=(results, rank, uuids, port))
+            process.start()
+            processes.append(process)
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+    figures: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(figures) < len(uuids):
+            figures.append(dict(results.get(timeout=max(deadline - time.monotonic(), 0.1))))
+    except queue.Empty:
+        figures.append({"error": f"{len(uuids) - len(figures)} rank(s) gave no answer"})
+    finally:
+        for process in processes:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+    return figures
+
+
+def nccl_rank(results: Any, rank: int, uuids: list[str], port: int) -> None:
+    """In a spawned child: rank ``rank`` of an NCCL group over ``uuids``; what NCCL costs on
+    this rank's GPU beyond its CUDA context, read as ``cuda_child`` reads it."""
+    try:
+        import pynvml
+        import torch
+        import torch.distributed as dist
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuids[rank])
+
+        def mine() -> int:
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == os.getpid():
+                    return int(proc.usedGpuMemory or 0)
+            return 0
+
+        def device_used() -> int:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+        torch.cuda.set_device(rank)
+        torch.zeros(1, device="cuda")
+        torch.cuda.synchronize()
+        context, before = mine(), device_used()
+        dist.init_process_group(
+            "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(uuids)
+        )
+        dist.all_reduce(torch.ones(1 << 20, device="cuda"))
+        torch.cuda.synchronize()
+        time.sleep(0.5)
+        nccl, nccl_device = mine() - context, device_used() - before
+        dist.barrier()
+        dist.destroy_process_group()
+        results.put({"rank": rank, "nccl": nccl, "nccl_device": nccl_device})
+    except Exception as exc:  # reported, not raised: the parent prints it
+        results.put({"rank": rank, "error": repr(exc)})

@@ -19,6 +19,7 @@ from appliance.doctor import (
     judge_headroom,
     judge_owner_context,
     judge_shm,
+    judge_tp_overheads,
     overhead_reading,
 )
 from appliance.host.inventory import Device, DeviceKind, Inventory
@@ -188,3 +189,19 @@ def test_doctor_config_places_the_catalogue_on_this_host(tmp_path: Path) -> None
     assert done.returncode == 1, done.stdout
     assert "fits: small" in done.stdout and "autoload: cpu0 0.5 GiB" in done.stdout
     assert "fits: huge" in done.stdout and "(even alone)" in done.stdout
+
+
+def test_nccl_across_gpus_is_judged_by_its_largest_rank() -> None:
+    gib = 1 << 30
+    policy = PlacementPolicy()  # 1.0 + 0.5 GiB per GPU for a tensor-parallel engine
+    ranks = [{"rank": r, "nccl": int(0.4 * gib), "nccl_device": int(0.4 * gib)} for r in range(4)]
+    ok = judge_tp_overheads(ranks, policy)
+    assert ok.check == "nccl overhead (4 GPUs)" and ok.status is Status.OK
+    # Rank 3's GPU: NCCL's buffers for 4 peers over PCIe take more than is reserved; read in a
+    # container (no pid of ours listed), from the device's totals.
+    ranks[3] = {"rank": 3, "nccl": 0, "nccl_device": int(1.7 * gib)}
+    too_big = judge_tp_overheads(ranks, policy)
+    assert too_big.status is Status.FAIL and "placement.tp_headroom_gib" in too_big.detail
+    assert "largest of 4 ranks, device total" in too_big.detail
+    failed = judge_tp_overheads([ranks[0], {"rank": 1, "error": "NCCL error: unhandled"}], policy)
+    assert failed.status is Status.FAIL and "NCCL error" in failed.detail
