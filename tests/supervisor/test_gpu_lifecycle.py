@@ -429,7 +429,7 @@ def test_a_start_waits_until_the_stopped_engines_workers_are_gone_and_its_memory
 def test_a_stop_whose_memory_never_comes_back_is_logged_and_frees_the_lock(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="appliance.supervisor.supervisor")
+    caplog.set_level(logging.WARNING, logger="appliance.supervisor")
     exits = Exits({100: []})
     release = DeviceRelease(
         lambda: {0: DeviceUse(42.0, {100: 41.0})}, exits, poll_seconds=0.001, timeout_seconds=0.2
