@@ -3,7 +3,8 @@
     python scripts/gpu_check.py --model Qwen/Qwen2.5-0.5B-Instruct [--gpu 0] [--port 8011]
 
 It runs `appliance doctor`, then starts a real appliance with two engines of one small model
-on one GPU (both with sleep mode), and checks, printing PASS or FAIL with the figures:
+on one GPU (both with sleep mode; two HTTP processes, so the engines have two clients),
+and checks, printing PASS or FAIL with the figures:
 
 1. spawned, not forked: every process below the appliance has an address space of its own
    (a forked child shares its parent's stack address; vLLM renames both kinds, so names
@@ -15,7 +16,8 @@ on one GPU (both with sleep mode), and checks, printing PASS or FAIL with the fi
 5. sleep: a greedy answer before, after a level-1 and after a level-2 sleep and wake is the
    same, and each sleep frees memory on the GPU (device totals);
 6. evict, then load on the same GPU at once: the reload starts and answers the same;
-7. shutdown: SIGTERM exits 0, every process collected *before* it is gone, and the GPU's used
+7. every HTTP process serves: the owner and the worker each answer (the multi-client start);
+8. shutdown: SIGTERM exits 0, every process collected *before* it is gone, and the GPU's used
    memory is back to what it was before the start.
 
 Exits 1 if any check fails. The README's GPU section says what the output should look like.
@@ -124,6 +126,12 @@ def judge_placement(
         f"NVML lists none of our pids (a container?): by device totals, {uuid} gained "
         f"{gained.get(uuid, 0)} MiB (expected {expected_mib}+), other GPUs: {others or 'none'}"
     )
+
+
+def judge_workers(seen: Iterable[str], workers: int) -> tuple[bool, str]:
+    """Every HTTP process (the owner and each worker, all clients of the engines) answered."""
+    answered = sorted(set(seen))
+    return len(answered) == workers, f"answers from processes {answered} of {workers}"
 
 
 def judge_sleep(state: str | None, awake_mib: int, asleep_mib: int) -> tuple[bool, str]:
@@ -360,6 +368,9 @@ def main() -> int:
     parser.add_argument("--gpu", type=int, default=0, help="NVML index of the GPU to use")
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--share", type=float, default=0.3, help="memory_share of each engine")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="HTTP processes: 2+ checks the multi-client start"
+    )
     args = parser.parse_args()
 
     doctor = subprocess.run([sys.executable, "-m", "appliance", "doctor"], check=False)
@@ -379,7 +390,7 @@ def main() -> int:
     print(f"starting the appliance (log: {workdir / 'appliance.log'})", flush=True)
     command = [sys.executable, "-m", "appliance", "up", "--config", str(workdir / "models.yaml")]
     server = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(args.port)],
+        [*command, "--host", "127.0.0.1", "--port", str(args.port), "--workers", str(args.workers)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -402,6 +413,14 @@ def main() -> int:
 
         before = answer(client, "check-a")
         report("greedy answer", bool(before), repr(before))
+        seen = []
+        for _ in range(8 * args.workers):  # a new connection each: the kernel spreads them
+            with httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=60) as fresh:
+                reply = fresh.post(
+                    "/v1/completions", json={"model": "check-b", "prompt": PROMPT, "max_tokens": 4}
+                )
+                seen.append(reply.headers.get("X-Appliance-Worker", "?"))
+        report("every HTTP process serves", *judge_workers(seen, args.workers))
         sleep_cycle(client, "check-a", 1, before, uuid)
         sleep_cycle(client, "check-a", 2, before, uuid)
         report("other engine untouched", answer(client, "check-b") == before, "check-b answers")

@@ -130,3 +130,9 @@ def test_process_readings_on_this_box(check: ModuleType) -> None:
     assert check.process_table()[me] == os.getppid()
     assert me in check.descendants(os.getppid())
     assert check.alive([me, 2**22 + 7]) == {me}
+
+
+def test_every_http_process_must_answer(check: ModuleType) -> None:
+    assert check.judge_workers(["0", "1", "1", "0"], 2)[0]
+    ok, detail = check.judge_workers(["0", "0", "0"], 2)  # the worker never attached
+    assert not ok and "['0'] of 2" in detail
