@@ -5,7 +5,8 @@ about a second, where an unloaded one reloads in tens of seconds. So when a load
 first try to find it by sleeping evictable models that can sleep, cheapest to wake first,
 while their weights fit the host's sleep budget; only when sleeping cannot make room does the
 caller fall back to unloading (``placement.plan_eviction``). Asleep, a model still holds its
-CUDA context on its devices (``Allocation.sleeping``), which the placement here accounts for.
+CUDA context and whatever else vLLM's sleep leaves (measured: ``sleep_residue``) on its
+devices (``Allocation.sleeping``), which the placement here accounts for.
 """
 
 from __future__ import annotations

@@ -609,8 +609,8 @@ class Supervisor:
             handle.lifecycle.swap(S.SLEEPING, S.FAILED, handle.last_error)
             self._background(self._restart(handle))
             raise
-        # Asleep, the engine holds only its CUDA context on the GPUs: the rest is free for
-        # others, and the weights (level 1) count against the host's budget.
+        # Asleep, the engine holds what its sleep was measured to leave on the GPUs: the rest
+        # is free for others, and the weights (level 1) count against the host's budget.
         handle.allocation = self.capacity.asleep(allocation)
         handle.sleep_level = level
         handle.host_gib = host_gib
