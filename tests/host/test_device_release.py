@@ -10,12 +10,17 @@ process table and NVML here replay that, on a clock the test moves.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterable, Mapping
 
 import pytest
 
 from appliance.errors import DeviceReleaseError
-from appliance.host.device_release import DeviceRelease, engine_tree
+from appliance.host.device_release import DeviceRelease, PsutilProcesses, engine_tree
 from appliance.host.inventory import DeviceUse
 from appliance.host.placement import Allocation
 from appliance.host.sleep_residue import measure_residue
@@ -205,3 +210,27 @@ def test_sleep_residue_from_device_totals_in_a_container() -> None:
 
 def test_sleep_residue_unknown_without_readings() -> None:
     assert measure_residue(allocation(), {}, {}, frozenset({CORE})) is None
+
+
+def test_the_psutil_table_finds_a_real_tree_and_sees_it_go() -> None:
+    """On this box's processes: a child and its grandchild (a core and its TP worker)."""
+    sleeper = "import time; time.sleep(30)"
+    code = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); "
+    core = subprocess.Popen([sys.executable, "-c", code + "time.sleep(30)"])
+    table = PsutilProcesses()
+    tree: frozenset[int] = frozenset()
+    try:
+        deadline = time.monotonic() + 20
+        while len(tree) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            tree = table.tree([core.pid])
+        assert core.pid in tree and len(tree) == 2
+        core.kill()
+        core.wait()
+        worker = tree - {core.pid}
+        assert table.alive(tree) == worker  # the orphan outlives its parent
+        assert table.tree([core.pid]) == frozenset()  # and cannot be found from it any more
+    finally:
+        core.kill()
+        for pid in table.alive(tree):
+            os.kill(pid, signal.SIGKILL)
