@@ -34,6 +34,8 @@ from appliance.engines.factory import EngineFactory
 from appliance.engines.remote import RemoteBackends
 from appliance.errors import ConfigError
 from appliance.host.capacity import HostCapacity
+from appliance.host.cpus import usable_cpus
+from appliance.host.device_release import DeviceRelease, PsutilProcesses
 from appliance.host.inventory import DeviceKind, GpuMonitor, Inventory, detect_inventory
 from appliance.host.placement import PlacementPolicy
 from appliance.hub.fetcher import HubFetcher
@@ -133,10 +135,12 @@ class Appliance:
             environ=environ,
             cuda_build=factory is not None and factory.cuda_build,
         )
-        self.gpus = GpuMonitor()
         on_gpu = self.inventory.kind is DeviceKind.GPU
+        # Only the inventory's GPUs: those in MIG mode or hidden by CUDA_VISIBLE_DEVICES are
+        # not the appliance's to report.
+        self.gpus = GpuMonitor([d.index for d in self.inventory.devices] if on_gpu else None)
         self.workers = settings.workers or default_http_workers(
-            len(self.inventory.devices) if on_gpu else 0, os.cpu_count() or 1
+            len(self.inventory.devices) if on_gpu else 0, usable_cpus()
         )
         if factory is not None:
             # Every HTTP worker holds its own client of each engine core (issue 16).
@@ -170,6 +174,13 @@ class Appliance:
                 sleep_host_budget_gib=_sleep_host_budget_gib(
                     config.placement.sleep_host_budget_gib
                 ),
+                release=DeviceRelease(
+                    self.gpus.usage,
+                    PsutilProcesses(),
+                    timeout_seconds=settings.limits.device_release_seconds,
+                )
+                if on_gpu
+                else None,
             ),
             fetcher=HubFetcher(base_dir=settings.config_path.resolve().parent),
         )

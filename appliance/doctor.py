@@ -9,17 +9,26 @@ do), so the numbers are those an engine would see.
 from __future__ import annotations
 
 import enum
-import multiprocessing
 import os
-import queue
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from appliance.host.inventory import GIB, scan_gpus
+from appliance.catalogue.schema import ModelSpec
+from appliance.doctor_probes import (
+    cuda_child,
+    driver_versions,
+    owner_child,
+    run_child,
+    run_ranks,
+    torch_cuda,
+)
+from appliance.host.capacity import HostCapacity
+from appliance.host.catalogue_fit import Fit, fit_catalogue
+from appliance.host.inventory import GIB, Inventory, scan_gpus
 from appliance.host.placement import PlacementPolicy
+from appliance.supervisor.handle import SupervisorLimits
 
 # The oldest driver branch the CUDA 12.x user-space libraries of vllm==0.32.0's torch run on
 # with forward compatibility off; older drivers fail at the first kernel launch.
@@ -96,10 +105,12 @@ def judge_flashinfer(versions: Mapping[str, str | None]) -> Finding:
     return Finding("flashinfer", Status.OK, f"flashinfer-python {main}, {present}")
 
 
-def judge_headroom(measured_gib: float, policy: PlacementPolicy, what: str) -> Finding:
+def judge_headroom(
+    measured_gib: float, policy: PlacementPolicy, what: str, reading: str = "own process"
+) -> Finding:
     """A measured per-engine overhead against what placement reserves for it."""
     reserved = policy.headroom_gib + (policy.tp_headroom_gib if what == "nccl" else 0.0)
-    detail = f"{measured_gib:.2f} GiB measured, placement reserves {reserved:.2f} GiB"
+    detail = f"{measured_gib:.2f} GiB measured ({reading}), placement reserves {reserved:.2f} GiB"
     if measured_gib > reserved:
         key = "gpu_headroom_gib" if what == "context" else "tp_headroom_gib"
         return Finding(
@@ -108,6 +119,75 @@ def judge_headroom(measured_gib: float, policy: PlacementPolicy, what: str) -> F
             detail + f": raise placement.{key} in models.yaml",
         )
     return Finding(f"{what} overhead", Status.OK, detail)
+
+
+def overhead_reading(own_bytes: int, device_delta_bytes: int) -> tuple[int, str]:
+    """What a CUDA context (or NCCL) cost, and how that was read.
+
+    NVML lists a process by its pid as the host sees it; inside a container that matches
+    none of ours, and the own-process reading is 0, which would pass any check. Then the
+    device's used-memory change over the same step is taken (it also counts whatever another
+    process allocated meanwhile: run doctor on an idle GPU).
+    """
+    if own_bytes > 0:
+        return own_bytes, "own process"
+    return max(device_delta_bytes, 0), "device total: NVML does not list this pid (container?)"
+
+
+# Below this, NCCL and vLLM's shared-memory queues between tensor-parallel workers fail or
+# fall back (Docker's default /dev/shm is 64 MiB).
+MIN_SHM_GIB = 1.0
+
+
+def judge_shm(shm_bytes: int | None, gpus: int, in_container: bool) -> Finding:
+    """/dev/shm must be big enough for NCCL and vLLM's shared-memory broadcast."""
+    hint = (
+        "run the container with --ipc=host (or --shm-size=16g)"
+        if in_container
+        else "remount /dev/shm bigger"
+    )
+    if shm_bytes is None:
+        return Finding("/dev/shm", Status.FAIL, f"no /dev/shm: NCCL needs it; {hint}")
+    size = shm_bytes / GIB
+    detail = f"/dev/shm {size:.2f} GiB" + (" (in a container)" if in_container else "")
+    if size >= MIN_SHM_GIB:
+        return Finding("/dev/shm", Status.OK, detail)
+    if gpus > 1:
+        return Finding(
+            "/dev/shm",
+            Status.FAIL,
+            f"{detail}: tensor parallelism over {gpus} GPUs needs {MIN_SHM_GIB:.0f}+ GiB; {hint}",
+        )
+    return Finding("/dev/shm", Status.WARN, f"{detail}: small for NCCL and multimodal; {hint}")
+
+
+def judge_owner_context(initialised: bool, uvm_open: bool) -> Finding:
+    """The serving process must not make a CUDA context: it would take memory on the first
+    GPU outside placement, and a forked or spawned engine would inherit a broken one."""
+    if initialised or uvm_open:
+        how = "torch.cuda is initialised" if initialised else "/dev/nvidia-uvm is open"
+        return Finding(
+            "owner CUDA context",
+            Status.FAIL,
+            f"importing the appliance's serving modules made a CUDA context ({how}): a module "
+            "touches CUDA at import; find it with CUDA_LAUNCH_BLOCKING=1 python -X importtime",
+        )
+    return Finding(
+        "owner CUDA context", Status.OK, "the serving process's imports make no CUDA context"
+    )
+
+
+def judge_tp_overheads(figures: Sequence[Mapping[str, Any]], policy: PlacementPolicy) -> Finding:
+    """NCCL across N GPUs (one rank per GPU, as a tensor-parallel engine runs) against what
+    placement reserves per GPU for a tensor-parallel engine: the largest rank decides."""
+    world = len(figures)
+    errors = [str(f["error"]) for f in figures if "error" in f]
+    if errors:
+        return Finding(f"nccl overhead ({world} GPUs)", Status.FAIL, "; ".join(errors))
+    readings = [overhead_reading(int(f["nccl"]), int(f["nccl_device"])) for f in figures]
+    worst, how = max(readings)
+    finding = judge_headroom(worst / GIB, policy, "nccl", f"largest of {world} ranks, {how}")
+    return Finding(f"nccl overhead ({world} GPUs)", finding.status, finding.detail)
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -170,16 +250,24 @@ def check_gpus(policy: PlacementPolicy, *, measure: bool = True) -> list[Finding
             ),
         )
     ]
-    findings.append(judge_driver(*_driver_versions(), _torch_cuda()))
+    findings.append(judge_driver(*driver_versions(), torch_cuda()))
     findings.append(
         judge_flashinfer(
             installed_versions(["flashinfer-python", "flashinfer-cubin", "flashinfer-jit-cache"])
         )
     )
+    findings.append(check_shm(len(scan.inventory.devices)))
     if not measure:
         return findings
+    owner = run_child(owner_child, "")
+    if "error" in owner:
+        findings.append(
+            Finding("owner CUDA context", Status.WARN, f"not checked: {owner['error']}")
+        )
+    else:
+        findings.append(judge_owner_context(owner["initialised"], owner["uvm"]))
     first = scan.inventory.devices[0]
-    child = _run_child(_cuda_child, first.uuid or str(first.index))
+    child = run_child(cuda_child, first.uuid or str(first.index))
     if "error" in child:
         findings.append(
             Finding("cuda", Status.FAIL, f"a spawned child cannot use CUDA: {child['error']}")
@@ -201,102 +289,50 @@ def check_gpus(policy: PlacementPolicy, *, measure: bool = True) -> list[Finding
             f"a child spawned with CUDA_VISIBLE_DEVICES={first.uuid} sees {seen}",
         )
     )
-    findings.append(judge_headroom(child["context"] / GIB, policy, "context"))
+    context, how = overhead_reading(child["context"], child["context_device"])
+    findings.append(judge_headroom(context / GIB, policy, "context", how))
     if child.get("nccl") is not None:
-        findings.append(judge_headroom(child["nccl"] / GIB, policy, "nccl"))
+        nccl, how = overhead_reading(child["nccl"], child["nccl_device"])
+        findings.append(judge_headroom(nccl / GIB, policy, "nccl", how))
+    uuids = [d.uuid for d in scan.inventory.devices if d.uuid][:8]
+    if len(uuids) > 1:
+        findings.append(judge_tp_overheads(run_ranks(uuids), policy))
     return findings
 
 
-def _driver_versions() -> tuple[str | None, str | None]:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return None, None
-    try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
-        driver = driver.decode() if isinstance(driver, bytes) else str(driver)
-        return driver, f"{cuda // 1000}.{(cuda % 1000) // 10}"
-    except Exception:
-        return None, None
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def _torch_cuda() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch.version.cuda
-
-
-def _run_child(target: Callable[[Any, str], None], device: str) -> dict[str, Any]:
-    """Run ``target(queue, device)`` in a spawned process with only ``device`` visible."""
-    context = multiprocessing.get_context("spawn")
-    results: Any = context.Queue()
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = device
-    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-    try:
-        process = context.Process(target=target, args=(results, device))
-        process.start()
-    finally:
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
-    try:
-        return dict(results.get(timeout=300))
-    except queue.Empty:
-        return {"error": "the child gave no answer in 300 s"}
-    finally:
-        process.join(30)
-        if process.is_alive():
-            process.kill()
-
-
-def _cuda_child(results: Any, device: str) -> None:
-    """In a spawned child: CUDA's view, and what a context and NCCL cost on the GPU."""
-    try:
-        import pynvml
-        import torch
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByUUID(device)
-        visible = [
-            str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())
-        ]
-        visible = [v if v.startswith("GPU-") else f"GPU-{v}" for v in visible]
-
-        def mine() -> int:
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == os.getpid():
-                    return int(proc.usedGpuMemory or 0)
-            return 0
-
-        torch.zeros(1, device="cuda")
-        torch.cuda.synchronize()
-        free, total = torch.cuda.mem_get_info()
-        context = mine()
-        nccl: int | None = None
-        try:
-            import torch.distributed as dist
-
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29533")
-            dist.init_process_group("nccl", rank=0, world_size=1)
-            dist.all_reduce(torch.ones(1, device="cuda"))
-            torch.cuda.synchronize()
-            time.sleep(0.5)
-            nccl = mine() - context
-            dist.destroy_process_group()
-        except Exception:
-            nccl = None
-        results.put(
-            {"total": total, "free": free, "visible": visible, "context": context, "nccl": nccl}
+def check_catalogue(
+    specs: Sequence[ModelSpec], inventory: Inventory, policy: PlacementPolicy
+) -> list[Finding]:
+    """The whole catalogue placed on this host: one line per model (``catalogue_fit``)."""
+    limits = SupervisorLimits()
+    capacity = HostCapacity(
+        inventory,
+        policy=policy,
+        default_share=limits.default_memory_share,
+        cpu_default_gib=limits.cpu_default_model_gib,
+    )
+    findings = []
+    for answer in fit_catalogue(specs, capacity):
+        crowded_autoload = answer.fit is Fit.CROWDED and answer.detail.startswith("autoload")
+        status = (
+            Status.OK
+            if answer.fit is Fit.FITS
+            else Status.FAIL
+            if answer.fit is Fit.NEVER or crowded_autoload
+            else Status.WARN
         )
-    except Exception as exc:  # reported, not raised: the parent prints it
-        results.put({"error": repr(exc)})
+        findings.append(Finding(f"fits: {answer.model}", status, answer.detail))
+    if not findings:
+        findings.append(Finding("fits", Status.OK, "no local model in the catalogue"))
+    return findings
+
+
+def check_shm(gpus: int) -> Finding:
+    """/dev/shm's size, and whether this runs in a container (for the --ipc=host hint)."""
+    try:
+        stat = os.statvfs("/dev/shm")
+        size: int | None = stat.f_blocks * stat.f_frsize
+    except OSError:
+        size = None
+    container = os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
+    return judge_shm(size, gpus, container)

@@ -241,6 +241,12 @@ class EngineError(ApplianceError):
     code = "engine_error"
 
 
+class DeviceReleaseError(EngineError):
+    """A stopped engine's processes or GPU memory did not go away in time."""
+
+    code = "device_release_timeout"
+
+
 class PullRefusedError(InvalidRequestError):
     """A model pull cannot start: not a hub id, a local source, gated, missing, no disk."""
 

@@ -41,7 +41,13 @@ RESERVED_ENGINE_KEYS: dict[str, str] = {
         "would size the KV cache outside placement's budget; give resources.memory_gib instead"
     ),
     "device_ids": "is set by placement; pin GPUs with resources.devices",
+    "num_gpu_blocks_override": (
+        "would size the KV cache by block count, past placement's memory budget; give "
+        "resources.memory_gib instead"
+    ),
 }
+# vLLM's GPU video decoder (vllm/multimodal/video_decoders: requires_gpu=True).
+_GPU_VIDEO_BACKENDS = frozenset({"pynvvideocodec"})
 # Engine settings that would make vLLM use more GPUs than placement gives it; 1 is allowed.
 SINGLE_ENGINE_KEYS: dict[str, str] = {
     "pipeline_parallel_size": (
@@ -86,6 +92,35 @@ SERVER_ONLY_ENGINE_KEYS: dict[str, str] = {
     "dp_supervisor_probe_timeout_s": "the appliance runs one engine per entry",
     "dp_supervisor_probe_failure_threshold": "the appliance runs one engine per entry",
 }
+
+
+def _check_frontend_gpu(keys: dict[str, Any]) -> None:
+    """Refuse multimodal work on the GPU in the front-end processes.
+
+    vLLM runs GPU video decoding and device-side multimodal processing in every API process
+    (``mm_ipc_gpu_memory_gb``, ``vllm/multimodal/gpu_ipc_memory.py``): here that is the
+    appliance's own process and its HTTP workers, which have every GPU visible, so each
+    would make a CUDA context on the first GPU, outside placement.
+    """
+    why = (
+        "would run GPU multimodal work in the appliance's front-end processes (a CUDA "
+        "context on the first GPU, outside placement); decode on the CPU"
+    )
+    if float(keys.get("mm_ipc_gpu_memory_gb") or 0) > 0:
+        raise ValueError(f"engine setting 'mm_ipc_gpu_memory_gb' {why}")
+    if str(keys.get("mm_processor_device") or "auto") not in ("auto", "cpu"):
+        raise ValueError(f"engine setting 'mm_processor_device' {why}")
+    processor = keys.get("mm_processor_kwargs") or {}
+    if isinstance(processor, dict) and str(processor.get("device", "cpu")).split(":")[0] not in (
+        "cpu",
+    ):
+        raise ValueError(f"engine setting 'mm_processor_kwargs.device' {why}")
+    video = (keys.get("media_io_kwargs") or {}).get("video", {})
+    if isinstance(video, dict):
+        gpu_backend = {video.get("backend"), video.get("video_backend")} & _GPU_VIDEO_BACKENDS
+        on_cuda = str(video.get("device", "cpu")).startswith("cuda")
+        if gpu_backend or on_cuda:
+            raise ValueError(f"engine setting 'media_io_kwargs.video' {why}")
 
 
 def check_server_only_keys(keys: dict[str, Any]) -> None:
@@ -329,6 +364,7 @@ class LocalModelSpec(_EntryBase):
         for key, why in SINGLE_ENGINE_KEYS.items():
             if key in keys and keys[key] not in (None, 1, "1"):
                 raise ValueError(f"engine setting {key!r} is not supported: {why}")
+        _check_frontend_gpu(keys)
         backend = keys.get("distributed_executor_backend")
         if backend is not None and backend not in ("mp", "uni"):
             raise ValueError(

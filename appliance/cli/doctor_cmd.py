@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -18,7 +20,8 @@ def doctor(
         Path("models.yaml"),
         "--config",
         "-c",
-        help="The catalogue whose placement settings the overheads are compared with.",
+        help="The catalogue placed on this host's inventory (each model: fits or why not), "
+        "and whose placement settings the overheads are compared with.",
     ),
     measure: bool = typer.Option(
         True, help="Start a CUDA context (and NCCL) in a child process to measure overheads."
@@ -31,17 +34,25 @@ def doctor(
     """
     from appliance.catalogue.config_file import load_catalogue_file
     from appliance.catalogue.schema import PlacementSettings
-    from appliance.doctor import Status, check_gpus, check_install
+    from appliance.doctor import Status, check_catalogue, check_gpus, check_install
+    from appliance.host.inventory import cpu_inventory, scan_gpus
     from appliance.host.placement import PlacementPolicy
+    from appliance.settings import Settings
 
     settings = PlacementSettings()
+    models: list[Any] = []
     if config.exists():
         try:
-            settings = load_catalogue_file(config).placement
+            catalogue = load_catalogue_file(config)
+            settings, models = catalogue.placement, list(catalogue.models)
         except ConfigError as exc:
             out.print(f"[red]{config}: {exc.message}[/]; using the default placement settings")
     policy = PlacementPolicy.from_settings(settings)
     findings = [*check_install(), *check_gpus(policy, measure=measure)]
+    if models:
+        scan = scan_gpus(os.environ)
+        inventory = scan.inventory or cpu_inventory(Settings().cpu_memory_budget_gib)
+        findings.extend(check_catalogue(models, inventory, policy))
     table = Table("check", "", "what was seen")
     colour = {Status.OK: "green", Status.WARN: "yellow", Status.FAIL: "red"}
     for finding in findings:

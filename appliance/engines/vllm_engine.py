@@ -46,6 +46,7 @@ from appliance.engines.base import (
     StreamReply,
     Usage,
 )
+from appliance.engines.engine_processes import core_process_ids
 from appliance.errors import (
     ConfigError,
     EngineError,
@@ -990,6 +991,10 @@ class VLLMEngine:
                 f"it from level {self._sleep_level}"
             )
         self._sleep_level = 0
+
+    def process_ids(self) -> tuple[int, ...]:
+        """The engine-core processes this engine started (none for an attached client)."""
+        return core_process_ids(self._engine, self._cores, attached=self._attachment is not None)
 
     def weights_gib(self) -> float | None:
         """Size of the model's weight files: what level-1 sleep moves into host memory."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -100,6 +100,15 @@ class GpuMemory:
     used_gib: float
     total_gib: float
     free_gib: float | None = None  # what CUDA would report free (NVML v2), when known
+
+
+@dataclass(frozen=True)
+class DeviceUse:
+    """One GPU's memory at one moment with the processes NVML lists on it (for stops and
+    sleeps: ``device_release``, ``sleep_residue``)."""
+
+    used_gib: float
+    processes: Mapping[int, float] = field(default_factory=dict)  # pid -> GiB (NVML's pids)
 
 
 @dataclass(frozen=True)
@@ -211,9 +220,12 @@ class GpuMonitor:
     closed once at shutdown, not per metrics scrape.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, indices: Iterable[int] | None = None) -> None:
+        """``indices``: the inventory's GPUs; others NVML lists (in MIG mode, hidden by
+        CUDA_VISIBLE_DEVICES) are not the appliance's and are not reported. None: all."""
         self._nvml: ModuleType | None = None
         self._unavailable = False
+        self._indices = frozenset(indices) if indices is not None else None
 
     def read(self) -> list[GpuMemory]:
         """Used, total and free memory of each GPU now; ``[]`` without GPUs.
@@ -231,6 +243,8 @@ class GpuMonitor:
             logger.debug("NVML cannot count GPUs: %s", exc)
             return []
         for index in range(count):
+            if self._indices is not None and index not in self._indices:
+                continue
             try:
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 info = nvml.nvmlDeviceGetMemoryInfo(handle)
@@ -249,6 +263,29 @@ class GpuMonitor:
             r.index: r.free_gib if r.free_gib is not None else r.total_gib - r.used_gib
             for r in self.read()
         }
+
+    def usage(self) -> dict[int, DeviceUse]:
+        """Used memory and the compute processes NVML lists, per GPU index.
+
+        A GPU that cannot be read is left out. Inside a container the pids are the host's.
+        """
+        nvml = self._session()
+        if nvml is None:
+            return {}
+        found: dict[int, DeviceUse] = {}
+        for reading in self.read():
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(reading.index)
+                procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except nvml.NVMLError as exc:
+                logger.debug("gpu%d: NVML cannot list processes: %s", reading.index, exc)
+                procs = []
+            found[reading.index] = DeviceUse(
+                reading.used_gib,
+                # usedGpuMemory is None where NVML may not say (some containers, vGPUs).
+                {int(p.pid): (p.usedGpuMemory or 0) / GIB for p in procs},
+            )
+        return found
 
     def close(self) -> None:
         """Release NVML; a later reading opens it again."""

@@ -116,9 +116,16 @@ class Allocation:
         """The fraction of ``device``'s memory this allocation holds there."""
         return self.reserved_on(device.index) / device.total_gib
 
-    def sleeping(self) -> Allocation:
-        """The same engine asleep: its share is given back, its CUDA context stays."""
-        return replace(self, reserved_gib=(self.headroom_gib,) * len(self.devices), asleep=True)
+    def sleeping(self, kept_gib: Sequence[float] | None = None) -> Allocation:
+        """The same engine asleep: its share is given back, what sleep keeps stays.
+
+        ``kept_gib`` is what a sleep of this engine was measured to leave on each device (CUDA
+        context, NCCL, allocations outside vLLM's pool: ``sleep_residue``); without a
+        measurement, only the headroom is assumed to stay.
+        """
+        if kept_gib is None or len(kept_gib) != len(self.devices):
+            kept_gib = (self.headroom_gib,) * len(self.devices)
+        return replace(self, reserved_gib=tuple(float(g) for g in kept_gib), asleep=True)
 
     def awake(self, inventory: Inventory) -> Allocation:
         """The same engine awake again: its whole reservation on the same devices."""

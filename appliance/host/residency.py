@@ -5,12 +5,13 @@ about a second, where an unloaded one reloads in tens of seconds. So when a load
 first try to find it by sleeping evictable models that can sleep, cheapest to wake first,
 while their weights fit the host's sleep budget; only when sleeping cannot make room does the
 caller fall back to unloading (``placement.plan_eviction``). Asleep, a model still holds its
-CUDA context on its devices (``Allocation.sleeping``), which the placement here accounts for.
+CUDA context and whatever else vLLM's sleep leaves (measured: ``sleep_residue``) on its
+devices (``Allocation.sleeping``), which the placement here accounts for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from appliance.host.inventory import Inventory
@@ -58,17 +59,22 @@ def plan_sleep(
     *,
     default_share: float,
     policy: PlacementPolicy = PlacementPolicy(),
+    kept_gib: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[Allocation, list[str]] | None:
     """Room for ``demand`` by sleeping some of ``sleepers``; None when sleeping cannot make it.
 
     Returns the allocation and the models to put to sleep (as few as needed, cheapest to wake
     first); an empty list when ``demand`` fits as things are. The sleepers' weights together
-    stay within ``host_free_gib``.
+    stay within ``host_free_gib``. ``kept_gib`` is what each model's sleep was measured to
+    leave on its devices (``sleep_residue``); a model never measured keeps its headroom.
     """
+    kept = kept_gib or {}
     by_name = {a.model: a for a in allocations}
 
     def fits_with_asleep(asleep: set[str]) -> Allocation | None:
-        beside = [by_name[n].sleeping() if n in asleep else a for n, a in by_name.items()]
+        beside = [
+            by_name[n].sleeping(kept.get(n)) if n in asleep else a for n, a in by_name.items()
+        ]
         try:
             return place(demand, inventory, beside, default_share=default_share, policy=policy)
         except PlacementError:

@@ -84,6 +84,9 @@ class SupervisorLimits:
     # A model loaded (or woken) less than this ago is not evicted for another: without it, two
     # on-demand models could evict each other in a loop and keep the devices busy loading.
     min_resident_seconds: float = 30.0
+    # After a GPU engine's stop, how long its devices stay locked waiting for its processes to
+    # exit and its memory to come back (vLLM alone takes 5 s before it kills a core).
+    device_release_seconds: float = 60.0
 
 
 @dataclass

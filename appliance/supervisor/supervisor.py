@@ -50,6 +50,7 @@ from appliance.host.downloads import DownloadProgress, WeightsFetcher
 from appliance.host.inventory import DeviceKind, Inventory
 from appliance.host.placement import Allocation, Demand, PlacementError
 from appliance.host.residency import LoadPlan, Sleeper
+from appliance.host.startup_plan import StartupPlan
 from appliance.supervisor.handle import (
     EngineMaker,
     ModelHandle,
@@ -123,6 +124,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._autoload: asyncio.Future[list[Any]] | None = None
+        self._startup = StartupPlan()  # where the autoload models go, in catalogue order
 
     # -- catalogue -------------------------------------------------------------------------
 
@@ -301,6 +303,9 @@ class Supervisor:
             self._models[spec.name] = self._new_handle(spec)
         self._index_aliases()
         self._watch_task = asyncio.create_task(self._watch(), name="supervisor-watch")
+        self._startup = StartupPlan.of(
+            self.capacity, [h.spec for h in self.handles() if h.autoload]
+        )
         loads = [
             self._ensure_loading(handle, "autoload at start")
             for handle in self._models.values()
@@ -403,7 +408,9 @@ class Supervisor:
                 handle.download = DownloadProgress()
                 await fetcher.fetch(spec, handle.download)
                 handle.lifecycle.swap(S.DOWNLOADING, S.LOADING, "files downloaded")
-            allocation = await self._make_room(handle, self.capacity.demand(spec))
+            demand = self.capacity.demand(spec)
+            demand = self._startup.follow(demand, self._allocations(handle.name))
+            allocation = await self._make_room(handle, demand)
             engine = self._engines.create(spec, allocation, self.inventory)
             async with self.capacity.locks.hold(allocation.devices, DeviceChange.START):
                 self.capacity.check_free(allocation)
@@ -655,15 +662,15 @@ class Supervisor:
             await self._drained(handle, self.limits.drain_seconds)
         try:
             async with self.capacity.locks.hold(allocation.devices, DeviceChange.SLEEP):
-                await engine.sleep(level)
+                await self.capacity.sleep(handle.name, engine, allocation, level)
         except Exception as exc:
             handle.last_error = f"sleep failed: {exc}"
             handle.lifecycle.swap(S.SLEEPING, S.FAILED, handle.last_error)
             self._background(self._restart(handle))
             raise
-        # Asleep, the engine holds only its CUDA context on the GPUs: the rest is free for
-        # others, and the weights (level 1) count against the host's budget.
-        handle.allocation = allocation.sleeping()
+        # Asleep, the engine holds what its sleep was measured to leave on the GPUs: the rest
+        # is free for others, and the weights (level 1) count against the host's budget.
+        handle.allocation = self.capacity.asleep(allocation)
         handle.sleep_level = level
         handle.host_gib = host_gib
         return handle
@@ -674,7 +681,7 @@ class Supervisor:
             return 0.0  # level 2 discards the weights
         assert handle.allocation is not None
         weights = engine.weights_gib()
-        need = weights if weights is not None else handle.allocation.memory_gib
+        need = weights if weights is not None else sum(handle.allocation.reserved_gib)
         used = sum(h.host_gib for h in self._models.values() if h.state is S.SLEEPING)
         self.capacity.check_host_room(handle.name, need, used)
         return need
@@ -780,7 +787,7 @@ class Supervisor:
             devices = allocation.devices if allocation is not None else ()
             try:
                 async with self.capacity.locks.hold(devices, DeviceChange.STOP):
-                    await engine.stop()
+                    await self.capacity.stop(handle.name, engine, allocation)
             except Exception as exc:  # a dead engine may fail to stop cleanly; it is gone anyway
                 log.warning("model %s: engine stop raised %r", handle.name, exc)
 

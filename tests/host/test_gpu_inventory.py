@@ -36,6 +36,7 @@ class Gpu:
     reserved_gib: float = 0.55  # what the driver keeps: CUDA's total is 79.1
     used_gib: float = 0.0
     mig: bool = False
+    processes: dict[int, float] = field(default_factory=dict)  # pid -> GiB, as NVML lists
 
 
 @dataclass
@@ -58,6 +59,7 @@ class SimulatedNVML:
         m.nvmlDeviceGetUUID = lambda h: f"GPU-{h:04d}-uuid"  # type: ignore[attr-defined]
         m.nvmlDeviceGetMemoryInfo = self._memory  # type: ignore[attr-defined]
         m.nvmlDeviceGetMigMode = self._mig  # type: ignore[attr-defined]
+        m.nvmlDeviceGetComputeRunningProcesses = self._processes  # type: ignore[attr-defined]
         m.nvmlDeviceGetP2PStatus = self._p2p  # type: ignore[attr-defined]
         m.nvmlDeviceGetTopologyCommonAncestor = self._ancestor  # type: ignore[attr-defined]
         m.NVML_P2P_CAPS_INDEX_NVLINK = 4  # type: ignore[attr-defined]
@@ -81,6 +83,12 @@ class SimulatedNVML:
         return types.SimpleNamespace(
             total=total, reserved=reserved, used=used, free=total - reserved - used
         )
+
+    def _processes(self, handle: int) -> list[types.SimpleNamespace]:
+        return [
+            types.SimpleNamespace(pid=pid, usedGpuMemory=int(gib * GIB))
+            for pid, gib in self.gpus[handle].processes.items()
+        ]
 
     def _mig(self, handle: int) -> tuple[int, int]:
         return (1, 1) if self.gpus[handle].mig else (0, 0)
@@ -202,3 +210,23 @@ def test_the_monitor_opens_nvml_once_for_many_readings(nvml: SimulatedNVML) -> N
     monitor.close()
     monitor.read()
     assert nvml.inits == 2
+
+
+def test_the_monitor_reports_only_the_inventorys_gpus(nvml: SimulatedNVML) -> None:
+    """GPUs in MIG mode or hidden by CUDA_VISIBLE_DEVICES are not the appliance's to report."""
+    nvml.gpus[3].mig = True
+    inventory = scan_gpus({"CUDA_VISIBLE_DEVICES": "0,2,3"}).inventory  # 3 left out: MIG
+    assert inventory is not None
+    monitor = GpuMonitor([d.index for d in inventory.devices])
+    assert [r.index for r in monitor.read()] == [0, 2]
+    assert sorted(monitor.free_gib()) == [0, 2]
+    assert [r.index for r in GpuMonitor().read()] == [0, 1, 2, 3]  # unfiltered: every GPU
+
+
+def test_the_monitor_lists_each_gpus_processes(nvml: SimulatedNVML) -> None:
+    nvml.gpus[0].used_gib = 41.0
+    nvml.gpus[0].processes = {4242: 40.5}
+    usage = GpuMonitor([0, 1]).usage()
+    assert sorted(usage) == [0, 1]
+    assert usage[0].processes == {4242: pytest.approx(40.5)}
+    assert usage[1].processes == {}

@@ -164,6 +164,14 @@ def test_the_check_before_start_sees_memory_held_by_others() -> None:
         ({"data_parallel_size": 2}, "is not supported"),
         ({"distributed_executor_backend": "ray"}, "Ray placement groups"),
         ({"distributed_executor_backend": "external_launcher"}, "is not supported"),
+        ({"num_gpu_blocks_override": 4096}, "by block count, past placement's memory budget"),
+        # GPU multimodal work runs in every front-end process (vllm/multimodal/gpu_ipc_memory.py)
+        ({"mm_ipc_gpu_memory_gb": 2}, "'mm_ipc_gpu_memory_gb' would run GPU multimodal work"),
+        ({"media_io_kwargs": {"video": {"backend": "pynvvideocodec"}}}, "media_io_kwargs.video"),
+        ({"media_io_kwargs": {"video": {"video_backend": "pynvvideocodec"}}}, "outside placement"),
+        ({"media_io_kwargs": {"video": {"backend": "torchcodec", "device": "cuda"}}}, "video"),
+        ({"mm_processor_device": "cuda"}, "'mm_processor_device'"),
+        ({"mm_processor_kwargs": {"device": "cuda:0"}}, "'mm_processor_kwargs.device'"),
     ],
 )
 def test_engine_settings_that_override_placement_are_refused(
@@ -178,4 +186,13 @@ def test_engine_settings_that_agree_with_placement_are_accepted() -> None:
         name="m",
         source="org/m",
         engine={"pipeline_parallel_size": 1, "distributed_executor_backend": "mp"},
+    )
+    LocalModelSpec(
+        name="m",
+        source="org/m",
+        engine={
+            "mm_ipc_gpu_memory_gb": 0,
+            "mm_processor_device": "cpu",
+            "media_io_kwargs": {"video": {"backend": "torchcodec", "num_frames": 16}},
+        },
     )

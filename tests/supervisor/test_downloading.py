@@ -16,9 +16,11 @@ from appliance.catalogue.schema import ModelSpec
 from appliance.errors import ModelDownloadFailedError, ModelDownloadingError
 from appliance.host.capacity import HostCapacity
 from appliance.host.downloads import DownloadProgress
+from appliance.host.placement import PlacementError
+from appliance.host.startup_plan import StartupPlan
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
-from tests.supervisor.test_gpu_lifecycle import LIMITS, RecordingMaker, entry, gpus
+from tests.supervisor.test_gpu_lifecycle import LIMITS, RecordingMaker, entry, gpus, settle
 
 T = TypeVar("T")
 S = ModelState
@@ -170,3 +172,76 @@ def test_retry_after_is_bounded() -> None:
     assert progress.retry_after(5) == 300.0
     progress.done_bytes = 10**12 - 1
     assert progress.retry_after(5) == 1.0
+
+
+# -- first run: placement follows the start-up plan, not download completion --------------------
+
+
+class PerModelFetcher(GatedFetcher):
+    """Each missing model's download ends when the test sets its own gate."""
+
+    def __init__(self, missing: set[str]) -> None:
+        super().__init__(missing)
+        self.gates = {name: asyncio.Event() for name in missing}
+
+    async def fetch(self, spec: ModelSpec, progress: DownloadProgress) -> None:
+        await self.gates[spec.name].wait()
+        if spec.name == "broken":
+            raise OSError("disk full")
+        self.missing_names.discard(spec.name)
+
+
+def test_autoload_models_follow_the_start_up_plan_whatever_downloads_first() -> None:
+    """Placed as their downloads end (b, c, then a), b and c would spread over both GPUs and
+    leave a (73 GiB) no room; placed where the plan put them, all three fit."""
+
+    async def main() -> None:
+        maker = RecordingMaker()
+        fetcher = PerModelFetcher({"a", "b", "c", "broken"})
+        inventory = gpus(2)
+        sup = Supervisor(
+            inventory, maker, limits=LIMITS, capacity=HostCapacity(inventory), fetcher=fetcher
+        )
+        try:
+            await sup.start(
+                [
+                    entry("a", resources={"memory_share": 0.9}),
+                    entry("broken", resources={"memory_share": 0.05}),
+                    entry("b", resources={"memory_share": 0.45}),
+                    entry("c", resources={"memory_share": 0.45}),
+                ]
+            )
+            for name in ("b", "broken", "c", "a"):  # the big one's download ends last
+                fetcher.gates[name].set()
+                await settle()
+            await sup.wait_autoload()
+            placed = {name: a.devices for name, a in maker.allocations.items()}
+            assert placed == {"a": (0,), "b": (1,), "c": (1,)}
+            assert all(sup.get(n).state is S.READY for n in "abc")
+            assert sup.get("broken").state is S.FAILED
+        finally:
+            for gate in fetcher.gates.values():
+                gate.set()
+            await sup.shutdown()
+
+    asyncio.run(main())
+
+
+def test_without_the_plan_that_completion_order_would_not_fit() -> None:
+    """The fault the plan prevents, on the same placement arithmetic."""
+    capacity = HostCapacity(gpus(2))
+    b = capacity.place(entry("b", resources={"memory_share": 0.45}), [])
+    c = capacity.place(entry("c", resources={"memory_share": 0.45}), [b])
+    assert {b.devices, c.devices} == {(0,), (1,)}
+    with pytest.raises(PlacementError):
+        capacity.place(entry("a", resources={"memory_share": 0.9}), [b, c])
+
+
+def test_a_plan_that_no_longer_fits_is_not_forced() -> None:
+    capacity = HostCapacity(gpus(2))
+    plan = StartupPlan.of(capacity, [entry("a", resources={"memory_share": 0.9})])
+    assert plan.devices("a") == (0,)
+    squatter = capacity.place(entry("x", resources={"memory_share": 0.5, "devices": [0]}), [])
+    demand = capacity.demand(entry("a", resources={"memory_share": 0.9}))
+    assert plan.follow(demand, [squatter]).devices is None  # placed freely: gpu1 then
+    assert plan.devices("a") is None  # followed once only

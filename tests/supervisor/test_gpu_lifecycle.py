@@ -7,7 +7,8 @@ be held open with a gate, so the tests decide when each start ends instead of ti
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import pytest
@@ -16,7 +17,8 @@ from appliance.catalogue.schema import ModelSpec, parse_model_spec
 from appliance.engines.base import EngineStats, JSONReply
 from appliance.errors import ConfigError, InsufficientResourcesError, LifecycleError
 from appliance.host.capacity import HostCapacity
-from appliance.host.inventory import Device, DeviceKind, Inventory
+from appliance.host.device_release import DeviceRelease
+from appliance.host.inventory import Device, DeviceKind, DeviceUse, Inventory
 from appliance.host.placement import Allocation
 from appliance.supervisor.handle import SupervisorLimits
 from appliance.supervisor.states import ModelState
@@ -41,6 +43,10 @@ class RecordingEngine:
         self.log = log
         self.gate = gate
         self.alive = False
+        self.pids: tuple[int, ...] = ()  # its engine-core processes, for a device release
+
+    def process_ids(self) -> tuple[int, ...]:
+        return self.pids
 
     async def start(self) -> None:
         self.log.append(("start", self.name))
@@ -74,8 +80,10 @@ class RecordingEngine:
     def stats(self) -> EngineStats:
         return EngineStats()
 
+    weights: float | None = 1.0  # what the weight files measure (None: not found, offline)
+
     def weights_gib(self) -> float | None:
-        return 1.0
+        return self.weights
 
 
 class RecordingMaker:
@@ -85,13 +93,16 @@ class RecordingMaker:
         self.log: list[tuple[Any, ...]] = []
         self.gates: dict[str, asyncio.Event] = {}
         self.allocations: dict[str, Allocation] = {}
+        self.pids: dict[str, tuple[int, ...]] = {}
 
     def validate(self, spec: ModelSpec) -> None:
         pass
 
     def create(self, spec: ModelSpec, allocation: Allocation, inventory: Inventory) -> Any:
         self.allocations[spec.name] = allocation
-        return RecordingEngine(spec.name, self.log, self.gates.get(spec.name))
+        engine = RecordingEngine(spec.name, self.log, self.gates.get(spec.name))
+        engine.pids = self.pids.get(spec.name, ())
+        return engine
 
 
 def gpus(count: int, size: float = 80.0) -> Inventory:
@@ -112,11 +123,14 @@ def run(
     devices: int = 1,
     free: Callable[[], Mapping[int, float]] | None = None,
     host_budget: float = 100.0,
+    release: DeviceRelease | None = None,
 ) -> T:
     async def main() -> T:
         maker = RecordingMaker()
         inventory = gpus(devices)
-        capacity = HostCapacity(inventory, free_memory=free, sleep_host_budget_gib=host_budget)
+        capacity = HostCapacity(
+            inventory, free_memory=free, sleep_host_budget_gib=host_budget, release=release
+        )
         supervisor = Supervisor(inventory, maker, limits=LIMITS, capacity=capacity)
         try:
             return await body(supervisor, maker)
@@ -355,3 +369,145 @@ def test_level_one_sleep_is_bounded_by_the_host_budget() -> None:
         assert sup.status(sup.get("b"))["host_memory_gib"] is None
 
     run(body, host_budget=1.5)
+
+
+# -- stop, then start on the same GPU --------------------------------------------------------
+
+
+class Exits:
+    """A process table whose processes run until the test lets them go."""
+
+    def __init__(self, tree: dict[int, list[int]]) -> None:
+        self.children = tree
+        self.running: set[int] = set(tree) | {c for cs in tree.values() for c in cs}
+
+    def tree(self, pids: Iterable[int]) -> frozenset[int]:
+        found = {p for p in pids if p in self.running}
+        for pid in list(found):
+            found.update(c for c in self.children.get(pid, []) if c in self.running)
+        return frozenset(found)
+
+    def alive(self, pids: Iterable[int]) -> frozenset[int]:
+        return frozenset(p for p in pids if p in self.running)
+
+
+def test_a_start_waits_until_the_stopped_engines_workers_are_gone_and_its_memory_is_back() -> None:
+    """vLLM's stop returns with the TP worker still exiting and the driver still freeing."""
+    exits = Exits({100: [101]})
+    memory = {"used": 42.0, "listed": {100: 1.0, 101: 40.0}}
+
+    def read() -> dict[int, DeviceUse]:
+        return {0: DeviceUse(memory["used"], dict(memory["listed"]))}  # type: ignore[arg-type]
+
+    release = DeviceRelease(read, exits, poll_seconds=0.001, timeout_seconds=5)
+
+    async def body(sup: Supervisor, maker: RecordingMaker) -> None:
+        maker.pids = {"a": (100,)}
+        await sup.start(
+            [
+                entry("a", resources={"memory_share": 0.5, "devices": [0]}),
+                entry("b", autoload=False, resources={"memory_share": 0.5, "devices": [0]}),
+            ]
+        )
+        await sup.wait_autoload()
+        unload = asyncio.create_task(sup.unload("a"))
+        await until(lambda: ("stop", "a") in maker.log, "a's stop")
+        load = asyncio.create_task(sup.load("b"))
+        exits.running.discard(100)  # the core is joined: the worker (101) is still there
+        await settle()
+        assert ("start", "b") not in maker.log and not unload.done()
+        exits.running.discard(101)  # the worker saw its death pipe close
+        await settle()
+        assert ("start", "b") not in maker.log  # NVML still lists it: memory not freed yet
+        memory.update(used=1.0, listed={})
+        await asyncio.gather(unload, load)
+        assert maker.log.index(("stop", "a")) < maker.log.index(("start", "b"))
+
+    run(body, release=release)
+
+
+def test_a_stop_whose_memory_never_comes_back_is_logged_and_frees_the_lock(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="appliance.supervisor")
+    exits = Exits({100: []})
+    release = DeviceRelease(
+        lambda: {0: DeviceUse(42.0, {100: 41.0})}, exits, poll_seconds=0.001, timeout_seconds=0.2
+    )
+
+    async def body(sup: Supervisor, maker: RecordingMaker) -> None:
+        maker.pids = {"a": (100,)}
+        await sup.start([entry("a", resources={"memory_share": 0.5})])
+        await sup.wait_autoload()
+        unload = asyncio.create_task(sup.unload("a"))
+        await until(lambda: ("stop", "a") in maker.log, "a's stop")
+        exits.running.discard(100)  # gone, but NVML keeps listing it
+        await unload
+        assert sup.get("a").state is S.UNLOADED
+        assert not sup.capacity.locks.busy(0)
+
+    run(body, release=release)
+    assert "NVML still lists pid(s) [100]" in caplog.text
+
+
+def test_placement_holds_what_a_sleep_was_measured_to_leave() -> None:
+    """vLLM keeps the context, NCCL and allocations outside its pool: 6 GiB here, not 1."""
+    memory = {"used": 41.0}
+    exits = Exits({})
+
+    def read() -> dict[int, DeviceUse]:
+        return {0: DeviceUse(memory["used"], {})}
+
+    release = DeviceRelease(read, exits, poll_seconds=0.001)
+
+    class Sleepy(RecordingMaker):
+        def create(self, spec: ModelSpec, allocation: Allocation, inventory: Inventory) -> Any:
+            engine = super().create(spec, allocation, inventory)
+            original = engine.sleep
+
+            async def sleep(level: int) -> None:
+                await original(level)
+                memory["used"] = 6.0  # freed 35 of the 41 GiB reserved
+
+            engine.sleep = sleep
+            return engine
+
+    async def main() -> None:
+        maker = Sleepy()
+        inventory = gpus(1)
+        capacity = HostCapacity(inventory, release=release)
+        sup = Supervisor(inventory, maker, limits=LIMITS, capacity=capacity)
+        try:
+            await sup.start(
+                [
+                    entry("a", evictable=True, resources={"memory_share": 0.5}),
+                    entry("b", autoload=False, resources={"memory_share": 0.93}),
+                ]
+            )
+            await sup.wait_autoload()
+            await sup.sleep("a", level=1)
+            assert sup.get("a").allocation.reserved_gib == (pytest.approx(6.0),)  # type: ignore[union-attr]
+            assert capacity.kept_gib("a") == (pytest.approx(6.0),)
+            # b takes 74.4 + 1: beside the 1 GiB once assumed it would fit (76.4 of 80), beside
+            # the 6 GiB a really keeps it does not, so a must go first.
+            plan = sup.plan_load("b")
+            assert plan.evict == ["a"]
+        finally:
+            await sup.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_tensor_parallel_sleep_without_weight_sizes_counts_every_gpus_share() -> None:
+    """Under HF_HUB_OFFLINE the engine cannot size its weight files: the fallback must count
+    the weights of all TP ranks (each pins its shard in host RAM), not one GPU's share."""
+
+    async def body(sup: Supervisor, maker: RecordingMaker) -> None:
+        await sup.start([entry("tp", resources={"tensor_parallel_size": 4, "memory_gib": 20})])
+        await sup.wait_autoload()
+        sup.get("tp").engine.weights = None  # type: ignore[union-attr]
+        with pytest.raises(LifecycleError, match=r"its weights \(86\.0 GiB\)"):
+            await sup.sleep("tp", level=1)  # 4 x (20 + 1.5): over the 50 GiB budget
+        assert sup.get("tp").state is S.READY
+
+    run(body, devices=4, host_budget=50.0)

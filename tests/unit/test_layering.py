@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "appliance.settings",
             "appliance.usage",
             "appliance.doctor",
+            "appliance.doctor_probes",
             "appliance.request_info",
         ),
     ),
