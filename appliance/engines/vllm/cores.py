@@ -154,17 +154,6 @@ def launch_cores(vllm_config: Any, clients: int) -> EngineCores:
     )
 
 
-def client_addresses(
-    inputs: Sequence[str], outputs: Sequence[str], index: int, stats_update_address: str | None
-) -> dict[str, Any]:
-    """AsyncLLM's ``client_addresses`` for client ``index`` (what APIServerProcessManager in
-    v1/utils.py hands each API process, less the listeners it pre-binds)."""
-    addresses: dict[str, Any] = {"input_address": inputs[index], "output_address": outputs[index]}
-    if stats_update_address is not None:
-        addresses["stats_update_address"] = stats_update_address
-    return addresses
-
-
 def processes_alive(pids: Sequence[tuple[int, float]]) -> bool:
     """Whether every (pid, start time) is still a live process (not reused, not a zombie)."""
     import psutil

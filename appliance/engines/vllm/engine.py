@@ -38,11 +38,11 @@ from appliance.engines.base import (
     RouteCall,
 )
 from appliance.engines.vllm import spawn
+from appliance.engines.vllm.client import ClientSeat, new_client
 from appliance.engines.vllm.cores import (
     Attachment,
     EngineCores,
     LinkPayload,
-    client_addresses,
     launch_cores,
     make_link,
     processes_alive,
@@ -52,9 +52,9 @@ from appliance.engines.vllm.cores import (
 )
 from appliance.engines.vllm.lora import (
     PinnableCounter,
-    pinned_lora_id,
-    raise_for_error,
-    shared_lora_id,
+    load_adapter,
+    served_adapters,
+    unload_adapter,
 )
 from appliance.engines.vllm.serving import (
     error_reply,
@@ -65,7 +65,7 @@ from appliance.engines.vllm.serving import (
     usage_from_json,
     vllm_app,
 )
-from appliance.engines.vllm.stats import StatsRecorder, unexposed_prometheus_logger
+from appliance.engines.vllm.stats import StatsRecorder
 from appliance.engines.vllm.weights import download_weights, weights_size_gib
 from appliance.errors import EngineError, LifecycleError
 
@@ -115,7 +115,6 @@ class VLLMEngine:
         """Build the AsyncLLM; runs in a worker thread, since vLLM blocks while it starts."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         if self._attachment is not None:
             return self._attach_client(self._attachment.link, self._attachment.payload)
@@ -133,31 +132,15 @@ class VLLMEngine:
             )
             if self._clients == 1:
                 # Returns once the engine is ready; the window closes as soon as it is spawned.
-                return AsyncLLM.from_vllm_config(
-                    vllm_config=vllm_config,
-                    usage_context=UsageContext.OPENAI_API_SERVER,
-                    stat_loggers=[self._stats.factory(), unexposed_prometheus_logger()],
-                    enable_log_requests=False,
-                    disable_log_stats=False,
-                )
+                return new_client(vllm_config, self._stats)
             refuse_with_several_clients(vllm_config)
             cores = launch_cores(vllm_config, self._clients)
         try:
-            # The cores have their own copy (spawn pickled it); this one is client 0's, and a
-            # client's rank is its index (as entry.py build_async_engine_client sets it).
-            vllm_config.parallel_config._api_process_rank = 0
-            engine = AsyncLLM.from_vllm_config(
-                vllm_config=vllm_config,
-                usage_context=UsageContext.OPENAI_API_SERVER,
-                stat_loggers=[self._stats.factory(), unexposed_prometheus_logger()],
-                enable_log_requests=False,
-                disable_log_stats=False,
-                client_addresses=client_addresses(
-                    cores.inputs, cores.outputs, 0, cores.stats_update_address
-                ),
-                client_count=self._clients,
-                client_index=0,
+            # The owner is client 0.
+            seat = ClientSeat(
+                0, self._clients, cores.inputs, cores.outputs, cores.stats_update_address
             )
+            engine = new_client(vllm_config, self._stats, seat)
         except BaseException:
             cores.shutdown()
             raise
@@ -174,24 +157,16 @@ class VLLMEngine:
     def _attach_client(self, link: EngineLink, payload: LinkPayload) -> Any:
         """Client ``self._client_index`` of cores another process started: no launch, no
         spawn (so no spawn window), only this process's sockets."""
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         vllm_config = pickle.loads(payload.vllm_config)
         refuse_with_several_clients(vllm_config)
-        vllm_config.parallel_config._api_process_rank = self._client_index
-        engine = AsyncLLM.from_vllm_config(
-            vllm_config=vllm_config,
-            usage_context=UsageContext.OPENAI_API_SERVER,
-            stat_loggers=[self._stats.factory(), unexposed_prometheus_logger()],
-            enable_log_requests=False,
-            disable_log_stats=False,
-            client_addresses=client_addresses(
-                link.inputs, link.outputs, self._client_index, payload.stats_update_address
-            ),
-            client_count=link.client_count,
-            client_index=self._client_index,
+        seat = ClientSeat(
+            self._client_index,
+            link.client_count,
+            link.inputs,
+            link.outputs,
+            payload.stats_update_address,
         )
+        engine = new_client(vllm_config, self._stats, seat)
         self._watch_stopped = start_watch(engine, payload.core_pids, self.spec.name)
         return engine
 
@@ -378,31 +353,16 @@ class VLLMEngine:
         Each client's serving layer keeps its own adapter list: with several clients every
         one of them must load it (the cores load the weights once, see ``shared_lora_id``).
         """
-        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
-
         models = self._serving_models()
-        with pinned_lora_id(shared_lora_id(name, source) if self._clients > 1 else None):
-            result = await models.load_lora_adapter(
-                LoadLoRAAdapterRequest(lora_name=name, lora_path=source),
-                base_model_name=self.spec.name,
-            )
-        raise_for_error(result, f"model {self.spec.name!r}: adapter {name!r}")
+        await load_adapter(models, self.spec.name, name, source, shared=self._clients > 1)
 
     async def unload_adapter(self, name: str) -> None:
         """Stop serving the LoRA adapter ``name`` (what ``/v1/unload_lora_adapter`` does)."""
-        from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
-
-        result = await self._serving_models().unload_lora_adapter(
-            UnloadLoRAAdapterRequest(lora_name=name)
-        )
-        raise_for_error(result, f"model {self.spec.name!r}: adapter {name!r}")
+        await unload_adapter(self._serving_models(), self.spec.name, name)
 
     def adapters(self) -> dict[str, str]:
         """The LoRA adapters the engine serves now: name -> path or hub id."""
-        models = getattr(self._state, "openai_serving_models", None)
-        if models is None:
-            return {}
-        return {name: lora.lora_path for name, lora in models.lora_requests.items()}
+        return served_adapters(getattr(self._state, "openai_serving_models", None))
 
     def _serving_models(self) -> Any:
         models = getattr(self._state, "openai_serving_models", None)

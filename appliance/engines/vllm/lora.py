@@ -73,3 +73,34 @@ def raise_for_error(result: Any, what: str) -> None:
     if error.code < 500:
         raise InvalidRequestError(message)
     raise EngineError(message)
+
+
+async def load_adapter(models: Any, model: str, name: str, source: str, *, shared: bool) -> None:
+    """Load the LoRA adapter at ``source`` as ``name`` into ``models`` (vLLM's
+    ``OpenAIServingModels`` of ``model``), as ``/v1/load_lora_adapter`` does; ``shared``: the
+    engine has several clients, so the adapter takes the id every one of them derives alike.
+    """
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+    with pinned_lora_id(shared_lora_id(name, source) if shared else None):
+        result = await models.load_lora_adapter(
+            LoadLoRAAdapterRequest(lora_name=name, lora_path=source),
+            base_model_name=model,
+        )
+    raise_for_error(result, f"model {model!r}: adapter {name!r}")
+
+
+async def unload_adapter(models: Any, model: str, name: str) -> None:
+    """Unload the LoRA adapter ``name`` from ``models``, as ``/v1/unload_lora_adapter`` does."""
+    from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+    result = await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+    raise_for_error(result, f"model {model!r}: adapter {name!r}")
+
+
+def served_adapters(models: Any) -> dict[str, str]:
+    """The adapters ``models`` (vLLM's ``OpenAIServingModels``, or None) serves: name -> path
+    or hub id."""
+    if models is None:
+        return {}
+    return {name: lora.lora_path for name, lora in models.lora_requests.items()}
