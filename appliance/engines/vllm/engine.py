@@ -2,9 +2,10 @@
 
 ``VLLMEngine`` is the appliance's ``Engine`` interface over one model's ``AsyncLLM`` client:
 its start and stop, sleep and wake, requests and LoRA adapters. What it is built from lives
-beside it in this package: the arguments (``args``), the spawn window (``spawn``), the stat
-logger (``stats``), cores shared by several clients (``cores``), adapter ids (``lora``), the
-serving layer (``serving``) and the weights (``weights``).
+beside it in this package: the arguments (``args``), the launch in its spawn window
+(``spawn``), the ``AsyncLLM`` client (``client``), the stat logger (``stats``), cores shared by
+several clients (``cores``), adapter ids (``lora``), the serving layer (``serving``) and the
+weights (``weights``).
 
 Per engine we build what ``vllm serve`` builds for its one model: the engine client from
 vLLM's own argument parser (so engine settings are validated by vLLM itself) and, with
@@ -43,7 +44,6 @@ from appliance.engines.vllm.cores import (
     Attachment,
     EngineCores,
     LinkPayload,
-    launch_cores,
     make_link,
     processes_alive,
     read_link,
@@ -113,37 +113,13 @@ class VLLMEngine:
 
     def _create_engine(self) -> Any:
         """Build the AsyncLLM; runs in a worker thread, since vLLM blocks while it starts."""
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.usage.usage_lib import UsageContext
-
         if self._attachment is not None:
             return self._attach_client(self._attachment.link, self._attachment.payload)
-        spawn.install_spawn_hook()
-        engine_args = AsyncEngineArgs.from_cli_args(self._args)
-        if self._clients > 1:
-            # As run_multi_api_server configures the engine cores (entrypoints/cli/serve.py):
-            # rank -1 is the cores' side; ParallelConfig accepts -1 or [0, count).
-            engine_args._api_process_count = self._clients
-            engine_args._api_process_rank = -1
-        with spawn.SPAWN_WINDOW.open(self._env):
-            spawn.forget_device_caches()
-            vllm_config = engine_args.create_engine_config(
-                usage_context=UsageContext.OPENAI_API_SERVER
-            )
-            if self._clients == 1:
-                # Returns once the engine is ready; the window closes as soon as it is spawned.
-                return new_client(vllm_config, self._stats)
-            refuse_with_several_clients(vllm_config)
-            cores = launch_cores(vllm_config, self._clients)
-        try:
-            # The owner is client 0.
-            seat = ClientSeat(
-                0, self._clients, cores.inputs, cores.outputs, cores.stats_update_address
-            )
-            engine = new_client(vllm_config, self._stats, seat)
-        except BaseException:
-            cores.shutdown()
-            raise
+        engine, vllm_config, cores = spawn.launch_engine(
+            self._args, self._env, self._clients, self._stats
+        )
+        if cores is None:
+            return engine
         self._cores = cores
         try:
             pids = cores.pids()

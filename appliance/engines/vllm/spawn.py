@@ -1,4 +1,4 @@
-"""How engine-core processes are started: spawned, each with its own environment.
+"""How an engine's processes are started: spawned, each engine with its own environment.
 
 vLLM's engine processes read their environment when they are spawned, so each engine's
 variables (CUDA_VISIBLE_DEVICES, the CPU KV-cache size) are in force only from its config
@@ -8,12 +8,16 @@ process manager.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import threading
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
+from appliance.engines.vllm.client import ClientSeat, new_client
+from appliance.engines.vllm.cores import EngineCores, launch_cores, refuse_with_several_clients
+from appliance.engines.vllm.stats import StatsRecorder
 from appliance.errors import ConfigError
 
 # vLLM picks fork unless told otherwise, and only `vllm serve`'s own CLI switches to spawn
@@ -134,3 +138,40 @@ def forget_device_caches() -> None:
     clear = getattr(current_platform.get_device_capability, "cache_clear", None)
     if clear is not None:
         clear()
+
+
+def launch_engine(
+    args: argparse.Namespace, env: Mapping[str, str], clients: int, stats: StatsRecorder
+) -> tuple[Any, Any, EngineCores | None]:
+    """Build the engine config of ``args`` and start its engine in the spawn window of ``env``.
+
+    Returns ``(engine, vllm_config, cores)``. With one client, ``engine`` is the ``AsyncLLM``
+    that started its own cores, and ``cores`` is None. With several, the cores are started
+    here for that many clients and ``engine`` is client 0 of them; the caller then owns both.
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    install_spawn_hook()
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    if clients > 1:
+        # As run_multi_api_server configures the engine cores (entrypoints/cli/serve.py):
+        # rank -1 is the cores' side; ParallelConfig accepts -1 or [0, count).
+        engine_args._api_process_count = clients
+        engine_args._api_process_rank = -1
+    with SPAWN_WINDOW.open(env):
+        forget_device_caches()
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        if clients == 1:
+            # Returns once the engine is ready; the window closes as soon as it is spawned.
+            return new_client(vllm_config, stats), vllm_config, None
+        refuse_with_several_clients(vllm_config)
+        cores = launch_cores(vllm_config, clients)
+    try:
+        # The owner is client 0.
+        seat = ClientSeat(0, clients, cores.inputs, cores.outputs, cores.stats_update_address)
+        engine = new_client(vllm_config, stats, seat)
+    except BaseException:
+        cores.shutdown()
+        raise
+    return engine, vllm_config, cores
