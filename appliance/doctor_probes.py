@@ -134,7 +134,7 @@ def owner_child(results: Any, device: str) -> None:
     made a CUDA context (it must not: see ``judge_owner_context``)."""
     try:
         import appliance.appliance
-        import appliance.engines.vllm_engine  # noqa: F401
+        import appliance.engines.vllm.engine  # noqa: F401
 
         initialised = False
         if "torch" in sys.modules:

@@ -267,6 +267,6 @@ def build_table_routes(
 
 
 def _installed_vllm_version() -> str:
-    from appliance.engines.vllm_engine import vllm_version
+    from appliance.engines.vllm import vllm_version
 
     return vllm_version()

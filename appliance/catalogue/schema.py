@@ -2,7 +2,7 @@
 
 Unknown keys are refused everywhere (``extra="forbid"``): a misspelt setting must fail at start,
 not be silently ignored. Engine settings are checked separately by vLLM's own argument parser
-(see ``appliance.engines.vllm_engine.validate_engine_settings``).
+(see ``appliance.engines.vllm.args.EngineArgsBuilder``).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Calling an ASGI app in this process and turning its answer into a ``Reply``.
 
 A local engine answers the routes of ``vllm serve`` with vLLM's own app for that engine (see
-``vllm_engine``), so that status codes, error bodies and stream events are vLLM's. This module
-is the plumbing between that app and the appliance's routes: it hands the app the body the
-appliance has already read, collects what the app sends, and gives back a whole JSON answer or
-a stream, without re-encoding anything.
+``appliance.engines.vllm``), so that status codes, error bodies and stream events are vLLM's.
+This module is the plumbing between that app and the appliance's routes: it hands the app the
+body the appliance has already read, collects what the app sends, and gives back a whole JSON
+answer or a stream, without re-encoding anything.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ class EngineFactory:
         cpu_kv_cache_gib: int = 1,
         figures: EngineFigureSink | None = None,
     ) -> None:
-        from appliance.engines.vllm_engine import EngineArgsBuilder, prepare_process_environment
+        from appliance.engines.vllm import EngineArgsBuilder, prepare_process_environment
 
         # Before anything imports vLLM: it reads these once, at import or first engine.
         prepare_process_environment(os.environ)
@@ -131,7 +131,7 @@ class EngineFactory:
     @property
     def cuda_build(self) -> bool:
         """Whether the installed vLLM is the CUDA build (then a host without GPUs is an error)."""
-        from appliance.engines.vllm_engine import vllm_build
+        from appliance.engines.vllm import vllm_build
 
         return vllm_build() == "cuda"
 
@@ -168,7 +168,7 @@ class EngineFactory:
         ``clients`` > 1 starts its engine cores for that many client processes; this engine is
         client 0, and its ``link()`` lets the others ``attach``. None: ``self.clients``.
         """
-        from appliance.engines.vllm_engine import VLLMEngine
+        from appliance.engines.vllm import VLLMEngine
 
         env: dict[str, str] = {}
         utilization: float | None = None
@@ -198,7 +198,7 @@ class EngineFactory:
     @staticmethod
     def import_client_modules() -> None:
         """Import vLLM's client and serving modules now (an HTTP worker, before serving)."""
-        from appliance.engines.vllm_engine import import_client_modules
+        from appliance.engines.vllm import import_client_modules
 
         import_client_modules()
 
@@ -213,6 +213,6 @@ class EngineFactory:
         """A new, not yet started, client ``client_index`` of the running engine ``link``
         describes (made by another process's ``create(..., clients=N)``); its ``stop()``
         leaves the engine running."""
-        from appliance.engines.vllm_engine import attach_engine
+        from appliance.engines.vllm import attach_engine
 
         return attach_engine(link, client_index, figures=self._figures)

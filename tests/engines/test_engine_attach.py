@@ -36,13 +36,12 @@ from appliance.engines.base import (
     StreamReply,
 )
 from appliance.engines.factory import EngineFactory
-from appliance.engines.vllm_engine import (
-    _SHARED_LORA_IDS,
-    VLLMEngine,
-    _PinnableCounter,
-    _pinned_lora_id,
-    _shared_lora_id,
-    attach_engine,
+from appliance.engines.vllm import VLLMEngine, attach_engine
+from appliance.engines.vllm.lora import (
+    SHARED_LORA_IDS,
+    PinnableCounter,
+    pinned_lora_id,
+    shared_lora_id,
 )
 from appliance.host.inventory import cpu_inventory
 from appliance.host.placement import Allocation
@@ -163,10 +162,10 @@ def test_attaching_takes_only_the_other_clients_indices() -> None:
 
 
 def test_adapters_loaded_at_run_time_get_one_id_in_every_client() -> None:
-    first = _shared_lora_id("sql", "/adapters/sql")
-    assert first == _shared_lora_id("sql", "/adapters/sql")  # another process derives it alike
-    assert _SHARED_LORA_IDS <= first < 2 * _SHARED_LORA_IDS  # above the counter's, an int32
-    assert _shared_lora_id("sql", "/adapters/sql-v2") != first  # new weights, a new id
+    first = shared_lora_id("sql", "/adapters/sql")
+    assert first == shared_lora_id("sql", "/adapters/sql")  # another process derives it alike
+    assert SHARED_LORA_IDS <= first < 2 * SHARED_LORA_IDS  # above the counter's, an int32
+    assert shared_lora_id("sql", "/adapters/sql-v2") != first  # new weights, a new id
 
     class Counter:
         def __init__(self) -> None:
@@ -176,9 +175,9 @@ def test_adapters_loaded_at_run_time_get_one_id_in_every_client() -> None:
             self.value += num
             return self.value
 
-    counter = _PinnableCounter(Counter())
+    counter = PinnableCounter(Counter())
     assert counter.inc() == 1  # models.yaml's adapters, at start, as vLLM numbers them
-    with _pinned_lora_id(first):
+    with pinned_lora_id(first):
         assert counter.inc() == first
     assert counter.inc() == 2
 

@@ -14,7 +14,7 @@ from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
 from appliance.engine_metrics import EngineMetrics
 from appliance.engines.base import EngineStepFigures
-from appliance.engines.vllm_engine import _StatsRecorder
+from appliance.engines.vllm.stats import StatsRecorder
 from appliance.metrics import Metrics
 
 
@@ -54,7 +54,7 @@ def vllm_step() -> tuple[SchedulerStats, IterationStats]:
 
 def test_recorder_turns_vllm_stats_into_figures() -> None:
     sink = Collected()
-    recorder = _StatsRecorder("chat", sink)
+    recorder = StatsRecorder("chat", sink)
     recorder.record(*vllm_step())
     assert (recorder.running, recorder.waiting, recorder.kv_cache_usage) == (2, 1, 0.25)
     [(model, figures)] = sink.steps
@@ -69,11 +69,11 @@ def test_recorder_turns_vllm_stats_into_figures() -> None:
 
 
 def test_recorder_without_sink_or_figures_passes_nothing_on() -> None:
-    quiet = _StatsRecorder("chat")  # --engine-metrics off: gauges only
+    quiet = StatsRecorder("chat")  # --engine-metrics off: gauges only
     quiet.record(*vllm_step())
     assert quiet.running == 2
     sink = Collected()
-    idle = _StatsRecorder("chat", sink)
+    idle = StatsRecorder("chat", sink)
     idle.record(SchedulerStats(), IterationStats())  # a step with nothing to count
     assert sink.steps == []
 
@@ -83,8 +83,8 @@ def test_figures_reach_the_appliance_registry_by_model() -> None:
     engine = EngineMetrics(CollectorRegistry())
     metrics.registry.register(engine.registry)
     for model in ("chat", "coder"):
-        _StatsRecorder(model, engine).record(*vllm_step())
-    _StatsRecorder("chat", engine).record(*vllm_step())
+        StatsRecorder(model, engine).record(*vllm_step())
+    StatsRecorder("chat", engine).record(*vllm_step())
     text = metrics.render()[0].decode()
     assert "_created" not in text
     samples = {

@@ -20,13 +20,8 @@ from typing import Any
 import pytest
 
 from appliance.catalogue.schema import LocalModelSpec
-from appliance.engines import vllm_engine
-from appliance.engines.vllm_engine import (
-    VLLMEngine,
-    _install_spawn_hook,
-    _SpawnWindow,
-    prepare_process_environment,
-)
+from appliance.engines.vllm import VLLMEngine, prepare_process_environment, spawn
+from appliance.engines.vllm.spawn import SpawnWindow, install_spawn_hook
 from appliance.errors import ConfigError, EngineError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +76,7 @@ def test_the_window_applies_an_engines_environment_and_restores_all_of_it(
     monkeypatch.setenv("KEPT", "before")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     before = dict(os.environ)
-    window = _SpawnWindow()
+    window = SpawnWindow()
     with window.open({"CUDA_VISIBLE_DEVICES": "GPU-1", "KEPT": "during"}):
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-1"
         assert os.environ["KEPT"] == "during"
@@ -93,7 +88,7 @@ def test_the_window_applies_an_engines_environment_and_restores_all_of_it(
 
 
 def test_the_window_closes_at_spawn_so_the_next_engine_need_not_wait_for_readiness() -> None:
-    window = _SpawnWindow()
+    window = SpawnWindow()
     spawned = threading.Event()
     may_finish = threading.Event()
     second_entered = threading.Event()
@@ -138,12 +133,12 @@ def test_the_hook_closes_the_window_after_vllms_process_manager_starts_processes
                 raise RuntimeError("spawn failed")
 
     monkeypatch.setattr(engine_utils, "CoreEngineProcManager", FakeProcManager)
-    window = _SpawnWindow()
-    monkeypatch.setattr(vllm_engine, "_SPAWN_WINDOW", window)
-    _install_spawn_hook()
+    window = SpawnWindow()
+    monkeypatch.setattr(spawn, "SPAWN_WINDOW", window)
+    install_spawn_hook()
     hooked = engine_utils.CoreEngineProcManager
     assert issubclass(hooked, FakeProcManager)
-    _install_spawn_hook()  # idempotent
+    install_spawn_hook()  # idempotent
     assert engine_utils.CoreEngineProcManager is hooked
     with window.open({"APPLIANCE_TEST_SPAWN": "1"}):
         hooked()
@@ -170,7 +165,7 @@ def test_device_capability_cache_is_dropped_for_each_engine(
 
     Platform.get_device_capability.cache_clear = lambda: cleared.append(True)  # type: ignore[attr-defined]
     monkeypatch.setattr(vllm.platforms, "current_platform", Platform())
-    vllm_engine._forget_device_caches()
+    spawn.forget_device_caches()
     assert cleared == [True]
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from appliance.catalogue.schema import parse_model_spec
 from appliance.engines.factory import EngineFactory, resolve_source
-from appliance.engines.vllm_engine import VLLMEngine
+from appliance.engines.vllm import VLLMEngine
 from appliance.errors import ConfigError
 from appliance.host.inventory import Device, DeviceKind, Inventory, cpu_inventory
 from appliance.host.placement import Demand, place

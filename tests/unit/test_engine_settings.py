@@ -14,7 +14,7 @@ import pytest
 
 from appliance.catalogue.config_file import parse_catalogue
 from appliance.catalogue.schema import SERVER_ONLY_ENGINE_KEYS
-from appliance.engines.vllm_engine import EngineArgsBuilder
+from appliance.engines.vllm import EngineArgsBuilder
 from appliance.errors import ConfigError
 
 TINY = Path(__file__).resolve().parents[2] / ".models" / "tiny-llama"
@@ -101,11 +101,12 @@ def test_building_vllms_app_for_an_engine_leaves_logging_alone() -> None:
     # ERROR on first import: the appliance's access log went silent once an engine started.
     code = textwrap.dedent("""
         import logging
-        from appliance.engines.vllm_engine import EngineArgsBuilder, _vllm_app
+        from appliance.engines.vllm import EngineArgsBuilder
+        from appliance.engines.vllm.serving import vllm_app
         logging.getLogger().setLevel(logging.INFO)
         access = logging.getLogger("appliance.access")
         args = EngineArgsBuilder().parser.parse_args(["--model", "unused"])
-        _vllm_app(args, ("generate",), None)
+        vllm_app(args, ("generate",), None)
         print("LEVELS", logging.getLogger().level, access.disabled)
     """)
     done = subprocess.run(

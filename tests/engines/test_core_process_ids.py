@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from appliance.engines.engine_processes import core_process_ids
+from appliance.engines.vllm.processes import core_process_ids
 
 
 def proc(pid: int, exitcode: int | None = None) -> SimpleNamespace:

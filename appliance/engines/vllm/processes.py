@@ -4,7 +4,7 @@ vLLM keeps them on its client: ``AsyncLLM.engine_core.resources`` holds the
 ``CoreEngineProcManager`` (``engine_manager.processes``) and, with data parallelism, the
 ``DPCoordinator`` (``coordinator.proc``), as ``BackgroundResources`` in
 ``vllm/v1/engine/core_client.py`` sets them. Tensor-parallel workers are the cores' children;
-``host.device_release`` collects those. Read by attribute, so this module imports no vLLM.
+``host.device_release`` collects those. Read by attribute: nothing of vLLM is imported.
 """
 
 from __future__ import annotations
