@@ -173,7 +173,13 @@ class ApplianceProcess:
             stderr=subprocess.STDOUT,
         )
         if wait_ready:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                # A fixture whose start fails never reaches its teardown: stop it here, or its
+                # engines outlive the test session.
+                self.stop()
+                raise
         return self
 
     def wait_ready(self, deadline: float = START_DEADLINE) -> None:
