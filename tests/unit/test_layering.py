@@ -39,6 +39,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "supervisor",
         (
             "appliance.supervisor.supervisor",
+            "appliance.supervisor.names",
+            "appliance.supervisor.room",
+            "appliance.supervisor.loading",
+            "appliance.supervisor.lending",
+            "appliance.supervisor.supervision",
+            "appliance.supervisor.presenter",
             "appliance.supervisor.handle",
             "appliance.supervisor.states",
             "appliance.supervisor.lending_board",
