@@ -31,18 +31,22 @@ class SlidingWindow:
         self._clock = clock
         self._times: deque[float] = deque()
 
-    def retry_after(self) -> float | None:
-        """None if a request may be admitted now, else seconds until the oldest slot frees."""
+    def retry_after(self, count: int = 1) -> float | None:
+        """None if ``count`` more may be admitted now, else seconds until enough slots free
+        (``count`` must not exceed ``limit``)."""
         now = self._clock()
         while self._times and self._times[0] <= now - self.window:
             self._times.popleft()
-        if len(self._times) < self.limit:
+        if len(self._times) + count <= self.limit:
             return None
-        return self._times[0] + self.window - now
+        # The slot that must expire before ``count`` fit: the oldest ones go first.
+        return self._times[len(self._times) + count - self.limit - 1] + self.window - now
 
-    def admit(self) -> None:
-        """Count one request now; call only after ``retry_after()`` returned None."""
-        self._times.append(self._clock())
+    def admit(self, count: int = 1) -> None:
+        """Count ``count`` requests now; call only after ``retry_after(count)`` returned
+        None."""
+        now = self._clock()
+        self._times.extend([now] * count)
 
 
 class ConcurrencyLimit:

@@ -46,6 +46,7 @@ from appliance.engines.base import (
     StreamReply,
     Usage,
 )
+from appliance.engines.response_store import forget_stored
 from appliance.errors import (
     ConfigError,
     EngineError,
@@ -1140,6 +1141,10 @@ class VLLMEngine:
     def model_card(self) -> dict[str, Any] | None:
         """This model's entry in vLLM's own ``/v1/models``, as vLLM built it at start."""
         return self._card
+
+    def forget_responses(self, ids: Sequence[str]) -> int:
+        """Drop stored responses from vLLM's Responses API store (``response_store``)."""
+        return forget_stored(getattr(self._state, "openai_serving_responses", None), ids)
 
     def routes(self) -> frozenset[str]:
         """The routes vLLM registered for this engine's tasks (``"POST /tokenize"``...)."""

@@ -32,10 +32,12 @@ from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.model_access import Lease, model_of
 from appliance.api.openai_routes import build_openai_router
 from appliance.api.peer import local_host_names
+from appliance.api.request_limits import RequestCost, request_limits_of
+from appliance.api.stored_responses import keeps_stored_response, store_enabled
 from appliance.api.vllm_routes import build_vllm_router
 from appliance.engines.base import Endpoint, Engine, EngineLink, EngineStepFigures
 from appliance.engines.remote import DETAIL_SCOPE
-from appliance.engines.route_table import is_model_route
+from appliance.engines.route_table import ENGINE_PATHS, is_model_route
 from appliance.errors import ApplianceError
 from appliance.request_info import RequestInfo, request_info
 from appliance.settings import Settings
@@ -161,14 +163,28 @@ async def _sync_adapters(engine: Engine, adapters: dict[str, str]) -> None:
 class WorkerAccess:
     """``ModelAccess`` in an HTTP worker: the owner admits and lends; the engine is ours."""
 
-    def __init__(self, control: ControlClient, engines: AttachedEngines) -> None:
+    def __init__(
+        self, control: ControlClient, engines: AttachedEngines, *, stored_to_owner: bool = False
+    ) -> None:
+        """``stored_to_owner``: pass the requests that store or read a stored response to
+        the owner, which holds them all (``api.stored_responses``)."""
         self._control = control
         self._engines = engines
+        self._stored_to_owner = stored_to_owner
 
     async def lease(
-        self, request: Request, body: dict[str, Any], endpoint: Endpoint | None
+        self,
+        request: Request,
+        body: dict[str, Any],
+        endpoint: Endpoint | None,
+        cost: RequestCost | None = None,
     ) -> Lease:
-        """Ask the owner for a lease on ``body``'s model; attach to its engine if new."""
+        """Ask the owner for a lease on ``body``'s model (``cost``: what the request may
+        cost, which the owner charges to the key); attach to its engine if new."""
+        cost = cost or RequestCost()
+        if self._stored_to_owner and keeps_stored_response(request.url.path, body):
+            request.scope[BODY_SCOPE] = await request.body()
+            raise PassToOwner
         info = request_info(request.scope)
         info.model = asked = model_of(body)
         identity = request.scope.get(KEY_SCOPE)
@@ -181,6 +197,8 @@ class WorkerAccess:
                 peer=list(client) if client else None,
                 endpoint=endpoint.value if endpoint is not None else None,
                 request_id=info.request_id,
+                sequences=cost.sequences,
+                max_tokens=cost.max_tokens,
             )
         except ControlError as exc:
             raise RelayedError(str(exc), exc.detail) from None
@@ -354,7 +372,9 @@ def _served_here(scope: Scope) -> bool:
     if scope.get("method") != "POST":
         return False
     path = scope.get("path", "")
-    return path in _OPENAI_PATHS or is_model_route(path)
+    # A stored response's own routes (/v1/responses/{id}/cancel) are the owner's: it holds
+    # every stored response.
+    return path in _OPENAI_PATHS or (is_model_route(path) and path in ENGINE_PATHS)
 
 
 def create_worker_app(
@@ -383,12 +403,13 @@ def create_worker_app(
     local = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     register_error_handlers(local)
 
-    access = WorkerAccess(control, engines)
+    access = WorkerAccess(control, engines, stored_to_owner=store_enabled())
+    limits = request_limits_of(settings)
     local.include_router(
-        build_openai_router(access, figures, log_prompts=settings.log_prompts)  # type: ignore[arg-type]
+        build_openai_router(access, figures, log_prompts=settings.log_prompts, limits=limits)  # type: ignore[arg-type]
     )
     local.include_router(
-        build_vllm_router(access, figures, log_prompts=settings.log_prompts)  # type: ignore[arg-type]
+        build_vllm_router(access, figures, log_prompts=settings.log_prompts, limits=limits)  # type: ignore[arg-type]
     )
     # Inside the key check: a request given up on is passed on without taking a key slot
     # here (the owner's own check takes it).
