@@ -25,6 +25,18 @@ COMPLETIONS_PATH = "/v1/completions"
 GENERATE_PATH = "/inference/v1/generate"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """vLLM's ``max_tokens`` when a completion request gives none (chat's is the context)."""
+GENERATING_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        COMPLETIONS_PATH,
+        BATCH_CHAT_PATH,
+        "/v1/responses",
+        "/v1/messages",
+        GENERATE_PATH,
+    }
+)
+"""The routes that generate text; the others (embeddings, tokenize, render, score...)
+generate nothing, whatever their body says."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +45,7 @@ class RequestCost:
     most ``max_tokens`` tokens (None: as many as the model's context allows)."""
 
     sequences: int = 1
-    max_tokens: int | None = None
+    max_tokens: int | None = None  # 0: it generates nothing (embeddings, tokenize...)
 
     def tokens(self, context: int | None) -> int:
         """The most tokens it may generate; ``context``: the model's longest sequence, for a
@@ -86,6 +98,8 @@ def check_request(path: str, body: dict[str, Any], limits: RequestLimits) -> Req
             f"{limits.fan_out.max_batch_items} in one request (fan_out.max_batch_items)",
             param=param,
         )
+    if path not in GENERATING_PATHS:
+        return RequestCost(sequences=copies * items, max_tokens=0)
     return RequestCost(sequences=copies * items, max_tokens=_max_tokens(path, sampling))
 
 

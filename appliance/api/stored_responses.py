@@ -20,7 +20,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,7 @@ ANONYMOUS = ""
 """The owner of responses made without a key."""
 
 
-def store_enabled(env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+def store_enabled(env: Mapping[str, str] = os.environ) -> bool:
     """Whether vLLM keeps responses (it reads the same variable, as an int)."""
     try:
         return bool(int(env.get(STORE_ENV, "0") or "0"))

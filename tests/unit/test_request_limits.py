@@ -93,6 +93,8 @@ def test_the_cost_counts_every_sequence_and_its_tokens() -> None:
     responses = {"model": "m", "input": "x", "max_output_tokens": 7}
     assert check_request("/v1/responses", responses, LIMITS) == RequestCost(1, 7)
     assert RequestCost(4, None).tokens(512) == 2048 and RequestCost(4, 10).tokens(512) == 40
+    for path in ("/v1/embeddings", "/tokenize", "/v1/chat/completions/render"):
+        assert check_request(path, chat(), LIMITS).tokens(512) == 0  # generates nothing
 
 
 def test_wrong_types_are_left_to_the_engine() -> None:
