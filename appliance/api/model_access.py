@@ -25,7 +25,7 @@ from appliance.api.auth import (
     may_load_on_demand,
 )
 from appliance.api.load_gate import LoadGate
-from appliance.api.rate_limit import KeyLimits, SlidingWindow
+from appliance.api.rate_limit import KeyLimits
 from appliance.api.request_limits import RequestCost
 from appliance.engines.base import Endpoint, Engine
 from appliance.engines.remote import DETAIL_SCOPE
@@ -123,26 +123,28 @@ def admit_model_request(
     key = identity.name if identity is not None else None
     if check_quota is not None:
         check_quota(key, cost.tokens(_context_of(router, entry)))
-    rate = key_limits[key].rate if key_limits and key in key_limits else None
-    extra = cost.sequences - 1
-    if rate is not None and extra > 0:
-        _check_rate(rate, key, cost.sequences)
+    limits = key_limits.get(key) if key_limits and key is not None else None
+    if limits is not None and cost.sequences > 1:
+        _charge_sequences(limits, key, cost.sequences)
     if load_gate is not None:
         load_gate.check(entry, may_load=may_load_on_demand(request.scope))
-    if rate is not None and extra > 0:
-        rate.admit(extra)  # after every check that may refuse: a refused request costs one
     return model, entry
 
 
-def _check_rate(rate: SlidingWindow, key: str | None, sequences: int) -> None:
-    """Refuse a request of ``sequences`` that its key's requests per minute cannot hold."""
-    if sequences > rate.limit:
+def _charge_sequences(limits: KeyLimits, key: str | None, sequences: int) -> None:
+    """Charge a request's other ``sequences - 1`` to its key's requests per minute (the key
+    check charged the first), or refuse it: 400 if the whole minute's allowance is too
+    small, 429 if what is left is."""
+    rate = limits.requests_per_minute
+    if rate is None:
+        return
+    if sequences > rate:
         raise InvalidRequestError(
             f"this request asks for {sequences} sequences (n x prompts), more than API key "
-            f"{key!r} may make in a minute ({rate.limit})",
+            f"{key!r} may make in a minute ({rate})",
             param="n",
         )
-    wait = rate.retry_after(sequences - 1)
+    wait = limits.try_admit_more(sequences - 1)
     if wait is not None:
         raise RateLimitedError(
             f"API key {key!r} is over its rate limit: this request counts as {sequences} "

@@ -107,6 +107,23 @@ class KeyLimits:
             self.concurrency.acquire()
         return None
 
+    @property
+    def requests_per_minute(self) -> int | None:
+        """The rate limit (None: none)."""
+        return self.rate.limit if self.rate is not None else None
+
+    def try_admit_more(self, count: int) -> float | None:
+        """Count ``count`` more requests per minute for a request admitted already (its other
+        sequences: ``n`` copies, batch items), or refuse (seconds to wait) and count none.
+        Concurrency is not charged: they run as one request. ``count`` must not exceed the
+        rate limit."""
+        if self.rate is None or count <= 0:
+            return None
+        wait = self.rate.retry_after(count)
+        if wait is None:
+            self.rate.admit(count)
+        return wait
+
     def release(self) -> None:
         """The request admitted by ``try_acquire`` has finished."""
         if self.concurrency is not None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from appliance.api.rate_limit import SlidingWindow
+from appliance.api.rate_limit import KeyLimits, SlidingWindow
 from appliance.api.request_limits import (
     RequestCost,
     check_request,
@@ -113,6 +113,16 @@ def test_a_sliding_window_admits_several_at_once() -> None:
     assert window.retry_after(1) == 50.0  # the first three expire at 60
     now[0] = 61.0
     assert window.retry_after(3) is None and window.retry_after(4) == 9.0
+
+
+def test_a_keys_other_sequences_are_charged_or_refused_whole() -> None:
+    now = [0.0]
+    limits = KeyLimits(requests_per_minute=10, max_concurrent=1, clock=lambda: now[0])
+    assert limits.try_acquire() is None and limits.requests_per_minute == 10
+    assert limits.try_admit_more(7) is None  # 8 of 10 used; concurrency still one
+    assert limits.try_admit_more(3) == 60.0  # refused, and nothing charged
+    assert limits.try_admit_more(2) is None
+    assert KeyLimits(requests_per_minute=None, max_concurrent=None).try_admit_more(99) is None
 
 
 # -- structured outputs --------------------------------------------------------------------
