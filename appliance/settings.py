@@ -32,6 +32,64 @@ class OnDemandLimits(BaseModel):
     retry_after_seconds: float = Field(10.0, gt=0, description="Retry-After when refused.")
 
 
+class FanOutLimits(BaseModel):
+    """How many sequences one request may ask for: each is as much work as a request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_n: int = Field(16, ge=1, description="Largest n (and best_of) a request may ask for.")
+    max_batch_items: int = Field(
+        32,
+        ge=1,
+        description=(
+            "Most conversations in one /v1/chat/completions/batch request, and most prompts "
+            "in one /v1/completions request."
+        ),
+    )
+
+
+class StructuredOutputLimits(BaseModel):
+    """How big a structured-output constraint (JSON schema, regex, grammar, choice) may be;
+    engines compile them in their core, where no timeout applies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_schema_bytes: int = Field(
+        32 * 1024, ge=64, description="Largest schema, regex or grammar, bytes (as JSON)."
+    )
+    max_schema_depth: int = Field(32, ge=2, description="Deepest nesting of a JSON schema.")
+    max_schema_nodes: int = Field(
+        4096, ge=8, description="Most values (objects, lists, scalars) in one JSON schema."
+    )
+    max_regex_repeat: int = Field(
+        256,
+        ge=1,
+        description=(
+            "Largest product of nested repetition bounds in one regex or pattern "
+            "((a{1,64}){1,64} is 4096); a grammar's bounds all count as nested."
+        ),
+    )
+    max_repeat_total: int = Field(
+        2048,
+        ge=1,
+        description="Most copies the bounded repetitions of all of a request's regexes add.",
+    )
+    max_choices: int = Field(256, ge=1, description="Most options of a 'choice' constraint.")
+
+
+class StoredResponseLimits(BaseModel):
+    """How many stored responses of the Responses API are kept, and how long (with
+    ``VLLM_ENABLE_RESPONSES_API_STORE=1``); the oldest go first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_stored: int = Field(1000, ge=1, description="Stored responses kept in all.")
+    max_per_key: int = Field(100, ge=1, description="Stored responses kept per API key.")
+    max_age_seconds: float = Field(
+        3600.0, gt=0, description="Seconds a stored response is kept after it was made."
+    )
+
+
 class Settings(BaseModel):
     """Everything ``appliance up`` can be told."""
 
@@ -75,6 +133,9 @@ class Settings(BaseModel):
         2.0, gt=0, description="How long a registry fetch may take before it counts as down."
     )
     limits: SupervisorLimits = Field(default_factory=SupervisorLimits)
+    fan_out: FanOutLimits = Field(default_factory=FanOutLimits)
+    structured_outputs: StructuredOutputLimits = Field(default_factory=StructuredOutputLimits)
+    stored_responses: StoredResponseLimits = Field(default_factory=StoredResponseLimits)
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     usage_db: Path | None = Field(

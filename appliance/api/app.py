@@ -28,7 +28,9 @@ from appliance.api.observers import RequestObservers
 from appliance.api.openai_routes import build_model_list_router, build_openai_router
 from appliance.api.peer import local_host_names
 from appliance.api.plan_routes import build_plan_router
+from appliance.api.request_limits import request_limits_of
 from appliance.api.status_page import StatusPage
+from appliance.api.stored_responses import ResponseOwners, forget_in_table, store_enabled
 from appliance.api.usage_routes import build_usage_router
 from appliance.api.vllm_routes import build_table_routes, build_vllm_router
 from appliance.appliance import Appliance
@@ -118,17 +120,39 @@ def create_app(
     # One gate for every model route: its caps count on-demand loads whatever route asked.
     load_gate = LoadGate(core.router, settings.on_demand)
     app.include_router(build_health_router(core.supervisor))
-    access = TableAccess(
-        core.router, core.metrics, load_gate=load_gate, check_quota=core.usage.check_quota
-    )
     # One set of key limits, shared with the HTTP workers' admissions.
     key_limits = key_limits_of(settings.auth, board=core.supervisor.board)
+    access = TableAccess(
+        core.router,
+        core.metrics,
+        load_gate=load_gate,
+        check_quota=core.usage.check_quota,
+        key_limits=key_limits,
+    )
     app.state.model_access = access
     app.state.key_limits = key_limits
-    app.include_router(build_openai_router(access, core.metrics, log_prompts=settings.log_prompts))
+    limits = request_limits_of(settings)
+    app.include_router(
+        build_openai_router(access, core.metrics, log_prompts=settings.log_prompts, limits=limits)
+    )
     app.include_router(build_model_list_router(core.router, list_aliases=settings.list_aliases))
-    app.include_router(build_vllm_router(access, core.metrics, log_prompts=settings.log_prompts))
-    app.include_router(build_table_routes(core.router, core.metrics))
+    # Every stored response lives here, in the owner (HTTP workers pass their requests on).
+    stored = (
+        ResponseOwners(settings.stored_responses, forget_in_table(core.router))
+        if store_enabled()
+        else None
+    )
+    app.state.stored_responses = stored
+    app.include_router(
+        build_vllm_router(
+            access,
+            core.metrics,
+            log_prompts=settings.log_prompts,
+            limits=limits,
+            stored=stored,
+        )
+    )
+    app.include_router(build_table_routes(core.router, core.metrics, stored=stored))
     app.include_router(build_admin_router(core))
     app.include_router(build_hub_router(core))
     app.include_router(build_plan_router(core))

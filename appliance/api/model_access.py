@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,16 +25,24 @@ from appliance.api.auth import (
     may_load_on_demand,
 )
 from appliance.api.load_gate import LoadGate
+from appliance.api.rate_limit import KeyLimits
+from appliance.api.request_limits import RequestCost
 from appliance.engines.base import Endpoint, Engine
 from appliance.engines.remote import DETAIL_SCOPE
-from appliance.errors import InvalidRequestError, ModelFailedError
+from appliance.errors import (
+    ApplianceError,
+    InvalidRequestError,
+    ModelFailedError,
+    RateLimitedError,
+)
 from appliance.metrics import Metrics
 from appliance.request_info import request_info
 from appliance.router import Router
 
 MAX_MODEL_NAME_CHARS = 256
 
-QuotaCheck = Callable[[str | None], None]
+QuotaCheck = Callable[[str | None, int], None]
+"""Raises if the key (None: no key) is over its quota, or would be with the tokens given."""
 
 
 @dataclass
@@ -53,10 +61,16 @@ class ModelAccess(Protocol):
     """Admits a model request and lends it its engine."""
 
     async def lease(
-        self, request: Request, body: dict[str, Any], endpoint: Endpoint | None
+        self,
+        request: Request,
+        body: dict[str, Any],
+        endpoint: Endpoint | None,
+        cost: RequestCost | None = None,
     ) -> Lease:
-        """Check ``body``'s ``model`` may be used by this caller now, then borrow its engine
-        for ``endpoint`` (None: any route the engine serves; the route checks it)."""
+        """Check ``body``'s ``model`` may be used by this caller now (with what the request
+        may ``cost``: its sequences against the key's rate, their tokens against its quota),
+        then borrow its engine for ``endpoint`` (None: any route the engine serves; the route
+        checks it)."""
         ...
 
 
@@ -80,6 +94,8 @@ def admit_model_request(
     *,
     load_gate: LoadGate | None,
     check_quota: QuotaCheck | None,
+    cost: RequestCost | None = None,
+    key_limits: Mapping[str, KeyLimits] | None = None,
 ) -> tuple[str, str]:
     """What every model route checks before it borrows an engine, for ``body``'s ``model``:
     the caller's key may use it (by any of its names), may start a load it would start, and
@@ -87,7 +103,11 @@ def admit_model_request(
     alias becomes its model's name, as ``vllm serve --served-model-name NAME ALIAS`` answers;
     an adapter keeps its own), used for labels, usage and the engine; and the table entry
     whose engine, load gate and queue it uses. An unknown name passes through: the route's
-    engine lookup answers 404."""
+    engine lookup answers 404.
+
+    ``cost``: a request of several sequences takes one slot of its key's requests per minute
+    for each (the key check took the first), and the tokens they may generate are checked
+    against its quota (``key_limits``: the keys' limits, by name)."""
     info = request_info(request.scope)
     asked = model_of(body)
     info.model = asked
@@ -98,12 +118,51 @@ def admit_model_request(
     info.model = model
     # Remote engines name their backend and quote its errors only to admins.
     request.scope[DETAIL_SCOPE] = caller_is_admin(request.scope)
+    cost = cost or RequestCost()
+    identity = request.scope.get(KEY_SCOPE)
+    key = identity.name if identity is not None else None
+    if check_quota is not None:
+        check_quota(key, cost.tokens(_context_of(router, entry)))
+    limits = key_limits.get(key) if key_limits and key is not None else None
+    if limits is not None and cost.sequences > 1:
+        _charge_sequences(limits, key, cost.sequences)
     if load_gate is not None:
         load_gate.check(entry, may_load=may_load_on_demand(request.scope))
-    if check_quota is not None:
-        identity = request.scope.get(KEY_SCOPE)
-        check_quota(identity.name if identity is not None else None)
     return model, entry
+
+
+def _charge_sequences(limits: KeyLimits, key: str | None, sequences: int) -> None:
+    """Charge a request's other ``sequences - 1`` to its key's requests per minute (the key
+    check charged the first), or refuse it: 400 if the whole minute's allowance is too
+    small, 429 if what is left is."""
+    rate = limits.requests_per_minute
+    if rate is None:
+        return
+    if sequences > rate:
+        raise InvalidRequestError(
+            f"this request asks for {sequences} sequences (n x prompts), more than API key "
+            f"{key!r} may make in a minute ({rate})",
+            param="n",
+        )
+    wait = limits.try_admit_more(sequences - 1)
+    if wait is not None:
+        raise RateLimitedError(
+            f"API key {key!r} is over its rate limit: this request counts as {sequences} "
+            "(one per sequence)",
+            retry_after=wait,
+        )
+
+
+def _context_of(router: Router, entry: str) -> int | None:
+    """The longest sequence ``entry``'s engine runs (its ``max_model_len``), if it is known:
+    what a request that sets no ``max_tokens`` may generate at most."""
+    with contextlib.suppress(ApplianceError):
+        engine = router.supervisor.get(entry).engine
+        card = engine.model_card() if engine is not None else None
+        length = card.get("max_model_len") if card else None
+        if isinstance(length, int) and length > 0:
+            return length
+    return None
 
 
 class TableAccess:
@@ -116,18 +175,30 @@ class TableAccess:
         *,
         load_gate: LoadGate | None = None,
         check_quota: QuotaCheck | None = None,
+        key_limits: Mapping[str, KeyLimits] | None = None,
     ) -> None:
         self._router = router
         self._metrics = metrics
         self._load_gate = load_gate
         self._check_quota = check_quota
+        self._key_limits = key_limits
 
     async def lease(
-        self, request: Request, body: dict[str, Any], endpoint: Endpoint | None
+        self,
+        request: Request,
+        body: dict[str, Any],
+        endpoint: Endpoint | None,
+        cost: RequestCost | None = None,
     ) -> Lease:
         """Admit (``admit_model_request``), then borrow the engine from the supervisor."""
         model, entry = admit_model_request(
-            request, body, self._router, load_gate=self._load_gate, check_quota=self._check_quota
+            request,
+            body,
+            self._router,
+            load_gate=self._load_gate,
+            check_quota=self._check_quota,
+            cost=cost,
+            key_limits=self._key_limits,
         )
         held = contextlib.AsyncExitStack()
         asked = time.perf_counter()

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from appliance.api.auth import Role, caller_is_admin, model_allowed, require_role
 from appliance.api.model_access import ModelAccess
 from appliance.api.model_cards import vllm_card_fields
+from appliance.api.request_limits import RequestLimits, check_request, default_request_limits
 from appliance.api.stream_usage import USAGE_MARK, ask_for_usage, hide_usage, usage_of_event
 from appliance.catalogue.schema import RemoteModelSpec
 from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
@@ -186,16 +187,20 @@ def build_openai_router(
     metrics: Metrics,
     *,
     log_prompts: bool = False,
+    limits: RequestLimits | None = None,
 ) -> APIRouter:
     """The OpenAI model routes (chat, completions, embeddings); ``access`` admits each request
-    and lends it its engine; prompts reach the log only if ``log_prompts``."""
+    and lends it its engine; prompts reach the log only if ``log_prompts``; ``limits``: what
+    one request may ask for (default: the settings' defaults)."""
     api = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_role(Role.USER))])
+    limits = limits or default_request_limits()
 
     async def serve(request: Request, endpoint: Endpoint) -> Response:
         info = request_info(request.scope)
         info.endpoint = endpoint.value
         body = await read_json_object(request)
-        lease = await access.lease(request, body, endpoint)
+        cost = check_request(request.url.path, body, limits)
+        lease = await access.lease(request, body, endpoint, cost)
         body["model"] = lease.model
         if log_prompts:
             info.extra["prompt"] = _prompt_of(body)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -32,6 +33,8 @@ from appliance.api.openai_routes import (
     _watch_stream,
     read_json_object,
 )
+from appliance.api.request_limits import RequestLimits, check_request, default_request_limits
+from appliance.api.stored_responses import RESPONSES_PATH, ResponseOwners, caller_of
 from appliance.engines.asgi_call import content_type
 from appliance.engines.base import Engine, JSONReply, Reply, RouteCall, StreamReply, Usage
 from appliance.engines.route_table import (
@@ -136,22 +139,34 @@ def build_vllm_router(
     metrics: Metrics,
     *,
     log_prompts: bool = False,
+    limits: RequestLimits | None = None,
+    stored: ResponseOwners | None = None,
 ) -> APIRouter:
     """The routes of ``route_table.ENGINE_ROUTES``: ``access`` admits each request and lends
-    it its model's engine."""
+    it its model's engine; ``limits``: what one request may ask for (default: the settings'
+    defaults); ``stored``: the owners of stored responses (None: the store is off, or this
+    process passes requests that use it to the owner)."""
     api = APIRouter(tags=["vLLM"])
     user = [Depends(require_role(Role.USER))]
+    limits = limits or default_request_limits()
 
     async def serve(request: Request, route: ModelRoute) -> Response:
         info = request_info(request.scope)
         info.endpoint = endpoint_label(route.path)
         body = await read_json_object(request)
         raw = await request.body()
-        lease = await access.lease(request, body, None)
+        cost = check_request(route.path, body, limits)
+        caller = caller_of(request.scope)
+        stored_id = None
+        if stored is not None and route.path == RESPONSES_PATH:
+            stored_id = _own_response(body, caller, stored)
+        lease = await access.lease(request, body, None, cost)
         model = lease.model
-        if model != body["model"]:  # an alias: the engine knows the model by its name
-            body["model"] = model
+        if model != body["model"] or stored_id is not None:
+            body["model"] = model  # an alias: the engine knows the model by its name
             raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        if stored is not None and stored_id is not None:
+            stored.add(stored_id, caller, lease.entry)
         if log_prompts:
             info.extra["prompt"] = _prompt_of(body)
         info.stream = body.get("stream") is True
@@ -163,7 +178,11 @@ def build_vllm_router(
             reply = await _until_disconnect(lease.engine.handle_route(call, request), request)
         except BaseException:
             await release.aclose()
+            if stored is not None and stored_id is not None:
+                stored.discard(stored_id)
             raise
+        if stored is not None and stored_id is not None and not _stored_ok(reply):
+            stored.discard(stored_id)
         answer = _answer(reply, release, info, metrics)
         if not isinstance(answer, _ReleasingStream):
             await release.aclose()
@@ -189,12 +208,35 @@ def build_vllm_router(
     return api
 
 
+def _own_response(body: dict[str, Any], caller: str, stored: ResponseOwners) -> str | None:
+    """Check the caller owns the response ``body`` continues from; name the one it stores
+    (replacing any ``request_id``, which vLLM would take as the stored id). Returns the id,
+    or None if the request stores nothing."""
+    previous = body.get("previous_response_id")
+    if isinstance(previous, str):
+        stored.check(previous, caller, "previous_response_id")
+    if body.get("store", True) is False:
+        return None
+    body["request_id"] = stored.new_id()
+    return str(body["request_id"])
+
+
+def _stored_ok(reply: Reply | None) -> bool:
+    """Whether vLLM kept a response for ``reply`` (an error stores nothing)."""
+    return reply is not None and not (isinstance(reply, JSONReply) and reply.status_code >= 400)
+
+
 def build_table_routes(
-    router: Router, metrics: Metrics, *, version: str | None = None
+    router: Router,
+    metrics: Metrics,
+    *,
+    version: str | None = None,
+    stored: ResponseOwners | None = None,
 ) -> APIRouter:
     """The vLLM routes that name no model and so need the whole table: the stored-response
     routes (``RESPONSE_ID_ROUTES``) and ``/version`` (vLLM's version, ``version``: None reads it
-    when asked)."""
+    when asked). ``stored``: whose each stored response is (None: the store is off); a caller
+    gets 404 for a response not its own, and only the engine holding it is asked."""
     api = APIRouter(tags=["vLLM"])
     user = [Depends(require_role(Role.USER))]
 
@@ -205,11 +247,17 @@ def build_table_routes(
         info.endpoint = endpoint_label("/v1/responses")
         info.stream = request.query_params.get("stream") == "true"
         call = _route_call(request, route, b"", info.stream)
+        holder = None
+        if stored is not None:
+            response_id = str(request.path_params.get("response_id"))
+            holder = stored.check(response_id, caller_of(request.scope))
         last: Reply | None = None
         for handle in router.supervisor.handles():
             if handle.state is not ModelState.READY or not model_allowed(
                 request.scope, handle.name
             ):
+                continue
+            if holder is not None and handle.name != holder:
                 continue
             release = contextlib.AsyncExitStack()
             try:

@@ -12,7 +12,13 @@ import typer
 from rich.console import Console
 
 from appliance.errors import ConfigError
-from appliance.settings import OnDemandLimits, Settings
+from appliance.settings import (
+    FanOutLimits,
+    OnDemandLimits,
+    Settings,
+    StoredResponseLimits,
+    StructuredOutputLimits,
+)
 from appliance.supervisor.handle import SupervisorLimits
 
 err = Console(stderr=True)
@@ -25,6 +31,9 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 # One place for each default: the settings objects; the options below show and use them.
 _LIMITS = SupervisorLimits()
 _ON_DEMAND = OnDemandLimits()
+_FAN_OUT = FanOutLimits()
+_STRUCTURED = StructuredOutputLimits()
+_STORED = StoredResponseLimits()
 _DEFAULT = {
     name: field.default
     for name, field in Settings.model_fields.items()
@@ -116,6 +125,35 @@ def up(
         min=1,
         help="On-demand loads started per minute; beyond it 429.",
     ),
+    max_n: int = typer.Option(
+        _FAN_OUT.max_n, min=1, help="Largest n (and best_of) one request may ask for; past it 400."
+    ),
+    max_batch_items: int = typer.Option(
+        _FAN_OUT.max_batch_items,
+        min=1,
+        help="Most conversations in one /v1/chat/completions/batch request (and prompts in "
+        "one /v1/completions request); past it 400.",
+    ),
+    max_schema_bytes: int = typer.Option(
+        _STRUCTURED.max_schema_bytes,
+        min=64,
+        help="Largest structured-output constraint (JSON schema, regex, grammar), bytes.",
+    ),
+    max_regex_repeat: int = typer.Option(
+        _STRUCTURED.max_regex_repeat,
+        min=1,
+        help="Largest product of nested repetition bounds in one regex or schema pattern "
+        "((a{1,64}){1,64} is 4096); past it 400.",
+    ),
+    max_stored_responses: int = typer.Option(
+        _STORED.max_stored,
+        min=1,
+        help="Stored Responses API results kept (VLLM_ENABLE_RESPONSES_API_STORE=1); the "
+        "oldest go first.",
+    ),
+    stored_response_age: float = typer.Option(
+        _STORED.max_age_seconds, min=1, help="Seconds a stored response is kept."
+    ),
     usage_db: Path | None = typer.Option(
         None, help="SQLite file of per-key usage. Default: usage.db beside the catalogue."
     ),
@@ -183,6 +221,13 @@ def up(
         "engine_metrics": engine_metrics,
         "list_aliases": list_aliases,
         "workers": workers,
+        "fan_out": FanOutLimits(max_n=max_n, max_batch_items=max_batch_items),
+        "structured_outputs": StructuredOutputLimits(
+            max_schema_bytes=max_schema_bytes, max_regex_repeat=max_regex_repeat
+        ),
+        "stored_responses": StoredResponseLimits(
+            max_stored=max_stored_responses, max_age_seconds=stored_response_age
+        ),
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib

@@ -112,4 +112,6 @@ def is_model_route(path: str) -> bool:
 
 
 _MODEL_PATHS = frozenset(route.path for route in MODEL_ROUTES)
+ENGINE_PATHS = frozenset(route.path for route in ENGINE_ROUTES)
+"""The paths of ``ENGINE_ROUTES`` (a stored response's own routes are not among them)."""
 _MODEL_ROUTE_KEYS = {route.key: route.path for route in MODEL_ROUTES}

@@ -287,6 +287,28 @@ class KeyLimits:
             ints[cells.ints] += 1
             return None
 
+    def try_admit_more(self, count: int) -> float | None:
+        """Count ``count`` more requests per minute for a request admitted already (its other
+        sequences: ``n`` copies, batch items), or refuse (seconds to wait) and count none.
+        Concurrency is not charged: they run as one request. ``count`` must not exceed the
+        rate limit."""
+        limit = self.requests_per_minute
+        if limit is None or count <= 0:
+            return None
+        with self._board.locked():
+            self._retry_after()  # drops what left the window
+            ints, floats, cells = self._board._ints, self._board._floats, self._cells
+            start, length = ints[cells.ints + 1], ints[cells.ints + 2]
+            if length + count > limit:
+                # The admission that must leave the window before ``count`` more fit.
+                oldest = floats[cells.times + (start + length + count - limit - 1) % limit]
+                return oldest + self._window - self._clock()
+            now = self._clock()
+            for offset in range(count):
+                floats[cells.times + (start + length + offset) % limit] = now
+            ints[cells.ints + 2] = length + count
+            return None
+
     def release(self) -> None:
         """The request admitted by ``try_acquire`` has finished."""
         with self._board.locked():

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter
 
-from appliance.errors import QuotaExceededError
+from appliance.errors import InvalidRequestError, QuotaExceededError
 from appliance.usage.quotas import QuotaConfig, TokenQuota, window_end, window_start
 from appliance.usage.store import Counts, UsageKey, UsageRow, UsageStore
 
@@ -116,21 +116,32 @@ class UsageLedger:
 
     # -- quotas --------------------------------------------------------------------------
 
-    def check_quota(self, key: str | None) -> None:
-        """Raise ``QuotaExceededError`` (429, Retry-After until the reset) if ``key`` is over."""
+    def check_quota(self, key: str | None, planned: int = 0) -> None:
+        """Raise ``QuotaExceededError`` (429, Retry-After until the reset) if ``key`` is over
+        its quota, or would go over it with the ``planned`` tokens a request may generate
+        (its ``n x max_tokens``); ``InvalidRequestError`` (400) if ``planned`` alone is more
+        than the whole quota, which no wait would help."""
         quota = self._quotas.get(key) if key is not None else None
         if quota is None:
             return
         now = self._now().astimezone(timezone.utc)
         today = now.date()
         for period, limit in quota.limits():
+            if planned > limit:
+                raise InvalidRequestError(
+                    f"this request may generate {planned} tokens (n x max_tokens), more than "
+                    f"API key {key!r}'s whole quota of {limit} tokens per {period.value}; "
+                    "ask for fewer",
+                    param="max_tokens",
+                )
             first = window_start(period, today)
             used = sum(n for (k, day), n in self._tokens.items() if k == key and day >= first)
-            if used >= limit:
+            if used >= limit or used + planned > limit:
                 reset = window_end(period, today)
+                asked = f"; this request may generate {planned} more" if planned else ""
                 raise QuotaExceededError(
                     f"API key {key!r} has used its quota of {limit} tokens per {period.value} "
-                    f"({used} used); it resets at {reset.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+                    f"({used} used{asked}); it resets at {reset.strftime('%Y-%m-%dT%H:%M:%SZ')}",
                     retry_after=(reset - now).total_seconds(),
                 )
 

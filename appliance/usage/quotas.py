@@ -1,8 +1,10 @@
 """Token quotas per key and per UTC day or month: the file, the windows, the verdict.
 
 A key's request is refused (429) once the tokens it used in the current window reach its
-quota; the request that crosses the line is served whole (its size is known only after it ran),
-and every later one waits for the window to reset, at 00:00 UTC (day) or on the 1st (month).
+quota, or would pass it with the most the request may generate (``n x max_tokens`` for each
+of its prompts, checked before it runs); its prompt tokens are known only after it ran, so the
+request that crosses the line by them is served whole, and every later one waits for the
+window to reset, at 00:00 UTC (day) or on the 1st (month).
 """
 
 from __future__ import annotations

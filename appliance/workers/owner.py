@@ -26,6 +26,7 @@ from starlette.requests import Request
 
 from appliance.api.auth import ACCESS_SCOPE, KEY_SCOPE, Access, KeyIdentity, key_identity
 from appliance.api.model_access import TableAccess
+from appliance.api.request_limits import RequestCost
 from appliance.api_keys import AuthConfig
 from appliance.engines.base import (
     Endpoint,
@@ -116,7 +117,9 @@ class OwnerService:
                 )
         request = _request_for(args, identity, self._rules)
         try:
-            lease = await self._access.lease(request, {"model": model}, _endpoint(args))
+            lease = await self._access.lease(
+                request, {"model": model}, _endpoint(args), _cost(args)
+            )
         except ApplianceError as exc:
             if limits is not None:
                 limits.release()
@@ -231,6 +234,16 @@ def _link_of(engine: Engine) -> Any:
 def _endpoint(args: Mapping[str, Any]) -> Endpoint | None:
     value = args.get("endpoint")
     return Endpoint(value) if value is not None else None
+
+
+def _cost(args: Mapping[str, Any]) -> RequestCost:
+    """What the worker's request may cost, as the worker measured it from the body."""
+    sequences = args.get("sequences")
+    max_tokens = args.get("max_tokens")
+    return RequestCost(
+        sequences=sequences if isinstance(sequences, int) and sequences > 0 else 1,
+        max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None,
+    )
 
 
 def _peer(args: Mapping[str, Any]) -> tuple[str, int] | None:

@@ -42,10 +42,12 @@ from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.model_access import Lease, model_of
 from appliance.api.openai_routes import build_openai_router
 from appliance.api.peer import local_host_names
+from appliance.api.request_limits import RequestCost, request_limits_of
+from appliance.api.stored_responses import keeps_stored_response, store_enabled
 from appliance.api.vllm_routes import build_vllm_router
 from appliance.engines.base import Endpoint, Engine, EngineLink, EngineStepFigures
 from appliance.engines.remote import DETAIL_SCOPE
-from appliance.engines.route_table import is_model_route
+from appliance.engines.route_table import ENGINE_PATHS, is_model_route
 from appliance.errors import ApplianceError, ModelNotAllowedError
 from appliance.request_info import RequestInfo, request_info
 from appliance.settings import Settings
@@ -213,9 +215,13 @@ class WorkerAccess:
         key_limits: Mapping[str, KeyLimits],
         quota_keys: frozenset[str],
         figures: FiguresToOwner,
+        stored_to_owner: bool = False,
     ) -> None:
         """``key_limits``: each key's limits on ``board``; ``quota_keys``: keys with a token
-        quota, always admitted by the owner (their usage is counted there)."""
+        quota, always admitted by the owner (their usage is counted there);
+        ``stored_to_owner``: pass the requests that store or read a stored response to the
+        owner, which holds them all (``api.stored_responses``)."""
+        self._stored_to_owner = stored_to_owner
         self._control = control
         self._engines = engines
         self._board = board
@@ -227,9 +233,17 @@ class WorkerAccess:
         self._table_generation = board.table_generation
 
     async def lease(
-        self, request: Request, body: dict[str, Any], endpoint: Endpoint | None
+        self,
+        request: Request,
+        body: dict[str, Any],
+        endpoint: Endpoint | None,
+        cost: RequestCost | None = None,
     ) -> Lease:
-        """Admit ``body``'s model here if the board allows it, else ask the owner."""
+        """Admit ``body``'s model here if the board allows it, else ask the owner (``cost``:
+        what the request may cost, which the owner charges to the key)."""
+        cost = cost or RequestCost()
+        if self._stored_to_owner and keeps_stored_response(request.url.path, body):
+            await self._pass_to_owner(request)
         info = request_info(request.scope)
         info.model = asked = model_of(body)
         if self._board.table_generation != self._table_generation:
@@ -240,10 +254,11 @@ class WorkerAccess:
         if known is not None:
             if known.link_id is None:
                 await self._pass_to_owner(request)
-            lease = self._lend_here(request, asked, known)
+            # A request of several sequences is charged more of its key's rate: the owner's.
+            lease = self._lend_here(request, asked, known) if cost.sequences == 1 else None
             if lease is not None:
                 return lease
-        return await self._lease_from_owner(request, asked, endpoint)
+        return await self._lease_from_owner(request, asked, endpoint, cost)
 
     def _lend_here(self, request: Request, asked: str, known: KnownName) -> Lease | None:
         """The owner's admission of a request for a ready local model, done here: the key's
@@ -282,7 +297,7 @@ class WorkerAccess:
         raise PassToOwner
 
     async def _lease_from_owner(
-        self, request: Request, asked: str, endpoint: Endpoint | None
+        self, request: Request, asked: str, endpoint: Endpoint | None, cost: RequestCost
     ) -> Lease:
         """Ask the owner for a lease on ``asked``; attach to its engine if new."""
         info = request_info(request.scope)
@@ -299,6 +314,8 @@ class WorkerAccess:
                     endpoint=endpoint.value if endpoint is not None else None,
                     request_id=info.request_id,
                     held=held,
+                    sequences=cost.sequences,
+                    max_tokens=cost.max_tokens,
                 )
             except ControlError as exc:
                 raise RelayedError(str(exc), exc.detail) from None
@@ -495,7 +512,9 @@ def _served_here(scope: Scope) -> bool:
     if scope.get("method") != "POST":
         return False
     path = scope.get("path", "")
-    return path in _OPENAI_PATHS or is_model_route(path)
+    # A stored response's own routes (/v1/responses/{id}/cancel) are the owner's: it holds
+    # every stored response.
+    return path in _OPENAI_PATHS or (is_model_route(path) and path in ENGINE_PATHS)
 
 
 def create_worker_app(
@@ -533,12 +552,14 @@ def create_worker_app(
         key_limits=key_limits_of(settings.auth, board=board),
         quota_keys=frozenset(settings.quotas.quotas),
         figures=figures,
+        stored_to_owner=store_enabled(),
+    )
+    limits = request_limits_of(settings)
+    local.include_router(
+        build_openai_router(access, figures, log_prompts=settings.log_prompts, limits=limits)  # type: ignore[arg-type]
     )
     local.include_router(
-        build_openai_router(access, figures, log_prompts=settings.log_prompts)  # type: ignore[arg-type]
-    )
-    local.include_router(
-        build_vllm_router(access, figures, log_prompts=settings.log_prompts)  # type: ignore[arg-type]
+        build_vllm_router(access, figures, log_prompts=settings.log_prompts, limits=limits)  # type: ignore[arg-type]
     )
     # Inside the key check: a request given up on is passed on without taking a key slot
     # here (the owner's own check takes it).

@@ -1,7 +1,9 @@
 """Issue 5: metrics that count exactly, API keys, fuzzing, a bounded soak, client disconnects.
+Issue 25 (part A): what one key can do to another: fan-out, grammar bombs, stored responses.
 
 One appliance with API keys, serving one tiny model; tests take metric deltas, so they
-need no appliance of their own.
+need no appliance of their own. The Responses API store is on, as an operator who uses
+stored responses runs it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from openai import OpenAI
+from openai import BadRequestError, NotFoundError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.harness import ApplianceProcess, tiny_chat, wait_until
@@ -31,6 +33,10 @@ pytestmark = pytest.mark.integration
 USER = "sk-user-0123456789"
 ADMIN = "sk-admin-0123456789"
 LIMITED = "sk-limited-0123456789"
+OUTSIDER = "sk-outsider-0123456789"  # key B: a user key like USER's, trying its neighbour's
+METERED = "sk-metered-0123456789"
+QUOTA = "sk-quota-0123456789"
+QUOTA_TOKENS = 100
 MODEL = "tiny-chat"
 JSON = {"Content-Type": "application/json"}  # POST bodies must say so (issue 13)
 
@@ -53,18 +59,33 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppliancePro
                         "models": ["other-model"],
                         "requests_per_minute": 3,
                     },
+                    {"name": "outsider", "key": OUTSIDER},
+                    {"name": "metered", "key": METERED, "requests_per_minute": 10},
+                    {"name": "quota", "key": QUOTA},
                 ],
             }
         )
     )
     keys.chmod(0o600)
+    quotas = workdir / "quotas.yaml"
+    quotas.write_text(yaml.safe_dump({"quotas": {"quota": {"tokens_per_day": QUOTA_TOKENS}}}))
     # A longer context than the other tests, so that a stream can outlast a disconnect check.
-    proc = ApplianceProcess(
+    proc = _StoringAppliance(
         workdir, [tiny_chat(MODEL, engine={"max_model_len": 2048, "dtype": "float32"})]
     )
-    proc.start("--api-keys", str(keys), "--engine-metrics", "--workers", "2")
+    proc.start(
+        "--api-keys", str(keys), "--quotas", str(quotas), "--engine-metrics", "--workers", "2"
+    )
     yield proc
     proc.stop()
+
+
+class _StoringAppliance(ApplianceProcess):
+    """An appliance whose engines keep Responses API results (vLLM's store on)."""
+
+    def env(self) -> dict[str, str]:
+        """The usual environment, with the Responses API store on."""
+        return {**super().env(), "VLLM_ENABLE_RESPONSES_API_STORE": "1"}
 
 
 def auth(key: str) -> dict[str, str]:
@@ -504,3 +525,161 @@ def test_keys_limits_and_metrics_cover_vllms_other_routes(appliance: AppliancePr
     wait_until(counted, "the /tokenize and /v1/responses requests counted by endpoint", 10)
     log = appliance.log_path.read_text()
     assert '"path": "/tokenize"' in log and '"key": "user"' in log
+
+
+# -- issue 25 (part A): keys against each other -----------------------------------------------
+
+GRAMMAR_BOMB = {
+    "type": "object",
+    "properties": {f"p{i}": {"type": "string", "pattern": "(a{1,64}){1,64}"} for i in range(32)},
+}
+
+
+def test_one_request_cannot_fan_out_past_the_limits(appliance: ApplianceProcess) -> None:
+    url = appliance.url
+    completion = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+    wide = httpx.post(
+        f"{url}/v1/completions", json={**completion, "n": 1024}, headers=auth(OUTSIDER), timeout=30
+    )
+    assert wide.status_code == 400 and wide.json()["error"]["param"] == "n"
+    assert "fan_out.max_n" in wide.json()["error"]["message"]
+    batch = {
+        "model": MODEL,
+        "messages": [[{"role": "user", "content": "x"}]] * 1024,
+        "max_tokens": 1,
+    }
+    many = httpx.post(
+        f"{url}/v1/chat/completions/batch", json=batch, headers=auth(OUTSIDER), timeout=30
+    )
+    assert many.status_code == 400 and many.json()["error"]["param"] == "messages"
+    # Each sequence counts against the key's requests per minute (10 for this key).
+    metered = [
+        httpx.post(
+            f"{url}/v1/completions", json={**completion, "n": n}, headers=auth(METERED), timeout=60
+        )
+        for n in (16, 8, 4)
+    ]
+    assert [r.status_code for r in metered] == [400, 200, 429], [r.text for r in metered]
+    assert len(metered[1].json()["choices"]) == 8
+    # The quota is checked against n x max_tokens before the request runs.
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+    whole = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={**chat, "n": 4, "max_tokens": 50},
+        headers=auth(QUOTA),
+        timeout=60,
+    )
+    assert whole.status_code == 400 and whole.json()["error"]["param"] == "max_tokens"
+    served = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={**chat, "n": 2, "max_tokens": 40},
+        headers=auth(QUOTA),
+        timeout=60,
+    )
+    assert served.status_code == 200, served.text
+
+    def counted() -> bool:
+        usage = httpx.get(
+            f"{url}/admin/usage", params={"key": "quota"}, headers=auth(ADMIN), timeout=30
+        ).json()["data"]
+        return sum(row["completion_tokens"] for row in usage) >= 80
+
+    wait_until(counted, "the quota key's 80 tokens counted", 20)
+    over = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={**chat, "max_tokens": 20},
+        headers=auth(QUOTA),
+        timeout=60,
+    )
+    assert over.status_code == 429 and over.json()["error"]["code"] == "insufficient_quota"
+    # Everyone else is still served, n included.
+    ok = httpx.post(
+        f"{url}/v1/completions", json={**completion, "n": 2}, headers=auth(USER), timeout=60
+    )
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
+
+
+def test_a_grammar_bomb_never_reaches_the_engine(appliance: ApplianceProcess) -> None:
+    outsider = OpenAI(base_url=f"{appliance.url}/v1", api_key=OUTSIDER, max_retries=0)
+    schema = {"name": "bomb", "schema": GRAMMAR_BOMB}
+    started = time.monotonic()
+    with pytest.raises(BadRequestError) as caught:
+        outsider.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=2,
+            response_format={"type": "json_schema", "json_schema": schema},
+        )
+    assert "max_regex_repeat" in str(caught.value) and time.monotonic() - started < 5
+    for path, body in (
+        (
+            "/v1/responses",
+            {
+                "model": MODEL,
+                "input": "hi",
+                "text": {"format": {"type": "json_schema", **schema}},
+            },
+        ),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "hi", "structured_outputs": {"regex": "(a{1,64}){1,64}"}},
+        ),
+    ):
+        refused = httpx.post(f"{appliance.url}{path}", json=body, headers=auth(OUTSIDER))
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"]
+    # An ordinary schema is served, to the same key and to others.
+    ordinary = {
+        "name": "person",
+        "schema": {
+            "type": "object",
+            "properties": {"date": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"}},
+        },
+    }
+    for key in (OUTSIDER, USER):
+        client = OpenAI(base_url=f"{appliance.url}/v1", api_key=key, max_retries=0)
+        answer = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=3,
+            response_format={"type": "json_schema", "json_schema": ordinary},
+        )
+        assert answer.choices[0].message is not None
+
+
+def test_stored_responses_belong_to_the_key_that_made_them(appliance: ApplianceProcess) -> None:
+    url = appliance.url
+    owner = OpenAI(base_url=f"{url}/v1", api_key=USER, max_retries=0)
+    made = owner.responses.create(
+        model=MODEL, input="hello", max_output_tokens=3, extra_body={"request_id": "resp_mine"}
+    )
+    rid = made.id
+    assert rid != "resp_mine"  # the appliance names stored responses itself
+    # Readable by its key whichever worker takes the connection (a new one each time).
+    for _ in range(6):
+        got = httpx.get(f"{url}/v1/responses/{rid}", headers=auth(USER), timeout=30)
+        assert got.status_code == 200 and got.json()["id"] == rid, got.text
+    text = got.json()["output"]
+    # Key B: not found, as for an id that does not exist; nothing it sends changes A's.
+    for method, path in (("GET", f"/v1/responses/{rid}"), ("POST", f"/v1/responses/{rid}/cancel")):
+        theirs = httpx.request(method, f"{url}{path}", headers=auth(OUTSIDER), timeout=30)
+        assert theirs.status_code == 404, (path, theirs.text)
+        assert theirs.json()["error"]["message"] == f"Response with id '{rid}' not found."
+    outsider = OpenAI(base_url=f"{url}/v1", api_key=OUTSIDER, max_retries=0)
+    with pytest.raises(NotFoundError):
+        outsider.responses.create(
+            model=MODEL, input="go on", max_output_tokens=3, previous_response_id=rid
+        )
+    planted = outsider.responses.create(
+        model=MODEL, input="planted", max_output_tokens=3, extra_body={"request_id": rid}
+    )
+    assert planted.id != rid
+    again = httpx.get(f"{url}/v1/responses/{rid}", headers=auth(USER), timeout=30)
+    assert again.status_code == 200 and again.json()["output"] == text
+    # Key A continues its own conversation; B's own response is B's.
+    follow = owner.responses.create(
+        model=MODEL, input="go on", max_output_tokens=3, previous_response_id=rid
+    )
+    assert follow.id not in (rid, planted.id)
+    assert httpx.get(f"{url}/v1/responses/{planted.id}", headers=auth(OUTSIDER)).status_code == 200
+    assert httpx.get(f"{url}/v1/responses/{planted.id}", headers=auth(USER)).status_code == 404

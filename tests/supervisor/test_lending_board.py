@@ -114,3 +114,18 @@ def test_processes_charging_at_once_never_pass_a_limit(tmp_path: Path) -> None:
         KeyLimits(requests_per_minute=None, max_concurrent=50, cells=board.key_cells(0)).in_flight
         == 50
     )
+
+
+def test_more_sequences_of_one_request_take_more_of_the_rate() -> None:
+    clock = FakeClock()
+    limits = KeyLimits(requests_per_minute=4, max_concurrent=1, clock=clock)
+    assert limits.try_acquire() is None
+    assert limits.try_admit_more(2) is None  # 3 of 4 used
+    assert limits.try_admit_more(2) == pytest.approx(60)  # nothing charged
+    clock.now += 10
+    assert limits.try_admit_more(1) is None  # 4 of 4
+    assert limits.in_flight == 1  # the extra sequences took no concurrency
+    limits.release()
+    assert limits.try_acquire() == pytest.approx(50)
+    clock.now += 50  # the first three leave the window
+    assert limits.try_admit_more(3) is None

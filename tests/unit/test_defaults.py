@@ -5,7 +5,13 @@ from __future__ import annotations
 import inspect
 
 from appliance.cli.up_cmd import up
-from appliance.settings import OnDemandLimits, Settings
+from appliance.settings import (
+    FanOutLimits,
+    OnDemandLimits,
+    Settings,
+    StoredResponseLimits,
+    StructuredOutputLimits,
+)
 from appliance.supervisor.handle import SupervisorLimits
 
 
@@ -24,3 +30,10 @@ def test_up_options_default_to_the_settings_defaults() -> None:
     assert options["loads_per_minute"] == on_demand.loads_per_minute
     assert options["list_aliases"] == settings.list_aliases
     assert options["status_page"] == settings.status_page
+    fan_out, structured, stored = FanOutLimits(), StructuredOutputLimits(), StoredResponseLimits()
+    assert options["max_n"] == fan_out.max_n
+    assert options["max_batch_items"] == fan_out.max_batch_items
+    assert options["max_schema_bytes"] == structured.max_schema_bytes
+    assert options["max_regex_repeat"] == structured.max_regex_repeat
+    assert options["max_stored_responses"] == stored.max_stored
+    assert options["stored_response_age"] == stored.max_age_seconds

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import pickle
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -57,6 +57,7 @@ from appliance.engines.vllm.lora import (
     unload_adapter,
 )
 from appliance.engines.vllm.processes import core_process_ids
+from appliance.engines.vllm.response_store import forget_stored
 from appliance.engines.vllm.serving import (
     error_reply,
     handler_of,
@@ -359,6 +360,10 @@ class VLLMEngine:
     def model_card(self) -> dict[str, Any] | None:
         """This model's entry in vLLM's own ``/v1/models``, as vLLM built it at start."""
         return self._card
+
+    def forget_responses(self, ids: Sequence[str]) -> int:
+        """Drop stored responses from vLLM's Responses API store (``response_store``)."""
+        return forget_stored(getattr(self._state, "openai_serving_responses", None), ids)
 
     def routes(self) -> frozenset[str]:
         """The routes vLLM registered for this engine's tasks (``"POST /tokenize"``...)."""
