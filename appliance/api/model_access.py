@@ -25,7 +25,6 @@ from appliance.api.auth import (
     may_load_on_demand,
 )
 from appliance.api.load_gate import LoadGate
-from appliance.api.rate_limit import KeyLimits
 from appliance.api.request_limits import RequestCost
 from appliance.engines.base import Endpoint, Engine
 from appliance.engines.remote import DETAIL_SCOPE
@@ -38,6 +37,7 @@ from appliance.errors import (
 from appliance.metrics import Metrics
 from appliance.request_info import request_info
 from appliance.router import Router
+from appliance.supervisor.lending_board import KeyLimits
 
 MAX_MODEL_NAME_CHARS = 256
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from appliance.api.rate_limit import KeyLimits, SlidingWindow
 from appliance.api.request_limits import (
     RequestCost,
     check_request,
@@ -23,6 +22,7 @@ from appliance.api.structured_limits import check_constraints, repetition_of
 from appliance.engines.vllm.response_store import forget_stored
 from appliance.errors import InvalidRequestError
 from appliance.settings import StoredResponseLimits, StructuredOutputLimits
+from appliance.supervisor.lending_board import KeyLimits
 
 LIMITS = default_request_limits()
 STRUCTURED = StructuredOutputLimits()
@@ -102,17 +102,16 @@ def test_wrong_types_are_left_to_the_engine() -> None:
         assert check_request(CHAT, chat(n=value), LIMITS).sequences == 1
 
 
-def test_a_sliding_window_admits_several_at_once() -> None:
+def test_a_rate_window_admits_several_at_once() -> None:
     now = [0.0]
-    window = SlidingWindow(5, clock=lambda: now[0])
-    assert window.retry_after(5) is None
-    window.admit(3)
-    assert window.retry_after(2) is None and window.retry_after(3) == 60.0
+    limits = KeyLimits(requests_per_minute=5, max_concurrent=None, clock=lambda: now[0])
+    assert limits.try_admit_more(3) is None
+    assert limits.try_admit_more(3) == 60.0  # six would not fit until the first leaves
     now[0] = 10.0
-    window.admit(2)
-    assert window.retry_after(1) == 50.0  # the first three expire at 60
+    assert limits.try_admit_more(2) is None
+    assert limits.try_admit_more(1) == 50.0  # the first three expire at 60
     now[0] = 61.0
-    assert window.retry_after(3) is None and window.retry_after(4) == 9.0
+    assert limits.try_admit_more(4) == 9.0 and limits.try_admit_more(3) is None
 
 
 def test_a_keys_other_sequences_are_charged_or_refused_whole() -> None:
