@@ -31,6 +31,7 @@ from appliance.catalogue.schema import CatalogueFile, ModelSpec
 from appliance.catalogue.trust import RegistryGate
 from appliance.engine_metrics import EngineMetrics
 from appliance.engines.factory import EngineFactory
+from appliance.engines.process_env import harden_environment
 from appliance.engines.remote import RemoteBackends
 from appliance.errors import ConfigError
 from appliance.host.capacity import HostCapacity
@@ -110,6 +111,8 @@ class Appliance:
         config = load_catalogue_file(settings.config_path)
         # The operator's environment, before the engine factory sets what vLLM must read.
         environ = dict(os.environ)
+        # Refuse vLLM switches that open it to clients (insecure serialisation) at start.
+        harden_environment(os.environ, None)
         # vLLM's per-step engine figures, only when asked for (they cost work on every step);
         # their registry joins the appliance's once that exists.
         self.engine_metrics = (

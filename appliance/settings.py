@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -69,6 +70,13 @@ class Settings(BaseModel):
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins whose web pages may call the API (CORS)."
+    )
+    media_url_networks: list[IPv4Network | IPv6Network] = Field(
+        default_factory=list,
+        description=(
+            "Private networks (10.0.0.0/8, say) that media URLs in requests may point to; "
+            "public addresses always may, loopback, link-local and cloud metadata never."
+        ),
     )
     on_demand: OnDemandLimits = Field(default_factory=OnDemandLimits)
     registry_timeout_seconds: float = Field(

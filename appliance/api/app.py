@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from appliance import __version__
 from appliance.api.admin_routes import build_admin_router
 from appliance.api.auth import AuthMiddleware, describe_open, key_limits_of
+from appliance.api.body_screen import BodyScreen
 from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.forwarded import NameTheWorker, TrustWorkers
@@ -125,9 +126,14 @@ def create_app(
     key_limits = key_limits_of(settings.auth)
     app.state.model_access = access
     app.state.key_limits = key_limits
-    app.include_router(build_openai_router(access, core.metrics, log_prompts=settings.log_prompts))
+    screen = BodyScreen(settings.media_url_networks)
+    app.include_router(
+        build_openai_router(access, core.metrics, log_prompts=settings.log_prompts, screen=screen)
+    )
     app.include_router(build_model_list_router(core.router, list_aliases=settings.list_aliases))
-    app.include_router(build_vllm_router(access, core.metrics, log_prompts=settings.log_prompts))
+    app.include_router(
+        build_vllm_router(access, core.metrics, log_prompts=settings.log_prompts, screen=screen)
+    )
     app.include_router(build_table_routes(core.router, core.metrics))
     app.include_router(build_admin_router(core))
     app.include_router(build_hub_router(core))

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from appliance.api.auth import Role, caller_is_admin, model_allowed, require_role
+from appliance.api.body_screen import BodyScreen
 from appliance.api.model_access import ModelAccess
 from appliance.api.model_cards import vllm_card_fields
 from appliance.api.stream_usage import USAGE_MARK, ask_for_usage, hide_usage, usage_of_event
@@ -186,15 +187,20 @@ def build_openai_router(
     metrics: Metrics,
     *,
     log_prompts: bool = False,
+    screen: BodyScreen | None = None,
 ) -> APIRouter:
     """The OpenAI model routes (chat, completions, embeddings); ``access`` admits each request
-    and lends it its engine; prompts reach the log only if ``log_prompts``."""
+    and lends it its engine; prompts reach the log only if ``log_prompts``; ``screen`` checks
+    each body first (default: ``BodyScreen()``)."""
     api = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_role(Role.USER))])
+    screen = screen or BodyScreen()
 
     async def serve(request: Request, endpoint: Endpoint) -> Response:
         info = request_info(request.scope)
         info.endpoint = endpoint.value
         body = await read_json_object(request)
+        admin = caller_is_admin(request.scope)
+        screened = await screen.check(body, admin=admin)
         lease = await access.lease(request, body, endpoint)
         body["model"] = lease.model
         if log_prompts:
@@ -209,6 +215,8 @@ def build_openai_router(
         except BaseException:
             await release.aclose()
             raise
+        if screened.fetches_media:
+            reply = screen.reply(reply, admin=admin)
         if reply is None:
             await release.aclose()
             # Nobody is listening; 499 (nginx's "client closed request") is for the log.

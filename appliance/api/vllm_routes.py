@@ -19,9 +19,11 @@ from fastapi.responses import JSONResponse, Response
 
 from appliance.api.auth import (
     Role,
+    caller_is_admin,
     model_allowed,
     require_role,
 )
+from appliance.api.body_screen import BodyScreen
 from appliance.api.model_access import ModelAccess
 from appliance.api.openai_routes import (
     _DOC_BODY,
@@ -136,20 +138,25 @@ def build_vllm_router(
     metrics: Metrics,
     *,
     log_prompts: bool = False,
+    screen: BodyScreen | None = None,
 ) -> APIRouter:
     """The routes of ``route_table.ENGINE_ROUTES``: ``access`` admits each request and lends
-    it its model's engine."""
+    it its model's engine; ``screen`` checks each body first (default: ``BodyScreen()``)."""
     api = APIRouter(tags=["vLLM"])
     user = [Depends(require_role(Role.USER))]
+    screen = screen or BodyScreen()
 
     async def serve(request: Request, route: ModelRoute) -> Response:
         info = request_info(request.scope)
         info.endpoint = endpoint_label(route.path)
         body = await read_json_object(request)
         raw = await request.body()
+        admin = caller_is_admin(request.scope)
+        screened = await screen.check(body, admin=admin)
         lease = await access.lease(request, body, None)
         model = lease.model
-        if model != body["model"]:  # an alias: the engine knows the model by its name
+        # An alias (the engine knows the model by its name), or fields the screen took out.
+        if model != body["model"] or screened.changed:
             body["model"] = model
             raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         if log_prompts:
@@ -164,6 +171,8 @@ def build_vllm_router(
         except BaseException:
             await release.aclose()
             raise
+        if screened.fetches_media:
+            reply = screen.reply(reply, admin=admin)
         answer = _answer(reply, release, info, metrics)
         if not isinstance(answer, _ReleasingStream):
             await release.aclose()

@@ -25,6 +25,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.api.auth import KEY_SCOPE, AuthMiddleware
+from appliance.api.body_screen import BodyScreen
 from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.forwarded import NameTheWorker
@@ -384,11 +385,12 @@ def create_worker_app(
     register_error_handlers(local)
 
     access = WorkerAccess(control, engines)
+    screen = BodyScreen(settings.media_url_networks)
     local.include_router(
-        build_openai_router(access, figures, log_prompts=settings.log_prompts)  # type: ignore[arg-type]
+        build_openai_router(access, figures, log_prompts=settings.log_prompts, screen=screen)  # type: ignore[arg-type]
     )
     local.include_router(
-        build_vllm_router(access, figures, log_prompts=settings.log_prompts)  # type: ignore[arg-type]
+        build_vllm_router(access, figures, log_prompts=settings.log_prompts, screen=screen)  # type: ignore[arg-type]
     )
     # Inside the key check: a request given up on is passed on without taking a key slot
     # here (the owner's own check takes it).
