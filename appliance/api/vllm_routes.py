@@ -124,7 +124,7 @@ def _usage_in_events(chunk: bytes) -> Usage | None:
             continue
         try:
             event = json.loads(line[6:])
-        except ValueError:
+        except (ValueError, RecursionError):  # a remote backend's events are untrusted
             continue
         for holder in (event, event.get("response"), event.get("message")):
             usage = holder.get("usage") if isinstance(holder, dict) else None
