@@ -37,7 +37,7 @@ from appliance.api.vllm_routes import build_vllm_router
 from appliance.engines.base import Endpoint, Engine, EngineLink, EngineStepFigures
 from appliance.engines.remote import DETAIL_SCOPE
 from appliance.engines.route_table import is_model_route
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, OwnerUnavailableError
 from appliance.request_info import RequestInfo, request_info
 from appliance.settings import Settings
 from appliance.workers.control import ControlClient, ControlError
@@ -65,6 +65,18 @@ class RelayedError(ApplianceError):
         self.status_code = int(detail.get("status", 500))
         self.error_type = str(detail.get("type", "internal_error"))
         self.code = str(detail.get("code", "internal_error"))
+
+
+def relayed_error(exc: ControlError) -> ApplianceError:
+    """The client's error for a call the owner did not answer: an ``ApplianceError`` the owner
+    raised (it carries a status) as the owner would answer it; anything else (the channel
+    gone, a failure inside the owner) a 503 that names no internals, logged here."""
+    if "status" in exc.detail:
+        return RelayedError(str(exc), exc.detail)
+    log.warning("the owner did not answer a lease: %s", exc, extra={"event": "owner_call"})
+    return OwnerUnavailableError(
+        "the appliance could not admit this request just now; retry", retry_after=1.0
+    )
 
 
 class PassToOwner(Exception):
@@ -184,7 +196,7 @@ class WorkerAccess:
                 request_id=info.request_id,
             )
         except ControlError as exc:
-            raise RelayedError(str(exc), exc.detail) from None
+            raise relayed_error(exc) from None
         if got.get("proxy"):
             request.scope[BODY_SCOPE] = await request.body()
             raise PassToOwner
