@@ -69,6 +69,9 @@ KEY_SCOPE = "appliance.key"
 """Where the middleware puts the caller's ``KeyIdentity`` in the ASGI scope."""
 ACCESS_SCOPE = "appliance.access"
 """Where the middleware puts its ``Access`` policy, for the routes' role checks."""
+SCRAPER_SCOPE = "appliance.scraper"
+"""Set (True) by the middleware on a ``/metrics`` request from a ``metrics_from`` network:
+the operator's own Prometheus, which sees what an admin sees."""
 
 USER_KEYS_ENV = "APPLIANCE_API_KEYS"
 ADMIN_KEYS_ENV = "APPLIANCE_ADMIN_KEYS"
@@ -340,7 +343,11 @@ class AuthMiddleware:
             return
         scope[ACCESS_SCOPE] = self._access
         path: str = scope.get("path", "")
-        if path in self._public or self._metrics_scraper(path, scope):
+        if self._metrics_scraper(path, scope):
+            scope[SCRAPER_SCOPE] = True
+            await self.app(scope, receive, send)
+            return
+        if path in self._public:
             await self.app(scope, receive, send)
             return
         needed = _needed_role(path, scope.get("root_path", ""))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from appliance.api.body_screen import (
 from appliance.api_keys import ApiKey, AuthConfig, Role
 from appliance.engines.base import Endpoint, JSONReply, Reply, RouteCall
 from appliance.host.inventory import cpu_inventory
-from appliance.logs import JsonFormatter
 from appliance.settings import Settings
 from tests.unit.test_app_fast import EchoEngine, EchoMaker
 
@@ -276,18 +274,3 @@ def test_too_many_media_urls_are_refused_before_any_lookup() -> None:
     with pytest.raises(MediaUrlRefusedError, match="at most 32"):
         asyncio.run(screen.check(body, admin=False))
     assert looked_up == []
-
-
-def test_a_long_path_is_logged_once_and_cut(
-    served: tuple[TestClient, RecordingMaker], caplog: pytest.LogCaptureFixture
-) -> None:
-    client, _ = served
-    long_path = "/v1/" + "a" * 60_000
-    with caplog.at_level(logging.INFO, logger="appliance"):
-        assert client.get(long_path, headers=USER).status_code == 404
-    lines = [r for r in caplog.records if getattr(r, "event", None) == "request"]
-    assert len(lines) == 1
-    record = lines[0]
-    rendered = JsonFormatter().format(record)
-    assert rendered.count("aaaaaaaaaa") <= 20 and len(rendered) < 1000
-    assert "(60004 chars)" in record.getMessage()
