@@ -28,9 +28,9 @@ from tests.integration.harness import ApplianceProcess, tiny_chat, wait_until
 
 pytestmark = pytest.mark.integration
 
-USER = "sk-user-0123456789"
-ADMIN = "sk-admin-0123456789"
-LIMITED = "sk-limited-0123456789"
+USER = "sk-user-0123456789abcdef0123456789"
+ADMIN = "sk-admin-0123456789abcdef0123456789"
+LIMITED = "sk-limited-0123456789abcdef0123456789"
 MODEL = "tiny-chat"
 JSON = {"Content-Type": "application/json"}  # POST bodies must say so (issue 13)
 

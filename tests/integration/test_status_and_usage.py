@@ -27,7 +27,11 @@ from tests.integration.harness import REPO, ApplianceProcess, tiny_chat
 
 pytestmark = pytest.mark.integration
 
-KEYS = {"alice": "sk-alice-0123456789", "bob": "sk-bob-0123456789", "ops": "sk-ops-0123456789"}
+KEYS = {
+    "alice": "sk-alice-0123456789abcdef0123456789",
+    "bob": "sk-bob-0123456789abcdef0123456789",
+    "ops": "sk-ops-0123456789abcdef0123456789",
+}
 PROMPT = [11, 12, 13, 14, 15]  # five prompt tokens
 BOB_QUOTA = 15  # two requests of 5 + 5 tokens pass (0 and 10 used before), the third is over
 SCREENSHOTS = REPO / "test-artifacts" / "status-page"
