@@ -17,6 +17,7 @@ from appliance.api.admin_routes import build_admin_router
 from appliance.api.auth import AuthMiddleware, describe_open, key_limits_of
 from appliance.api.body_screen import BodyScreen
 from appliance.api.cross_site import CrossSiteGuard
+from appliance.api.docs_page import build_docs_router
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.forwarded import NameTheWorker, TrustWorkers
 from appliance.api.health_routes import build_health_router
@@ -113,6 +114,10 @@ def create_app(
         version=__version__,
         description="Several vLLM engines behind one OpenAI-compatible API.",
         lifespan=lifespan,
+        # FastAPI's pages load Swagger UI / ReDoc from a CDN, on the status page's origin:
+        # ours has no script (``docs_page``).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.appliance = core
     register_error_handlers(app)
@@ -138,6 +143,7 @@ def create_app(
     app.include_router(build_admin_router(core))
     app.include_router(build_hub_router(core))
     app.include_router(build_plan_router(core))
+    app.include_router(build_docs_router(app.openapi))
 
     async def settle_figures() -> None:
         """HTTP workers hand over the figures of the requests they answered, before a read."""

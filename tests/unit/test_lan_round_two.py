@@ -44,3 +44,15 @@ def test_a_user_key_sees_no_other_keys_on_metrics(
     assert 'key="ops"' not in user.text and 'key="alice"' not in user.text
     # The model series are still there for everyone.
     assert 'model="chat"' in user.text
+
+
+def test_docs_load_no_third_party_script(served: tuple[TestClient, RecordingMaker]) -> None:
+    client, _ = served
+    docs = client.get("/docs", headers=USER)
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    assert "<script" not in docs.text.lower() and "cdn" not in docs.text.lower()
+    assert "script-src" not in docs.headers["content-security-policy"]
+    assert "default-src 'none'" in docs.headers["content-security-policy"]
+    assert "/v1/chat/completions" in docs.text
+    assert client.get("/redoc", headers=USER).status_code == 404
+    assert "/v1/chat/completions" in client.get("/openapi.json", headers=USER).json()["paths"]
