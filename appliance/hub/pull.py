@@ -38,6 +38,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
 from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.trust import safe_revision
 from appliance.engines.factory import PACKAGE_PREFIX
 
 # What a server never reads, even when a repository ships it: other frameworks' weights,
@@ -143,6 +144,11 @@ def target_for_spec(spec: ModelSpec, base_dir: Path | None = None) -> PullTarget
     engine = {key.replace("-", "_"): value for key, value in spec.engine.items()}
     revision = engine.get("revision")
     download_dir = engine.get("download_dir")
+    if revision is not None and not safe_revision(revision):
+        # Joined into the cache's paths (refs/<revision>): a ``..`` would leave it.
+        raise PullError(
+            f"{spec.name}: revision {str(revision)[:80]!r} is not a commit, branch or tag"
+        )
     return PullTarget(
         repo_id=check_repo_id(source),
         revision=str(revision) if revision is not None else None,
