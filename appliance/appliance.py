@@ -173,7 +173,10 @@ class Appliance:
                     config.placement.sleep_host_budget_gib
                 ),
             ),
-            fetcher=HubFetcher(base_dir=settings.config_path.resolve().parent),
+            fetcher=HubFetcher(
+                base_dir=settings.config_path.resolve().parent,
+                reserve_bytes=settings.disk_reserve_bytes(),
+            ),
         )
         self.supervisor.capacity.check_catalogue(config.models)
         self.metrics.bind(supervisor=self.supervisor)

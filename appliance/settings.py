@@ -47,6 +47,11 @@ class Settings(BaseModel):
         gt=0,
         description="Memory CPU engines may use together (only used with no GPU).",
     )
+    disk_reserve_gib: float = Field(
+        2.0,
+        ge=0,
+        description="Disk a model pull leaves free where the hub cache is (it stops short).",
+    )
     cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache per CPU engine, GiB.")
     shutdown_grace_seconds: float = Field(
         20.0, ge=0, description="In-flight requests get this long to finish at shutdown."
@@ -109,6 +114,10 @@ class Settings(BaseModel):
             "cores per worker at least (``default_http_workers``)."
         ),
     )
+
+    def disk_reserve_bytes(self) -> int:
+        """``disk_reserve_gib`` in bytes."""
+        return int(self.disk_reserve_gib * 2**30)
 
     def usage_db_path(self) -> Path:
         """Where per-key usage is kept."""

@@ -109,6 +109,11 @@ def up(
         help="A private network (10.0.0.0/8, say) that media URLs in requests may point to "
         "(repeatable). Default: public addresses only.",
     ),
+    disk_reserve_gib: float = typer.Option(
+        _DEFAULT["disk_reserve_gib"],
+        min=0,
+        help="Disk (GiB) a model pull leaves free where the hub cache is; it stops short.",
+    ),
     max_connections: int = typer.Option(
         _DEFAULT["max_connections"],
         min=1,
@@ -192,6 +197,7 @@ def up(
         "engine_metrics": engine_metrics,
         "list_aliases": list_aliases,
         "workers": workers,
+        "disk_reserve_gib": disk_reserve_gib,
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib
