@@ -161,10 +161,11 @@ class RequestContextMiddleware:
 
     @staticmethod
     def _log(scope: Scope, info: RequestInfo, status: int, seconds: float) -> None:
-        # The path once, in the message, and shortened: it is the client's to make long.
+        # The path once, in its field, and shortened: it is the client's to make long.
         fields: dict[str, Any] = {
             "event": "request",
             "method": scope.get("method"),
+            "path": logged_path(scope.get("path")),
             "status": status,
             "latency_ms": round(seconds * 1000, 2),
         }
@@ -176,8 +177,7 @@ class RequestContextMiddleware:
             fields["prompt_tokens"] = info.usage.prompt_tokens
             fields["completion_tokens"] = info.usage.completion_tokens
         fields.update(info.extra)
-        path = logged_path(scope.get("path"))
-        log.info("%s %s %d", scope.get("method"), path, status, extra=fields)
+        log.info("%s %d", scope.get("method"), status, extra=fields)
 
 
 MAX_LOGGED_PATH_CHARS = 200

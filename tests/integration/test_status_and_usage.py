@@ -117,7 +117,9 @@ def usage_of(appliance: ApplianceProcess, **params: str) -> dict[tuple[str, str]
 
 def key_series(appliance: ApplianceProcess) -> dict[tuple[str, str, str], float]:
     """The per-key counters of /metrics as {(name, key, model): value}."""
-    text = httpx.get(f"{appliance.url}/metrics", timeout=30).text
+    # The per-key series are the operator's: an admin key (a user key sees none).
+    admin = {"Authorization": f"Bearer {KEYS['ops']}"}
+    text = httpx.get(f"{appliance.url}/metrics", headers=admin, timeout=30).text
     assert "_created" not in text
     assert "appliance_vllm_" not in text  # vLLM's engine figures only with --engine-metrics
     return {
