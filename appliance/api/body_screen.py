@@ -55,6 +55,11 @@ _PLAIN_URL = re.compile(
     re.IGNORECASE,
 )
 
+# What a 400 that the media fetch (or decoding what it fetched) caused talks about.
+_ABOUT_MEDIA = re.compile(
+    rb"media|url|fetch|connect|image|audio|video|decode|identify|host", re.IGNORECASE
+)
+
 MEDIA_FETCH_FAILED = (
     "a media URL in the request could not be fetched or read; give a public http(s) URL of "
     "an image, audio or video file, or a data: URL"
@@ -150,8 +155,14 @@ class BodyScreen:
 
     def reply(self, reply: Reply | None, *, admin: bool) -> Reply | None:
         """``reply`` to a request that named media URLs, as the client may see it: an error
-        becomes one 400 that does not say what the fetch met (admins see the engine's own)."""
+        the fetch may have caused becomes one 400 that does not say what the fetch met
+        (admins see the engine's own). vLLM answers a 4xx from the media server with 422, a
+        refused connection or a timeout with a 5xx, content that is no image with a 400
+        naming it; a 400 about anything else (a bad ``temperature``) is left as it is."""
         if admin or not isinstance(reply, JSONReply) or reply.status_code < 400:
+            return reply
+        status = reply.status_code
+        if status == 400 and not _ABOUT_MEDIA.search(reply.body[:4096]):
             return reply
         body = envelope(MEDIA_FETCH_FAILED, "invalid_request_error", "media_fetch_failed")
         return JSONReply(400, json.dumps(body).encode())

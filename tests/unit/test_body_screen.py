@@ -229,6 +229,18 @@ def test_a_failed_fetch_says_nothing_of_what_answered(
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert error["code"] == "media_fetch_failed" and "10.0.0.5" not in error["message"]
+    # A 404 (422 from vLLM) and undecodable content (a 400 naming it) read the same.
+    for status, message in (
+        (422, "Failed to fetch media from URL: HTTP 404 error"),
+        (400, "cannot identify image file"),
+    ):
+        reply_body = json.dumps({"error": {"message": message, "code": status}}).encode()
+        masked = BodyScreen().reply(JSONReply(status, reply_body), admin=False)
+        assert isinstance(masked, JSONReply) and masked.status_code == 400
+        assert json.loads(masked.body)["error"]["code"] == "media_fetch_failed"
+    # A 400 about something else is the client's to read.
+    other = JSONReply(400, b'{"error": {"message": "temperature must be >= 0"}}')
+    assert BodyScreen().reply(other, admin=False) is other
     # The operator sees the engine's own answer.
     admin = client.post(
         "/v1/chat/completions", json=image("http://93.184.216.34/x.png"), headers=ADMIN
