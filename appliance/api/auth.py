@@ -367,6 +367,11 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         if path in self._public:
+            # Open to all, but a right key still says who asks (an admin's /metrics has the
+            # per-key series); a wrong one is ignored, as no key is needed.
+            known = self._find(scope) if self._entries else None
+            if known is not None:
+                scope[KEY_SCOPE] = known.identity
             await self.app(scope, receive, send)
             return
         needed = _needed_role(path, scope.get("root_path", ""))

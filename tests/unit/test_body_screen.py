@@ -72,13 +72,13 @@ def _client(tmp_path: Path, **settings: Any) -> Iterator[tuple[TestClient, Recor
         ApiKey.model_validate({"name": "ops", "key": ADMIN_KEY, "role": Role.ADMIN}),
         ApiKey.model_validate({"name": "alice", "key": USER_KEY}),
     ]
+    settings.setdefault("auth", AuthConfig(keys=keys))
     maker = RecordingMaker()
     app = create_app(
         Settings(
             config_path=config,
             cpu_memory_budget_gib=4,
             allowed_hosts=["*"],
-            auth=AuthConfig(keys=keys),
             status_page=False,
             usage_db=tmp_path / "usage.db",
             **settings,

@@ -4,12 +4,14 @@ app on a test engine: each refused, and everyone else still served."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from appliance.api_keys import AuthConfig
 from appliance.logs import JsonFormatter
-from tests.unit.test_body_screen import ADMIN, USER, RecordingMaker, served
+from tests.unit.test_body_screen import ADMIN, USER, RecordingMaker, _client, served
 
 __all__ = ["served"]  # the fixture, shared with the body-screen tests
 
@@ -56,3 +58,22 @@ def test_docs_load_no_third_party_script(served: tuple[TestClient, RecordingMake
     assert "/v1/chat/completions" in docs.text
     assert client.get("/redoc", headers=USER).status_code == 404
     assert "/v1/chat/completions" in client.get("/openapi.json", headers=USER).json()["paths"]
+
+
+def test_public_metrics_still_know_an_admin(tmp_path: Path) -> None:
+    keys = AuthConfig.model_validate(
+        {
+            "public": ["health", "metrics"],
+            "keys": [
+                {"name": "ops", "key": ADMIN["Authorization"][7:], "role": "admin"},
+                {"name": "alice", "key": USER["Authorization"][7:]},
+            ],
+        }
+    )
+    for client, _ in _client(tmp_path, auth=keys):
+        chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+        assert client.post("/v1/chat/completions", json=chat, headers=USER).status_code == 200
+        assert 'key="alice"' in client.get("/metrics", headers=ADMIN).text
+        for headers in ({}, USER, {"Authorization": "Bearer sk-wrong"}):
+            scraped = client.get("/metrics", headers=headers)
+            assert scraped.status_code == 200 and 'key="alice"' not in scraped.text
