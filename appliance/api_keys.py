@@ -76,6 +76,14 @@ class AuthConfig(BaseModel):
         False,
         description="Serve /v1 (not /admin) without a key to anyone who can reach the port.",
     )
+    failed_keys_free: int = Field(
+        5, ge=0, description="Wrong keys a client may send before it has to wait."
+    )
+    failed_keys_max_wait_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="Longest wait after wrong keys (it doubles from 1 s per further failure).",
+    )
     metrics_from: list[IPv4Network | IPv6Network] = Field(
         default_factory=list,
         description="Networks that may read /metrics without a key (a Prometheus server).",

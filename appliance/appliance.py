@@ -31,6 +31,7 @@ from appliance.catalogue.schema import CatalogueFile, ModelSpec
 from appliance.catalogue.trust import RegistryGate
 from appliance.engine_metrics import EngineMetrics
 from appliance.engines.factory import EngineFactory
+from appliance.engines.process_env import harden_environment
 from appliance.engines.remote import RemoteBackends
 from appliance.errors import ConfigError
 from appliance.host.capacity import HostCapacity
@@ -113,6 +114,8 @@ class Appliance:
         config = load_catalogue_file(settings.config_path)
         # The operator's environment, before the engine factory sets what vLLM must read.
         environ = dict(os.environ)
+        # Refuse vLLM switches that open it to clients (insecure serialisation) at start.
+        harden_environment(os.environ, None)
         # vLLM's per-step engine figures, only when asked for (they cost work on every step);
         # their registry joins the appliance's once that exists.
         self.engine_metrics = (
@@ -182,7 +185,10 @@ class Appliance:
                 if on_gpu
                 else None,
             ),
-            fetcher=HubFetcher(base_dir=settings.config_path.resolve().parent),
+            fetcher=HubFetcher(
+                base_dir=settings.config_path.resolve().parent,
+                reserve_bytes=settings.disk_reserve_bytes(),
+            ),
         )
         # Private to this process until HTTP workers share one (``lend_through``).
         self.supervisor.lend_through(LendingBoard.private(settings.auth.rate_windows()))

@@ -24,6 +24,8 @@ from appliance.doctor_probes import (
     run_ranks,
     torch_cuda,
 )
+from appliance.engines.process_env import refuse_unsafe_environment
+from appliance.errors import ConfigError
 from appliance.host.capacity import HostCapacity
 from appliance.host.catalogue_fit import Fit, fit_catalogue
 from appliance.host.inventory import GIB, Inventory, scan_gpus
@@ -233,6 +235,10 @@ def check_install() -> list[Finding]:
                 f"VLLM_WORKER_MULTIPROC_METHOD={method}: `appliance up` refuses it; unset it",
             )
         )
+    try:
+        refuse_unsafe_environment(os.environ)
+    except ConfigError as exc:
+        findings.append(Finding("environment", Status.FAIL, exc.message))
     return findings
 
 

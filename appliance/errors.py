@@ -247,6 +247,14 @@ class DeviceReleaseError(EngineError):
     code = "device_release_timeout"
 
 
+class OwnerUnavailableError(ApplianceError):
+    """An HTTP worker could not get an answer from the process that owns the model table."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "owner_unavailable"
+
+
 class PullRefusedError(InvalidRequestError):
     """A model pull cannot start: not a hub id, a local source, gated, missing, no disk."""
 

@@ -216,9 +216,14 @@ class Metrics:
 
     # -- exposition ----------------------------------------------------------------------
 
-    def render(self) -> tuple[bytes, str]:
-        """The registry in Prometheus text format, and its content type."""
-        return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE_LATEST
+    def render(self, *, per_key: bool = True) -> tuple[bytes, str]:
+        """The registry in Prometheus text format, and its content type; without the series
+        labelled by API key unless ``per_key``."""
+        return generate_latest(_WithoutCreated(self.registry, per_key)), CONTENT_TYPE_LATEST
+
+
+KEY_LABEL = "key"
+"""The label of the per-key series (``usage.ledger``), which only the operator sees."""
 
 
 class _WithoutCreated(Collector):
@@ -226,12 +231,16 @@ class _WithoutCreated(Collector):
     which Prometheus does not need (the process start time says as much). Filtered here rather
     than with ``disable_created_metrics()``, which would change every registry in the process."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, per_key: bool = True) -> None:
         self._registry = registry
+        self._per_key = per_key
 
     def collect(self) -> Iterator[Metric]:
-        """Each family of the registry, without its ``_created`` samples."""
+        """Each family of the registry, without its ``_created`` samples (and without the
+        families labelled by ``key`` unless ``per_key``)."""
         for family in self._registry.collect():
+            if not self._per_key and any(KEY_LABEL in s.labels for s in family.samples):
+                continue
             created = family.name + "_created"
             if any(sample.name == created for sample in family.samples):
                 family.samples = [s for s in family.samples if s.name != created]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -104,6 +105,11 @@ class Settings(BaseModel):
         gt=0,
         description="Memory CPU engines may use together (only used with no GPU).",
     )
+    disk_reserve_gib: float = Field(
+        2.0,
+        ge=0,
+        description="Disk a model pull leaves free where the hub cache is (it stops short).",
+    )
     cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache per CPU engine, GiB.")
     shutdown_grace_seconds: float = Field(
         20.0, ge=0, description="In-flight requests get this long to finish at shutdown."
@@ -127,6 +133,13 @@ class Settings(BaseModel):
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins whose web pages may call the API (CORS)."
+    )
+    media_url_networks: list[IPv4Network | IPv6Network] = Field(
+        default_factory=list,
+        description=(
+            "Private networks (10.0.0.0/8, say) that media URLs in requests may point to; "
+            "public addresses always may, loopback, link-local and cloud metadata never."
+        ),
     )
     on_demand: OnDemandLimits = Field(default_factory=OnDemandLimits)
     registry_timeout_seconds: float = Field(
@@ -162,6 +175,10 @@ class Settings(BaseModel):
             "cores per worker at least (``default_http_workers``)."
         ),
     )
+
+    def disk_reserve_bytes(self) -> int:
+        """``disk_reserve_gib`` in bytes."""
+        return int(self.disk_reserve_gib * 2**30)
 
     def usage_db_path(self) -> Path:
         """Where per-key usage is kept."""

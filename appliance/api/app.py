@@ -15,7 +15,9 @@ from starlette.middleware.cors import CORSMiddleware
 from appliance import __version__
 from appliance.api.admin_routes import build_admin_router
 from appliance.api.auth import AuthMiddleware, describe_open, key_limits_of
+from appliance.api.body_screen import BodyScreen
 from appliance.api.cross_site import CrossSiteGuard
+from appliance.api.docs_page import build_docs_router
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.forwarded import NameTheWorker, TrustWorkers
 from appliance.api.health_routes import build_health_router
@@ -114,6 +116,10 @@ def create_app(
         version=__version__,
         description="Several vLLM engines behind one OpenAI-compatible API.",
         lifespan=lifespan,
+        # FastAPI's pages load Swagger UI / ReDoc from a CDN, on the status page's origin:
+        # ours has no script (``docs_page``).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.appliance = core
     register_error_handlers(app)
@@ -132,8 +138,11 @@ def create_app(
     app.state.model_access = access
     app.state.key_limits = key_limits
     limits = request_limits_of(settings)
+    screen = BodyScreen(settings.media_url_networks)
     app.include_router(
-        build_openai_router(access, core.metrics, log_prompts=settings.log_prompts, limits=limits)
+        build_openai_router(
+            access, core.metrics, log_prompts=settings.log_prompts, limits=limits, screen=screen
+        )
     )
     app.include_router(build_model_list_router(core.router, list_aliases=settings.list_aliases))
     # Every stored response lives here, in the owner (HTTP workers pass their requests on).
@@ -150,12 +159,14 @@ def create_app(
             log_prompts=settings.log_prompts,
             limits=limits,
             stored=stored,
+            screen=screen,
         )
     )
     app.include_router(build_table_routes(core.router, core.metrics, stored=stored))
     app.include_router(build_admin_router(core))
     app.include_router(build_hub_router(core))
     app.include_router(build_plan_router(core))
+    app.include_router(build_docs_router(app.openapi))
 
     async def settle_figures() -> None:
         """HTTP workers hand over the figures of the requests they answered, before a read."""

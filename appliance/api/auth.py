@@ -39,6 +39,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance.admin_key import ensure_admin_key
+from appliance.api.auth_backoff import AuthBackoff, client_of
 from appliance.api.error_handlers import appliance_error_response
 from appliance.api.peer import is_loopback, peer_address
 from appliance.api.rate_limit import Clock
@@ -70,6 +71,13 @@ KEY_SCOPE = "appliance.key"
 """Where the middleware puts the caller's ``KeyIdentity`` in the ASGI scope."""
 ACCESS_SCOPE = "appliance.access"
 """Where the middleware puts its ``Access`` policy, for the routes' role checks."""
+SCRAPER_SCOPE = "appliance.scraper"
+"""Set (True) by the middleware on a ``/metrics`` request from a ``metrics_from`` network:
+the operator's own Prometheus, which sees what an admin sees."""
+
+KEY_FILE_MIN_LENGTH = 32
+"""Shortest key the keys file and the environment may give: 32 characters hold 128 bits or
+more however they are made (hex at 4 bits each), out of reach of guessing over the LAN."""
 
 USER_KEYS_ENV = "APPLIANCE_API_KEYS"
 ADMIN_KEYS_ENV = "APPLIANCE_ADMIN_KEYS"
@@ -120,10 +128,19 @@ def load_auth_config(path: Path | None, env: Mapping[str, str]) -> AuthConfig:
             keys.append({"key": key, "name": f"env-{role.value}-{number}", "role": role.value})
     raw["keys"] = keys
     try:
-        return AuthConfig.model_validate(raw)
+        config = AuthConfig.model_validate(raw)
     except ValidationError as exc:
         problems = [_describe(error, keys) for error in exc.errors()]
         raise ConfigError(f"{origin}: " + "; ".join(problems)) from None
+    weak = [k.name for k in config.keys if len(k.key.get_secret_value()) < KEY_FILE_MIN_LENGTH]
+    if weak:
+        raise ConfigError(
+            f"{origin}: "
+            + "; ".join(f"key {name!r}: field 'key'" for name in weak)
+            + f": fewer than {KEY_FILE_MIN_LENGTH} characters; use random keys of 128 bits or "
+            "more (python -c 'import secrets; print(\"sk-\" + secrets.token_urlsafe(32))')"
+        )
+    return config
 
 
 def with_generated_admin_key(config: AuthConfig, path: Path) -> AuthConfig:
@@ -335,6 +352,11 @@ class AuthMiddleware:
             )
             for key in config.keys
         ]
+        self._backoff = AuthBackoff(
+            free_failures=config.failed_keys_free,
+            max_delay_seconds=config.failed_keys_max_wait_seconds,
+            clock=clock,
+        )
         self._public = frozenset().union(*(_PUBLIC_PATHS[route] for route in config.public))
         self._metrics_from = tuple(config.metrics_from)
         self._access = Access(config)
@@ -345,16 +367,38 @@ class AuthMiddleware:
             return
         scope[ACCESS_SCOPE] = self._access
         path: str = scope.get("path", "")
-        if path in self._public or self._metrics_scraper(path, scope):
+        if self._metrics_scraper(path, scope):
+            scope[SCRAPER_SCOPE] = True
+            await self.app(scope, receive, send)
+            return
+        if path in self._public:
+            # Open to all, but a right key still says who asks (an admin's /metrics has the
+            # per-key series); a wrong one is ignored, as no key is needed.
+            known = self._find(scope) if self._entries else None
+            if known is not None:
+                scope[KEY_SCOPE] = known.identity
             await self.app(scope, receive, send)
             return
         needed = _needed_role(path, scope.get("root_path", ""))
         # With no keys configured, a presented key means nothing (the OpenAI SDK always sends
         # one): the caller is anonymous.
+        client = client_of(peer_address(scope))
+        presented = self._entries and _bearer(scope) is not None
+        waiting = self._backoff.wait(client) if presented else None
+        if waiting is not None:
+            # Not even checked: a client guessing keys gets no answer about its guesses.
+            refusal = RateLimitedError(
+                "too many wrong API keys from this address; retry later", retry_after=waiting
+            )
+            await self._refuse(scope, receive, send, refusal)
+            return
         entry = self._find(scope) if self._entries else None
-        if entry is None and self._entries and _bearer(scope) is not None:
+        if entry is None and presented:
+            self._backoff.failed(client)
             await self._refuse(scope, receive, send, _missing_or_wrong(scope))
             return
+        if entry is not None:
+            self._backoff.succeeded(client)
         identity = entry.identity if entry is not None else None
         info = scope.get(INFO_KEY)
         if identity is not None and isinstance(info, RequestInfo):

@@ -57,7 +57,7 @@ def pull_target(app: Appliance, name: str) -> PullTarget:
         raise PullRefusedError(str(exc), param="name") from None
 
 
-async def _events(plan: PullPlan, request: Request) -> AsyncIterator[bytes]:
+async def _events(plan: PullPlan, request: Request, reserve_bytes: int) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue()
     cancelled = threading.Event()
@@ -67,7 +67,7 @@ async def _events(plan: PullPlan, request: Request) -> AsyncIterator[bytes]:
 
     def work() -> None:
         try:
-            run_pull(plan, emit, cancelled=cancelled)
+            run_pull(plan, emit, cancelled=cancelled, reserve_bytes=reserve_bytes)
         except PullError as exc:
             loop.call_soon_threadsafe(
                 queue.put_nowait, {"event": "error", "repo": plan.repo_id, "message": str(exc)}
@@ -99,14 +99,15 @@ def build_hub_router(app: Appliance) -> APIRouter:
         """Plan (files, sizes, disk check) first: a refusal is a 400 with one line. Then stream
         the download's progress as NDJSON events."""
         target = pull_target(app, name)
+        reserve = app.settings.disk_reserve_bytes()
         try:
             plan = await asyncio.to_thread(
                 plan_pull, target.repo_id, revision=target.revision, cache_dir=target.cache_dir
             )
-            check_disk(plan)
+            check_disk(plan, reserve)
         except PullError as exc:
             raise PullRefusedError(str(exc), param="name") from None
-        return StreamingResponse(_events(plan, request), media_type="application/x-ndjson")
+        return StreamingResponse(_events(plan, request, reserve), media_type="application/x-ndjson")
 
     @api.get("/files", summary="Each local model's files on disk")
     async def files() -> JSONResponse:

@@ -89,7 +89,7 @@ class RequestContextMiddleware:
                 status = 408
                 await self._send_error(send, 408, str(exc), id_header)
         except Exception:
-            log.exception("unhandled error while serving %s", scope.get("path"))
+            log.exception("unhandled error while serving %s", logged_path(scope.get("path")))
             if not started:
                 status = 500
                 await self._send_error(
@@ -161,10 +161,11 @@ class RequestContextMiddleware:
 
     @staticmethod
     def _log(scope: Scope, info: RequestInfo, status: int, seconds: float) -> None:
+        # The path once, in its field, and shortened: it is the client's to make long.
         fields: dict[str, Any] = {
             "event": "request",
             "method": scope.get("method"),
-            "path": scope.get("path"),
+            "path": logged_path(scope.get("path")),
             "status": status,
             "latency_ms": round(seconds * 1000, 2),
         }
@@ -176,7 +177,19 @@ class RequestContextMiddleware:
             fields["prompt_tokens"] = info.usage.prompt_tokens
             fields["completion_tokens"] = info.usage.completion_tokens
         fields.update(info.extra)
-        log.info("%s %s %d", scope.get("method"), scope.get("path"), status, extra=fields)
+        log.info("%s %d", scope.get("method"), status, extra=fields)
+
+
+MAX_LOGGED_PATH_CHARS = 200
+"""Longest request path a log line carries; past it the path is cut and its length said."""
+
+
+def logged_path(path: object) -> str:
+    """``path`` as a log line may carry it: at most ``MAX_LOGGED_PATH_CHARS`` characters."""
+    text = str(path)
+    if len(text) <= MAX_LOGGED_PATH_CHARS:
+        return text
+    return f"{text[:MAX_LOGGED_PATH_CHARS]}...({len(text)} chars)"
 
 
 # ApplianceErrors, so that a route reading the body answers them through the one error

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from appliance.api.auth import Role, caller_is_admin, model_allowed, require_role
+from appliance.api.body_screen import BodyScreen
 from appliance.api.model_access import ModelAccess
 from appliance.api.model_cards import vllm_card_fields
 from appliance.api.request_limits import RequestLimits, check_request, default_request_limits
@@ -188,17 +189,22 @@ def build_openai_router(
     *,
     log_prompts: bool = False,
     limits: RequestLimits | None = None,
+    screen: BodyScreen | None = None,
 ) -> APIRouter:
     """The OpenAI model routes (chat, completions, embeddings); ``access`` admits each request
     and lends it its engine; prompts reach the log only if ``log_prompts``; ``limits``: what
-    one request may ask for (default: the settings' defaults)."""
+    one request may ask for (default: the settings' defaults); ``screen`` checks each body
+    first (default: ``BodyScreen()``)."""
     api = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_role(Role.USER))])
     limits = limits or default_request_limits()
+    screen = screen or BodyScreen()
 
     async def serve(request: Request, endpoint: Endpoint) -> Response:
         info = request_info(request.scope)
         info.endpoint = endpoint.value
         body = await read_json_object(request)
+        admin = caller_is_admin(request.scope)
+        screened = await screen.check(body, admin=admin)
         cost = check_request(request.url.path, body, limits)
         lease = await access.lease(request, body, endpoint, cost)
         body["model"] = lease.model
@@ -214,6 +220,8 @@ def build_openai_router(
         except BaseException:
             await release.aclose()
             raise
+        if screened.fetches_media:
+            reply = screen.reply(reply, admin=admin)
         if reply is None:
             await release.aclose()
             # Nobody is listening; 499 (nginx's "client closed request") is for the log.

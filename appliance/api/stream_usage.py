@@ -48,10 +48,10 @@ def usage_of_event(event: bytes) -> Usage | None:
         if line.startswith(b"data: {"):
             try:
                 usage = json.loads(line[6:]).get("usage")
-            except ValueError:
+            except (ValueError, RecursionError):  # a remote backend's events are untrusted
                 return None
             if usage:
-                return Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                return Usage.of(usage)
     return None
 
 
@@ -60,7 +60,7 @@ def _fingerprint(event: bytes) -> str | None:
         if line.startswith(b"data: {"):
             try:
                 found = json.loads(line[6:]).get("system_fingerprint")
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
             return found if isinstance(found, str) else None
     return None

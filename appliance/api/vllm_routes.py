@@ -20,9 +20,11 @@ from fastapi.responses import JSONResponse, Response
 
 from appliance.api.auth import (
     Role,
+    caller_is_admin,
     model_allowed,
     require_role,
 )
+from appliance.api.body_screen import BodyScreen
 from appliance.api.model_access import ModelAccess
 from appliance.api.openai_routes import (
     _DOC_BODY,
@@ -125,7 +127,7 @@ def _usage_in_events(chunk: bytes) -> Usage | None:
             continue
         try:
             event = json.loads(line[6:])
-        except ValueError:
+        except (ValueError, RecursionError):  # a remote backend's events are untrusted
             continue
         for holder in (event, event.get("response"), event.get("message")):
             usage = holder.get("usage") if isinstance(holder, dict) else None
@@ -141,20 +143,25 @@ def build_vllm_router(
     log_prompts: bool = False,
     limits: RequestLimits | None = None,
     stored: ResponseOwners | None = None,
+    screen: BodyScreen | None = None,
 ) -> APIRouter:
     """The routes of ``route_table.ENGINE_ROUTES``: ``access`` admits each request and lends
     it its model's engine; ``limits``: what one request may ask for (default: the settings'
     defaults); ``stored``: the owners of stored responses (None: the store is off, or this
-    process passes requests that use it to the owner)."""
+    process passes requests that use it to the owner); ``screen`` checks each body first
+    (default: ``BodyScreen()``)."""
     api = APIRouter(tags=["vLLM"])
     user = [Depends(require_role(Role.USER))]
     limits = limits or default_request_limits()
+    screen = screen or BodyScreen()
 
     async def serve(request: Request, route: ModelRoute) -> Response:
         info = request_info(request.scope)
         info.endpoint = endpoint_label(route.path)
         body = await read_json_object(request)
         raw = await request.body()
+        admin = caller_is_admin(request.scope)
+        screened = await screen.check(body, admin=admin)
         cost = check_request(route.path, body, limits)
         caller = caller_of(request.scope)
         stored_id = None
@@ -162,8 +169,10 @@ def build_vllm_router(
             stored_id = _own_response(body, caller, stored)
         lease = await access.lease(request, body, None, cost)
         model = lease.model
-        if model != body["model"] or stored_id is not None:
-            body["model"] = model  # an alias: the engine knows the model by its name
+        # An alias (the engine knows the model by its name), a stored id of ours, or fields
+        # the screen took out.
+        if model != body["model"] or stored_id is not None or screened.changed:
+            body["model"] = model
             raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         if stored is not None and stored_id is not None:
             stored.add(stored_id, caller, lease.entry)
@@ -183,6 +192,8 @@ def build_vllm_router(
             raise
         if stored is not None and stored_id is not None and not _stored_ok(reply):
             stored.discard(stored_id)
+        if screened.fetches_media:
+            reply = screen.reply(reply, admin=admin)
         answer = _answer(reply, release, info, metrics)
         if not isinstance(answer, _ReleasingStream):
             await release.aclose()

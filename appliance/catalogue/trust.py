@@ -54,6 +54,23 @@ METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a)
     for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "168.63.129.16")
 )
+# A hub revision: a commit, a branch or tag (``main``, ``v1.0``, ``refs/pr/1``). It is joined
+# into cache paths (``refs/<revision>``), so no ``..``, no leading dot or slash, nothing else.
+_REVISION = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+MAX_REVISION_CHARS = 128
+REVISION_SETTINGS = ("revision", "tokenizer_revision", "code_revision")
+MAX_REGISTRY_LOGPROBS = 20
+"""``max_logprobs`` a registry entry may set: vLLM's default, OpenAI's ``top_logprobs`` cap
+(``-1``, the whole vocabulary per token, is for models.yaml to choose)."""
+
+
+def safe_revision(value: object) -> bool:
+    """Whether ``value`` is a hub revision that is safe to join into a cache path."""
+    return (
+        isinstance(value, str) and len(value) <= MAX_REVISION_CHARS and bool(_REVISION.match(value))
+    )
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -138,6 +155,24 @@ class RegistryGate:
                 "engine",
                 f"engine setting(s) {', '.join(refused)} are not allowed from the registry "
                 "(models.yaml may allow them in registry_trust.engine_settings)",
+            )
+        engine = {_key(k): v for k, v in spec.engine.items()}
+        for name in REVISION_SETTINGS:
+            if name in engine and not safe_revision(engine[name]):
+                raise _refuse(
+                    spec, f"engine.{name}", "not a commit, branch or tag name (A-Z, 0-9, ._-/)"
+                )
+        logprobs = engine.get("max_logprobs")
+        if "max_logprobs" in engine and not (
+            isinstance(logprobs, int)
+            and not isinstance(logprobs, bool)
+            and 0 <= logprobs <= MAX_REGISTRY_LOGPROBS
+        ):
+            raise _refuse(
+                spec,
+                "engine.max_logprobs",
+                f"must be 0 to {MAX_REGISTRY_LOGPROBS} from the registry (-1, the whole "
+                "vocabulary, costs memory and time per token; models.yaml may choose it)",
             )
 
     async def _check_backend(self, spec: RemoteModelSpec) -> None:

@@ -39,11 +39,14 @@ from appliance.hub.pull import (
     run_pull,
     target_for_spec,
 )
+from appliance.settings import Settings
 
 out = Console()
 err = Console(stderr=True)
 
 TOTAL = "total"
+# A pull here keeps the disk the appliance's own pulls keep (its settings hold the default).
+_RESERVE = int(Settings.model_fields["disk_reserve_gib"].default * 2**30)
 
 
 class PullView:
@@ -133,7 +136,7 @@ def _pull_here(name: str, config: Path | None) -> None:
         target = local_target(name, config)
         plan = plan_pull(target.repo_id, revision=target.revision, cache_dir=target.cache_dir)
         with PullView(err) as view:
-            run_pull(plan, lambda event: view.show(event.to_dict()))
+            run_pull(plan, lambda event: view.show(event.to_dict()), reserve_bytes=_RESERVE)
     except (PullError, ConfigError) as exc:
         raise _fail(str(exc)) from None
 

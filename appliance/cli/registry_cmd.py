@@ -51,6 +51,14 @@ def serve(
             "neither: reads are open).",
         ),
     ] = None,
+    allowed_hosts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-hosts",
+            help="A name the Host header may carry (repeatable; '*': any). Default: the "
+            "names and addresses of this box.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the registry API (reads open, writes need the token) until interrupted."""
     try:
@@ -60,6 +68,7 @@ def serve(
             port=port,
             token=resolve_token(None, token_file, os.environ),
             read_token=resolve_read_token(read_token_file, os.environ),
+            allowed_hosts=allowed_hosts or None,
         )
     except ConfigError as exc:
         raise typer.BadParameter(exc.message) from exc

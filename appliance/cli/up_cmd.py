@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import typer
 from rich.console import Console
 
 from appliance.errors import ConfigError
+from appliance.runtime_dir import RuntimeDir
 from appliance.settings import (
     FanOutLimits,
     OnDemandLimits,
@@ -110,6 +112,17 @@ def up(
     cors_origin: list[str] | None = typer.Option(
         None, "--cors-origin", help="An origin whose web pages may call the API (repeatable)."
     ),
+    media_url_network: list[str] | None = typer.Option(
+        None,
+        "--media-url-network",
+        help="A private network (10.0.0.0/8, say) that media URLs in requests may point to "
+        "(repeatable). Default: public addresses only.",
+    ),
+    disk_reserve_gib: float = typer.Option(
+        _DEFAULT["disk_reserve_gib"],
+        min=0,
+        help="Disk (GiB) a model pull leaves free where the hub cache is; it stops short.",
+    ),
     max_connections: int = typer.Option(
         _DEFAULT["max_connections"],
         min=1,
@@ -198,6 +211,7 @@ def up(
     from appliance.api.app import create_app
     from appliance.api.auth import load_auth_config, with_generated_admin_key
     from appliance.appliance import Appliance
+    from appliance.engines.process_env import harden_environment
     from appliance.logs import configure_logging
     from appliance.usage.quotas import load_quotas
 
@@ -228,6 +242,7 @@ def up(
         "stored_responses": StoredResponseLimits(
             max_stored=max_stored_responses, max_age_seconds=stored_response_age
         ),
+        "disk_reserve_gib": disk_reserve_gib,
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib
@@ -239,7 +254,12 @@ def up(
 
         log_to_console(err, log_level)
         progress = StartupProgress(err)
+    # A 0700 folder for every socket of this run (vLLM's IPC ones too); dead runs' go first.
+    # (At exit, however ``up`` returns; a killed run's is removed by the next start.)
+    runtime = RuntimeDir.create()
+    atexit.register(runtime.close)
     try:
+        harden_environment(os.environ, runtime.path)
         auth = load_auth_config(api_keys, os.environ)
         if allow_anonymous:
             auth = auth.model_copy(update={"anonymous": True})
@@ -255,6 +275,8 @@ def up(
             options["allowed_hosts"] = allowed_hosts
         if cors_origin:
             options["cors_origins"] = cors_origin
+        if media_url_network:
+            options["media_url_networks"] = media_url_network
         options["quotas"] = load_quotas(quotas)
         settings = Settings.model_validate(options)
         core = Appliance(settings)
@@ -262,7 +284,9 @@ def up(
         if core.workers > 1:
             from appliance.workers.pool import WorkerPool
 
-            pool = WorkerPool(settings, core.workers, _listen(settings.host, settings.port))
+            pool = WorkerPool(
+                settings, core.workers, _listen(settings.host, settings.port), runtime.path
+            )
             core.supervisor.lend_through(pool.board)
         app = create_app(
             settings,

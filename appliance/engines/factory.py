@@ -9,6 +9,7 @@ from pathlib import Path
 
 from appliance.catalogue.schema import LocalModelSpec, ModelSpec
 from appliance.engines.base import Engine, EngineFigureSink, EngineLink
+from appliance.engines.process_env import refuse_unsafe_environment
 from appliance.errors import ConfigError
 from appliance.host.inventory import DeviceKind, Inventory
 from appliance.host.placement import Allocation
@@ -184,6 +185,7 @@ class EngineFactory:
             # vLLM's engine process reads at spawn; allocation memory bounds it.
             kv = max(1, min(int(allocation.memory_gib), self._cpu_kv_cache_gib))
             env["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
+        refuse_unsafe_environment(env, where=f"model {spec.name!r}'s engine environment")
         args = self._args.build(
             spec,
             resolve_source(spec, self._base_dir),

@@ -79,7 +79,7 @@ def _usage(body: bytes) -> Usage | None:
     rest = body[at + len(b'"usage"') :].lstrip().removeprefix(b":").lstrip()
     try:
         usage, _ = json.JSONDecoder().raw_decode(rest.decode("utf-8", "replace"))
-    except ValueError:
+    except (ValueError, RecursionError):  # a hostile backend's usage nested past the parser
         return None
     return Usage.of(usage)
 

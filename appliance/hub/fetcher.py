@@ -25,9 +25,11 @@ COMMIT = re.compile(r"^[0-9a-f]{40}$")
 class HubFetcher:
     """Finds hub models whose files are missing and downloads them, with progress."""
 
-    def __init__(self, base_dir: Path | None = None) -> None:
-        """``base_dir``: the catalogue's folder (relative local sources are taken from it)."""
+    def __init__(self, base_dir: Path | None = None, *, reserve_bytes: int = 0) -> None:
+        """``base_dir``: the catalogue's folder (relative local sources are taken from it);
+        ``reserve_bytes``: disk a pull leaves free."""
         self._base_dir = base_dir
+        self._reserve_bytes = reserve_bytes
 
     def missing(self, spec: ModelSpec) -> bool:
         """A hub model with no loadable snapshot at its revision in the cache; never when the
@@ -66,7 +68,7 @@ class HubFetcher:
             plan = plan_pull(target.repo_id, revision=target.revision, cache_dir=target.cache_dir)
             progress.total_bytes = plan.total_bytes
             progress.cached_bytes = progress.done_bytes = plan.total_bytes - plan.missing_bytes
-            run_pull(plan, count, cancelled=cancelled)
+            run_pull(plan, count, cancelled=cancelled, reserve_bytes=self._reserve_bytes)
 
         try:
             await asyncio.to_thread(work)

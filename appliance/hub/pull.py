@@ -38,6 +38,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
 from appliance.catalogue.schema import ModelSpec
+from appliance.catalogue.trust import safe_revision
 from appliance.engines.factory import PACKAGE_PREFIX
 
 # What a server never reads, even when a repository ships it: other frameworks' weights,
@@ -143,6 +144,11 @@ def target_for_spec(spec: ModelSpec, base_dir: Path | None = None) -> PullTarget
     engine = {key.replace("-", "_"): value for key, value in spec.engine.items()}
     revision = engine.get("revision")
     download_dir = engine.get("download_dir")
+    if revision is not None and not safe_revision(revision):
+        # Joined into the cache's paths (refs/<revision>): a ``..`` would leave it.
+        raise PullError(
+            f"{spec.name}: revision {str(revision)[:80]!r} is not a commit, branch or tag"
+        )
     return PullTarget(
         repo_id=check_repo_id(source),
         revision=str(revision) if revision is not None else None,
@@ -270,13 +276,18 @@ def plan_pull(
     )
 
 
-def check_disk(plan: PullPlan) -> None:
-    """Refuse before the first byte when the cache's disk cannot hold what is missing."""
+def check_disk(plan: PullPlan, reserve_bytes: int = 0, *, still_missing: int | None = None) -> None:
+    """Refuse before the first byte (and before each later file: other writers share the
+    disk) when the cache's disk cannot hold what is missing and keep ``reserve_bytes`` free
+    (a full disk stops the engines' logs, the usage database and the box itself).
+    ``still_missing``: bytes not fetched yet (default: all the plan's missing files)."""
+    needed = plan.missing_bytes if still_missing is None else still_missing
     free = _free_bytes(plan.cache_dir)
-    if plan.missing_bytes > free:
+    if needed + reserve_bytes > free:
+        kept = f" and keep {format_bytes(reserve_bytes)} free" if reserve_bytes else ""
         raise PullError(
-            f"not enough disk for {plan.repo_id}: it needs {format_bytes(plan.missing_bytes)} "
-            f"more, {plan.cache_dir} has {format_bytes(free)} free"
+            f"not enough disk for {plan.repo_id}: it needs {format_bytes(needed)} "
+            f"more{kept}, {plan.cache_dir} has {format_bytes(free)} free"
         )
 
 
@@ -325,15 +336,20 @@ def _bar_class(report: Callable[[int], None]) -> type:
 
 
 def run_pull(
-    plan: PullPlan, on_event: PullListener, *, cancelled: threading.Event | None = None
+    plan: PullPlan,
+    on_event: PullListener,
+    *,
+    cancelled: threading.Event | None = None,
+    reserve_bytes: int = 0,
 ) -> Path:
     """Download every missing file of ``plan``, one after another; returns the snapshot folder.
 
     One file at a time keeps Ctrl-C immediate (no worker threads left downloading) and the
     progress readable; a single stream is what the hub's CDN serves fastest per file anyway.
-    ``cancelled`` stops between files (the admin route sets it when its client goes away).
+    ``cancelled`` stops between files (the admin route sets it when its client goes away);
+    the disk is checked before each file, keeping ``reserve_bytes`` free (``check_disk``).
     """
-    check_disk(plan)
+    check_disk(plan, reserve_bytes)
     on_event(
         PullEvent(
             "plan",
@@ -344,9 +360,13 @@ def run_pull(
         )
     )
     folder: str | None = None
+    still_missing = plan.missing_bytes
     for planned in plan.files:
         if cancelled is not None and cancelled.is_set():
             raise PullError(f"pull of {plan.repo_id} cancelled")
+        if not planned.cached:
+            check_disk(plan, reserve_bytes, still_missing=still_missing)
+            still_missing -= planned.size
 
         def report(done: int, path: str = planned.path, size: int = planned.size) -> None:
             on_event(PullEvent("progress", plan.repo_id, file=path, done=done, total=size))

@@ -19,7 +19,9 @@ from fastapi import Depends, FastAPI, Request, Response
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.error_handlers import register_error_handlers
+from appliance.api.peer import local_host_names
 from appliance.catalogue.schema import (
     LocalModelSpec,
     ModelSpec,
@@ -94,6 +96,11 @@ def create_registry_app(settings: RegistrySettings) -> FastAPI:
         version="1",
     )
     register_error_handlers(app)
+    # As on the appliance's API: a Host that is not this box's is a rebinding page (which
+    # would read the catalogue from a LAN browser), and writes from other origins are refused.
+    app.add_middleware(
+        CrossSiteGuard, allowed_hosts=settings.allowed_hosts or local_host_names(settings.host)
+    )
     require_token = _token_checker(token.encode("utf-8"))
     writer = [Depends(require_token)]
     reader: list[Any] = []

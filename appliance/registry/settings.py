@@ -31,6 +31,14 @@ class RegistrySettings(BaseModel):
         description="Bearer token reads need (the write token works too); None: reads are open.",
     )
 
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description=(
+            "Names and addresses a Host header may carry ('*': any); None: the names and "
+            "addresses this box answers to (a DNS-rebinding page gets nothing)."
+        ),
+    )
+
     @field_validator("token", "read_token")
     @classmethod
     def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:

@@ -28,6 +28,10 @@ log = logging.getLogger("appliance")
 MAX_LINE_BYTES = 1 << 20  # a release's figures are a few kB; anything past this is a fault
 
 
+INTERNAL_FAILURE = "internal error (logged by the process that answered)"
+"""What a call answers when its handler failed unexpectedly: no exception type or text."""
+
+
 class ControlError(Exception):
     """The other side refused a call, or the channel is gone."""
 
@@ -167,9 +171,10 @@ class ControlServer:
                 reply["ok"] = await handler(session, args)
             except ControlError as exc:
                 reply["error"] = {"message": str(exc), **exc.detail}
-            except Exception as exc:  # a bug here must not take the worker's request down
+            except Exception:  # a bug here must not take the worker's request down
                 log.exception("control call %s failed", message.get("op"))
-                reply["error"] = {"message": f"{type(exc).__name__}: {exc}"}
+                # What failed is in this log line; the reply may reach a client.
+                reply["error"] = {"message": INTERNAL_FAILURE}
         with contextlib.suppress(ConnectionError):
             await _write(writer, reply)
 
@@ -273,8 +278,9 @@ class ControlClient:
                 args = message.get("args")
                 await handler(args if isinstance(args, dict) else {})
                 reply["ok"] = {}
-            except Exception as exc:
-                reply["error"] = {"message": f"{type(exc).__name__}: {exc}"}
+            except Exception:
+                log.exception("control call %s from the owner failed", message.get("op"))
+                reply["error"] = {"message": INTERNAL_FAILURE}
         if self._writer is not None:
             with contextlib.suppress(ConnectionError):
                 async with self._lock:

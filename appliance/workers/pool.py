@@ -55,13 +55,20 @@ class WorkerStart:
 class WorkerPool:
     """K-1 worker processes beside the owner, sharing its listening socket."""
 
-    def __init__(self, settings: Settings, count: int, listener: socket.socket) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        count: int,
+        listener: socket.socket,
+        runtime_dir: Path | None = None,
+    ) -> None:
+        """``runtime_dir``: a directory only this user may enter (the appliance's, see
+        ``appliance.runtime_dir``), where the owner's private sockets go; None: a new one."""
         self.settings = settings
         self.count = count
         self.listener = listener
         self.token = secrets.token_urlsafe(32)
-        # A directory only this user may enter: the owner's private sockets live in it.
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="appliance-"))
+        self.runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="appliance-"))
         self.control_path = self.runtime_dir / "control.sock"
         self.owner_path = self.runtime_dir / "owner.sock"
         # The counters every HTTP process admits requests by, without asking the owner.

@@ -35,6 +35,7 @@ from appliance.api.auth import (
     check_model_allowed,
     key_limits_of,
 )
+from appliance.api.body_screen import BodyScreen
 from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.forwarded import NameTheWorker
@@ -48,7 +49,7 @@ from appliance.api.vllm_routes import build_vllm_router
 from appliance.engines.base import Endpoint, Engine, EngineLink, EngineStepFigures
 from appliance.engines.remote import DETAIL_SCOPE
 from appliance.engines.route_table import ENGINE_PATHS, is_model_route
-from appliance.errors import ApplianceError, ModelNotAllowedError
+from appliance.errors import ApplianceError, ModelNotAllowedError, OwnerUnavailableError
 from appliance.request_info import RequestInfo, request_info
 from appliance.settings import Settings
 from appliance.supervisor.lending_board import KeyLimits, LendingBoard
@@ -77,6 +78,18 @@ class RelayedError(ApplianceError):
         self.status_code = int(detail.get("status", 500))
         self.error_type = str(detail.get("type", "internal_error"))
         self.code = str(detail.get("code", "internal_error"))
+
+
+def relayed_error(exc: ControlError) -> ApplianceError:
+    """The client's error for a call the owner did not answer: an ``ApplianceError`` the owner
+    raised (it carries a status) as the owner would answer it; anything else (the channel
+    gone, a failure inside the owner) a 503 that names no internals, logged here."""
+    if "status" in exc.detail:
+        return RelayedError(str(exc), exc.detail)
+    log.warning("the owner did not answer a lease: %s", exc, extra={"event": "owner_call"})
+    return OwnerUnavailableError(
+        "the appliance could not admit this request just now; retry", retry_after=1.0
+    )
 
 
 class PassToOwner(Exception):
@@ -318,7 +331,7 @@ class WorkerAccess:
                     max_tokens=cost.max_tokens,
                 )
             except ControlError as exc:
-                raise RelayedError(str(exc), exc.detail) from None
+                raise relayed_error(exc) from None
             if got.get("proxy"):
                 if got.get("remote"):
                     self._known[asked, endpoint] = KnownName(asked, asked, (), None, None, 0, 0)
@@ -555,11 +568,16 @@ def create_worker_app(
         stored_to_owner=store_enabled(),
     )
     limits = request_limits_of(settings)
+    screen = BodyScreen(settings.media_url_networks)
     local.include_router(
-        build_openai_router(access, figures, log_prompts=settings.log_prompts, limits=limits)  # type: ignore[arg-type]
+        build_openai_router(  # type: ignore[arg-type]
+            access, figures, log_prompts=settings.log_prompts, limits=limits, screen=screen
+        )
     )
     local.include_router(
-        build_vllm_router(access, figures, log_prompts=settings.log_prompts, limits=limits)  # type: ignore[arg-type]
+        build_vllm_router(  # type: ignore[arg-type]
+            access, figures, log_prompts=settings.log_prompts, limits=limits, screen=screen
+        )
     )
     # Inside the key check: a request given up on is passed on without taking a key slot
     # here (the owner's own check takes it).

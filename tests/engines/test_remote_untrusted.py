@@ -14,6 +14,8 @@ import httpx
 import pytest
 from starlette.requests import Request as StarletteRequest
 
+from appliance.api.stream_usage import usage_of_event
+from appliance.api.vllm_routes import _usage_in_events
 from appliance.catalogue.schema import RemoteModelSpec
 from appliance.engines.base import Endpoint, JSONReply, Usage
 from appliance.engines.remote import DETAIL_SCOPE, RemoteEngine, RemoteSettings
@@ -63,6 +65,19 @@ async def test_garbage_usage_neither_breaks_the_request_nor_counts(usage: Any) -
     reply = await answer(lambda _: httpx.Response(200, content=body))
     assert reply.status_code == 200 and reply.body == body
     assert reply.usage in (None, Usage(0, 0))
+
+
+async def test_deeply_nested_usage_is_not_a_500() -> None:
+    # Nested past the JSON parser's recursion limit: the reply goes through, nothing counted.
+    deep = b"[" * 2000 + b"]" * 2000  # within the reply cap
+    body = b'{"choices": [], "usage": ' + deep + b"}"
+    reply = await answer(lambda _: httpx.Response(200, content=body))
+    assert reply.status_code == 200 and reply.body == body and reply.usage is None
+    # The same in a stream's events, which the routes read for per-key usage.
+    event = b'data: {"usage": ' + deep + b"}\n\n"
+    assert usage_of_event(event) is None
+    assert _usage_in_events(b'data: {"response": ' + deep + b"}\n\n") is None
+    assert usage_of_event(b'data: {"usage": [1, 2]}\n\n') is None
 
 
 def test_usage_keeps_sane_counts() -> None:

@@ -134,6 +134,24 @@ def test_full_disk_is_refused_before_any_download(
     assert mirror.gets(REPO, "model.safetensors") == []
 
 
+def test_a_pull_keeps_the_reserve_free(mirror: HubMirror, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = plan_pull(REPO)
+    need = plan.missing_bytes
+    reserve = 10**9
+    # Room for the files, not for the files and the reserve: refused before any byte.
+    monkeypatch.setattr(pull, "_free_bytes", lambda _: need + reserve - 1)
+    with pytest.raises(PullError, match=r"more and keep 1\.0 GB free"):
+        run_pull(plan, lambda _: None, reserve_bytes=reserve)
+    assert mirror.gets(REPO, "model.safetensors") == []
+    # The disk filling while it runs (another writer) stops it before the next file.
+    free = iter([need + reserve, 0])
+    monkeypatch.setattr(pull, "_free_bytes", lambda _: next(free, 0))
+    with pytest.raises(PullError, match="not enough disk"):
+        run_pull(plan, lambda _: None, reserve_bytes=reserve)
+    fetched = sum(bool(mirror.gets(REPO, f.path)) for f in plan.files)
+    assert fetched <= 1 < len(plan.files)
+
+
 def test_offline_is_refused(mirror: HubMirror, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PullError, match="HF_HUB_OFFLINE is set"):

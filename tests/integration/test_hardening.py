@@ -30,12 +30,13 @@ from tests.integration.harness import ApplianceProcess, tiny_chat, wait_until
 
 pytestmark = pytest.mark.integration
 
-USER = "sk-user-0123456789"
-ADMIN = "sk-admin-0123456789"
-LIMITED = "sk-limited-0123456789"
-OUTSIDER = "sk-outsider-0123456789"  # key B: a user key like USER's, trying its neighbour's
-METERED = "sk-metered-0123456789"
-QUOTA = "sk-quota-0123456789"
+USER = "sk-user-0123456789abcdef0123456789"
+ADMIN = "sk-admin-0123456789abcdef0123456789"
+LIMITED = "sk-limited-0123456789abcdef0123456789"
+# key B: a user key like USER's, trying its neighbour's
+OUTSIDER = "sk-outsider-0123456789abcdef0123456789"
+METERED = "sk-metered-0123456789abcdef0123456789"
+QUOTA = "sk-quota-0123456789abcdef0123456789"
 QUOTA_TOKENS = 100
 MODEL = "tiny-chat"
 JSON = {"Content-Type": "application/json"}  # POST bodies must say so (issue 13)

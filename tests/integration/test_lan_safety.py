@@ -26,8 +26,8 @@ from tests.integration.harness import ApplianceProcess, tiny_chat, wait_until
 
 pytestmark = pytest.mark.integration
 
-USER = "sk-lan-user-0123456789"
-NO_LOAD = "sk-lan-noload-0123456789"
+USER = "sk-lan-user-0123456789abcdef0123456789"
+NO_LOAD = "sk-lan-noload-0123456789abcdef0123456789"
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 

@@ -27,7 +27,11 @@ from tests.integration.harness import REPO, ApplianceProcess, tiny_chat
 
 pytestmark = pytest.mark.integration
 
-KEYS = {"alice": "sk-alice-0123456789", "bob": "sk-bob-0123456789", "ops": "sk-ops-0123456789"}
+KEYS = {
+    "alice": "sk-alice-0123456789abcdef0123456789",
+    "bob": "sk-bob-0123456789abcdef0123456789",
+    "ops": "sk-ops-0123456789abcdef0123456789",
+}
 PROMPT = [11, 12, 13, 14, 15]  # five prompt tokens
 BOB_QUOTA = 15  # two requests of 5 + 5 tokens pass (0 and 10 used before), the third is over
 SCREENSHOTS = REPO / "test-artifacts" / "status-page"
@@ -113,7 +117,9 @@ def usage_of(appliance: ApplianceProcess, **params: str) -> dict[tuple[str, str]
 
 def key_series(appliance: ApplianceProcess) -> dict[tuple[str, str, str], float]:
     """The per-key counters of /metrics as {(name, key, model): value}."""
-    text = httpx.get(f"{appliance.url}/metrics", timeout=30).text
+    # The per-key series are the operator's: an admin key (a user key sees none).
+    admin = {"Authorization": f"Bearer {KEYS['ops']}"}
+    text = httpx.get(f"{appliance.url}/metrics", headers=admin, timeout=30).text
     assert "_created" not in text
     assert "appliance_vllm_" not in text  # vLLM's engine figures only with --engine-metrics
     return {

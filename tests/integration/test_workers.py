@@ -23,10 +23,10 @@ from tests.integration.harness import ApplianceProcess, tiny_chat, wait_until
 
 pytestmark = pytest.mark.integration
 
-USER = "sk-user-0123456789"
-ADMIN = "sk-admin-0123456789"
-PACED = "sk-paced-0123456789"
-SINGLE = "sk-single-0123456789"
+USER = "sk-user-0123456789abcdef0123456789"
+ADMIN = "sk-admin-0123456789abcdef0123456789"
+PACED = "sk-paced-0123456789abcdef0123456789"
+SINGLE = "sk-single-0123456789abcdef0123456789"
 PER_MINUTE = 6
 JSON = {"Content-Type": "application/json"}
 

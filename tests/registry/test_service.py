@@ -56,6 +56,7 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
         settings = RegistrySettings(
             db_path=tmp_path / "registry.db",
             token=SecretStr(token) if token is not None else None,
+            allowed_hosts=["testserver"],
         )
         client = TestClient(create_registry_app(settings), raise_server_exceptions=False)
         clients.append(client)
@@ -180,7 +181,9 @@ def test_writes_need_the_token(client: TestClient, headers: dict[str, str]) -> N
         client.put(f"{MODELS}/m", json=entry("m", version="9"), headers=headers),
         client.delete(f"{MODELS}/m", headers=headers),
         # Auth is checked before the body is read: no probing the validator without a token.
-        client.post(MODELS, content=b"{garbage", headers=headers),
+        client.post(
+            MODELS, content=b"{garbage", headers={**headers, "content-type": "application/json"}
+        ),
     ):
         error = assert_envelope(response, 401, "invalid_api_key")
         assert error["type"] == "authentication_error"
@@ -331,3 +334,14 @@ def test_real_service_keeps_entries_across_a_restart(tmp_path: Path) -> None:
         assert httpx.get(f"{url}/org/kept:1").json()["spec"]["backend_url"] == "http://other:8000"
     finally:
         stop_service(process)
+
+
+def test_a_rebinding_page_reads_nothing(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    assert client.put(f"{MODELS}/m", json=entry("m"), headers=AUTH).status_code in (200, 201)
+    # A page on attacker.example whose name now resolves to the registry's address.
+    for path in (MODELS, f"{MODELS}/m", "/health"):
+        refused = client.get(path, headers={"Host": "attacker.example:8100"})
+        assert_envelope(refused, 400, "host_not_allowed")
+    # Its own names still read it.
+    assert client.get(MODELS).json()["data"][0]["name"] == "m"

@@ -22,6 +22,7 @@ def client(tmp_path: Path, read_token: str | None) -> TestClient:
         db_path=tmp_path / "registry.db",
         token=SecretStr(WRITE),
         read_token=SecretStr(read_token) if read_token else None,
+        allowed_hosts=["testserver"],
     )
     return TestClient(create_registry_app(settings), raise_server_exceptions=False)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -24,15 +25,16 @@ from appliance.api.auth import (
     describe_open,
     load_auth_config,
 )
+from appliance.api.auth_backoff import AuthBackoff, client_of
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.rate_limit import SlidingWindow
 from appliance.errors import ConfigError
 from appliance.supervisor.lending_board import KeyLimits
 
-USER_KEY = "sk-user-0123456789"
-ADMIN_KEY = "sk-admin-0123456789"
-LIMITED_KEY = "sk-limited-0123456789"
+USER_KEY = "sk-user-0123456789abcdef0123456789"
+ADMIN_KEY = "sk-admin-0123456789abcdef0123456789"
+LIMITED_KEY = "sk-limited-0123456789abcdef0123456789"
 ALL_KEYS = (USER_KEY, ADMIN_KEY, LIMITED_KEY)
 
 
@@ -527,3 +529,65 @@ def test_file_errors(tmp_path: Path, text: str, expected: str) -> None:
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_auth_config(tmp_path / "missing.yaml", {})
+
+
+def test_a_guessable_key_is_one_clear_config_error(tmp_path: Path) -> None:
+    # Twelve characters pass the schema (8) but not the keys file: 32 at least (128 bits).
+    path = write(
+        tmp_path, "keys:\n  - {name: alice, key: sk-12345678}\n  - {name: bob, key: sk-abcdefgh}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_auth_config(path, {})
+    message = caught.value.message
+    assert "key 'alice': field 'key'; key 'bob': field 'key': fewer than 32 characters" in message
+    assert "\n" not in message and "sk-12345678" not in message
+    with pytest.raises(ConfigError, match="key 'env-user-1': field 'key': fewer than 32"):
+        load_auth_config(None, {"APPLIANCE_API_KEYS": "sk-12345678"})
+
+
+def test_wrong_keys_slow_their_sender_and_no_one_else(clock: FakeClock) -> None:
+    app = build_app(AuthConfig(keys=default_keys()), clock)
+
+    def call(client: str, key: str) -> httpx.Response:
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=app, client=(client, 5000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                return await c.get("/v1/models", headers=bearer(key))
+
+        return asyncio.run(go())
+
+    guesser, other = "192.168.1.66", "192.168.1.7"
+    for guess in range(5):  # a few typos are free
+        assert_error(call(guesser, f"sk-guess-{guess:030d}"), 401, "invalid_api_key")
+    assert_error(call(guesser, "sk-guess-5"), 401, "invalid_api_key")
+    # Now the guesser waits, and its keys are not even looked at, right or wrong.
+    for key in ("sk-guess-6", USER_KEY):
+        waiting = call(guesser, key)
+        assert_error(waiting, 429, "rate_limited")
+        assert waiting.headers["retry-after"] == "1"
+    # Everyone else is served, wrong keys of theirs judged as usual.
+    assert call(other, USER_KEY).status_code == 200
+    assert_error(call(other, "sk-typo"), 401, "invalid_api_key")
+    # The wait doubles with each further failure, up to a ceiling.
+    clock.now += 1.5
+    assert_error(call(guesser, "sk-guess-7"), 401, "invalid_api_key")
+    assert call(guesser, USER_KEY).headers["retry-after"] == "2"
+    for _ in range(10):
+        clock.now += 70
+        call(guesser, "sk-guess-again")
+    assert int(call(guesser, USER_KEY).headers["retry-after"]) <= 60
+    # After the wait, the right key is served and the record goes.
+    clock.now += 61
+    assert call(guesser, USER_KEY).status_code == 200
+    assert_error(call(guesser, "sk-typo"), 401, "invalid_api_key")
+
+
+def test_the_backoff_records_are_bounded() -> None:
+    backoff = AuthBackoff(free_failures=0, max_delay_seconds=60, clock=lambda: 0.0, max_clients=3)
+    for n in range(10):
+        backoff.failed(f"10.0.0.{n}")
+    assert backoff.wait("10.0.0.9") == 1.0 and backoff.wait("10.0.0.0") is None
+    # One host's IPv6 addresses are one client.
+    assert client_of(ipaddress.ip_address("2001:db8::1")) == client_of(
+        ipaddress.ip_address("2001:db8::ffff:1")
+    )

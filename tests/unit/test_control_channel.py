@@ -11,6 +11,7 @@ import pytest
 
 from appliance.api.forwarded import NameTheWorker, TrustWorkers
 from appliance.workers.control import ControlClient, ControlError, ControlServer, WorkerSession
+from appliance.workers.worker_app import relayed_error
 
 TOKEN = "t0ken-of-the-owner"
 
@@ -214,3 +215,34 @@ def test_one_worker_per_gpu_as_far_as_the_cores_allow(gpus: int, cores: int, wor
     from appliance.settings import default_http_workers
 
     assert default_http_workers(gpus, cores) == workers
+
+
+def test_a_failure_inside_the_owner_reaches_no_client_as_its_internals(tmp_path: Path) -> None:
+    async def broken(session: WorkerSession, args: dict[str, Any]) -> dict[str, Any]:
+        raise KeyError("/srv/models/secret-path")
+
+    async def refuse(session: WorkerSession, args: dict[str, Any]) -> dict[str, Any]:
+        raise ControlError("over its limit", {"status": 429, "code": "rate_limited"})
+
+    async def main() -> None:
+        server, path = await _with_server(tmp_path, {"lease": broken, "refuse": refuse})
+        client = ControlClient(path, TOKEN, index=1)
+        await client.connect()
+        with pytest.raises(ControlError) as failed:
+            await client.call("lease")
+        assert "KeyError" not in str(failed.value) and "secret" not in str(failed.value)
+        error = relayed_error(failed.value)
+        assert error.status_code == 503 and error.code == "owner_unavailable"
+        assert "secret" not in error.message and "KeyError" not in error.message
+        # What the owner refused on purpose is answered as the owner would.
+        with pytest.raises(ControlError) as refused:
+            await client.call("refuse")
+        assert relayed_error(refused.value).status_code == 429
+        await client.close()
+        await server.stop()
+        # And the channel gone is a 503 too, not a 500 that says so.
+        with pytest.raises(ControlError) as gone:
+            await client.call("lease")
+        assert relayed_error(gone.value).status_code == 503
+
+    asyncio.run(main())

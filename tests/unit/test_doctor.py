@@ -14,6 +14,7 @@ from appliance.catalogue.schema import ModelSpec
 from appliance.doctor import (
     Status,
     check_catalogue,
+    check_install,
     judge_driver,
     judge_flashinfer,
     judge_headroom,
@@ -205,3 +206,9 @@ def test_nccl_across_gpus_is_judged_by_its_largest_rank() -> None:
     assert "largest of 4 ranks, device total" in too_big.detail
     failed = judge_tp_overheads([ranks[0], {"rank": 1, "error": "NCCL error: unhandled"}], policy)
     assert failed.status is Status.FAIL and "NCCL error" in failed.detail
+
+
+def test_doctor_fails_insecure_serialisation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    failed = [f for f in check_install() if f.status is Status.FAIL]
+    assert any("VLLM_ALLOW_INSECURE_SERIALIZATION" in f.detail for f in failed)

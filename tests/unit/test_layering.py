@@ -60,6 +60,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "appliance.logs",
             "appliance.config_problems",
             "appliance.admin_key",
+            "appliance.runtime_dir",
             "appliance.supervisor",  # the package itself (its __init__)
             "appliance",
         ),

@@ -89,6 +89,49 @@ async def test_engine_settings_outside_the_allow_list_are_refused(engine: dict[s
     assert "model 'm'" in caught.value.message and "engine" in caught.value.message
 
 
+@pytest.mark.parametrize(
+    ("engine", "field"),
+    [
+        ({"revision": "../../../../etc"}, "engine.revision"),
+        ({"revision": "main/../../x"}, "engine.revision"),
+        ({"revision": "/abs"}, "engine.revision"),
+        ({"revision": ".hidden"}, "engine.revision"),
+        ({"revision": 7}, "engine.revision"),
+        ({"revision": "a" * 129}, "engine.revision"),
+        ({"max_logprobs": -1}, "engine.max_logprobs"),  # the whole vocabulary per token
+        ({"max_logprobs": 100_000}, "engine.max_logprobs"),
+        ({"max_logprobs": True}, "engine.max_logprobs"),
+    ],
+)
+async def test_a_revision_or_logprobs_that_reach_too_far_are_refused(
+    engine: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(UntrustedEntryError) as caught:
+        await gate().admit(local(engine=engine))
+    assert f"field {field!r}" in caught.value.message
+    # Also when models.yaml opened a revision setting by name.
+    if "revision" in engine:
+        trusted = gate(engine_settings=["tokenizer_revision"])
+        with pytest.raises(UntrustedEntryError):
+            await trusted.admit(local(engine={"tokenizer_revision": engine["revision"]}))
+
+
+@pytest.mark.parametrize(
+    "revision", ["main", "v1.0", "refs/pr/1", "0123456789abcdef" * 2 + "01234567"]
+)
+async def test_ordinary_revisions_and_logprobs_pass(revision: str) -> None:
+    spec = local(engine={"revision": revision, "max_logprobs": 20})
+    assert (await gate().admit(spec)).engine["revision"] == revision
+
+
+def test_a_pull_refuses_a_revision_that_leaves_the_cache() -> None:
+    from appliance.hub.pull import PullError, target_for_spec
+
+    with pytest.raises(PullError, match="not a commit, branch or tag"):
+        target_for_spec(local(engine={"revision": "../../x"}))
+    assert target_for_spec(local(engine={"revision": "main"})).revision == "main"
+
+
 async def test_models_yaml_may_allow_more_engine_settings() -> None:
     spec = local(engine={"trust_remote_code": True})
     admitted = await gate(engine_settings=["trust_remote_code"]).admit(spec)
