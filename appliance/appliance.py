@@ -37,6 +37,7 @@ from appliance.host.capacity import HostCapacity
 from appliance.host.inventory import DeviceKind, GpuMonitor, Inventory, detect_inventory
 from appliance.host.placement import PlacementPolicy
 from appliance.hub.fetcher import HubFetcher
+from appliance.hub.gguf import GgufCache
 from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.settings import Settings, default_http_workers
@@ -115,11 +116,15 @@ class Appliance:
         self.engine_metrics = (
             EngineMetrics(CollectorRegistry()) if settings.engine_metrics else None
         )
+        # One cache for the factory (where an engine finds a converted folder) and the fetcher
+        # (which converts): it remembers each file's hash.
+        gguf = GgufCache(settings.conversion_cache_path())
         factory = (
             EngineFactory(
                 base_dir=settings.config_path.resolve().parent,
                 cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
                 figures=self.engine_metrics,
+                gguf=gguf,
             )
             if engines is None or inventory is None
             else None
@@ -170,7 +175,7 @@ class Appliance:
                     config.placement.sleep_host_budget_gib
                 ),
             ),
-            fetcher=HubFetcher(base_dir=settings.config_path.resolve().parent),
+            fetcher=HubFetcher(base_dir=settings.config_path.resolve().parent, gguf=gguf),
         )
         self.supervisor.capacity.check_catalogue(config.models)
         self.metrics.bind(supervisor=self.supervisor)
