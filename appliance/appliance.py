@@ -40,6 +40,7 @@ from appliance.host.device_release import DeviceRelease, PsutilProcesses
 from appliance.host.inventory import DeviceKind, GpuMonitor, Inventory, detect_inventory
 from appliance.host.placement import PlacementPolicy
 from appliance.hub.fetcher import HubFetcher
+from appliance.hub.gguf import GgufCache
 from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.settings import Settings, default_http_workers
@@ -121,11 +122,15 @@ class Appliance:
         self.engine_metrics = (
             EngineMetrics(CollectorRegistry()) if settings.engine_metrics else None
         )
+        # One cache for the factory (where an engine finds a converted folder) and the fetcher
+        # (which converts): it remembers each file's hash.
+        gguf = GgufCache(settings.conversion_cache_path())
         factory = (
             EngineFactory(
                 base_dir=settings.config_path.resolve().parent,
                 cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
                 figures=self.engine_metrics,
+                gguf=gguf,
             )
             if engines is None or inventory is None
             else None
@@ -188,6 +193,7 @@ class Appliance:
             fetcher=HubFetcher(
                 base_dir=settings.config_path.resolve().parent,
                 reserve_bytes=settings.disk_reserve_bytes(),
+                gguf=gguf,
             ),
         )
         # Private to this process until HTTP workers share one (``lend_through``).

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.api_keys import AuthConfig
 from appliance.engines.remote import RemoteSettings
+from appliance.hub.gguf import default_cache_dir
 from appliance.supervisor.handle import SupervisorLimits
 from appliance.usage.quotas import QuotaConfig
 
@@ -176,6 +177,14 @@ class Settings(BaseModel):
         ),
     )
 
+    conversion_cache: Path | None = Field(
+        None,
+        description=(
+            "Folder where GGUF sources are converted once into safetensors folders; None: "
+            "$XDG_CACHE_HOME/appliance/converted (~/.cache/appliance/converted)."
+        ),
+    )
+
     def disk_reserve_bytes(self) -> int:
         """``disk_reserve_gib`` in bytes."""
         return int(self.disk_reserve_gib * 2**30)
@@ -183,6 +192,10 @@ class Settings(BaseModel):
     def usage_db_path(self) -> Path:
         """Where per-key usage is kept."""
         return self.usage_db or self.config_path.resolve().parent / "usage.db"
+
+    def conversion_cache_path(self) -> Path:
+        """Where GGUF sources are converted to."""
+        return self.conversion_cache or default_cache_dir()
 
 
 CORES_PER_HTTP_WORKER = 4

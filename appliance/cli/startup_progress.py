@@ -43,6 +43,9 @@ def _line(handle: ModelHandle, now: float) -> tuple[RenderableType, str, str, st
     if state is ModelState.LOADING:
         return Spinner("dots"), handle.name, "loading", elapsed
     if state is ModelState.DOWNLOADING and handle.download is not None:
+        if handle.download.activity == "converting":
+            step = handle.download.detail or "starting"
+            return Spinner("dots"), handle.name, "converting GGUF", f"{step} {elapsed}"
         done, total = handle.download.done_bytes, handle.download.total_bytes
         share = f"{100 * done / total:.0f}% of {total / 1e9:.1f} GB" if total else ""
         return Spinner("dots"), handle.name, "downloading", f"{share} {elapsed}".strip()

@@ -170,6 +170,11 @@ def up(
     usage_db: Path | None = typer.Option(
         None, help="SQLite file of per-key usage. Default: usage.db beside the catalogue."
     ),
+    conversion_cache: Path | None = typer.Option(
+        None,
+        help="Folder where .gguf sources are converted once into safetensors folders. "
+        "Default: $XDG_CACHE_HOME/appliance/converted (~/.cache/appliance/converted).",
+    ),
     quotas: Path | None = typer.Option(
         None,
         "--quotas",
@@ -231,6 +236,7 @@ def up(
         ),
         "log_prompts": log_prompts,
         "usage_db": usage_db,
+        "conversion_cache": conversion_cache,
         "status_page": status_page,
         "engine_metrics": engine_metrics,
         "list_aliases": list_aliases,

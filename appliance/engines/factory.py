@@ -13,6 +13,7 @@ from appliance.engines.process_env import refuse_unsafe_environment
 from appliance.errors import ConfigError
 from appliance.host.inventory import DeviceKind, Inventory
 from appliance.host.placement import Allocation
+from appliance.hub.gguf import GgufCache, check_convertible, default_cache_dir, is_gguf
 
 PACKAGE_PREFIX = "package:"
 
@@ -20,8 +21,9 @@ PACKAGE_PREFIX = "package:"
 def resolve_source(spec: ModelSpec, base_dir: Path | None = None) -> str:
     """Where vLLM should load ``spec`` from: a folder on disk, or a hub id left as it is.
 
-    ``package:MODULE/PATH`` names a folder inside an installed Python package (the MiniLM
-    embedding model ships that way); a relative path is taken from the catalogue's folder.
+    ``package:MODULE/PATH`` names a folder (or a ``.gguf`` file) inside an installed Python
+    package (the MiniLM embedding model ships that way); a relative path is taken from the
+    catalogue's folder.
     Neither may contain ``..``, and a package source may not leave its package.
     """
     source = spec.source
@@ -78,8 +80,9 @@ def resolve_source(spec: ModelSpec, base_dir: Path | None = None) -> str:
                 if ".models" in source
                 else ""
             )
+            what = "file" if is_gguf(source) else "folder"
             raise ConfigError(
-                f"model {spec.name!r}: field 'source': folder {str(path)!r} does not exist{hint}",
+                f"model {spec.name!r}: field 'source': {what} {str(path)!r} does not exist{hint}",
                 param="source",
             )
         return str(path.resolve())
@@ -116,7 +119,10 @@ class EngineFactory:
         base_dir: Path | None = None,
         cpu_kv_cache_gib: int = 1,
         figures: EngineFigureSink | None = None,
+        gguf: GgufCache | None = None,
     ) -> None:
+        """``gguf``: the cache where ``.gguf`` sources are converted (the fetcher converts; an
+        engine here is given the converted folder); default: the default cache folder."""
         from appliance.engines.vllm import EngineArgsBuilder, prepare_process_environment
 
         # Before anything imports vLLM: it reads these once, at import or first engine.
@@ -124,6 +130,7 @@ class EngineFactory:
         self._base_dir = base_dir
         self._cpu_kv_cache_gib = cpu_kv_cache_gib
         self._figures = figures  # vLLM's engine figures go here when --engine-metrics is on
+        self._gguf = gguf or GgufCache(default_cache_dir())
         self._args = EngineArgsBuilder()
         # Client processes each engine core serves (``appliance up --workers``); set once the
         # host's devices are known, before any engine starts.
@@ -139,9 +146,12 @@ class EngineFactory:
     def validate(self, spec: ModelSpec) -> None:
         """Raise ``ConfigError`` naming the model and field if ``spec`` cannot be served."""
         if isinstance(spec, LocalModelSpec):
+            source = resolve_source(spec, self._base_dir)
+            if is_gguf(source):
+                check_convertible(spec.name, Path(source))
             self._args.build(
                 spec,
-                resolve_source(spec, self._base_dir),
+                source,
                 adapters=self._adapters(spec),
                 base_dir=self._base_dir,
             )
@@ -149,6 +159,11 @@ class EngineFactory:
     def adapter_source(self, model: str, name: str, source: str) -> str:
         """``source`` of an adapter loaded at run time, resolved as in ``models.yaml``."""
         return resolve_adapter_source(model, name, source, self._base_dir)
+
+    def _served_source(self, spec: ModelSpec) -> str:
+        """What the engine loads: the resolved source, or a GGUF file's converted folder."""
+        source = resolve_source(spec, self._base_dir)
+        return str(self._gguf.folder_for(Path(source))) if is_gguf(source) else source
 
     def _adapters(self, spec: LocalModelSpec) -> list[tuple[str, str]]:
         return [
@@ -188,7 +203,7 @@ class EngineFactory:
         refuse_unsafe_environment(env, where=f"model {spec.name!r}'s engine environment")
         args = self._args.build(
             spec,
-            resolve_source(spec, self._base_dir),
+            self._served_source(spec),
             gpu_memory_utilization=utilization,
             adapters=self._adapters(spec),
             base_dir=self._base_dir,

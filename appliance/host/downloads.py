@@ -30,6 +30,10 @@ class DownloadProgress:
     cached_bytes: int = 0  # on disk before this download started (not counted in the rate)
     clock: Callable[[], float] = time.monotonic
     started: float = field(default=0.0)
+    # "downloading" (bytes from the hub) or "converting" (a .gguf source becoming a
+    # safetensors folder, which has steps, not a byte rate); detail: the step under way.
+    activity: str = "downloading"
+    detail: str = ""
 
     def __post_init__(self) -> None:
         self.started = self.clock()
@@ -56,6 +60,13 @@ class DownloadProgress:
             return default
         return min(MAX_RETRY_SECONDS, max(MIN_RETRY_SECONDS, left))
 
+    def describe(self) -> str:
+        """What the step is doing, for a 503's message: ``downloading its files (3 of 9
+        bytes)`` or ``converting its GGUF file (dequantizing the weights)``."""
+        if self.activity == "converting":
+            return f"converting its GGUF file ({self.detail or 'starting'})"
+        return f"downloading its files ({self.done_bytes} of {self.total_bytes} bytes)"
+
     def as_status(self) -> dict[str, Any]:
         """Plain data for ``/admin/models``."""
         rate = self.bytes_per_second()
@@ -65,6 +76,8 @@ class DownloadProgress:
             "total_bytes": self.total_bytes,
             "bytes_per_second": round(rate) if rate is not None else None,
             "seconds_left": round(left, 1) if left is not None else None,
+            "activity": self.activity,
+            "detail": self.detail,
         }
 
 

@@ -17,6 +17,7 @@ from huggingface_hub import CachedRepoInfo, constants, scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
 
 from appliance.catalogue.schema import ModelSpec
+from appliance.hub.gguf import is_gguf
 from appliance.hub.pull import PACKAGE_PREFIX, PullError, PullTarget, target_for_spec
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -97,6 +98,10 @@ def _local_files(spec: ModelSpec, base_dir: Path | None) -> FilesOnDisk:
     folder = Path(source).expanduser()
     if not folder.is_absolute() and base_dir is not None:
         folder = base_dir / folder
+    if is_gguf(source) and folder.is_file():
+        # A GGUF file: its converted folder is a cache the appliance remakes when it is gone.
+        size = folder.stat().st_size
+        return FilesOnDisk(present=True, size_bytes=size, location=str(folder), removable=False)
     if not folder.is_dir():
         return FilesOnDisk(present=False, size_bytes=0, location=str(folder), removable=False)
     return FilesOnDisk(

@@ -141,6 +141,8 @@ def target_for_spec(spec: ModelSpec, base_dir: Path | None = None) -> PullTarget
         local = base_dir / local
     if source.startswith(PACKAGE_PREFIX) or local.is_dir():
         raise PullError(f"{spec.name} is loaded from a local folder ({source}): nothing to pull")
+    if local.is_file():
+        raise PullError(f"{spec.name} is loaded from a local file ({source}): nothing to pull")
     engine = {key.replace("-", "_"): value for key, value in spec.engine.items()}
     revision = engine.get("revision")
     download_dir = engine.get("download_dir")

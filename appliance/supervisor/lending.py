@@ -170,8 +170,7 @@ class Lending:
         if state is S.DOWNLOADING and handle.download is not None:
             progress = handle.download
             return ModelDownloadingError(
-                f"model {name!r} is downloading its files ({progress.done_bytes} of "
-                f"{progress.total_bytes} bytes); it loads next",
+                f"model {name!r} is {progress.describe()}; it loads next",
                 retry_after=round(progress.retry_after(retry)),
             )
         if state is S.DRAINING:

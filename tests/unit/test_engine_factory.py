@@ -105,3 +105,30 @@ def test_a_link_out_of_the_package_is_refused(tmp_path: Path) -> None:
             resolve_source(spec, tmp_path)
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_a_gguf_source_is_served_from_its_converted_folder(tmp_path: Path) -> None:
+    """validate checks the file itself (refusing what transformers cannot read); the engine
+    is given the folder the fetcher converts it into, named by the file's hash."""
+    import gguf
+    import numpy as np
+
+    from appliance.hub.gguf import GgufCache, file_sha256
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "nosucharch")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    spec = parse_model_spec({"name": "odd", "source": "./odd.gguf", "task": "generate"})
+    cache = GgufCache(tmp_path / "cache")
+    factory = EngineFactory(base_dir=tmp_path, gguf=cache)
+    with pytest.raises(ConfigError, match="architecture 'nosucharch' is not one transformers"):
+        factory.validate(spec)
+    inventory = cpu_inventory(8)
+    allocation = place(Demand.from_spec(spec), inventory, [], default_share=0.9)
+    engine = factory.create(spec, allocation, inventory)
+    assert isinstance(engine, VLLMEngine)
+    assert engine._args.model == str(tmp_path / "cache" / file_sha256(path))

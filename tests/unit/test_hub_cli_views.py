@@ -22,6 +22,12 @@ def test_describe_state_while_downloading() -> None:
     assert describe_state({"state": "ready", "download": None}) == "ready"
 
 
+def test_describe_state_while_converting_a_gguf_file() -> None:
+    download = {"activity": "converting", "detail": "writing safetensors", "total_bytes": 9}
+    model = {"state": "downloading", "download": download}
+    assert describe_state(model) == "converting GGUF (writing safetensors)"
+
+
 def test_describe_times_and_files() -> None:
     assert describe_times({"load_seconds": 31.23, "wake_seconds": 0.94}) == "31.2s (wake 0.9s)"
     assert describe_times({"load_seconds": None}) == "-"

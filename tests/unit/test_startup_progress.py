@@ -10,6 +10,7 @@ from io import StringIO
 from rich.console import Console
 
 from appliance.cli.startup_progress import StartupProgress, render
+from appliance.host.downloads import DownloadProgress
 from appliance.supervisor.states import ModelState
 
 
@@ -31,6 +32,7 @@ class FakeHandle:
     spec: FakeSpec = field(default_factory=FakeSpec)
     load_seconds: float | None = None
     last_error: str | None = None
+    download: DownloadProgress | None = None
 
 
 class FakeSupervisor:
@@ -66,6 +68,15 @@ def test_lines_per_state() -> None:
     assert "✓ embed ready 12.3s" in text
     assert "✗ broken failed out of memory" in text
     assert "spare" not in text  # not autoloaded and not loading: nothing to show
+
+
+def test_a_gguf_conversion_shows_its_step() -> None:
+    converting = DownloadProgress(activity="converting", detail="dequantizing the weights")
+    supervisor = FakeSupervisor(
+        [FakeHandle("smollm2", ModelState.DOWNLOADING, download=converting)]
+    )
+    text = text_of(render(supervisor, now=107.0))  # type: ignore[arg-type]
+    assert "smollm2 converting GGUF dequantizing the weights 7s" in text
 
 
 def test_remote_entries_are_not_drawn() -> None:
