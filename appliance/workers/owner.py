@@ -15,7 +15,9 @@ and per-key usage are counted once, here. A worker that dies gives back every le
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
+import math
 import pickle
 import weakref
 from collections import Counter
@@ -95,7 +97,12 @@ class OwnerService:
 
     def handlers(self) -> dict[str, Any]:
         """The calls a worker may make, for ``ControlServer``."""
-        return {"lease": self.lease, "release": self.release, "observe": self.observe}
+        return {
+            "lease": self.lease,
+            "release": self.release,
+            "observe": self.observe,
+            "keep_alive": self.keep_alive,
+        }
 
     async def lease(self, session: WorkerSession, args: dict[str, Any]) -> dict[str, Any]:
         """Admit one model request a worker received; lend it the engine's link."""
@@ -166,6 +173,16 @@ class OwnerService:
         release = session.give_back(str(args.get("lease")))
         if release is not None:
             await release()
+        return {}
+
+    async def keep_alive(self, session: WorkerSession, args: dict[str, Any]) -> dict[str, Any]:
+        """A worker's request asked its model to stay ``seconds`` once idle (Ollama's
+        ``keep_alive``; the worker checked the caller may; -1: for good)."""
+        seconds = float(args.get("seconds", -1))
+        with contextlib.suppress(ApplianceError):  # unloaded or removed meanwhile
+            self._router.supervisor.get(str(args.get("entry"))).ask_keep_alive(
+                math.inf if seconds < 0 else seconds
+            )
         return {}
 
     async def observe(self, session: WorkerSession, args: dict[str, Any]) -> dict[str, Any]:

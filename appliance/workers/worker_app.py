@@ -40,6 +40,7 @@ from appliance.api.error_handlers import register_error_handlers
 from appliance.api.forwarded import NameTheWorker
 from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.model_access import Lease, model_of
+from appliance.api.ollama_routes import OLLAMA_MODEL_PATHS, build_ollama_router, keep_alive_wire
 from appliance.api.openai_routes import build_openai_router
 from appliance.api.peer import local_host_names
 from appliance.api.vllm_routes import build_vllm_router
@@ -495,7 +496,7 @@ def _served_here(scope: Scope) -> bool:
     if scope.get("method") != "POST":
         return False
     path = scope.get("path", "")
-    return path in _OPENAI_PATHS or is_model_route(path)
+    return path in _OPENAI_PATHS or path in OLLAMA_MODEL_PATHS or is_model_route(path)
 
 
 def create_worker_app(
@@ -539,6 +540,20 @@ def create_worker_app(
     )
     local.include_router(
         build_vllm_router(access, figures, log_prompts=settings.log_prompts)  # type: ignore[arg-type]
+    )
+
+    async def keep_alive(entry: str, seconds: float) -> None:
+        # The owner's supervisor keeps the model's idle clock: tell it.
+        with contextlib.suppress(ControlError):
+            await control.call("keep_alive", entry=entry, seconds=keep_alive_wire(seconds))
+
+    local.include_router(
+        build_ollama_router(
+            access,  # type: ignore[arg-type]
+            figures,  # type: ignore[arg-type]
+            keep_alive=keep_alive,
+            log_prompts=settings.log_prompts,
+        )
     )
     # Inside the key check: a request given up on is passed on without taking a key slot
     # here (the owner's own check takes it).
