@@ -101,7 +101,10 @@ def build_ollama_table_router(app: Appliance) -> APIRouter:
         seconds = handle.keep_alive()
         if seconds is None or math.isinf(seconds):
             return FOREVER
-        idle_since = time.time() - (time.monotonic() - handle.last_used)
+        last_used = handle.last_used
+        if handle.slot is not None:  # requests HTTP workers admitted by themselves
+            last_used = max(last_used, supervisor.board.last_used(handle.slot))
+        idle_since = time.time() - (time.monotonic() - last_used)
         return _stamp(idle_since + seconds)
 
     def known(request: Request, asked: str) -> tuple[str, ModelSpec]:

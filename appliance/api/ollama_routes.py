@@ -52,7 +52,7 @@ from appliance.api.openai_routes import (
     _watch_stream,
     read_json_object,
 )
-from appliance.engines.base import Endpoint, JSONReply, StreamReply
+from appliance.engines.base import Endpoint, JSONReply, StreamReply, Usage
 from appliance.errors import ApplianceError
 from appliance.metrics import Metrics
 from appliance.request_info import request_info
@@ -130,7 +130,9 @@ def build_ollama_router(
             info.usage = reply.usage
             if reply.status_code >= 400:
                 return ollama_error(error_message(reply.body), reply.status_code)
-            return JSONResponse(_answer(label, kind, asked, json.loads(reply.body), timing, info))
+            answer = json.loads(reply.body)
+            info.usage = info.usage or Usage.of(answer.get("usage"))
+            return JSONResponse(_answer(label, kind, asked, answer, timing, info))
         assert isinstance(reply, StreamReply) and kind is not None
         translator = StreamTranslator(kind, asked, timing)
 

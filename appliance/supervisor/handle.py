@@ -133,6 +133,7 @@ class ModelHandle:
         request asked; the entry's own ``keep_alive`` applies again to its next engine."""
         if self.engine is not None:
             self.keep_alive_asked = (self.engine, seconds)
+            self.last_used = time.monotonic()  # the asking request is using it now
 
     def keep_alive(self) -> float | None:
         """Idle seconds before the running engine unloads (None: it stays): a request's
