@@ -98,7 +98,7 @@ def test_list_ps_show(olla: ollama.Client) -> None:
     assert olla.show("minilm").capabilities == ["embedding"]
 
 
-def test_keep_alive_is_honoured(olla: ollama.Client) -> None:
+def test_keep_alive_is_honoured(olla: ollama.Client, serving_appliance: ApplianceProcess) -> None:
     """A request's keep_alive sets when its model unloads once idle; -1 keeps it loaded (as
     the shared appliance's models are: later modules rely on it)."""
     try:
@@ -111,8 +111,15 @@ def test_keep_alive_is_honoured(olla: ollama.Client) -> None:
         olla.chat(model="tiny-chat", messages=MESSAGES, options=FEW, keep_alive=-1)
     expires = {m.model: m.expires_at for m in olla.ps().models}["tiny-chat"]
     assert expires is not None and expires.year == 9999
-    # The OpenAI route accepts the field too (vLLM ignores what it does not know).
-    assert olla.chat(model="tiny-chat", messages=MESSAGES, options=FEW).done
+    # The OpenAI route accepts the field too (and leaves it to the model's own keep_alive).
+    plain = httpx.post(
+        f"{serving_appliance.url}/v1/chat/completions",
+        json={"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 2, "keep_alive": "5m"},
+        timeout=60,
+    )
+    assert plain.status_code == 200, plain.text
+    expires = {m.model: m.expires_at for m in olla.ps().models}["tiny-chat"]
+    assert expires is not None and expires.year == 9999
 
 
 @pytest.mark.parametrize(
