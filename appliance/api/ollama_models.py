@@ -185,17 +185,19 @@ def build_ollama_table_router(app: Appliance) -> APIRouter:
         reachable from here."""
         require_role(Role.ADMIN)(request)
         return ollama_error(
-            "pull a model's files with `appliance hub pull NAME` (or POST "
-            "/admin/models/NAME/pull); Ollama's registry is not used",
+            "pull a catalogue model's files from the hub with `appliance models pull NAME` "
+            "(POST /admin/models/NAME/pull); Ollama's registry is not used",
             501,
         )
 
     @api.delete("/delete", summary="Ollama: delete (admin)")
     async def delete(request: Request) -> JSONResponse:
-        """Admins remove models from models.yaml (``appliance models rm``)."""
+        """Admins free a hub model's files with ``appliance models rm``."""
         require_role(Role.ADMIN)(request)
         return ollama_error(
-            "remove a model with `appliance models rm NAME` (it edits models.yaml)", 501
+            "free a hub model's files with `appliance models rm NAME` "
+            "(DELETE /admin/models/NAME/files); the catalogue is models.yaml",
+            501,
         )
 
     for route, why in _NOT_MAPPED.items():

@@ -181,4 +181,4 @@ def test_pull_and_delete_are_for_admins(client: TestClient) -> None:
         == 403
     )
     admin = client.post("/api/pull", json={"model": "chat"}, headers=ADMIN)
-    assert admin.status_code == 501 and "hub pull" in admin.json()["error"]
+    assert admin.status_code == 501 and "models pull" in admin.json()["error"]
