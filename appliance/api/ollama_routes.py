@@ -9,8 +9,9 @@ routes (tags, ps, show) read the owner's table; what cannot map (Modelfiles: cre
 copy) answers Ollama's way, with a message saying why.
 
 ``keep_alive`` (a request's wish of how long its model stays loaded after it) is honoured for
-callers that may load models on demand (admins and keys with ``may_load``): a key that may not
-load a model back must not be able to unload one that others use; for others it is ignored.
+admins, and for callers that may load models on demand (keys with ``may_load``) on models that
+load on demand: nobody else may unload a model others use and could not load back; for others
+it is ignored.
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ NDJSON = "application/x-ndjson"
 
 class KeepAliveSetter(Protocol):
     """Sets how long ``entry``'s running engine stays loaded once idle (``math.inf``: for
-    good), as a request's ``keep_alive`` asks."""
+    good), as a request's ``keep_alive`` asks; ``admin``: the caller is an admin (else only a
+    model that loads on demand takes it)."""
 
-    def __call__(self, entry: str, seconds: float) -> Awaitable[None]:
-        """Apply ``seconds`` to ``entry``."""
+    def __call__(self, entry: str, seconds: float, admin: bool) -> Awaitable[None]:
+        """Apply ``seconds`` to ``entry`` if the caller may."""
         ...
 
 
@@ -76,8 +78,14 @@ def ollama_error(message: str, status: int) -> JSONResponse:
 
 
 def may_set_keep_alive(request: Request) -> bool:
-    """Whether this caller's ``keep_alive`` is honoured (see the module's docstring)."""
+    """Whether this caller's ``keep_alive`` may be honoured at all (the model is checked
+    where the table is: see the module's docstring)."""
     return caller_is_admin(request.scope) or may_load_on_demand(request.scope)
+
+
+def keep_alive_allowed(admin: bool, load_on_demand: bool) -> bool:
+    """Whether a ``keep_alive`` that passed ``may_set_keep_alive`` applies to a model."""
+    return admin or load_on_demand
 
 
 Build = Callable[[dict[str, Any]], tuple[Endpoint, Kind | None, dict[str, Any], bool]]
@@ -109,7 +117,7 @@ def build_ollama_router(
         release.push_async_callback(lease.release)
         try:
             if seconds is not None and keep_alive is not None and may_set_keep_alive(request):
-                await keep_alive(lease.entry, seconds)
+                await keep_alive(lease.entry, seconds, caller_is_admin(request.scope))
             asked = str(raw.get("model"))
             if not has_work:
                 await release.aclose()
@@ -241,8 +249,10 @@ def keep_alive_wire(seconds: float) -> float:
 def keep_alive_in(supervisor: Supervisor) -> KeepAliveSetter:
     """The ``KeepAliveSetter`` of the process that owns the model table."""
 
-    async def set_keep_alive(entry: str, seconds: float) -> None:
+    async def set_keep_alive(entry: str, seconds: float, admin: bool) -> None:
         with contextlib.suppress(ApplianceError):  # unloaded or removed meanwhile
-            supervisor.get(entry).ask_keep_alive(seconds)
+            handle = supervisor.get(entry)
+            if handle.local is not None and keep_alive_allowed(admin, handle.local.load_on_demand):
+                handle.ask_keep_alive(seconds)
 
     return set_keep_alive

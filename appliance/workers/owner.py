@@ -15,7 +15,6 @@ and per-key usage are counted once, here. A worker that dies gives back every le
 from __future__ import annotations
 
 import base64
-import contextlib
 import itertools
 import math
 import pickle
@@ -28,6 +27,7 @@ from starlette.requests import Request
 
 from appliance.api.auth import ACCESS_SCOPE, KEY_SCOPE, Access, KeyIdentity, key_identity
 from appliance.api.model_access import TableAccess
+from appliance.api.ollama_routes import keep_alive_in
 from appliance.api_keys import AuthConfig
 from appliance.engines.base import (
     Endpoint,
@@ -94,6 +94,7 @@ class OwnerService:
         self._in_workers: Counter[str] = Counter()
         router.supervisor.peer_running = lambda name: self._in_workers[name]
         self._engine_metrics = engine_metrics
+        self._keep_alive = keep_alive_in(router.supervisor)
 
     def handlers(self) -> dict[str, Any]:
         """The calls a worker may make, for ``ControlServer``."""
@@ -177,12 +178,12 @@ class OwnerService:
 
     async def keep_alive(self, session: WorkerSession, args: dict[str, Any]) -> dict[str, Any]:
         """A worker's request asked its model to stay ``seconds`` once idle (Ollama's
-        ``keep_alive``; the worker checked the caller may; -1: for good)."""
+        ``keep_alive``; -1: for good); the worker checked the caller's key, the model's
+        ``load_on_demand`` is checked here."""
         seconds = float(args.get("seconds", -1))
-        with contextlib.suppress(ApplianceError):  # unloaded or removed meanwhile
-            self._router.supervisor.get(str(args.get("entry"))).ask_keep_alive(
-                math.inf if seconds < 0 else seconds
-            )
+        await self._keep_alive(
+            str(args.get("entry")), math.inf if seconds < 0 else seconds, bool(args.get("admin"))
+        )
         return {}
 
     async def observe(self, session: WorkerSession, args: dict[str, Any]) -> dict[str, Any]:

@@ -542,10 +542,12 @@ def create_worker_app(
         build_vllm_router(access, figures, log_prompts=settings.log_prompts)  # type: ignore[arg-type]
     )
 
-    async def keep_alive(entry: str, seconds: float) -> None:
+    async def keep_alive(entry: str, seconds: float, admin: bool) -> None:
         # The owner's supervisor keeps the model's idle clock: tell it.
         with contextlib.suppress(ControlError):
-            await control.call("keep_alive", entry=entry, seconds=keep_alive_wire(seconds))
+            await control.call(
+                "keep_alive", entry=entry, seconds=keep_alive_wire(seconds), admin=admin
+            )
 
     local.include_router(
         build_ollama_router(

@@ -66,7 +66,8 @@ class Maker(EchoMaker):
 def client(tmp_path: Path) -> Iterator[TestClient]:
     config = tmp_path / "models.yaml"
     entry = {"name": "chat", "source": "org/chat", "resources": {"memory_gib": 1}}
-    config.write_text(yaml.safe_dump({"models": [entry]}))
+    pinned = {"name": "pinned", "source": "org/pinned", "resources": {"memory_gib": 1}}
+    config.write_text(yaml.safe_dump({"models": [{**entry, "load_on_demand": True}, pinned]}))
     keys = [
         ApiKey.model_validate({"name": "ops", "key": ADMIN["Authorization"][7:], "role": "admin"}),
         ApiKey.model_validate({"name": "loader", "key": LOADER["Authorization"][7:]}),
@@ -90,8 +91,8 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
         yield test_client
 
 
-def _handle(client: TestClient) -> Any:
-    return client.app_state.appliance.supervisor.get("chat")  # type: ignore[attr-defined]
+def _handle(client: TestClient, name: str = "chat") -> Any:
+    return client.app_state.appliance.supervisor.get(name)  # type: ignore[attr-defined]
 
 
 def test_chat_whole_and_streamed(client: TestClient) -> None:
@@ -130,6 +131,12 @@ def test_keep_alive_is_honoured_only_for_keys_that_may_load(client: TestClient) 
     assert handle.keep_alive() == 300.0
     client.post("/api/chat", json={**body, "keep_alive": -1}, headers=ADMIN)
     assert handle.keep_alive() is None and handle.keep_alive_asked[1] == math.inf
+    # A model that does not load on demand takes keep_alive from admins only.
+    pinned = {**body, "model": "pinned"}
+    client.post("/api/chat", json={**pinned, "keep_alive": 0}, headers=LOADER)
+    assert _handle(client, "pinned").keep_alive() is None
+    client.post("/api/chat", json={**pinned, "keep_alive": 60}, headers=ADMIN)
+    assert _handle(client, "pinned").keep_alive() == 60.0
     # Asked of one engine only: the next engine goes by the entry's keep_alive again.
     handle.keep_alive_asked = (object(), 1.0)
     assert handle.keep_alive() is None
@@ -137,7 +144,7 @@ def test_keep_alive_is_honoured_only_for_keys_that_may_load(client: TestClient) 
 
 def test_lists_show_version(client: TestClient) -> None:
     tags = client.get("/api/tags", headers=LOADER).json()["models"]
-    assert [m["name"] for m in tags] == ["chat"]
+    assert [m["name"] for m in tags] == ["chat", "pinned"]
     ps = client.get("/api/ps", headers=LOADER).json()["models"]
     assert ps[0]["name"] == "chat" and ps[0]["expires_at"].startswith("9999")
     shown = client.post("/api/show", json={"model": "chat:latest"}, headers=LOADER).json()
