@@ -105,7 +105,7 @@ def test_keep_alive_is_honoured(olla: ollama.Client, serving_appliance: Applianc
         olla.chat(model="tiny-chat", messages=MESSAGES, options=FEW, keep_alive="7m")
         expires = {m.model: m.expires_at for m in olla.ps().models}["tiny-chat"]
         assert expires is not None
-        left = expires - dt.datetime.now(dt.UTC)
+        left = expires - dt.datetime.now(dt.timezone.utc)
         assert dt.timedelta(minutes=6) < left <= dt.timedelta(minutes=7, seconds=5)
     finally:
         olla.chat(model="tiny-chat", messages=MESSAGES, options=FEW, keep_alive=-1)
