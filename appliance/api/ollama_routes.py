@@ -138,7 +138,12 @@ def build_ollama_router(
             info.usage = reply.usage
             if reply.status_code >= 400:
                 return ollama_error(error_message(reply.body), reply.status_code)
-            answer = json.loads(reply.body)
+            try:
+                answer = json.loads(reply.body)
+            except ValueError:  # a remote backend's garbage
+                return ollama_error("the model's backend answered something that is not JSON", 502)
+            if not isinstance(answer, dict):
+                return ollama_error("the model's backend answered something unexpected", 502)
             info.usage = info.usage or Usage.of(answer.get("usage"))
             return JSONResponse(_answer(label, kind, asked, answer, timing, info))
         assert isinstance(reply, StreamReply) and kind is not None
