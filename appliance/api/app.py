@@ -27,6 +27,8 @@ from appliance.api.metrics_routes import build_metrics_router
 from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.model_access import TableAccess
 from appliance.api.observers import RequestObservers
+from appliance.api.ollama_models import build_ollama_table_router
+from appliance.api.ollama_routes import build_ollama_router, keep_alive_in
 from appliance.api.openai_routes import build_model_list_router, build_openai_router
 from appliance.api.peer import local_host_names
 from appliance.api.plan_routes import build_plan_router
@@ -163,6 +165,16 @@ def create_app(
         )
     )
     app.include_router(build_table_routes(core.router, core.metrics, stored=stored))
+    app.include_router(
+        build_ollama_router(
+            access,
+            core.metrics,
+            keep_alive=keep_alive_in(core.supervisor),
+            log_prompts=settings.log_prompts,
+            limits=limits,
+        )
+    )
+    app.include_router(build_ollama_table_router(core))
     app.include_router(build_admin_router(core))
     app.include_router(build_hub_router(core))
     app.include_router(build_plan_router(core))

@@ -456,7 +456,7 @@ class AuthMiddleware:
             # No HTTP answer is possible before the handshake; 1008 is "policy violation".
             await send({"type": "websocket.close", "code": 1008})
             return
-        response = appliance_error_response(exc)
+        response = appliance_error_response(exc, scope.get("path", ""))
         if isinstance(exc, AuthenticationError):
             response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
@@ -480,7 +480,8 @@ def _missing_or_wrong(scope: Scope) -> AuthenticationError:
 
 
 def _needed_role(path: str, root_path: str = "") -> Role | None:
-    """The role a path needs: admin for /admin, user for /v1, None (any key) for the rest."""
+    """The role a path needs: admin for /admin, user for /v1 and Ollama's /api, None (any
+    key) for the rest."""
     if root_path and path.startswith(root_path):
         path = path[len(root_path) :]
     # Repeated slashes are collapsed so that "//admin" cannot pass as a non-admin path.
@@ -488,7 +489,7 @@ def _needed_role(path: str, root_path: str = "") -> Role | None:
     first = parts[0] if parts else ""
     if first == "admin":
         return Role.ADMIN
-    if first == "v1" or is_model_route("/" + "/".join(parts)):
+    if first in ("v1", "api") or is_model_route("/" + "/".join(parts)):
         return Role.USER  # the model routes outside /v1 (/tokenize, /rerank...) too
     return None
 

@@ -54,7 +54,7 @@ class CrossSiteGuard:
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
         else:
-            await appliance_error_response(problem)(scope, receive, send)
+            await appliance_error_response(problem, scope.get("path", ""))(scope, receive, send)
 
     def _check(self, scope: Scope, headers: dict[bytes, str]) -> ApplianceError | None:
         host = headers.get(b"host", "")

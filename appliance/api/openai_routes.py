@@ -153,8 +153,9 @@ class _ReleasingStream(StreamingResponse):
         source: AsyncIterator[bytes],
         release: contextlib.AsyncExitStack,
         headers: dict[str, str],
+        media_type: str = "text/event-stream",
     ) -> None:
-        super().__init__(watched, media_type="text/event-stream", headers=headers)
+        super().__init__(watched, media_type=media_type, headers=headers)
         self._watched = watched
         self._source = source
         self._release = release

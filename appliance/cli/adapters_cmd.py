@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from appliance.cli.models_cmd import KEY_OPTION, URL_OPTION, AdminClient, out
+from appliance.cli.output import JSON_OPTION, print_json, print_table
 
 adapters_app = typer.Typer(help="List, load and unload a model's LoRA adapters at run time.")
 
@@ -21,15 +22,19 @@ def list_adapters(
     model: str = typer.Argument(..., help="The base model."),
     url: str = URL_OPTION,
     api_key: str | None = KEY_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """The LoRA adapters a model serves, each a model name of its own."""
     body = AdminClient(url, api_key).call("GET", _path(model))
+    if as_json:
+        print_json(body)
+        return
     table = Table(title=f"adapters of {model}")
     for column in ("NAME", "SOURCE"):
         table.add_column(column)
     for adapter in body.get("data", []):
         table.add_row(adapter["name"], adapter["source"])
-    out.print(table)
+    print_table(table, out)
 
 
 @adapters_app.command("load")

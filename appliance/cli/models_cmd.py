@@ -14,6 +14,7 @@ from rich.table import Table
 from appliance.admin_key import find_admin_key
 from appliance.cli.files_view import describe_files
 from appliance.cli.load_progress import describe_state, describe_times, follow_load
+from appliance.cli.output import JSON_OPTION, print_json, print_table
 
 models_app = typer.Typer(help="List, load and unload models on a running appliance.")
 out = Console()
@@ -87,11 +88,17 @@ def _gib(value: Any) -> str:
 
 
 @models_app.command("list")
-def list_models(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+def list_models(
+    url: str = URL_OPTION, api_key: str | None = KEY_OPTION, as_json: bool = JSON_OPTION
+) -> None:
     """Every model in the catalogue, local and remote, with its state."""
     client = AdminClient(url, api_key)
     body = client.call("GET", "/admin/models")
     on_disk = {f["name"]: f for f in client.call("GET", "/admin/files").get("data", [])}
+    if as_json:
+        # The admin API's answer, each model with its files on disk (null: not a local one).
+        print_json({**body, "data": [{**m, "files": on_disk.get(m["name"])} for m in body["data"]]})
+        return
     table = Table(title=f"catalogue ({body.get('catalogue_source', '?')})")
     for column in ("NAME", "ALIASES", "TASK", "VERSION", "OWNER", "SOURCE", "STATE", "ON DISK"):
         table.add_column(column)
@@ -118,13 +125,19 @@ def list_models(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None
                 m.get("state", "-"),
                 "-",
             )
-    out.print(table)
+    print_table(table, out)
 
 
 @models_app.command("ps")
-def ps(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+def ps(
+    url: str = URL_OPTION, api_key: str | None = KEY_OPTION, as_json: bool = JSON_OPTION
+) -> None:
     """Models that are loaded or on their way: devices, memory, load time, requests."""
     body = AdminClient(url, api_key).call("GET", "/admin/models")
+    running = [m for m in body.get("data", []) if m.get("state") not in (None, "unloaded")]
+    if as_json:
+        print_json({**body, "data": running})
+        return
     table = Table(title=f"running models ({body.get('device_kind', '?')})")
     columns = (
         "NAME",
@@ -138,9 +151,7 @@ def ps(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
     )
     for column in columns:
         table.add_column(column)
-    for m in body.get("data", []):
-        if m.get("state") in (None, "unloaded"):
-            continue
+    for m in running:
         devices = ",".join(str(d) for d in m.get("devices", [])) or "-"
         table.add_row(
             m["name"],
@@ -152,7 +163,7 @@ def ps(url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
             str(m.get("in_flight", 0)),
             (m.get("last_error") or "")[:60],
         )
-    out.print(table)
+    print_table(table, out)
 
 
 def _sleep(model: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from rich.console import Console
 
 from appliance.cli.files_view import describe_files
 from appliance.cli.models_cmd import KEY_OPTION, URL_OPTION, AdminClient
+from appliance.cli.output import JSON_OPTION, print_json
 
 out = Console()
 
@@ -56,8 +57,13 @@ def plan_lines(body: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plan(name: str, url: str = URL_OPTION, api_key: str | None = KEY_OPTION) -> None:
+def plan(
+    name: str, url: str = URL_OPTION, api_key: str | None = KEY_OPTION, as_json: bool = JSON_OPTION
+) -> None:
     """Dry run of loading a model: devices, memory, which models would sleep or be evicted."""
     body = AdminClient(url, api_key).call("GET", f"/admin/models/{name}/plan")
+    if as_json:
+        print_json(body)
+        return
     for line in plan_lines(body):
         out.print(line, highlight=False, soft_wrap=True)

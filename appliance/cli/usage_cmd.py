@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance.cli.models_cmd import KEY_OPTION, URL_OPTION, AdminClient
+from appliance.cli.output import JSON_OPTION, print_json, print_table
 
 out = Console()
 _DAYS = re.compile(r"^(\d+)d$")
@@ -39,6 +40,7 @@ def usage(
     key: str | None = typer.Option(None, help="Only this key (by its name)."),
     url: str = URL_OPTION,
     api_key: str | None = KEY_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Requests and tokens per API key and model (kept across restarts)."""
     query: dict[str, str] = {}
@@ -48,6 +50,9 @@ def usage(
         query["key"] = key
     path = "/admin/usage" + (f"?{urlencode(query)}" if query else "")
     body = AdminClient(url, api_key).call("GET", path)
+    if as_json:
+        print_json(body)
+        return
     title = f"usage since {body['since']}" if body.get("since") else "usage"
     table = Table(title=title)
     columns = ("KEY", "MODEL", "REQUESTS", "ERRORS", "PROMPT", "GENERATED", "TOTAL")
@@ -67,4 +72,4 @@ def usage(
     if len(body.get("data", [])) > 1:
         table.add_section()
         table.add_row("all", "", *(str(n) for n in totals))
-    out.print(table)
+    print_table(table, out)

@@ -8,6 +8,7 @@ engines and to report lifecycle events (metrics implement the observer).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -117,6 +118,8 @@ class ModelHandle:
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> its source
     wake_seconds: float | None = None  # how long its last wake from sleep took
     download: DownloadProgress | None = None  # while (or since) its files were downloading
+    # A request's keep_alive (Ollama's API): (the engine it was asked for, idle seconds).
+    keep_alive_asked: tuple[Engine, float] | None = None
 
     @property
     def name(self) -> str:
@@ -127,6 +130,22 @@ class ModelHandle:
     def local(self) -> LocalModelSpec | None:
         """The entry when this appliance's engines serve it; None for a remote backend."""
         return self.spec if isinstance(self.spec, LocalModelSpec) else None
+
+    def ask_keep_alive(self, seconds: float) -> None:
+        """Keep the running engine ``seconds`` once idle (``math.inf``: until unloaded), as a
+        request asked; the entry's own ``keep_alive`` applies again to its next engine."""
+        if self.engine is not None:
+            self.keep_alive_asked = (self.engine, seconds)
+            self.last_used = time.monotonic()  # the asking request is using it now
+
+    def keep_alive(self) -> float | None:
+        """Idle seconds before the running engine unloads (None: it stays): a request's
+        ``keep_alive`` for this engine, else the entry's."""
+        asked = self.keep_alive_asked
+        if asked is not None and asked[0] is self.engine:
+            return None if math.isinf(asked[1]) else asked[1]
+        self.keep_alive_asked = None  # asked of an engine since stopped
+        return self.local.keep_alive if self.local is not None else None
 
     @property
     def autoload(self) -> bool:

@@ -94,7 +94,7 @@ class Supervision:
                 if not handle.engine.is_alive():
                     self.mark_failed(handle, "engine died")
                     continue
-                keep_alive = handle.local.keep_alive
+                keep_alive = handle.keep_alive()
                 in_workers, last_used = supervisor.lending.worker_use(handle)
                 idle = handle.in_flight + in_workers == 0 and now - last_used > (keep_alive or 0)
                 if keep_alive is not None and idle:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import math
 import pickle
 import weakref
 from collections import Counter
@@ -26,6 +27,7 @@ from starlette.requests import Request
 
 from appliance.api.auth import ACCESS_SCOPE, KEY_SCOPE, Access, KeyIdentity, key_identity
 from appliance.api.model_access import TableAccess
+from appliance.api.ollama_routes import keep_alive_in
 from appliance.api.request_limits import RequestCost
 from appliance.api_keys import AuthConfig
 from appliance.engines.base import (
@@ -93,10 +95,16 @@ class OwnerService:
         self._in_workers: Counter[str] = Counter()
         router.supervisor.peer_running = lambda name: self._in_workers[name]
         self._engine_metrics = engine_metrics
+        self._keep_alive = keep_alive_in(router.supervisor)
 
     def handlers(self) -> dict[str, Any]:
         """The calls a worker may make, for ``ControlServer``."""
-        return {"lease": self.lease, "release": self.release, "observe": self.observe}
+        return {
+            "lease": self.lease,
+            "release": self.release,
+            "observe": self.observe,
+            "keep_alive": self.keep_alive,
+        }
 
     async def lease(self, session: WorkerSession, args: dict[str, Any]) -> dict[str, Any]:
         """Admit one model request a worker received; lend it the engine's link."""
@@ -169,6 +177,16 @@ class OwnerService:
         release = session.give_back(str(args.get("lease")))
         if release is not None:
             await release()
+        return {}
+
+    async def keep_alive(self, session: WorkerSession, args: dict[str, Any]) -> dict[str, Any]:
+        """A worker's request asked its model to stay ``seconds`` once idle (Ollama's
+        ``keep_alive``; -1: for good); the worker checked the caller's key, the model's
+        ``load_on_demand`` is checked here."""
+        seconds = float(args.get("seconds", -1))
+        await self._keep_alive(
+            str(args.get("entry")), math.inf if seconds < 0 else seconds, bool(args.get("admin"))
+        )
         return {}
 
     async def observe(self, session: WorkerSession, args: dict[str, Any]) -> dict[str, Any]:

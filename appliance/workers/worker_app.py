@@ -41,6 +41,7 @@ from appliance.api.error_handlers import register_error_handlers
 from appliance.api.forwarded import NameTheWorker
 from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.model_access import Lease, model_of
+from appliance.api.ollama_routes import OLLAMA_MODEL_PATHS, build_ollama_router, keep_alive_wire
 from appliance.api.openai_routes import build_openai_router
 from appliance.api.peer import local_host_names
 from appliance.api.request_limits import RequestCost, request_limits_of
@@ -527,7 +528,11 @@ def _served_here(scope: Scope) -> bool:
     path = scope.get("path", "")
     # A stored response's own routes (/v1/responses/{id}/cancel) are the owner's: it holds
     # every stored response.
-    return path in _OPENAI_PATHS or (is_model_route(path) and path in ENGINE_PATHS)
+    return (
+        path in _OPENAI_PATHS
+        or path in OLLAMA_MODEL_PATHS
+        or (is_model_route(path) and path in ENGINE_PATHS)
+    )
 
 
 def create_worker_app(
@@ -577,6 +582,22 @@ def create_worker_app(
     local.include_router(
         build_vllm_router(  # type: ignore[arg-type]
             access, figures, log_prompts=settings.log_prompts, limits=limits, screen=screen
+        )
+    )
+
+    async def keep_alive(entry: str, seconds: float, admin: bool) -> None:
+        # The owner's supervisor keeps the model's idle clock: tell it.
+        with contextlib.suppress(ControlError):
+            await control.call(
+                "keep_alive", entry=entry, seconds=keep_alive_wire(seconds), admin=admin
+            )
+
+    local.include_router(
+        build_ollama_router(
+            access,  # type: ignore[arg-type]
+            figures,  # type: ignore[arg-type]
+            keep_alive=keep_alive,
+            log_prompts=settings.log_prompts,
         )
     )
     # Inside the key check: a request given up on is passed on without taking a key slot
