@@ -37,9 +37,11 @@ async def _serve(start: WorkerStart) -> None:
 
     from appliance.engines.factory import EngineFactory
     from appliance.supervisor.lending_board import LendingBoard
+    from appliance.workers.attached_engines import AttachedEngines
     from appliance.workers.control import ControlClient
+    from appliance.workers.figures_to_owner import FiguresToOwner
     from appliance.workers.proxy import OwnerProxy
-    from appliance.workers.worker_app import AttachedEngines, FiguresToOwner, create_worker_app
+    from appliance.workers.worker_app import create_worker_app
 
     settings = start.settings
 

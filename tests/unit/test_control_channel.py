@@ -11,7 +11,7 @@ import pytest
 
 from appliance.api.forwarded import NameTheWorker, TrustWorkers
 from appliance.workers.control import ControlClient, ControlError, ControlServer, WorkerSession
-from appliance.workers.worker_app import relayed_error
+from appliance.workers.worker_access import relayed_error
 
 TOKEN = "t0ken-of-the-owner"
 
