@@ -236,6 +236,11 @@ class KeyLimits:
             raise ValueError("limit must be at least 1")
         if max_concurrent is not None and max_concurrent < 1:
             raise ValueError("limit must be at least 1")
+        if (requests_per_minute or 0) > cells.window:
+            # Its admission times would run into the next key's cells.
+            raise ValueError(
+                f"a window of {requests_per_minute} does not fit cells made for {cells.window}"
+            )
         self._cells = cells
         self._board = cells.board
         self.requests_per_minute = requests_per_minute

@@ -129,3 +129,10 @@ def test_more_sequences_of_one_request_take_more_of_the_rate() -> None:
     assert limits.try_acquire() == pytest.approx(50)
     clock.now += 50  # the first three leave the window
     assert limits.try_admit_more(3) is None
+
+
+def test_a_key_whose_window_does_not_fit_its_cells_is_refused() -> None:
+    board = LendingBoard.private([2, 5])
+    with pytest.raises(ValueError, match="does not fit"):
+        KeyLimits(requests_per_minute=3, max_concurrent=None, cells=board.key_cells(0))
+    KeyLimits(requests_per_minute=5, max_concurrent=None, cells=board.key_cells(1))
