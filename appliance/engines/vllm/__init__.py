@@ -20,13 +20,18 @@ where it is used, inside a function, so that importing this package does not imp
 from appliance.engines.vllm.args import EngineArgsBuilder
 from appliance.engines.vllm.engine import VLLMEngine, attach_engine
 from appliance.engines.vllm.runtime import import_client_modules, vllm_build, vllm_version
-from appliance.engines.vllm.spawn import MULTIPROC_METHOD, prepare_process_environment
+from appliance.engines.vllm.spawn import (
+    MULTIPROC_METHOD,
+    cpu_compile_environment,
+    prepare_process_environment,
+)
 
 __all__ = [
     "MULTIPROC_METHOD",
     "EngineArgsBuilder",
     "VLLMEngine",
     "attach_engine",
+    "cpu_compile_environment",
     "import_client_modules",
     "prepare_process_environment",
     "vllm_build",
