@@ -14,7 +14,8 @@ from starlette.middleware.cors import CORSMiddleware
 
 from appliance import __version__
 from appliance.api.admin_routes import build_admin_router
-from appliance.api.auth import AuthMiddleware, describe_open, key_limits_of
+from appliance.api.auth import AuthMiddleware, key_limits_of
+from appliance.api.auth_file import describe_open
 from appliance.api.body_screen import BodyScreen
 from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.docs_page import build_docs_router

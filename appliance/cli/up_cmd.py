@@ -214,7 +214,7 @@ def up(
 
     from appliance.admin_key import admin_key_file
     from appliance.api.app import create_app
-    from appliance.api.auth import load_auth_config, with_generated_admin_key
+    from appliance.api.auth_file import load_auth_config, with_generated_admin_key
     from appliance.appliance import Appliance
     from appliance.engines.process_env import harden_environment
     from appliance.logs import configure_logging
