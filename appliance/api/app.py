@@ -20,6 +20,7 @@ from appliance.api.body_screen import BodyScreen
 from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.docs_page import build_docs_router
 from appliance.api.error_handlers import register_error_handlers
+from appliance.api.fair_access import fair_access_of, in_table
 from appliance.api.forwarded import NameTheWorker, TrustWorkers
 from appliance.api.health_routes import build_health_router
 from appliance.api.hub_routes import build_hub_router
@@ -131,14 +132,22 @@ def create_app(
     app.include_router(build_health_router(core.supervisor))
     # One set of key limits, shared with the HTTP workers' admissions.
     key_limits = key_limits_of(settings.auth, board=core.supervisor.board)
-    access = TableAccess(
+    table_access = TableAccess(
         core.router,
         core.metrics,
         load_gate=load_gate,
         check_quota=core.usage.check_quota,
         key_limits=key_limits,
     )
-    app.state.model_access = access
+    # Leases the owner makes for HTTP workers skip its gates: each worker has its own.
+    app.state.model_access = table_access
+    access = fair_access_of(
+        table_access,
+        settings.fair_share,
+        core.metrics,
+        in_table(core.supervisor),
+        share=core.workers,
+    )
     app.state.key_limits = key_limits
     limits = request_limits_of(settings)
     screen = BodyScreen(settings.media_url_networks)

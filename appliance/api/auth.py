@@ -35,6 +35,7 @@ from appliance.api.error_handlers import appliance_error_response
 from appliance.api.peer import is_loopback, peer_address
 from appliance.api.rate_limit import Clock
 from appliance.api_keys import (
+    PRIORITY_LAST,
     ApiKey,
     AuthConfig,
     PublicRoute,
@@ -78,6 +79,9 @@ class KeyIdentity:
     role: Role
     models: frozenset[str] | None
     may_load: bool = True
+    priority: int = 0  # lower is served earlier (vLLM's convention)
+    priority_bounds: tuple[int, int] = (0, PRIORITY_LAST)  # what a request may ask for
+    weight: float = 1.0  # its share of a busy model against keys of equal priority
 
     def allows(self, model: str) -> bool:
         """Whether this key may use ``model``."""
@@ -85,12 +89,16 @@ class KeyIdentity:
 
 
 def key_identity(key: ApiKey) -> KeyIdentity:
-    """What routes may know of a configured key: its name, role, models and may_load."""
+    """What routes may know of a configured key: its name, role, models, may_load, and
+    its priority and share of a busy model."""
     return KeyIdentity(
         name=key.name,
         role=key.role,
         models=frozenset(key.models) if key.models is not None else None,
         may_load=key.may_load,
+        priority=key.priority,
+        priority_bounds=key.priority_bounds(),
+        weight=key.weight,
     )
 
 

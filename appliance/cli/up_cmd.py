@@ -21,6 +21,7 @@ from appliance.settings import (
     StoredResponseLimits,
     StructuredOutputLimits,
 )
+from appliance.supervisor.fair_queue import FairShareSettings
 from appliance.supervisor.handle import SupervisorLimits
 
 err = Console(stderr=True)
@@ -36,6 +37,7 @@ _ON_DEMAND = OnDemandLimits()
 _FAN_OUT = FanOutLimits()
 _STRUCTURED = StructuredOutputLimits()
 _STORED = StoredResponseLimits()
+_FAIR = FairShareSettings()
 _DEFAULT = {
     name: field.default
     for name, field in Settings.model_fields.items()
@@ -197,6 +199,22 @@ def up(
         "(request parsing, templating, detokenizing and streaming spread over cores). "
         "Default: one per GPU, four cores each at least; 1 on a small box.",
     ),
+    fair_share: bool = typer.Option(
+        _FAIR.enabled,
+        help="Order each local model's waiting requests by priority, then fairly across "
+        "keys (off: straight to the engine in arrival order).",
+    ),
+    queue_wait: float = typer.Option(
+        _FAIR.max_wait_seconds,
+        min=0.1,
+        help="Seconds a request may wait for a place in its model's engine before a 429.",
+    ),
+    in_engine: int = typer.Option(
+        _FAIR.default_in_engine,
+        min=1,
+        help="Requests let into a model's engine at once when its entry sets neither "
+        "max_in_engine nor max_num_seqs.",
+    ),
     engine_metrics: bool = typer.Option(
         _DEFAULT["engine_metrics"],
         "--engine-metrics",
@@ -249,6 +267,9 @@ def up(
             max_stored=max_stored_responses, max_age_seconds=stored_response_age
         ),
         "disk_reserve_gib": disk_reserve_gib,
+        "fair_share": FairShareSettings(
+            enabled=fair_share, max_wait_seconds=queue_wait, default_in_engine=in_engine
+        ),
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib

@@ -48,6 +48,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "appliance.supervisor.handle",
             "appliance.supervisor.states",
             "appliance.supervisor.lending_board",
+            "appliance.supervisor.fair_queue",
         ),
     ),
     ("engines", ("appliance.engines", "appliance.hub")),
