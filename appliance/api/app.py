@@ -16,6 +16,7 @@ from appliance import __version__
 from appliance.api.admin_routes import build_admin_router
 from appliance.api.auth import AuthMiddleware, key_limits_of
 from appliance.api.auth_file import describe_open
+from appliance.api.batch_routes import batch_runner_of, build_batch_router
 from appliance.api.body_screen import BodyScreen
 from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.docs_page import build_docs_router
@@ -93,6 +94,7 @@ def create_app(
         if warning is not None:
             log.warning(warning, extra={"event": "auth_open"})
         await core.start()
+        await batches.start()
 
         async def announce_ready() -> None:
             await core.supervisor.wait_autoload()
@@ -113,6 +115,7 @@ def create_app(
             if viewer is not None:
                 viewer.cancel()
             log.info("shutting down", extra={"event": "shutdown"})
+            await batches.stop()  # before the engines: a line cut short is redone later
             await core.stop()
 
     app = FastAPI(
@@ -186,6 +189,10 @@ def create_app(
     )
     app.include_router(build_ollama_table_router(core))
     app.include_router(build_admin_router(core))
+    # Batch lines are answered by this app itself, as requests of their batch's key.
+    batches = batch_runner_of(settings)
+    batches.bind(app)
+    app.include_router(build_batch_router(batches, settings.batches, core.router))
     app.include_router(build_hub_router(core))
     app.include_router(build_plan_router(core))
     app.include_router(build_docs_router(app.openapi))

@@ -15,10 +15,8 @@ from starlette.types import Scope
 
 from appliance.api.auth import KEY_SCOPE, KeyIdentity
 from appliance.api_keys import PRIORITY_LAST
+from appliance.batches.settings import BATCH_SCOPE
 from appliance.errors import InvalidRequestError
-
-BATCH_SCOPE = "appliance.batch"
-"""Set (the batch's id) in the scope of a request the batch runner makes for one line."""
 
 _ANONYMOUS_BOUNDS = (0, PRIORITY_LAST)
 

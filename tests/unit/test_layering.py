@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "appliance.engine_metrics",
             "appliance.settings",
             "appliance.usage",
+            "appliance.batches",
             "appliance.doctor",
             "appliance.doctor_probes",
             "appliance.request_info",

@@ -9,8 +9,9 @@ from pydantic import ValidationError
 
 from appliance.api.auth import KEY_SCOPE, key_identity
 from appliance.api.fair_access import places_in_engine
-from appliance.api.priority import BATCH_SCOPE, request_priority
+from appliance.api.priority import request_priority
 from appliance.api_keys import PRIORITY_LAST, ApiKey
+from appliance.batches.settings import BATCH_SCOPE
 from appliance.catalogue.schema import LocalModelSpec
 from appliance.errors import InvalidRequestError
 from appliance.supervisor.fair_queue import FairShareSettings
