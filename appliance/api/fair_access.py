@@ -39,7 +39,17 @@ from appliance.supervisor.supervisor import Supervisor
 PROMPT_BYTES_PER_TOKEN = 4
 """A prompt's tokens, estimated from its body's size before any tokenizer has seen it."""
 
-_PRIORITY_ENDPOINTS = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
+PRIORITY_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/chat/completions/batch",
+    }
+)
+"""Routes whose vLLM request has a ``priority`` field: the appliance sets it there, so a
+request that names none still runs at its key's priority in the engine."""
 
 SpecOf = Callable[[str], ModelSpec | None]
 """A table entry's catalogue entry, by entry name (None: not known here)."""
@@ -135,7 +145,7 @@ class FairAccess:
             self._metrics.shed.labels(key, self._metrics.label(body.get("model"))).inc()
             raise
         local, gate = self._gate(lease.entry)
-        if local and endpoint in _PRIORITY_ENDPOINTS:
+        if local and request.url.path in PRIORITY_PATHS:
             body["priority"] = priority  # what vLLM's own queue orders by, if it may
         model = self._metrics.label(lease.model)
         if gate is None:

@@ -12,6 +12,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from appliance.batches.settings import BatchSettings
 from appliance.errors import ConfigError
 from appliance.runtime_dir import RuntimeDir
 from appliance.settings import (
@@ -38,6 +39,7 @@ _FAN_OUT = FanOutLimits()
 _STRUCTURED = StructuredOutputLimits()
 _STORED = StoredResponseLimits()
 _FAIR = FairShareSettings()
+_BATCHES = BatchSettings()
 _DEFAULT = {
     name: field.default
     for name, field in Settings.model_fields.items()
@@ -215,6 +217,19 @@ def up(
         help="Requests let into a model's engine at once when its entry sets neither "
         "max_in_engine nor max_num_seqs.",
     ),
+    batch_lines_at_once: int = typer.Option(
+        _BATCHES.lines_at_once,
+        min=1,
+        help="Lines of one batch (Batch API) in flight at once, each at the lowest priority.",
+    ),
+    batch_max_lines: int = typer.Option(
+        _BATCHES.max_lines, min=1, help="Most requests in one batch's input file."
+    ),
+    batch_max_file_bytes: int = typer.Option(
+        _BATCHES.max_file_bytes,
+        min=1024,
+        help="Largest file POST /v1/files takes (the request body limit caps it too).",
+    ),
     engine_metrics: bool = typer.Option(
         _DEFAULT["engine_metrics"],
         "--engine-metrics",
@@ -267,6 +282,11 @@ def up(
             max_stored=max_stored_responses, max_age_seconds=stored_response_age
         ),
         "disk_reserve_gib": disk_reserve_gib,
+        "batches": BatchSettings(
+            lines_at_once=batch_lines_at_once,
+            max_lines=batch_max_lines,
+            max_file_bytes=batch_max_file_bytes,
+        ),
         "fair_share": FairShareSettings(
             enabled=fair_share, max_wait_seconds=queue_wait, default_in_engine=in_engine
         ),
