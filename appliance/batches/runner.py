@@ -191,7 +191,9 @@ class BatchRunner:
         secret = self._secrets.get(record.owner)
         if secret is not None:
             headers["Authorization"] = f"Bearer {secret}"
-        body = {**line.body, "stream": False}
+        # A line's answer is one JSON body: a stream (and its options) is not one.
+        body = {k: v for k, v in line.body.items() if k != "stream_options"}
+        body["stream"] = False
         transport = httpx.ASGITransport(
             app=_AsBatch(self._app, record.id, tuple(client) if client else None)
         )
