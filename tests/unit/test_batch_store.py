@@ -164,7 +164,8 @@ def test_cancel_and_expiry_report_the_lines_not_run(tmp_path: Path) -> None:
         app = Answers(held={"a"})
         runner = runner_of(store, app, at_once=1)
         await runner.start()
-        await asyncio.sleep(0.05)
+        while not app.scopes:  # line a is in flight, held
+            await asyncio.sleep(0.01)
         record = runner.cancel("team", cancelled)
         assert record is not None and record.status is BatchStatus.CANCELLING
         assert runner.cancel("other", cancelled) is None  # another key's batch is unknown

@@ -32,15 +32,17 @@ KEYS = {
 
 
 class SlowEngine(EchoEngine):
-    """Takes 0.15 s a request; notes the order requests reached it in."""
+    """Holds its first request until ``release``; notes the order requests reached it in."""
 
     def __init__(self) -> None:
         super().__init__()
         self.order: list[str] = []
+        self.held = asyncio.Event()
 
     async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Any) -> Reply:
         self.order.append(body["prompt"])
-        await asyncio.sleep(0.15)
+        if len(self.order) == 1:
+            await self.held.wait()
         return JSONReply(200, json.dumps({"model": body["model"]}).encode())
 
 
@@ -95,15 +97,18 @@ def test_a_key_passes_a_floods_backlog_and_priority_passes_both(
 ) -> None:
     client, engine = app
     with ThreadPoolExecutor(8) as pool:
-        flood = [pool.submit(send, client, "flood", f"f{n}") for n in range(6)]
+        flood = [pool.submit(send, client, "flood", "f0")]
         deadline = time.monotonic() + 5
         while len(engine.order) < 1:  # the first flood request holds the one place
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        time.sleep(0.05)  # the rest of the flood queues behind it
+        flood += [pool.submit(send, client, "flood", f"f{n}") for n in range(1, 6)]
+        time.sleep(0.3)  # the rest of the flood queues behind it
         chat = pool.submit(send, client, "chat", "c0")
-        time.sleep(0.05)
+        time.sleep(0.2)
         urgent = pool.submit(send, client, "urgent", "u0")
+        time.sleep(0.2)
+        client.portal.call(engine.held.set)  # type: ignore[union-attr]
         statuses = [f.result() for f in (*flood, chat, urgent)]
     assert statuses == [200] * 8
     # The urgent key first (priority), then the chat key (its fair share), then the flood.
