@@ -24,6 +24,7 @@ KEYS = {
     "ops": "sk-ops-batches-0123456789abcdef0123456789",
 }
 FINISHED = ("completed", "failed", "expired", "cancelled")
+FILE_CAP = 64 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppliancePro
     model = tiny_chat("tiny-chat", max_in_engine=2)
     model["engine"]["scheduling_policy"] = "priority"
     proc = ApplianceProcess(workdir, [model])
-    proc.start("--api-keys", str(keys))
+    proc.start(*appliance_args(proc))
     yield proc
     proc.stop()
 
@@ -147,7 +148,7 @@ def test_another_key_gets_404_and_bad_input_is_a_clear_4xx(appliance: ApplianceP
     with pytest.raises(openai.BadRequestError, match="line 2"):
         team.files.create(file=("x.jsonl", b'{"a": 1}\n{"b": \n'), purpose="batch")
     with pytest.raises(openai.APIStatusError) as over:
-        team.files.create(file=("x.jsonl", b"{}\n" * (3 * 2**20)), purpose="batch")
+        team.files.create(file=("x.jsonl", b"{}\n" * FILE_CAP), purpose="batch")
     assert over.value.status_code == 413
     unknown = upload(team, [chat_line(0), {**chat_line(1), "body": {"model": "no-such"}}])
     with pytest.raises(openai.BadRequestError, match=r"line 2.*no-such"):
@@ -200,4 +201,6 @@ def test_a_restart_mid_batch_loses_no_line_and_answers_none_twice(
 
 
 def appliance_args(appliance: ApplianceProcess) -> tuple[str, ...]:
-    return ("--api-keys", str(appliance.workdir / "keys.yaml"))
+    # A small file cap, under the request body limit: the appliance's own 413 answers it.
+    keys = str(appliance.workdir / "keys.yaml")
+    return ("--api-keys", keys, "--batch-max-file-bytes", str(FILE_CAP))
