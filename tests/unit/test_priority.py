@@ -8,12 +8,13 @@ import pytest
 from pydantic import ValidationError
 
 from appliance.api.auth import KEY_SCOPE, key_identity
+from appliance.api.auth_file import load_auth_config
 from appliance.api.fair_access import places_in_engine
 from appliance.api.priority import request_priority
 from appliance.api_keys import PRIORITY_LAST, ApiKey
 from appliance.batches.settings import BATCH_SCOPE
 from appliance.catalogue.schema import LocalModelSpec
-from appliance.errors import InvalidRequestError
+from appliance.errors import ConfigError, InvalidRequestError
 from appliance.supervisor.fair_queue import FairShareSettings
 
 SECRET = "sk-0123456789abcdef0123456789abcdef"
@@ -67,3 +68,16 @@ def test_places_in_engine_come_from_the_entry_then_the_engine_then_the_default()
     own = LocalModelSpec(name="m", source="/m", engine={"max_num_seqs": 8}, max_in_engine=6)
     assert places_in_engine(own, settings, 4) == 1  # split across 4 HTTP processes
     assert places_in_engine(None, settings, 1) is None
+
+
+def test_a_bad_priority_in_the_keys_file_is_one_line_naming_the_key(tmp_path: Any) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        f"keys:\n  - {{name: team, key: {SECRET}, priority: 5, priority_range: [0, 2]}}\n"
+    )
+    path.chmod(0o600)
+    with pytest.raises(ConfigError) as refused:
+        load_auth_config(path, {})
+    message = refused.value.message
+    assert "'team'" in message and "priority" in message and "\n" not in message
+    assert SECRET not in message
