@@ -7,6 +7,7 @@ One small appliance of its own (keys, and a restart the shared one must not see)
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ KEYS = {
 }
 FINISHED = ("completed", "failed", "expired", "cancelled")
 FILE_CAP = 64 * 1024
+RESTART_LINES = 60
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +182,7 @@ def test_a_restart_mid_batch_loses_no_line_and_answers_none_twice(
     appliance: ApplianceProcess,
 ) -> None:
     client = sdk(appliance, "team")
-    lines = [chat_line(n, max_tokens=96, ignore_eos=True) for n in range(24)]
+    lines = [chat_line(n, max_tokens=96, ignore_eos=True) for n in range(RESTART_LINES)]
     batch_id = start_batch(client, lines)
 
     def some_done() -> bool:
@@ -189,6 +191,11 @@ def test_a_restart_mid_batch_loses_no_line_and_answers_none_twice(
 
     wait_until(some_done, "two lines answered", timeout=300)
     appliance.stop()
+    with sqlite3.connect(appliance.workdir / "batches.db") as db:
+        (recorded,) = db.execute(
+            "SELECT COUNT(*) FROM results WHERE batch_id = ?", (batch_id,)
+        ).fetchone()
+    assert 2 <= recorded < RESTART_LINES  # stopped mid-batch
     appliance.start(*appliance_args(appliance))
     client = sdk(appliance, "team")
     batch = finished(client, batch_id, timeout=600)
@@ -196,7 +203,7 @@ def test_a_restart_mid_batch_loses_no_line_and_answers_none_twice(
     results = lines_of(client, batch.output_file_id)
     ids = [r["custom_id"] for r in results]
     assert sorted(ids) == sorted(line["custom_id"] for line in lines)  # none lost or twice
-    assert len(set(r["id"] for r in results)) == 24
+    assert len({r["id"] for r in results}) == RESTART_LINES
     assert all(r["response"]["body"]["usage"]["completion_tokens"] == 96 for r in results)
 
 
