@@ -48,6 +48,8 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppliancePro
     # Two places in the engine: batch lines queue in the appliance's own fair queue.
     model = tiny_chat("tiny-chat", max_in_engine=2)
     model["engine"]["scheduling_policy"] = "priority"
+    # No torch.compile: this module starts its engine twice, on a busy 2-core box.
+    model["engine"]["enforce_eager"] = True
     proc = ApplianceProcess(workdir, [model])
     proc.start(*appliance_args(proc))
     yield proc
