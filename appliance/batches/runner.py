@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import time
@@ -108,7 +109,10 @@ class BatchRunner:
     def launch(self, batch_id: str) -> None:
         """Run ``batch_id`` in the background (once)."""
         if batch_id not in self._tasks:
-            task = asyncio.create_task(self._run(batch_id), name=f"batch {batch_id}")
+            # A context of its own: its log lines are not the creating request's.
+            task = asyncio.create_task(
+                self._run(batch_id), name=f"batch {batch_id}", context=contextvars.Context()
+            )
             self._tasks[batch_id] = task
             task.add_done_callback(lambda _: self._tasks.pop(batch_id, None))
 
