@@ -13,6 +13,10 @@ from ipaddress import IPv4Network, IPv6Network
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 KEY_MIN_LENGTH = 8
+PRIORITY_FIRST = -1000
+"""The most urgent priority a key may have (lower is served earlier, as in vLLM)."""
+PRIORITY_LAST = 1000
+"""The least urgent priority: what batch lines run at, behind every online request."""
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._@:+-]{1,64}$")
 
 
@@ -48,6 +52,42 @@ class ApiKey(BaseModel):
     may_load: bool = Field(
         True, description="Whether a request with this key may start an on-demand load."
     )
+    priority: int = Field(
+        0,
+        ge=PRIORITY_FIRST,
+        le=PRIORITY_LAST,
+        description="Its requests' priority (lower is served earlier, as vLLM's 'priority').",
+    )
+    priority_range: tuple[int, int] | None = Field(
+        None,
+        description=(
+            "[most, least] urgent priority a request may ask for in its body's 'priority'; "
+            "None: from the key's own priority down to the least urgent (a key may lower its "
+            "requests, never raise them)."
+        ),
+    )
+    weight: float = Field(
+        1.0, gt=0, le=1000, description="Its share of a busy model against keys of equal priority."
+    )
+
+    def priority_bounds(self) -> tuple[int, int]:
+        """The most and least urgent priority a request of this key may ask for."""
+        return self.priority_range or (self.priority, PRIORITY_LAST)
+
+    @model_validator(mode="after")
+    def _priority_in_range(self) -> ApiKey:
+        first, last = self.priority_bounds()
+        if not PRIORITY_FIRST <= first <= last <= PRIORITY_LAST:
+            raise ValueError(
+                f"key {self.name!r}: field 'priority_range': must be [most, least] urgent "
+                f"within [{PRIORITY_FIRST}, {PRIORITY_LAST}], most urgent first"
+            )
+        if not first <= self.priority <= last:
+            raise ValueError(
+                f"key {self.name!r}: field 'priority': {self.priority} is outside its "
+                f"priority_range [{first}, {last}]"
+            )
+        return self
 
     @field_validator("key")
     @classmethod

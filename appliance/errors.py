@@ -259,3 +259,11 @@ class PullRefusedError(InvalidRequestError):
     """A model pull cannot start: not a hub id, a local source, gated, missing, no disk."""
 
     code = "pull_refused"
+
+
+class NotFoundError(ApplianceError):
+    """No such object for this caller (a file or batch of another key is not found either)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"

@@ -9,8 +9,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.api_keys import AuthConfig
+from appliance.batches.settings import BatchSettings
 from appliance.engines.remote import RemoteSettings
 from appliance.hub.gguf import default_cache_dir
+from appliance.supervisor.fair_queue import FairShareSettings
 from appliance.supervisor.handle import SupervisorLimits
 from appliance.usage.quotas import QuotaConfig
 
@@ -147,6 +149,8 @@ class Settings(BaseModel):
         2.0, gt=0, description="How long a registry fetch may take before it counts as down."
     )
     limits: SupervisorLimits = Field(default_factory=SupervisorLimits)
+    fair_share: FairShareSettings = Field(default_factory=FairShareSettings)
+    batches: BatchSettings = Field(default_factory=BatchSettings)
     fan_out: FanOutLimits = Field(default_factory=FanOutLimits)
     structured_outputs: StructuredOutputLimits = Field(default_factory=StructuredOutputLimits)
     stored_responses: StoredResponseLimits = Field(default_factory=StoredResponseLimits)

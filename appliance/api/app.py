@@ -14,11 +14,14 @@ from starlette.middleware.cors import CORSMiddleware
 
 from appliance import __version__
 from appliance.api.admin_routes import build_admin_router
-from appliance.api.auth import AuthMiddleware, describe_open, key_limits_of
+from appliance.api.auth import AuthMiddleware, key_limits_of
+from appliance.api.auth_file import describe_open
+from appliance.api.batch_routes import batch_runner_of, build_batch_router
 from appliance.api.body_screen import BodyScreen
 from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.docs_page import build_docs_router
 from appliance.api.error_handlers import register_error_handlers
+from appliance.api.fair_access import fair_access_of, in_table
 from appliance.api.forwarded import NameTheWorker, TrustWorkers
 from appliance.api.health_routes import build_health_router
 from appliance.api.hub_routes import build_hub_router
@@ -91,6 +94,7 @@ def create_app(
         if warning is not None:
             log.warning(warning, extra={"event": "auth_open"})
         await core.start()
+        await batches.start()
 
         async def announce_ready() -> None:
             await core.supervisor.wait_autoload()
@@ -111,6 +115,7 @@ def create_app(
             if viewer is not None:
                 viewer.cancel()
             log.info("shutting down", extra={"event": "shutdown"})
+            await batches.stop()  # before the engines: a line cut short is redone later
             await core.stop()
 
     app = FastAPI(
@@ -130,14 +135,22 @@ def create_app(
     app.include_router(build_health_router(core.supervisor))
     # One set of key limits, shared with the HTTP workers' admissions.
     key_limits = key_limits_of(settings.auth, board=core.supervisor.board)
-    access = TableAccess(
+    table_access = TableAccess(
         core.router,
         core.metrics,
         load_gate=load_gate,
         check_quota=core.usage.check_quota,
         key_limits=key_limits,
     )
-    app.state.model_access = access
+    # Leases the owner makes for HTTP workers skip its gates: each worker has its own.
+    app.state.model_access = table_access
+    access = fair_access_of(
+        table_access,
+        settings.fair_share,
+        core.metrics,
+        in_table(core.supervisor),
+        share=core.workers,
+    )
     app.state.key_limits = key_limits
     limits = request_limits_of(settings)
     screen = BodyScreen(settings.media_url_networks)
@@ -176,6 +189,10 @@ def create_app(
     )
     app.include_router(build_ollama_table_router(core))
     app.include_router(build_admin_router(core))
+    # Batch lines are answered by this app itself, as requests of their batch's key.
+    batches = batch_runner_of(settings)
+    batches.bind(app)
+    app.include_router(build_batch_router(batches, settings.batches, core.router))
     app.include_router(build_hub_router(core))
     app.include_router(build_plan_router(core))
     app.include_router(build_docs_router(app.openapi))

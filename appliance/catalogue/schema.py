@@ -214,6 +214,7 @@ LOCAL_ONLY_FIELDS = (
     "evictable",
     "resources",
     "engine",
+    "max_in_engine",
 )
 """Fields of a local model that mean nothing for a remote backend (its server decides)."""
 REMOTE_ONLY_FIELDS = ("backend_url", "backend_model")
@@ -313,6 +314,14 @@ class LocalModelSpec(_EntryBase):
     engine: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM engine settings (max_model_len, dtype, ...), as vllm serve takes them.",
+    )
+    max_in_engine: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Requests let into the engine at once; the rest wait in the appliance's queue, by "
+            "priority and fair share across keys (None: the engine's max_num_seqs)."
+        ),
     )
 
     def adapter_names(self) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from appliance.batches.settings import BatchSettings
 from appliance.errors import ConfigError
 from appliance.runtime_dir import RuntimeDir
 from appliance.settings import (
@@ -21,6 +22,7 @@ from appliance.settings import (
     StoredResponseLimits,
     StructuredOutputLimits,
 )
+from appliance.supervisor.fair_queue import FairShareSettings
 from appliance.supervisor.handle import SupervisorLimits
 
 err = Console(stderr=True)
@@ -36,6 +38,8 @@ _ON_DEMAND = OnDemandLimits()
 _FAN_OUT = FanOutLimits()
 _STRUCTURED = StructuredOutputLimits()
 _STORED = StoredResponseLimits()
+_FAIR = FairShareSettings()
+_BATCHES = BatchSettings()
 _DEFAULT = {
     name: field.default
     for name, field in Settings.model_fields.items()
@@ -197,6 +201,35 @@ def up(
         "(request parsing, templating, detokenizing and streaming spread over cores). "
         "Default: one per GPU, four cores each at least; 1 on a small box.",
     ),
+    fair_share: bool = typer.Option(
+        _FAIR.enabled,
+        help="Order each local model's waiting requests by priority, then fairly across "
+        "keys (off: straight to the engine in arrival order).",
+    ),
+    queue_wait: float = typer.Option(
+        _FAIR.max_wait_seconds,
+        min=0.1,
+        help="Seconds a request may wait for a place in its model's engine before a 429.",
+    ),
+    in_engine: int = typer.Option(
+        _FAIR.default_in_engine,
+        min=1,
+        help="Requests let into a model's engine at once when its entry sets neither "
+        "max_in_engine nor max_num_seqs.",
+    ),
+    batch_lines_at_once: int = typer.Option(
+        _BATCHES.lines_at_once,
+        min=1,
+        help="Lines of one batch (Batch API) in flight at once, each at the lowest priority.",
+    ),
+    batch_max_lines: int = typer.Option(
+        _BATCHES.max_lines, min=1, help="Most requests in one batch's input file."
+    ),
+    batch_max_file_bytes: int = typer.Option(
+        _BATCHES.max_file_bytes,
+        min=1024,
+        help="Largest file POST /v1/files takes (the request body limit caps it too).",
+    ),
     engine_metrics: bool = typer.Option(
         _DEFAULT["engine_metrics"],
         "--engine-metrics",
@@ -214,7 +247,7 @@ def up(
 
     from appliance.admin_key import admin_key_file
     from appliance.api.app import create_app
-    from appliance.api.auth import load_auth_config, with_generated_admin_key
+    from appliance.api.auth_file import load_auth_config, with_generated_admin_key
     from appliance.appliance import Appliance
     from appliance.engines.process_env import harden_environment
     from appliance.logs import configure_logging
@@ -249,6 +282,14 @@ def up(
             max_stored=max_stored_responses, max_age_seconds=stored_response_age
         ),
         "disk_reserve_gib": disk_reserve_gib,
+        "batches": BatchSettings(
+            lines_at_once=batch_lines_at_once,
+            max_lines=batch_max_lines,
+            max_file_bytes=batch_max_file_bytes,
+        ),
+        "fair_share": FairShareSettings(
+            enabled=fair_share, max_wait_seconds=queue_wait, default_in_engine=in_engine
+        ),
     }
     if cpu_memory_gib is not None:
         options["cpu_memory_budget_gib"] = cpu_memory_gib

@@ -139,7 +139,8 @@ class WorkerPool:
                 env=self._environ,
             )
             start = WorkerStart(
-                settings=self.settings,
+                # The count resolved: a worker's share of each model's places is 1 / count.
+                settings=self.settings.model_copy(update={"workers": self.count}),
                 index=index,
                 listen_fd=fd,
                 control_path=self.control_path,

@@ -29,6 +29,7 @@ from appliance.api.auth import (
 from appliance.api.body_screen import BodyScreen
 from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.error_handlers import register_error_handlers
+from appliance.api.fair_access import fair_access_of, in_catalogue_file
 from appliance.api.forwarded import NameTheWorker
 from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.ollama_routes import OLLAMA_MODEL_PATHS, build_ollama_router, keep_alive_wire
@@ -37,6 +38,7 @@ from appliance.api.peer import local_host_names
 from appliance.api.request_limits import request_limits_of
 from appliance.api.stored_responses import store_enabled
 from appliance.api.vllm_routes import build_vllm_router
+from appliance.catalogue.config_file import load_catalogue_file
 from appliance.engines.route_table import ENGINE_PATHS, is_model_route
 from appliance.request_info import request_info
 from appliance.settings import Settings
@@ -108,14 +110,20 @@ def create_worker_app(
     local = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     register_error_handlers(local)
 
-    access = WorkerAccess(
-        control,
-        engines,
-        board=board,
-        key_limits=key_limits_of(settings.auth, board=board),
-        quota_keys=frozenset(settings.quotas.quotas),
-        figures=figures,
-        stored_to_owner=store_enabled(),
+    access = fair_access_of(
+        WorkerAccess(
+            control,
+            engines,
+            board=board,
+            key_limits=key_limits_of(settings.auth, board=board),
+            quota_keys=frozenset(settings.quotas.quotas),
+            figures=figures,
+            stored_to_owner=store_enabled(),
+        ),
+        settings.fair_share,
+        None,
+        in_catalogue_file(load_catalogue_file(settings.config_path).models),
+        share=settings.workers or 1,
     )
     limits = request_limits_of(settings)
     screen = BodyScreen(settings.media_url_networks)

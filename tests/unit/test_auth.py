@@ -22,10 +22,9 @@ from appliance.api.auth import (
     PublicRoute,
     Role,
     check_model_allowed,
-    describe_open,
-    load_auth_config,
 )
 from appliance.api.auth_backoff import AuthBackoff, client_of
+from appliance.api.auth_file import describe_open, load_auth_config
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.rate_limit import SlidingWindow

@@ -117,3 +117,21 @@ def test_building_vllms_app_for_an_engine_leaves_logging_alone() -> None:
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert f"LEVELS {logging.INFO} False" in done.stdout, done.stderr[-2000:]
+
+
+def test_scheduling_policy_is_vllms_to_check_at_start() -> None:
+    """``scheduling_policy: priority`` lets the engine order by each request's priority;
+    a policy vLLM does not have is refused at start, in one line naming the setting."""
+    text = f"""
+        models:
+          - name: chat
+            source: {TINY}
+            engine: {{scheduling_policy: %s}}
+    """
+    good = parse_catalogue(textwrap.dedent(text % "priority")).models[0]
+    assert EngineArgsBuilder().build(good, str(TINY)).scheduling_policy == "priority"
+    bad = parse_catalogue(textwrap.dedent(text % "lottery")).models[0]
+    with pytest.raises(ConfigError) as caught:
+        EngineArgsBuilder().build(bad, str(TINY))
+    message = caught.value.message
+    assert "\n" not in message and "scheduling-policy" in message and "lottery" in message

@@ -27,10 +27,9 @@ from appliance.api.auth import (
     PublicRoute,
     Role,
     caller_is_admin,
-    describe_open,
     require_role,
-    with_generated_admin_key,
 )
+from appliance.api.auth_file import describe_open, with_generated_admin_key
 from appliance.api.cross_site import CrossSiteGuard
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.middleware import RequestContextMiddleware
