@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from appliance.api.auth import Role, require_role
-from appliance.api.openai_routes import read_json_object
+from appliance.api.serving import read_json_object
 from appliance.appliance import Appliance
 from appliance.errors import InvalidRequestError
 

@@ -26,7 +26,7 @@ from appliance.api.auth import (
 )
 from appliance.api.load_gate import LoadGate
 from appliance.api.request_limits import RequestCost
-from appliance.engines.base import Endpoint, Engine
+from appliance.engines.base import Endpoint, Engine, model_card_of
 from appliance.engines.remote import DETAIL_SCOPE
 from appliance.errors import (
     ApplianceError,
@@ -158,7 +158,7 @@ def _context_of(router: Router, entry: str) -> int | None:
     what a request that sets no ``max_tokens`` may generate at most."""
     with contextlib.suppress(ApplianceError):
         engine = router.supervisor.get(entry).engine
-        card = engine.model_card() if engine is not None else None
+        card = model_card_of(engine)
         length = card.get("max_model_len") if card else None
         if isinstance(length, int) and length > 0:
             return length

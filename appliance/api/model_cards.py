@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from appliance.engines.base import Engine
+from appliance.engines.base import Engine, model_card_of
 
 VLLM_CARD_FIELDS = ("root", "parent", "max_model_len")
 
@@ -17,7 +17,7 @@ def vllm_card_fields(engine: Engine | None, *, admin: bool) -> dict[str, Any]:
     admins only (where files live on the box is the operator's business), others see the
     model's name there.
     """
-    card = engine.model_card() if engine is not None else None
+    card = model_card_of(engine)
     if not card:
         return {}
     fields = {key: card.get(key) for key in VLLM_CARD_FIELDS}

@@ -24,7 +24,7 @@ from appliance.api.auth import Role, caller_is_admin, model_allowed, require_rol
 from appliance.api.model_cards import vllm_card_fields
 from appliance.api.ollama_routes import ollama_error
 from appliance.api.ollama_schema import OLLAMA_API_VERSION, model_name
-from appliance.api.openai_routes import read_json_object
+from appliance.api.serving import read_json_object
 from appliance.appliance import Appliance
 from appliance.catalogue.schema import LocalModelSpec, ModelSpec
 from appliance.errors import ApplianceError, ModelNotFoundError

@@ -26,7 +26,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from appliance.api.auth import Role, caller_is_admin, may_load_on_demand, require_role
-from appliance.api.model_access import ModelAccess
+from appliance.api.model_access import Lease, ModelAccess
 from appliance.api.ollama_schema import (
     ChatRequest,
     EmbeddingsRequest,
@@ -45,23 +45,17 @@ from appliance.api.ollama_schema import (
     parse,
 )
 from appliance.api.ollama_stream import Kind, StreamTranslator
-from appliance.api.openai_routes import (
-    CLIENT_CLOSED_REQUEST,
-    _prompt_of,
-    _ReleasingStream,
-    _until_disconnect,
-    _watch_stream,
-    read_json_object,
-)
+from appliance.api.replies import CLIENT_CLOSED_REQUEST, ReleasingStream, watch_stream
 from appliance.api.request_limits import (
     RequestLimits,
-    check_request,
     default_request_limits,
 )
-from appliance.engines.base import Endpoint, JSONReply, StreamReply, Usage
+from appliance.api.serving import ModelServing, ServeHooks, read_json_object
+from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply
+from appliance.engines.usage import usage_of
 from appliance.errors import ApplianceError
 from appliance.metrics import Metrics
-from appliance.request_info import request_info
+from appliance.request_info import RequestInfo
 from appliance.supervisor.supervisor import Supervisor
 
 NDJSON = "application/x-ndjson"
@@ -111,65 +105,18 @@ def build_ollama_router(
     limits = limits or default_request_limits()
     api = APIRouter(prefix="/api", tags=["Ollama"], dependencies=[Depends(require_role(Role.USER))])
 
+    serving = ModelServing(access, metrics, log_prompts=log_prompts, limits=limits)
+
     async def serve(request: Request, label: str, build: Build) -> Response:
-        """Translate, lease, run on the engine, translate back. ``build`` gives the engine
-        route, the answer's shape (None: embeddings), the OpenAI body and whether there is
-        anything to run (an empty prompt only loads the model, as in Ollama)."""
-        info = request_info(request.scope)
-        info.endpoint = f"api/{label}"
+        """Translate, then the one model-request path (``api.serving``), whose reply is
+        translated back. ``build`` gives the engine route, the answer's shape (None:
+        embeddings), the OpenAI body and whether there is anything to run (an empty prompt
+        only loads the model, as in Ollama)."""
         raw = await read_json_object(request)
         timing = Timing()
         endpoint, kind, body, has_work = build(raw)
-        seconds = keep_alive_seconds(raw.get("keep_alive"))
-        cost = check_request(f"/v1/{endpoint.value}", body, limits)
-        lease = await access.lease(request, body, endpoint, cost)
-        release = contextlib.AsyncExitStack()
-        release.push_async_callback(lease.release)
-        try:
-            if seconds is not None and keep_alive is not None and may_set_keep_alive(request):
-                await keep_alive(lease.entry, seconds, caller_is_admin(request.scope))
-            asked = str(raw.get("model"))
-            if not has_work:
-                await release.aclose()
-                return _loaded(asked, kind, seconds)
-            body["model"] = lease.model
-            if log_prompts:
-                info.extra["prompt"] = _prompt_of(body)
-            info.stream = bool(body.get("stream"))
-            reply = await _until_disconnect(lease.engine.handle(endpoint, body, request), request)
-        except BaseException:
-            await release.aclose()
-            raise
-        if reply is None:
-            await release.aclose()
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        if isinstance(reply, JSONReply):
-            await release.aclose()
-            info.usage = reply.usage
-            if reply.status_code >= 400:
-                return ollama_error(error_message(reply.body), reply.status_code)
-            try:
-                answer = json.loads(reply.body)
-            except ValueError:  # a remote backend's garbage
-                return ollama_error("the model's backend answered something that is not JSON", 502)
-            if not isinstance(answer, dict):
-                return ollama_error("the model's backend answered something unexpected", 502)
-            info.usage = info.usage or Usage.of(answer.get("usage"))
-            return JSONResponse(_answer(label, kind, asked, answer, timing, info))
-        assert isinstance(reply, StreamReply) and kind is not None
-        translator = StreamTranslator(kind, asked, timing)
-
-        async def lines() -> AsyncIterator[bytes]:
-            async for chunk in _watch_stream(reply.chunks, info, metrics, hidden_usage=False):
-                for line in translator.feed(chunk):
-                    yield line
-            for line in translator.finish():
-                yield line
-
-        watched = lines()
-        return _ReleasingStream(
-            watched, reply.chunks, release, headers={"Cache-Control": "no-cache"}, media_type=NDJSON
-        )
+        hooks = _OllamaHooks(label, kind, raw, has_work, keep_alive, metrics, timing)
+        return await serving.serve(request, endpoint.route, body, label=f"api/{label}", hooks=hooks)
 
     def chat(raw: dict[str, Any]) -> tuple[Endpoint, Kind | None, dict[str, Any], bool]:
         req = parse(ChatRequest, raw)
@@ -212,6 +159,80 @@ def build_ollama_router(
         return await serve(request, "embeddings", embeddings)
 
     return api
+
+
+class _OllamaHooks(ServeHooks):
+    """Ollama's part of the one path: ``keep_alive``, a request with nothing to run, and the
+    answer written back Ollama's way (NDJSON for streams)."""
+
+    screened = False  # the body is ours, built from Ollama's (images come inline)
+    hide_usage = False  # Ollama's bodies ask for usage themselves (``ollama_schema``)
+
+    def __init__(
+        self,
+        label: str,
+        kind: Kind | None,
+        raw: dict[str, Any],
+        has_work: bool,
+        keep_alive: KeepAliveSetter | None,
+        metrics: Metrics,
+        timing: Timing,
+    ) -> None:
+        self._label = label
+        self._kind = kind
+        self._asked = str(raw.get("model"))
+        self._seconds = keep_alive_seconds(raw.get("keep_alive"))
+        self._has_work = has_work
+        self._keep_alive = keep_alive
+        self._metrics = metrics
+        self._timing = timing
+
+    async def leased(self, request: Request, lease: Lease) -> Response | None:
+        seconds = self._seconds
+        if seconds is not None and self._keep_alive is not None and may_set_keep_alive(request):
+            await self._keep_alive(lease.entry, seconds, caller_is_admin(request.scope))
+        return None if self._has_work else _loaded(self._asked, self._kind, seconds)
+
+    async def respond(
+        self,
+        reply: Reply | None,
+        release: contextlib.AsyncExitStack,
+        info: RequestInfo,
+        hidden_usage: bool,
+    ) -> Response | None:
+        if reply is None:
+            await release.aclose()
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if isinstance(reply, JSONReply):
+            await release.aclose()
+            info.usage = reply.usage
+            if reply.status_code >= 400:
+                return ollama_error(error_message(reply.body), reply.status_code)
+            try:
+                answer = json.loads(reply.body)
+            except ValueError:  # a remote backend's garbage
+                return ollama_error("the model's backend answered something that is not JSON", 502)
+            if not isinstance(answer, dict):
+                return ollama_error("the model's backend answered something unexpected", 502)
+            info.usage = info.usage or usage_of(answer.get("usage"))
+            return JSONResponse(
+                _answer(self._label, self._kind, self._asked, answer, self._timing, info)
+            )
+        assert isinstance(reply, StreamReply) and self._kind is not None
+        translator = StreamTranslator(self._kind, self._asked, self._timing)
+        chunks = reply.chunks
+        metrics = self._metrics
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for chunk in watch_stream(chunks, info, metrics, hidden_usage=False):
+                for line in translator.feed(chunk):
+                    yield line
+            for line in translator.finish():
+                yield line
+
+        return ReleasingStream(
+            lines(), chunks, release, headers={"Cache-Control": "no-cache"}, media_type=NDJSON
+        )
 
 
 OLLAMA_MODEL_PATHS = frozenset({"/api/chat", "/api/generate", "/api/embed", "/api/embeddings"})

@@ -13,7 +13,7 @@ import time
 from typing import Any, Literal
 
 from appliance.api.ollama_schema import Timing, created_at, done_reason, tool_calls_of
-from appliance.engines.base import Usage
+from appliance.engines.usage import Usage, usage_of
 
 Kind = Literal["chat", "generate"]
 
@@ -67,7 +67,7 @@ class StreamTranslator:
             message = error.get("message", error) if isinstance(error, dict) else error
             self._done = True
             return [_line({"error": str(message)})]
-        usage = Usage.of(event.get("usage"))
+        usage = usage_of(event.get("usage"))
         if usage is not None:
             self._usage = usage
         out: list[bytes] = []

@@ -21,9 +21,8 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from appliance.engines.base import Usage
+from appliance.engines.usage import USAGE_MARK, Usage, usage_in_event
 
-USAGE_MARK = b'"usage":{'
 _FINISHED_MARK = b'"finish_reason":"'
 _NO_CHOICES = b'"choices":[]'
 
@@ -40,19 +39,6 @@ def ask_for_usage(body: dict[str, Any]) -> bool:
         return False
     body["stream_options"] = {**options, "include_usage": True}
     return True
-
-
-def usage_of_event(event: bytes) -> Usage | None:
-    """The usage of a ``data: {...}`` event, if it carries one."""
-    for line in event.splitlines():
-        if line.startswith(b"data: {"):
-            try:
-                usage = json.loads(line[6:]).get("usage")
-            except (ValueError, RecursionError):  # a remote backend's events are untrusted
-                return None
-            if usage:
-                return Usage.of(usage)
-    return None
 
 
 def _fingerprint(event: bytes) -> str | None:
@@ -82,7 +68,7 @@ async def hide_usage(
     held: list[bytes] = []
     async for chunk in chunks:
         if USAGE_MARK in chunk and _NO_CHOICES in chunk and chunk.endswith(b"\n\n"):
-            usage = usage_of_event(chunk)
+            usage = usage_in_event(chunk)
             if usage is not None:
                 on_usage(usage)
                 fingerprint = _fingerprint(chunk)

@@ -11,62 +11,36 @@ route gets a 400 naming the routes it does serve.
 from __future__ import annotations
 
 import contextlib
-import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from appliance.api.auth import (
-    Role,
-    caller_is_admin,
-    model_allowed,
-    require_role,
-)
+from appliance.api.auth import Role, model_allowed, require_role
 from appliance.api.body_screen import BodyScreen
-from appliance.api.model_access import ModelAccess
-from appliance.api.openai_routes import (
-    _DOC_BODY,
-    CLIENT_CLOSED_REQUEST,
-    _prompt_of,
-    _ReleasingStream,
-    _until_disconnect,
-    _watch_stream,
+from appliance.api.model_access import Lease, ModelAccess
+from appliance.api.replies import http_answer, until_disconnect
+from appliance.api.request_limits import RequestLimits
+from appliance.api.serving import (
+    DOC_BODY,
+    ModelServing,
+    ServeHooks,
+    endpoint_label,
     read_json_object,
 )
-from appliance.api.request_limits import RequestLimits, check_request, default_request_limits
 from appliance.api.stored_responses import RESPONSES_PATH, ResponseOwners, caller_of
-from appliance.engines.asgi_call import content_type
-from appliance.engines.base import Engine, JSONReply, Reply, RouteCall, StreamReply, Usage
+from appliance.engines.base import JSONReply, Reply, RouteCall
 from appliance.engines.route_table import (
     ENGINE_ROUTES,
     RESPONSE_ID_ROUTES,
     VERSION_PATH,
     ModelRoute,
-    wrong_route_message,
 )
-from appliance.errors import (
-    ApplianceError,
-    ModelNotFoundError,
-    WrongTaskError,
-)
+from appliance.errors import ApplianceError, ModelNotFoundError
 from appliance.metrics import Metrics
-from appliance.request_info import RequestInfo, request_info
+from appliance.request_info import request_info
 from appliance.router import Router
 from appliance.supervisor.states import ModelState
-
-
-def endpoint_label(path: str) -> str:
-    """The metrics' ``endpoint`` label of a route: its path without ``/`` or ``/v1/`` in front
-    (``/v1/responses`` is ``responses``, as ``/v1/completions`` is ``completions``)."""
-    return path.removeprefix("/v1/").lstrip("/")
-
-
-def _check_serves(engine: Engine, model: str, route: ModelRoute) -> None:
-    routes = engine.routes()
-    if routes is not None and route.key not in routes:
-        raise WrongTaskError(wrong_route_message(model, route.path, routes), param="model")
 
 
 def _route_call(request: Request, route: ModelRoute, body: bytes, stream: bool) -> RouteCall:
@@ -79,61 +53,6 @@ def _route_call(request: Request, route: ModelRoute, body: bytes, stream: bool) 
         request_id=request.headers.get("x-request-id"),
         stream=stream,
     )
-
-
-def _answer(
-    reply: Reply | None,
-    release: contextlib.AsyncExitStack,
-    info: RequestInfo,
-    metrics: Metrics,
-) -> Response | _ReleasingStream:
-    """The HTTP answer for an engine's reply; ``release`` is closed when it has gone out."""
-    if reply is None:
-        # Nobody is listening; 499 (nginx's "client closed request") is for the log.
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    if isinstance(reply, JSONReply):
-        info.usage = reply.usage
-        headers = {k: v for k, v in reply.headers.items() if k.lower() != "content-type"}
-        return Response(
-            content=reply.body,
-            status_code=reply.status_code,
-            media_type=content_type(reply.headers),
-            headers=headers,
-        )
-    assert isinstance(reply, StreamReply)
-    headers = {k: v for k, v in reply.headers.items() if k.lower() != "content-type"}
-    return _ReleasingStream(
-        _note_usage(_watch_stream(reply.chunks, info, metrics, hidden_usage=False), info),
-        reply.chunks,
-        release,
-        headers={"Cache-Control": "no-cache", **headers},
-    )
-
-
-async def _note_usage(chunks: AsyncIterator[bytes], info: RequestInfo) -> AsyncIterator[bytes]:
-    """Pass events on; note the token counts of the Responses and Messages APIs' events
-    (``input_tokens``/``output_tokens``, inside ``response`` or ``message`` for some), which
-    per-key accounting needs as much as the OpenAI routes' ``usage``."""
-    async for chunk in chunks:
-        if b'"input_tokens"' in chunk:
-            info.usage = _usage_in_events(chunk) or info.usage
-        yield chunk
-
-
-def _usage_in_events(chunk: bytes) -> Usage | None:
-    found = None
-    for line in chunk.splitlines():
-        if not line.startswith(b"data: {"):
-            continue
-        try:
-            event = json.loads(line[6:])
-        except (ValueError, RecursionError):  # a remote backend's events are untrusted
-            continue
-        for holder in (event, event.get("response"), event.get("message")):
-            usage = holder.get("usage") if isinstance(holder, dict) else None
-            if isinstance(usage, dict) and "input_tokens" in usage:
-                found = Usage(usage.get("input_tokens", 0), usage.get("output_tokens", 0))
-    return found
 
 
 def build_vllm_router(
@@ -152,52 +71,15 @@ def build_vllm_router(
     (default: ``BodyScreen()``)."""
     api = APIRouter(tags=["vLLM"])
     user = [Depends(require_role(Role.USER))]
-    limits = limits or default_request_limits()
-    screen = screen or BodyScreen()
+    serving = ModelServing(access, metrics, log_prompts=log_prompts, limits=limits, screen=screen)
 
     async def serve(request: Request, route: ModelRoute) -> Response:
-        info = request_info(request.scope)
-        info.endpoint = endpoint_label(route.path)
         body = await read_json_object(request)
+        keeps = stored is not None and route.path == RESPONSES_PATH
+        hooks = _StoredResponse(stored) if stored is not None and keeps else ServeHooks()
+        label = endpoint_label(route.path)
         raw = await request.body()
-        admin = caller_is_admin(request.scope)
-        screened = await screen.check(body, admin=admin)
-        cost = check_request(route.path, body, limits)
-        caller = caller_of(request.scope)
-        stored_id = None
-        if stored is not None and route.path == RESPONSES_PATH:
-            stored_id = _own_response(body, caller, stored)
-        lease = await access.lease(request, body, None, cost)
-        model = lease.model
-        # An alias (the engine knows the model by its name), a stored id of ours, or fields
-        # the screen took out.
-        if model != body["model"] or stored_id is not None or screened.changed:
-            body["model"] = model
-            raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        if stored is not None and stored_id is not None:
-            stored.add(stored_id, caller, lease.entry)
-        if log_prompts:
-            info.extra["prompt"] = _prompt_of(body)
-        info.stream = body.get("stream") is True
-        release = contextlib.AsyncExitStack()
-        release.push_async_callback(lease.release)
-        try:
-            _check_serves(lease.engine, model, route)
-            call = _route_call(request, route, raw, info.stream)
-            reply = await _until_disconnect(lease.engine.handle_route(call, request), request)
-        except BaseException:
-            await release.aclose()
-            if stored is not None and stored_id is not None:
-                stored.discard(stored_id)
-            raise
-        if stored is not None and stored_id is not None and not _stored_ok(reply):
-            stored.discard(stored_id)
-        if screened.fetches_media:
-            reply = screen.reply(reply, admin=admin)
-        answer = _answer(reply, release, info, metrics)
-        if not isinstance(answer, _ReleasingStream):
-            await release.aclose()
-        return answer
+        return await serving.serve(request, route.key, body, raw=raw, label=label, hooks=hooks)
 
     def add_model_route(route: ModelRoute) -> None:
         async def endpoint(request: Request) -> Response:
@@ -209,7 +91,7 @@ def build_vllm_router(
             endpoint,
             methods=[route.method],
             summary=route.summary,
-            openapi_extra=_DOC_BODY,
+            openapi_extra=DOC_BODY,
             dependencies=user,
             response_class=Response,
         )
@@ -219,17 +101,41 @@ def build_vllm_router(
     return api
 
 
-def _own_response(body: dict[str, Any], caller: str, stored: ResponseOwners) -> str | None:
-    """Check the caller owns the response ``body`` continues from; name the one it stores
-    (replacing any ``request_id``, which vLLM would take as the stored id). Returns the id,
-    or None if the request stores nothing."""
-    previous = body.get("previous_response_id")
-    if isinstance(previous, str):
-        stored.check(previous, caller, "previous_response_id")
-    if body.get("store", True) is False:
+class _StoredResponse(ServeHooks):
+    """A Responses API request that stores its response (or continues one): the caller must
+    own the one it continues from, and becomes the owner of the one it stores."""
+
+    def __init__(self, stored: ResponseOwners) -> None:
+        self._stored = stored
+        self._id: str | None = None
+        self._caller = ""
+
+    def before_lease(self, request: Request, body: dict[str, Any]) -> bool:
+        """Check the caller owns the response ``body`` continues from; name the one it stores
+        (replacing any ``request_id``, which vLLM would take as the stored id)."""
+        previous = body.get("previous_response_id")
+        caller = caller_of(request.scope)
+        if isinstance(previous, str):
+            self._stored.check(previous, caller, "previous_response_id")
+        if body.get("store", True) is False:
+            return False
+        body["request_id"] = self._id = self._stored.new_id()
+        self._caller = caller
+        return True
+
+    async def leased(self, request: Request, lease: Lease) -> Response | None:
+        if self._id is not None:
+            self._stored.add(self._id, self._caller, lease.entry)
         return None
-    body["request_id"] = stored.new_id()
-    return str(body["request_id"])
+
+    def replied(self, reply: Reply | None, lease: Lease) -> None:
+        # An error stores nothing in vLLM.
+        if self._id is not None and not _stored_ok(reply):
+            self._stored.discard(self._id)
+
+    def failed(self) -> None:
+        if self._id is not None:
+            self._stored.discard(self._id)
 
 
 def _stored_ok(reply: Reply | None) -> bool:
@@ -280,7 +186,7 @@ def build_table_routes(
                 if routes is None or route.key not in routes:
                     await release.aclose()
                     continue
-                reply = await _until_disconnect(engine.handle_route(call, request), request)
+                reply = await until_disconnect(engine.serve(call, request), request)
             except BaseException:
                 await release.aclose()
                 raise
@@ -289,12 +195,9 @@ def build_table_routes(
                 last = reply
                 continue
             info.model = handle.name
-            answer = _answer(reply, release, info, metrics)
-            if not isinstance(answer, _ReleasingStream):
-                await release.aclose()
-            return answer
+            return await http_answer(reply, release, info, metrics)
         if last is not None:
-            return _answer(last, contextlib.AsyncExitStack(), info, metrics)
+            return await http_answer(last, contextlib.AsyncExitStack(), info, metrics)
         raise ModelNotFoundError(
             f"no ready model that this key may use holds response "
             f"{request.path_params.get('response_id')!r}"

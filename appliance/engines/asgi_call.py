@@ -21,10 +21,10 @@ from appliance.engines.base import JSONReply, Reply, RouteCall, StreamReply
 _KEPT_HEADERS = frozenset({"content-type", "retry-after"})
 
 
-def _scope(call: RouteCall, client: Any, server: Any) -> dict[str, Any]:
+def _scope(call: RouteCall, body: bytes, client: Any, server: Any) -> dict[str, Any]:
     headers = [
         (b"content-type", b"application/json"),
-        (b"content-length", str(len(call.body)).encode()),
+        (b"content-length", str(len(body)).encode()),
     ]
     if call.request_id:
         # vLLM takes its request id from this header, so its log lines match the appliance's.
@@ -130,6 +130,7 @@ async def call_app(
     The ``content-type`` of the answer travels in the reply's headers.
     """
     queue: asyncio.Queue[Message] = asyncio.Queue()
+    body = call.content()
     body_sent = False
     closed = asyncio.Event()
 
@@ -137,7 +138,7 @@ async def call_app(
         nonlocal body_sent
         if not body_sent:
             body_sent = True
-            return {"type": "http.request", "body": call.body, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
         # The app waits here for a disconnect; the appliance's own route watches the real
         # client and cancels the app's task (through the reply) when it goes away.
         await closed.wait()
@@ -146,7 +147,7 @@ async def call_app(
     async def send(message: Message) -> None:
         await queue.put(message)
 
-    task = asyncio.ensure_future(app(_scope(call, client, server), receive, send))
+    task = asyncio.ensure_future(app(_scope(call, body, client, server), receive, send))
     streaming = False
     try:
         start = await _next_message(queue, task)

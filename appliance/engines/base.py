@@ -8,51 +8,42 @@ out (see the performance issue: no re-encoding of stream chunks).
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from starlette.requests import Request
 
+# Replies carry it; callers may import it from here too.
+from appliance.engines.usage import Usage as Usage
+
 
 class Endpoint(str, enum.Enum):
-    """The OpenAI endpoints an engine may serve."""
+    """The three OpenAI endpoints, which the appliance parses a little (task check, usage);
+    to an engine each is just one more route (``Endpoint.route``)."""
 
     CHAT = "chat/completions"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
 
+    @property
+    def path(self) -> str:
+        """The route's path, ``/v1/chat/completions``."""
+        return f"/v1/{self.value}"
 
-MAX_TOKENS_COUNTED = 2**40  # far past any request; a larger count is a backend's garbage
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Token counts of one request, when known."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        # Counts may come from a remote backend (untrusted): anything but a sane count is 0,
-        # so that it cannot break a request, the metrics (counters refuse negatives) or usage.
-        for name in ("prompt_tokens", "completion_tokens"):
-            value = getattr(self, name)
-            if not _is_count(value):
-                object.__setattr__(self, name, 0)
-
-    @classmethod
-    def of(cls, usage: object) -> Usage | None:
-        """The counts of an OpenAI ``usage`` object; None when it is not an object."""
-        if not isinstance(usage, dict):
-            return None
-        return cls(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+    @property
+    def route(self) -> str:
+        """The route as vLLM registers it, ``"POST /v1/chat/completions"``."""
+        return f"POST /v1/{self.value}"
 
 
-def _is_count(value: object) -> bool:
-    return (
-        isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_TOKENS_COUNTED
-    )
+def endpoint_of(route: str) -> Endpoint | None:
+    """The OpenAI endpoint ``route`` is (``"POST /v1/completions"``); None for any other."""
+    return _ENDPOINT_ROUTES.get(route)
+
+
+_ENDPOINT_ROUTES = {endpoint.route: endpoint for endpoint in Endpoint}
 
 
 @dataclass
@@ -118,11 +109,14 @@ class EngineFigureSink(Protocol):
 
 @dataclass(frozen=True)
 class RouteCall:
-    """One request to a route of ``vllm serve`` other than the three OpenAI ones above.
+    """One request to a route of ``vllm serve``, the three OpenAI ones included.
 
-    ``route`` is the route as vLLM registers it (``"POST /tokenize"``,
+    ``route`` is the route as vLLM registers it (``"POST /v1/chat/completions"``,
     ``"GET /v1/responses/{response_id}"``); ``path`` and ``query`` are what the client sent, and
     ``body`` its bytes, passed on untouched so the engine validates them as vLLM would.
+    ``parsed``: the body as a JSON object, where the caller already has it (the OpenAI routes
+    and Ollama's, which build it): an engine may use it instead of parsing ``body`` again, and
+    ``body`` may then be empty.
     """
 
     route: str
@@ -132,6 +126,33 @@ class RouteCall:
     body: bytes = b""
     request_id: str | None = None
     stream: bool = False  # whether the client asked for a stream (``"stream": true``)
+    parsed: dict[str, Any] | None = field(default=None, repr=False)
+
+    @classmethod
+    def of_endpoint(
+        cls, endpoint: Endpoint, body: dict[str, Any], request_id: str | None = None
+    ) -> RouteCall:
+        """A call to one of the three OpenAI routes with its parsed ``body``."""
+        stream = endpoint is not Endpoint.EMBEDDINGS and bool(body.get("stream"))
+        return cls(
+            route=endpoint.route,
+            method="POST",
+            path=endpoint.path,
+            request_id=request_id,
+            stream=stream,
+            parsed=body,
+        )
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        """The OpenAI endpoint this call is for; None for any other route."""
+        return endpoint_of(self.route)
+
+    def content(self) -> bytes:
+        """The body's bytes: ``body``, else ``parsed`` encoded as a compact JSON object."""
+        if self.body or self.parsed is None:
+            return self.body
+        return json.dumps(self.parsed, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -163,7 +184,12 @@ class EngineLink:
 
 
 class Engine(Protocol):
-    """One model's engine, local or remote."""
+    """One model's engine, local or remote: what every engine does.
+
+    What only some engines do is a capability of its own below (``Sleeps``,
+    ``TakesAdapters``, ``KnowsWeights``, ``HasModelCard``, ``SharesCores``): callers ask
+    ``isinstance(engine, Sleeps)`` instead of catching a refusal.
+    """
 
     async def start(self) -> None:
         """Bring the engine up; raise ``ApplianceError`` (or a subclass) if it cannot start."""
@@ -173,30 +199,13 @@ class Engine(Protocol):
         """Shut the engine down and free what it holds; safe to call twice."""
         ...
 
-    async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Reply:
-        """Answer one OpenAI request whose JSON body is ``body``."""
+    async def serve(self, call: RouteCall, request: Request) -> Reply:
+        """Answer ``call`` as ``vllm serve`` would, status, body and stream events alike."""
         ...
 
     def routes(self) -> frozenset[str] | None:
         """The routes this engine answers (``"POST /tokenize"``...); None when unknown (a
         remote backend answers for itself)."""
-        ...
-
-    async def handle_route(self, call: RouteCall, request: Request) -> Reply:
-        """Answer ``call`` as ``vllm serve`` would, status and body alike."""
-        ...
-
-    def model_card(self) -> dict[str, Any] | None:
-        """What ``vllm serve``'s ``/v1/models`` says of this model (``max_model_len``,
-        ``root``, ``parent``...); None when unknown (a remote backend)."""
-        ...
-
-    async def sleep(self, level: int) -> None:
-        """Free the engine's GPU memory, keeping the engine (vLLM sleep mode)."""
-        ...
-
-    async def wake_up(self) -> None:
-        """Undo ``sleep``."""
         ...
 
     def is_alive(self) -> bool:
@@ -207,9 +216,23 @@ class Engine(Protocol):
         """The engine's current load."""
         ...
 
-    def weights_gib(self) -> float | None:
-        """Size of the model's weights, for host memory used in sleep; None when unknown."""
+
+@runtime_checkable
+class Sleeps(Protocol):
+    """An engine that can free its GPU memory and keep running (vLLM sleep mode)."""
+
+    async def sleep(self, level: int) -> None:
+        """Free the engine's GPU memory, keeping the engine."""
         ...
+
+    async def wake_up(self) -> None:
+        """Undo ``sleep``."""
+        ...
+
+
+@runtime_checkable
+class TakesAdapters(Protocol):
+    """An engine that loads and unloads LoRA adapters while it runs."""
 
     async def load_adapter(self, name: str, source: str) -> None:
         """Serve the LoRA adapter at ``source`` as ``name`` without stopping the engine."""
@@ -218,3 +241,49 @@ class Engine(Protocol):
     async def unload_adapter(self, name: str) -> None:
         """Stop serving the LoRA adapter ``name``."""
         ...
+
+    def adapters(self) -> dict[str, str]:
+        """The adapters served now: name -> path or hub id."""
+        ...
+
+
+@runtime_checkable
+class KnowsWeights(Protocol):
+    """An engine whose weights are on this host, so their size is known."""
+
+    def weights_gib(self) -> float | None:
+        """Size of the model's weights, for host memory used in sleep; None when unknown."""
+        ...
+
+
+@runtime_checkable
+class HasModelCard(Protocol):
+    """An engine that knows what ``vllm serve``'s ``/v1/models`` says of its model."""
+
+    def model_card(self) -> dict[str, Any] | None:
+        """``max_model_len``, ``root``, ``parent``...; None before the engine started."""
+        ...
+
+
+@runtime_checkable
+class SharesCores(Protocol):
+    """An engine whose cores other processes of this appliance may attach to as clients."""
+
+    def link(self) -> EngineLink | None:
+        """How another process attaches; None with one client, or before the start."""
+        ...
+
+
+def model_card_of(engine: object) -> dict[str, Any] | None:
+    """``engine``'s model card, if it has one (None: no engine, or one that cannot say)."""
+    return engine.model_card() if isinstance(engine, HasModelCard) else None
+
+
+def weights_of(engine: object) -> float | None:
+    """The size of ``engine``'s weights in GiB, if it knows it (None: no engine, a remote)."""
+    return engine.weights_gib() if isinstance(engine, KnowsWeights) else None
+
+
+def link_of(engine: object) -> EngineLink | None:
+    """``engine``'s link for other client processes, if it has one."""
+    return engine.link() if isinstance(engine, SharesCores) else None

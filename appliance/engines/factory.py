@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from appliance.catalogue.schema import LocalModelSpec, ModelSpec
-from appliance.engines.base import Engine, EngineFigureSink, EngineLink
+from appliance.engines.base import Engine, EngineFigureSink, EngineLink, link_of
 from appliance.engines.process_env import refuse_unsafe_environment
 from appliance.errors import ConfigError
 from appliance.host.inventory import DeviceKind, Inventory
@@ -224,8 +224,7 @@ class EngineFactory:
     def link_of(engine: Engine) -> EngineLink | None:
         """What other processes attach to ``engine`` with; None for an engine started for one
         client, one not started, or a remote backend."""
-        link = getattr(engine, "link", None)
-        return link() if callable(link) else None
+        return link_of(engine)
 
     def attach(self, link: EngineLink, client_index: int) -> Engine:
         """A new, not yet started, client ``client_index`` of the running engine ``link``

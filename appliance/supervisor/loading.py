@@ -15,6 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from appliance.engines.base import Sleeps, TakesAdapters
 from appliance.errors import (
     ApplianceError,
     EvictionTooSoonError,
@@ -108,7 +109,7 @@ class Loading:
         # Adapters loaded at run time (declared ones came with the engine's arguments).
         declared = set(spec.adapter_names())
         for name, source in list(handle.adapters.items()):
-            if name not in declared:
+            if name not in declared and isinstance(engine, TakesAdapters):
                 try:
                     await engine.load_adapter(
                         name, self._engines.adapter_source(spec.name, name, source)
@@ -182,6 +183,8 @@ class Loading:
             raise LifecycleError(
                 f"model {name!r} is {handle.state.value}; only a ready model sleeps"
             )
+        if not isinstance(handle.engine, Sleeps):
+            raise NotSupportedError(f"model {name!r}: its engine has no sleep mode")
         engine, allocation = handle.engine, handle.allocation
         assert allocation is not None, "a ready model holds its allocation"
         host_gib = supervisor.room.host_gib_for_sleep(handle, engine, level)
@@ -227,7 +230,7 @@ class Loading:
     async def _wake(self, handle: ModelHandle, reason: str) -> None:
         supervisor = self._supervisor
         engine, asleep = handle.engine, handle.allocation
-        assert engine is not None and asleep is not None, "a sleeping model keeps its engine"
+        assert isinstance(engine, Sleeps) and asleep is not None, "a sleeper keeps its engine"
         # Its engine is bound to its devices: the whole reservation must come back there.
         demand = Demand(
             model=handle.name,

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from appliance.catalogue.schema import LocalModelSpec
-from appliance.engines.base import Engine
+from appliance.engines.base import Engine, weights_of
 from appliance.errors import EvictionTooSoonError
 from appliance.host.capacity import HostCapacity
 from appliance.host.inventory import DeviceKind, Inventory
@@ -122,7 +122,7 @@ class Room:
     @staticmethod
     def weights_gib(handle: ModelHandle) -> float:
         """What a level-1 sleep of ``handle`` puts in host RAM: its weights, else its share."""
-        weights = handle.engine.weights_gib() if handle.engine is not None else None
+        weights = weights_of(handle.engine)
         if weights is not None:
             return weights
         return handle.allocation.memory_gib if handle.allocation is not None else 0.0
@@ -146,7 +146,7 @@ class Room:
         if level != 1:
             return 0.0  # level 2 discards the weights
         assert handle.allocation is not None
-        weights = engine.weights_gib()
+        weights = weights_of(engine)
         need = weights if weights is not None else sum(handle.allocation.reserved_gib)
         self._capacity.check_host_room(handle.name, need, self._host_gib_asleep())
         return need

@@ -31,8 +31,13 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from appliance.catalogue.schema import LocalModelSpec, ModelSpec
-from appliance.engines.base import Engine, EngineStats
-from appliance.errors import ApplianceError, LifecycleError, ModelNotFoundError
+from appliance.engines.base import Engine, EngineStats, TakesAdapters
+from appliance.errors import (
+    ApplianceError,
+    LifecycleError,
+    ModelNotFoundError,
+    NotSupportedError,
+)
 from appliance.host.capacity import HostCapacity
 from appliance.host.downloads import WeightsFetcher
 from appliance.host.inventory import Inventory
@@ -345,6 +350,8 @@ class Supervisor:
             raise LifecycleError(
                 f"model {model!r} is {handle.state.value}; adapters load on a ready model"
             )
+        if not isinstance(handle.engine, TakesAdapters):
+            raise NotSupportedError(f"model {model!r}: its engine takes no adapters at run time")
         path = self._engines.adapter_source(spec.name, name, source)
         await handle.engine.load_adapter(name, path)
         handle.adapters[name] = source
@@ -362,7 +369,7 @@ class Supervisor:
         handle, _ = self.get_local(model)
         if name not in handle.adapters:
             raise ModelNotFoundError(f"model {model!r} has no adapter {name!r}", param="name")
-        if handle.engine is not None and handle.state is S.READY:
+        if isinstance(handle.engine, TakesAdapters) and handle.state is S.READY:
             await handle.engine.unload_adapter(name)
         del handle.adapters[name]
         self.names.rebuild(self.board)

@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 from typing import Any, Protocol
 
-from appliance.engines.base import Engine, EngineLink
+from appliance.engines.base import Engine, EngineLink, TakesAdapters
 from appliance.errors import ApplianceError
 
 log = logging.getLogger("appliance")
@@ -121,8 +121,9 @@ class AttachedEngines:
 
 async def _sync_adapters(engine: Engine, adapters: dict[str, str]) -> None:
     """Each client's serving layer lists adapters of its own: load the owner's set here."""
-    known = getattr(engine, "adapters", None)
-    have = known() if callable(known) else {}
+    if not isinstance(engine, TakesAdapters):
+        return
+    have = engine.adapters()
     for name, source in adapters.items():
         if name not in have:
             await engine.load_adapter(name, source)

@@ -37,6 +37,7 @@ from appliance.engines.base import (
     EngineStepFigures,
     FinishedRequestTimes,
     Usage,
+    link_of,
 )
 from appliance.engines.remote import DETAIL_SCOPE
 from appliance.errors import ApplianceError, RateLimitedError
@@ -132,7 +133,7 @@ class OwnerService:
             if limits is not None:
                 limits.release()
             raise relayed(exc) from None
-        link = _link_of(lease.engine)
+        link = link_of(lease.engine)
         if link is None:
             # An engine only this process can reach (started before workers were asked for).
             await lease.release()
@@ -215,7 +216,7 @@ class OwnerService:
             engine = handle.engine
             if handle.state is not ModelState.READY or engine is None:
                 continue
-            link = _link_of(engine)
+            link = link_of(engine)
             if link is not None:
                 found.append(self._described(handle.name, engine, link))
         return found
@@ -242,11 +243,6 @@ def step_from(sent: Mapping[str, Any]) -> EngineStepFigures:
     fields = dict(sent)
     finished = tuple(FinishedRequestTimes(**done) for done in fields.pop("finished", ()))
     return EngineStepFigures(**fields, finished=finished)
-
-
-def _link_of(engine: Engine) -> Any:
-    link = getattr(engine, "link", None)
-    return link() if callable(link) else None
 
 
 def _endpoint(args: Mapping[str, Any]) -> Endpoint | None:

@@ -33,6 +33,7 @@ from appliance.engines.base import (
     EngineLink,
     EngineStats,
     JSONReply,
+    RouteCall,
     StreamReply,
 )
 from appliance.engines.factory import EngineFactory
@@ -90,7 +91,7 @@ def incoming() -> Request:
 
 async def answer(engine: Any, body: dict[str, Any]) -> dict[str, Any] | list[str]:
     """A completion's JSON body, or a stream's events (``data: ...`` lines)."""
-    reply = await engine.handle(Endpoint.COMPLETIONS, body, incoming())
+    reply = await engine.serve(RouteCall.of_endpoint(Endpoint.COMPLETIONS, body), incoming())
     if isinstance(reply, StreamReply):
         return [chunk.decode() async for chunk in reply.chunks]
     assert isinstance(reply, JSONReply)

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.requests import Request as StarletteRequest
 
 from appliance.catalogue.schema import LocalModelSpec, RemoteModelSpec
-from appliance.engines.base import Endpoint, JSONReply, RouteCall, StreamReply, Usage
+from appliance.engines.base import Endpoint, JSONReply, RouteCall, StreamReply, Usage, model_card_of
 from appliance.engines.circuit_breaker import BreakerState, CircuitBreaker
 from appliance.engines.remote import (
     RemoteBackends,
@@ -254,7 +254,9 @@ def error_of(reply: JSONReply) -> dict[str, Any]:
 
 async def test_json_answer_passes_through_byte_for_byte(upstream: Upstream) -> None:
     async with remote(upstream.url) as (engine, _):
-        reply = await engine.handle(Endpoint.CHAT, {"model": "echo", "messages": []}, incoming())
+        reply = await engine.serve(
+            RouteCall.of_endpoint(Endpoint.CHAT, {"model": "echo", "messages": []}), incoming()
+        )
     assert isinstance(reply, JSONReply)
     assert reply.status_code == 200
     assert reply.body == JSON_ANSWER
@@ -268,7 +270,7 @@ async def test_request_id_forwarded_and_client_key_not(upstream: Upstream, monke
     headers = {"X-Request-Id": "req-42", "Authorization": "Bearer client-key"}
     async with remote(upstream.url, settings) as (engine, _):
         body = {"model": "echo", "messages": [], "temperature": 0.5}
-        await engine.handle(Endpoint.CHAT, body, incoming(headers))
+        await engine.serve(RouteCall.of_endpoint(Endpoint.CHAT, body), incoming(headers))
     path, seen_headers, seen_body = upstream.seen.requests[-1]
     assert path == "/v1/chat/completions"
     assert seen_headers["x-request-id"] == "req-42"
@@ -278,7 +280,9 @@ async def test_request_id_forwarded_and_client_key_not(upstream: Upstream, monke
 
 async def test_upstream_envelope_error_passes_through(upstream: Upstream) -> None:
     async with remote(upstream.url) as (engine, _):
-        reply = await engine.handle(Endpoint.COMPLETIONS, {"model": "bad-request"}, incoming())
+        reply = await engine.serve(
+            RouteCall.of_endpoint(Endpoint.COMPLETIONS, {"model": "bad-request"}), incoming()
+        )
     assert isinstance(reply, JSONReply)
     assert reply.status_code == 400
     assert json.loads(reply.body) == BAD_REQUEST
@@ -287,7 +291,9 @@ async def test_upstream_envelope_error_passes_through(upstream: Upstream) -> Non
 
 async def test_upstream_plain_500_becomes_502_envelope(upstream: Upstream) -> None:
     async with remote(upstream.url) as (engine, _):
-        reply = await engine.handle(Endpoint.CHAT, {"model": "plain-500"}, incoming())
+        reply = await engine.serve(
+            RouteCall.of_endpoint(Endpoint.CHAT, {"model": "plain-500"}), incoming()
+        )
     assert isinstance(reply, JSONReply)
     assert reply.status_code == 502
     error = error_of(reply)
@@ -303,8 +309,8 @@ async def test_other_routes_pass_through_with_body_untouched(upstream: Upstream)
     raw = b'{"model":"echo",  "prompt":"h\u00e9"}'
     call = RouteCall("POST /tokenize", "POST", "/tokenize", body=raw, request_id="req-7")
     async with remote(upstream.url) as (engine, _):
-        assert engine.routes() is None and engine.model_card() is None
-        reply = await engine.handle_route(call, incoming({"X-Request-Id": "req-7"}))
+        assert engine.routes() is None and model_card_of(engine) is None
+        reply = await engine.serve(call, incoming({"X-Request-Id": "req-7"}))
     assert isinstance(reply, JSONReply) and reply.status_code == 200
     assert reply.body == raw
     path, headers, _ = upstream.seen.requests[-1]
@@ -315,7 +321,7 @@ async def test_other_routes_stream_when_the_backend_streams(upstream: Upstream) 
     body = json.dumps({"model": "echo", "stream": True, "tag": "messages"}).encode()
     call = RouteCall("POST /v1/messages", "POST", "/v1/messages", body=body, stream=True)
     async with remote(upstream.url) as (engine, _):
-        reply = await engine.handle_route(call, incoming())
+        reply = await engine.serve(call, incoming())
         assert isinstance(reply, StreamReply)
         chunks = [chunk async for chunk in reply.chunks]
     assert b"".join(chunks).endswith(b"data: [DONE]\n\n")
@@ -326,7 +332,7 @@ async def test_a_get_route_keeps_its_query_and_status(upstream: Upstream) -> Non
         "GET /v1/responses/{response_id}", "GET", "/v1/responses/resp_1", query=b"stream=false"
     )
     async with remote(upstream.url) as (engine, _):
-        reply = await engine.handle_route(call, incoming())
+        reply = await engine.serve(call, incoming())
     assert isinstance(reply, JSONReply) and reply.status_code == 404
     assert upstream.seen.paths[-1] == "/v1/responses/resp_1?stream=false"
 
@@ -337,7 +343,7 @@ async def test_a_get_route_keeps_its_query_and_status(upstream: Upstream) -> Non
 async def test_stream_chunks_arrive_before_upstream_finishes(upstream: Upstream) -> None:
     body = {"model": "stream", "stream": True, "tag": "incremental", "chunks": 5, "delay": 0.2}
     async with remote(upstream.url) as (engine, _):
-        reply = await engine.handle(Endpoint.CHAT, body, incoming())
+        reply = await engine.serve(RouteCall.of_endpoint(Endpoint.CHAT, body), incoming())
         assert isinstance(reply, StreamReply)
         first = await reply.chunks.__anext__()
         assert first.startswith(b'data: {"choices"')
@@ -352,8 +358,9 @@ async def test_stream_chunks_arrive_before_upstream_finishes(upstream: Upstream)
 
 async def test_stream_error_before_first_byte_is_json(upstream: Upstream) -> None:
     async with remote(upstream.url) as (engine, _):
-        reply = await engine.handle(
-            Endpoint.CHAT, {"model": "bad-request", "stream": True}, incoming()
+        reply = await engine.serve(
+            RouteCall.of_endpoint(Endpoint.CHAT, {"model": "bad-request", "stream": True}),
+            incoming(),
         )
     assert isinstance(reply, JSONReply) and reply.status_code == 400
     assert json.loads(reply.body) == BAD_REQUEST
@@ -362,7 +369,7 @@ async def test_stream_error_before_first_byte_is_json(upstream: Upstream) -> Non
 async def test_client_leaving_early_cancels_the_upstream_stream(upstream: Upstream) -> None:
     body = {"model": "stream", "stream": True, "tag": "leave-early", "chunks": 50, "delay": 0.1}
     async with remote(upstream.url) as (engine, _):
-        reply = await engine.handle(Endpoint.CHAT, body, incoming())
+        reply = await engine.serve(RouteCall.of_endpoint(Endpoint.CHAT, body), incoming())
         assert isinstance(reply, StreamReply)
         await reply.chunks.__anext__()
         await reply.chunks.aclose()  # type: ignore[attr-defined]
@@ -379,7 +386,7 @@ async def test_cancelled_consumer_then_close_cancels_upstream(upstream: Upstream
         "delay": 0.1,
     }
     async with remote(upstream.url) as (engine, _):
-        reply = await engine.handle(Endpoint.CHAT, body, incoming())
+        reply = await engine.serve(RouteCall.of_endpoint(Endpoint.CHAT, body), incoming())
         assert isinstance(reply, StreamReply)
         got: list[bytes] = []
 
@@ -400,7 +407,7 @@ async def test_cancelled_consumer_then_close_cancels_upstream(upstream: Upstream
 async def test_unstarted_stream_closed_releases_upstream(upstream: Upstream) -> None:
     body = {"model": "stream", "stream": True, "tag": "unstarted", "chunks": 50, "delay": 0.1}
     async with remote(upstream.url) as (engine, _):
-        reply = await engine.handle(Endpoint.CHAT, body, incoming())
+        reply = await engine.serve(RouteCall.of_endpoint(Endpoint.CHAT, body), incoming())
         assert isinstance(reply, StreamReply)
         await reply.chunks.aclose()  # type: ignore[attr-defined]
         await until(lambda: "unstarted" in upstream.seen.cancelled)
@@ -409,8 +416,9 @@ async def test_unstarted_stream_closed_releases_upstream(upstream: Upstream) -> 
 
 async def test_upstream_dropping_mid_stream_ends_with_error_event(upstream: Upstream) -> None:
     async with remote(upstream.url) as (engine, _):
-        reply = await engine.handle(
-            Endpoint.CHAT, {"model": "drop-stream", "stream": True}, incoming()
+        reply = await engine.serve(
+            RouteCall.of_endpoint(Endpoint.CHAT, {"model": "drop-stream", "stream": True}),
+            incoming(),
         )
         assert isinstance(reply, StreamReply)
         chunks = [chunk async for chunk in reply.chunks]
@@ -431,7 +439,7 @@ async def test_connection_refused_is_503_quickly_after_retries() -> None:
     async with remote(url) as (engine, transport):
         started = time.monotonic()
         with pytest.raises(BackendUnavailableError) as caught:
-            await engine.handle(Endpoint.CHAT, {"model": "echo"}, incoming())
+            await engine.serve(RouteCall.of_endpoint(Endpoint.CHAT, {"model": "echo"}), incoming())
         assert time.monotonic() - started < 1.0
     assert caught.value.status_code == 503
     assert "'echo'" in caught.value.message and url in caught.value.message
@@ -443,7 +451,9 @@ async def test_read_timeout_is_504_and_not_retried(upstream: Upstream) -> None:
     before = upstream.seen.count("slow")
     async with remote(upstream.url, settings) as (engine, transport):
         with pytest.raises(BackendTimeoutError) as caught:
-            await engine.handle(Endpoint.CHAT, {"model": "slow", "delay": 2}, incoming())
+            await engine.serve(
+                RouteCall.of_endpoint(Endpoint.CHAT, {"model": "slow", "delay": 2}), incoming()
+            )
     assert caught.value.status_code == 504
     assert transport.attempts == 1
     assert upstream.seen.count("slow") == before + 1
@@ -453,7 +463,7 @@ async def test_stream_silence_past_read_timeout_ends_with_error_event(upstream: 
     settings = RemoteSettings(read_timeout=0.2, health_interval=None)
     body = {"model": "stream", "stream": True, "chunks": 3, "delay": 1.0}
     async with remote(upstream.url, settings) as (engine, _):
-        reply = await engine.handle(Endpoint.CHAT, body, incoming())
+        reply = await engine.serve(RouteCall.of_endpoint(Endpoint.CHAT, body), incoming())
         assert isinstance(reply, StreamReply)
         chunks = [chunk async for chunk in reply.chunks]
     error = json.loads(chunks[-1].strip()[len(b"data: ") :])["error"]
@@ -464,7 +474,9 @@ async def test_drop_after_request_reached_upstream_is_502_not_retried(upstream: 
     before = upstream.seen.count("drop-body")
     async with remote(upstream.url) as (engine, transport):
         with pytest.raises(BackendError) as caught:
-            await engine.handle(Endpoint.COMPLETIONS, {"model": "drop-body"}, incoming())
+            await engine.serve(
+                RouteCall.of_endpoint(Endpoint.COMPLETIONS, {"model": "drop-body"}), incoming()
+            )
     assert type(caught.value) is BackendError and caught.value.status_code == 502
     assert transport.attempts == 1
     assert upstream.seen.count("drop-body") == before + 1
@@ -481,12 +493,14 @@ async def test_breaker_opens_answers_instantly_then_recovers() -> None:
     async with remote(f"http://127.0.0.1:{port}", settings) as (engine, transport):
         for _ in range(2):
             with pytest.raises(BackendUnavailableError):
-                await engine.handle(Endpoint.CHAT, {"model": "echo"}, incoming())
+                await engine.serve(
+                    RouteCall.of_endpoint(Endpoint.CHAT, {"model": "echo"}), incoming()
+                )
         assert engine.breaker.state is BreakerState.OPEN and not engine.up
         attempts = transport.attempts
         started = time.monotonic()
         with pytest.raises(BackendUnavailableError) as caught:
-            await engine.handle(Endpoint.CHAT, {"model": "echo"}, incoming())
+            await engine.serve(RouteCall.of_endpoint(Endpoint.CHAT, {"model": "echo"}), incoming())
         assert time.monotonic() - started < 0.1
         assert transport.attempts == attempts  # no network touched
         assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 0.5
@@ -494,7 +508,9 @@ async def test_breaker_opens_answers_instantly_then_recovers() -> None:
         server = Upstream(port).start()
         try:
             await until(lambda: engine.breaker.state is BreakerState.HALF_OPEN)
-            reply = await engine.handle(Endpoint.CHAT, {"model": "echo"}, incoming())
+            reply = await engine.serve(
+                RouteCall.of_endpoint(Endpoint.CHAT, {"model": "echo"}), incoming()
+            )
             assert isinstance(reply, JSONReply) and reply.status_code == 200
             assert engine.breaker.state is BreakerState.CLOSED and engine.up
         finally:
@@ -562,7 +578,9 @@ async def test_backends_sync_get_status_and_close(upstream: Upstream) -> None:
     c = RemoteModelSpec(name="c", backend_url=upstream.url)
     engine_c = backends.get(c)  # made on first use, health check started
     await until(lambda: backends.up().get("c") is True)
-    reply = await engine_c.handle(Endpoint.CHAT, {"model": "echo"}, incoming())
+    reply = await engine_c.serve(
+        RouteCall.of_endpoint(Endpoint.CHAT, {"model": "echo"}), incoming()
+    )
     assert isinstance(reply, JSONReply) and reply.body == JSON_ANSWER
     await backends.close()
     assert backends.status() == {}
@@ -574,7 +592,9 @@ async def test_backend_model_is_asked_for_and_answered_under_the_entrys_name(
     spec = RemoteModelSpec(name="llama", backend_url=upstream.url, backend_model="echo")
     async with httpx.AsyncClient() as client:
         engine = RemoteEngine(spec, client, FAST)
-        reply = await engine.handle(Endpoint.CHAT, {"model": "llama", "messages": []}, incoming())
+        reply = await engine.serve(
+            RouteCall.of_endpoint(Endpoint.CHAT, {"model": "llama", "messages": []}), incoming()
+        )
     assert isinstance(reply, JSONReply) and reply.status_code == 200
     assert upstream.seen.requests[-1][2]["model"] == "echo"
     assert reply.body == JSON_ANSWER.replace(b'"model":"echo"', b'"model":"llama"')

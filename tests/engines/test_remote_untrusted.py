@@ -14,11 +14,10 @@ import httpx
 import pytest
 from starlette.requests import Request as StarletteRequest
 
-from appliance.api.stream_usage import usage_of_event
-from appliance.api.vllm_routes import _usage_in_events
 from appliance.catalogue.schema import RemoteModelSpec
-from appliance.engines.base import Endpoint, JSONReply, Usage
+from appliance.engines.base import Endpoint, JSONReply, RouteCall, Usage
 from appliance.engines.remote import DETAIL_SCOPE, RemoteEngine, RemoteSettings
+from appliance.engines.usage import usage_in_event
 from appliance.errors import BackendError
 
 pytestmark = pytest.mark.anyio
@@ -43,7 +42,9 @@ async def answer(
 ) -> JSONReply:
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         engine = RemoteEngine(RemoteModelSpec(name="r", backend_url=URL), client, SETTINGS)
-        reply = await engine.handle(Endpoint.CHAT, {"model": "r"}, request(detail))
+        reply = await engine.serve(
+            RouteCall.of_endpoint(Endpoint.CHAT, {"model": "r"}), request(detail)
+        )
     assert isinstance(reply, JSONReply)
     return reply
 
@@ -75,9 +76,9 @@ async def test_deeply_nested_usage_is_not_a_500() -> None:
     assert reply.status_code == 200 and reply.body == body and reply.usage is None
     # The same in a stream's events, which the routes read for per-key usage.
     event = b'data: {"usage": ' + deep + b"}\n\n"
-    assert usage_of_event(event) is None
-    assert _usage_in_events(b'data: {"response": ' + deep + b"}\n\n") is None
-    assert usage_of_event(b'data: {"usage": [1, 2]}\n\n') is None
+    assert usage_in_event(event) is None
+    assert usage_in_event(b'data: {"response": ' + deep + b"}\n\n") is None
+    assert usage_in_event(b'data: {"usage": [1, 2]}\n\n') is None
 
 
 def test_usage_keeps_sane_counts() -> None:
@@ -160,10 +161,14 @@ async def test_untrusted_backends_check_the_address_at_connect_time() -> None:
     try:
         await backends.sync([spec], untrusted=True)
         with pytest.raises(BackendError, match="refused"):
-            await backends.get(spec).handle(Endpoint.CHAT, {"model": "r"}, request(True))
+            await backends.get(spec).serve(
+                RouteCall.of_endpoint(Endpoint.CHAT, {"model": "r"}), request(True)
+            )
         assert accepted == 0
         await backends.sync([spec], untrusted=False)  # the same entry from models.yaml
-        reply = await backends.get(spec).handle(Endpoint.CHAT, {"model": "r"}, request(True))
+        reply = await backends.get(spec).serve(
+            RouteCall.of_endpoint(Endpoint.CHAT, {"model": "r"}), request(True)
+        )
         assert isinstance(reply, JSONReply) and reply.status_code == 200 and accepted == 1
     finally:
         await backends.close()

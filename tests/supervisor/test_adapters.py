@@ -10,32 +10,16 @@ import pytest
 
 from appliance.catalogue.schema import ModelSpec, parse_model_spec
 from appliance.errors import LifecycleError, ModelNotFoundError
-from appliance.host.inventory import Inventory, cpu_inventory
-from appliance.host.placement import Allocation
+from appliance.host.inventory import cpu_inventory
 from appliance.supervisor.handle import SupervisorLimits
 from appliance.supervisor.supervisor import Supervisor, Target
-from tests.supervisor.test_supervisor import FakeEngine, FakeMaker, Recorder
-
-
-class LoraEngine(FakeEngine):
-    """A fake engine that keeps the adapters it was told to serve."""
-
-    def __init__(self, name: str, start_delay: float, fail: bool) -> None:
-        super().__init__(name, start_delay, fail)
-        self.adapters: dict[str, str] = {}
-
-    async def load_adapter(self, name: str, source: str) -> None:
-        self.adapters[name] = source
-
-    async def unload_adapter(self, name: str) -> None:
-        del self.adapters[name]
+from tests.fakes import AdapterEngine, FakeMaker
+from tests.supervisor.test_supervisor import Recorder
 
 
 class LoraMaker(FakeMaker):
-    def create(self, spec: Any, allocation: Allocation, inventory: Inventory) -> LoraEngine:
-        engine = LoraEngine(spec.name, self.start_delay, spec.name in self.failing)
-        self.made.append(engine)
-        return engine
+    def __init__(self, start_delay: float = 0.05) -> None:
+        super().__init__(start_delay, AdapterEngine)
 
     def adapter_source(self, model: str, name: str, source: str) -> str:
         return f"/resolved/{source}"
@@ -84,7 +68,7 @@ def test_an_adapter_loads_at_run_time_while_a_request_is_in_flight() -> None:
         async with sup.acquire("base") as engine:
             await sup.load_adapter("base", "chat-lora", "./loras/chat")
             assert sup.get("base").in_flight == 1  # the request goes on
-            assert engine.adapters == {"chat-lora": "/resolved/./loras/chat"}  # type: ignore[attr-defined]
+            assert engine.adapters() == {"chat-lora": "/resolved/./loras/chat"}  # type: ignore[attr-defined]
         assert sup.target_of("chat-lora") == Target("base", "chat-lora", ("chat-lora",))
         await sup.unload_adapter("base", "chat-lora")
         assert sup.target_of("chat-lora") is None
@@ -115,7 +99,7 @@ def test_adapters_loaded_at_run_time_come_back_after_a_restart() -> None:
         first = maker.made[-1]
         first.alive = False  # the engine dies; the supervisor restarts it
         await asyncio.wait_for(_until(lambda: len(maker.made) == 2 and maker.made[-1].alive), 5)
-        assert maker.made[-1].adapters == {"chat-lora": "/resolved/org/chat"}  # type: ignore[attr-defined]
+        assert maker.made[-1].adapters() == {"chat-lora": "/resolved/org/chat"}  # type: ignore[attr-defined]
         assert sup.target_of("chat-lora") is not None
 
     run(body)

@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 import pytest
 
 from appliance.catalogue.schema import ModelSpec, parse_model_spec
-from appliance.engines.base import EngineStats, JSONReply
 from appliance.errors import ConfigError, InsufficientResourcesError, LifecycleError
 from appliance.host.capacity import HostCapacity
 from appliance.host.device_release import DeviceRelease
@@ -23,6 +22,7 @@ from appliance.host.placement import Allocation
 from appliance.supervisor.handle import SupervisorLimits
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
+from tests.fakes import SleepingEngine
 
 T = TypeVar("T")
 S = ModelState
@@ -35,14 +35,13 @@ LIMITS = SupervisorLimits(
 )
 
 
-class RecordingEngine:
+class RecordingEngine(SleepingEngine):
     """Logs every call; ``start`` waits for the model's gate when it has one."""
 
     def __init__(self, name: str, log: list[tuple[Any, ...]], gate: asyncio.Event | None) -> None:
-        self.name = name
+        super().__init__(name)
         self.log = log
         self.gate = gate
-        self.alive = False
         self.pids: tuple[int, ...] = ()  # its engine-core processes, for a device release
 
     def process_ids(self) -> tuple[int, ...]:
@@ -64,26 +63,6 @@ class RecordingEngine:
 
     async def wake_up(self) -> None:
         self.log.append(("wake", self.name))
-
-    async def handle(self, endpoint: Any, body: Any, request: Any) -> JSONReply:
-        return JSONReply(200, b"{}")
-
-    def routes(self) -> None:
-        return None  # unknown: like a remote backend, it answers for itself
-
-    def model_card(self) -> None:
-        return None
-
-    def is_alive(self) -> bool:
-        return self.alive
-
-    def stats(self) -> EngineStats:
-        return EngineStats()
-
-    weights: float | None = 1.0  # what the weight files measure (None: not found, offline)
-
-    def weights_gib(self) -> float | None:
-        return self.weights
 
 
 class RecordingMaker:

@@ -9,31 +9,15 @@ from typing import Any
 import pytest
 
 from appliance.catalogue.schema import RemoteModelSpec, parse_model_spec
-from appliance.engines.base import EngineStats, JSONReply
 from appliance.errors import LifecycleError, ModelNotFoundError, RateLimitedError
 from appliance.host.inventory import cpu_inventory
 from appliance.supervisor.handle import SupervisorLimits
 from appliance.supervisor.states import ModelState, Transition
 from appliance.supervisor.supervisor import Supervisor
-from tests.supervisor.test_supervisor import FakeMaker, Recorder
+from tests.fakes import FakeBackend, FakeMaker
+from tests.supervisor.test_supervisor import Recorder
 
 LIMITS = SupervisorLimits(watch_interval_seconds=0.02, max_queue=8)
-
-
-class FakeBackend:
-    """A remote backend's proxy whose health the test decides."""
-
-    def __init__(self) -> None:
-        self.alive = True
-
-    async def handle(self, endpoint: Any, body: Any, request: Any) -> JSONReply:
-        return JSONReply(200, b"{}")
-
-    def is_alive(self) -> bool:
-        return self.alive
-
-    def stats(self) -> EngineStats:
-        return EngineStats()
 
 
 class FakeRemotes:

@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 import pytest
 
 from appliance.catalogue.schema import ModelSpec, parse_model_spec
-from appliance.engines.base import EngineStats, JSONReply
 from appliance.errors import (
     EvictionTooSoonError,
     InsufficientResourcesError,
@@ -28,76 +27,13 @@ from appliance.errors import (
     RateLimitedError,
 )
 from appliance.host.inventory import Device, DeviceKind, Inventory, cpu_inventory
-from appliance.host.placement import Allocation
 from appliance.supervisor.handle import SupervisorLimits
 from appliance.supervisor.states import ModelState, Transition
 from appliance.supervisor.supervisor import Supervisor
+from tests.fakes import FakeMaker
 
 T = TypeVar("T")
 S = ModelState
-
-
-class FakeEngine:
-    """Starts after ``start_delay``; can be made to die."""
-
-    def __init__(self, name: str, start_delay: float, fail: bool) -> None:
-        self.name = name
-        self.start_delay = start_delay
-        self.fail = fail
-        self.alive = False
-        self.stopped = 0
-        self.sleeping = 0
-
-    async def start(self) -> None:
-        await asyncio.sleep(self.start_delay)
-        if self.fail:
-            raise RuntimeError(f"{self.name} cannot start")
-        self.alive = True
-
-    async def stop(self) -> None:
-        self.alive = False
-        self.stopped += 1
-
-    async def sleep(self, level: int) -> None:
-        self.sleeping = level
-
-    async def wake_up(self) -> None:
-        self.sleeping = 0
-
-    async def handle(self, endpoint: Any, body: Any, request: Any) -> JSONReply:
-        return JSONReply(200, b"{}")
-
-    def routes(self) -> None:
-        return None  # unknown: like a remote backend, it answers for itself
-
-    def model_card(self) -> None:
-        return None
-
-    def is_alive(self) -> bool:
-        return self.alive
-
-    def stats(self) -> EngineStats:
-        return EngineStats()
-
-    def weights_gib(self) -> float | None:
-        return 1.0
-
-
-class FakeMaker:
-    """Makes FakeEngines; remembers them."""
-
-    def __init__(self, start_delay: float = 0.05) -> None:
-        self.start_delay = start_delay
-        self.failing: set[str] = set()
-        self.made: list[FakeEngine] = []
-
-    def validate(self, spec: ModelSpec) -> None:
-        pass
-
-    def create(self, spec: ModelSpec, allocation: Allocation, inventory: Inventory) -> FakeEngine:
-        engine = FakeEngine(spec.name, self.start_delay, spec.name in self.failing)
-        self.made.append(engine)
-        return engine
 
 
 class Recorder:

@@ -19,35 +19,23 @@ from appliance.api.openai_routes import build_model_list_router, build_openai_ro
 from appliance.catalogue.catalogue import Catalogue
 from appliance.catalogue.registry_client import CatalogueSource
 from appliance.catalogue.schema import RemoteModelSpec, parse_model_spec
-from appliance.engines.base import EngineStats, JSONReply
+from appliance.engines.base import JSONReply, Reply, RouteCall
 from appliance.host.inventory import cpu_inventory
 from appliance.metrics import Metrics
 from appliance.router import Router
 from appliance.supervisor.handle import SupervisorLimits
 from appliance.supervisor.supervisor import Supervisor
-from tests.supervisor.test_supervisor import FakeMaker
+from tests.fakes import FakeBackend, FakeMaker
 
 ALICE = "sk-alice-0123456789"  # may use "fast" only: an alias of "far"
 BOB = "sk-bob-0123456789"  # may use "other" only
 
 
-class EchoBackend:
+class EchoBackend(FakeBackend):
     """Answers with the model name it was handed, as vLLM names the served model."""
 
-    async def handle(self, endpoint: Any, body: dict[str, Any], request: Any) -> JSONReply:
+    async def answer(self, call: RouteCall, body: dict[str, Any]) -> Reply:
         return JSONReply(200, json.dumps({"model": body["model"], "object": "x"}).encode())
-
-    def routes(self) -> None:
-        return None  # unknown: like a remote backend, it answers for itself
-
-    def model_card(self) -> None:
-        return None
-
-    def is_alive(self) -> bool:
-        return True
-
-    def stats(self) -> EngineStats:
-        return EngineStats()
 
 
 class Remotes:

@@ -4,9 +4,7 @@ integration tests' business."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,81 +14,18 @@ from fastapi.testclient import TestClient
 
 from appliance.api.app import create_app
 from appliance.api_keys import ApiKey, AuthConfig, Role
-from appliance.engines.base import Endpoint, EngineStats, JSONReply, Reply, StreamReply
-from appliance.host.inventory import Inventory, cpu_inventory
-from appliance.host.placement import Allocation
+from appliance.host.inventory import cpu_inventory
 from appliance.settings import Settings
+from tests.fakes import EchoEngine, FakeMaker
 
 ADMIN = {"Authorization": "Bearer sk-ops-0123456789"}
 
 
-class EchoEngine:
-    """Answers with the model it was asked for; streams three events."""
+class EchoMaker(FakeMaker):
+    """Makes ``EchoEngine``s, which start at once."""
 
     def __init__(self) -> None:
-        self.adapters: dict[str, str] = {}
-        self.alive = False
-
-    async def start(self) -> None:
-        self.alive = True
-
-    async def stop(self) -> None:
-        self.alive = False
-
-    async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Any) -> Reply:
-        model = body["model"]
-        if not body.get("stream"):
-            return JSONReply(200, json.dumps({"model": model, "object": "x"}).encode())
-
-        async def events() -> AsyncIterator[bytes]:
-            for i in range(3):
-                await asyncio.sleep(0)
-                yield f'data: {{"model": "{model}", "n": {i}}}\n\n'.encode()
-            yield b"data: [DONE]\n\n"
-
-        return StreamReply(events())
-
-    async def sleep(self, level: int) -> None:
-        raise NotImplementedError
-
-    async def wake_up(self) -> None:
-        raise NotImplementedError
-
-    def routes(self) -> None:
-        return None  # unknown: like a remote backend, it answers for itself
-
-    def model_card(self) -> None:
-        return None
-
-    def is_alive(self) -> bool:
-        return self.alive
-
-    def stats(self) -> EngineStats:
-        return EngineStats()
-
-    def weights_gib(self) -> float | None:
-        return None
-
-    async def load_adapter(self, name: str, source: str) -> None:
-        self.adapters[name] = source
-
-    async def unload_adapter(self, name: str) -> None:
-        del self.adapters[name]
-
-
-class EchoMaker:
-    def __init__(self) -> None:
-        self.made: list[EchoEngine] = []
-
-    def validate(self, spec: Any) -> None:
-        pass
-
-    def create(self, spec: Any, allocation: Allocation, inventory: Inventory) -> EchoEngine:
-        self.made.append(EchoEngine())
-        return self.made[-1]
-
-    def adapter_source(self, model: str, name: str, source: str) -> str:
-        return source
+        super().__init__(0.0, EchoEngine)
 
 
 @pytest.fixture

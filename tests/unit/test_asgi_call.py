@@ -9,9 +9,9 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from appliance.api.vllm_routes import _usage_in_events
 from appliance.engines.asgi_call import call_app
 from appliance.engines.base import JSONReply, RouteCall, StreamReply, Usage
+from appliance.engines.usage import usage_in_event
 
 
 def _app(events: list[str]) -> FastAPI:
@@ -103,4 +103,4 @@ def test_an_unknown_route_is_the_apps_own_404() -> None:
     ],
 )
 def test_token_counts_of_responses_and_messages_events(event: bytes, usage: Usage | None) -> None:
-    assert _usage_in_events(event) == usage
+    assert usage_in_event(event) == usage

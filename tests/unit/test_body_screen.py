@@ -23,10 +23,11 @@ from appliance.api.body_screen import (
     strip_internal_fields,
 )
 from appliance.api_keys import ApiKey, AuthConfig, Role
-from appliance.engines.base import Endpoint, JSONReply, Reply, RouteCall
+from appliance.engines.base import JSONReply, Reply, RouteCall
 from appliance.host.inventory import cpu_inventory
 from appliance.settings import Settings
-from tests.unit.test_app_fast import EchoEngine, EchoMaker
+from tests.fakes import EchoEngine
+from tests.unit.test_app_fast import EchoMaker
 
 ADMIN_KEY = "sk-admin-" + "a" * 32
 USER_KEY = "sk-user-" + "u" * 32
@@ -49,12 +50,8 @@ class RecordingEngine(EchoEngine):
             return JSONReply(500, json.dumps(body).encode())
         return JSONReply(200, b'{"object": "x"}')
 
-    async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Any) -> Reply:
+    async def answer(self, call: RouteCall, body: dict[str, Any]) -> Reply:
         self.bodies.append(body)
-        return self._reply()
-
-    async def handle_route(self, call: RouteCall, request: Any) -> Reply:
-        self.bodies.append(json.loads(call.body))
         return self._reply()
 
 

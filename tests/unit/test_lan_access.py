@@ -354,6 +354,6 @@ def test_why_a_model_failed_is_shown_to_admins_only() -> None:
     [(None, False), (5, False), ("x", False), ([[[]]], False), ([[[[]]]], True)],
 )
 def test_nesting_is_measured_for_any_json(body: Any, deep: bool) -> None:
-    from appliance.api.openai_routes import _nested_deeper_than
+    from appliance.api.serving import nested_deeper_than
 
-    assert _nested_deeper_than(body, 3) is deep
+    assert nested_deeper_than(body, 3) is deep

@@ -24,6 +24,7 @@ from appliance.engines.base import EngineStats, Usage
 from appliance.host.inventory import GIB, GpuMemory
 from appliance.metrics import Metrics
 from appliance.supervisor.states import ModelState, Transition
+from tests.fakes import FakeEngine
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "scripts" / "grafana-dashboard.json"
 
@@ -31,24 +32,6 @@ Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 # -- fakes -------------------------------------------------------------------------------
-
-
-@dataclass
-class FakeEngine:
-    """An engine that only reports stats (or fails to)."""
-
-    snapshot: EngineStats | None
-
-    def routes(self) -> None:
-        return None  # unknown: like a remote backend, it answers for itself
-
-    def model_card(self) -> None:
-        return None
-
-    def stats(self) -> EngineStats:
-        if self.snapshot is None:
-            raise RuntimeError("engine is dying")
-        return self.snapshot
 
 
 @dataclass
@@ -304,7 +287,7 @@ def test_model_state_is_one_hot_and_engines_are_read_at_scrape(make_metrics: Any
         "llama",
         ModelState.READY,
         in_flight=3,
-        engine=FakeEngine(EngineStats(running=2, waiting=1, kv_cache_usage=0.25)),
+        engine=FakeEngine(snapshot=EngineStats(running=2, waiting=1, kv_cache_usage=0.25)),
     )
     gpt2 = FakeHandle("gpt2", ModelState.UNLOADED)
     m = make_metrics(supervisor=FakeSupervisor([llama, gpt2]))
@@ -335,8 +318,10 @@ def test_model_state_is_one_hot_and_engines_are_read_at_scrape(make_metrics: Any
 
 
 def test_engine_stats_gaps_do_not_break_the_scrape(make_metrics: Any) -> None:
-    no_kv = FakeHandle("llama", ModelState.READY, engine=FakeEngine(EngineStats(running=1)))
-    dying = FakeHandle("gpt2", ModelState.READY, engine=FakeEngine(None))
+    no_kv = FakeHandle(
+        "llama", ModelState.READY, engine=FakeEngine(snapshot=EngineStats(running=1))
+    )
+    dying = FakeHandle("gpt2", ModelState.READY, engine=FakeEngine(snapshot=None))
     s = scrape(make_metrics(supervisor=FakeSupervisor([no_kv, dying])))
     assert names_of(s, "appliance_engine_kv_cache_usage_ratio") == []
     assert names_of(s, "appliance_engine_running_requests") == [{"model": "llama"}]
@@ -427,7 +412,7 @@ def test_metrics_route_serves_prometheus_text(make_metrics: Any) -> None:
 def every_sample_name(make_metrics: Any) -> set[str]:
     """The names of every series a fully fed Metrics exports."""
     handle = FakeHandle(
-        "llama", ModelState.READY, engine=FakeEngine(EngineStats(1, 1, kv_cache_usage=0.5))
+        "llama", ModelState.READY, engine=FakeEngine(snapshot=EngineStats(1, 1, kv_cache_usage=0.5))
     )
     m = make_metrics(
         supervisor=FakeSupervisor([handle]),

@@ -15,10 +15,11 @@ from fastapi.testclient import TestClient
 
 from appliance.api.app import create_app
 from appliance.api_keys import ApiKey, AuthConfig
-from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply
+from appliance.engines.base import Endpoint, JSONReply, Reply, RouteCall, StreamReply
 from appliance.host.inventory import cpu_inventory
 from appliance.settings import Settings
-from tests.unit.test_app_fast import EchoEngine, EchoMaker
+from tests.fakes import EchoEngine
+from tests.unit.test_app_fast import EchoMaker
 
 ADMIN = {"Authorization": "Bearer sk-ops-0123456789"}
 LOADER = {"Authorization": "Bearer sk-loader-0123456789"}
@@ -31,7 +32,8 @@ class OpenAIShaped(EchoEngine):
 
     bodies: list[dict[str, Any]]
 
-    async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Any) -> Reply:
+    async def answer(self, call: RouteCall, body: dict[str, Any]) -> Reply:
+        endpoint = call.endpoint
         self.bodies = [*getattr(self, "bodies", []), body]
         usage = {"prompt_tokens": 3, "completion_tokens": 2}
         if body.get("temperature") == "hot":

@@ -14,11 +14,11 @@ from fastapi.testclient import TestClient
 
 from appliance.api.app import create_app
 from appliance.api_keys import ApiKey, AuthConfig
-from appliance.engines.base import Endpoint, JSONReply, Reply, RouteCall
+from appliance.engines.base import JSONReply, Reply, RouteCall
 from appliance.host.inventory import Inventory, cpu_inventory
 from appliance.host.placement import Allocation
 from appliance.settings import Settings
-from tests.unit.test_app_fast import EchoEngine
+from tests.fakes import EchoEngine
 
 A = {"Authorization": "Bearer sk-alice-0123456789"}
 B = {"Authorization": "Bearer sk-bob-0123456789"}
@@ -43,12 +43,10 @@ class StoringEngine(EchoEngine):
     def routes(self) -> frozenset[str]:  # type: ignore[override]
         return ROUTES
 
-    async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Any) -> Reply:
-        return JSONReply(200, json.dumps({"choices": [{}] * int(body.get("n", 1))}).encode())
-
-    async def handle_route(self, call: RouteCall, request: Any) -> Reply:
+    async def answer(self, call: RouteCall, body: dict[str, Any]) -> Reply:
+        if call.endpoint is not None:
+            return JSONReply(200, json.dumps({"choices": [{}] * int(body.get("n", 1))}).encode())
         if call.method == "POST" and call.path == "/v1/responses":
-            body = json.loads(call.body)
             rid = body.get("request_id", "resp_vllm")
             self.store[rid] = body["input"]
             return JSONReply(200, json.dumps({"id": rid, "output": body["input"]}).encode())

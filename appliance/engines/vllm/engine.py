@@ -38,6 +38,7 @@ from appliance.engines.base import (
     Reply,
     RouteCall,
 )
+from appliance.engines.usage import usage_in_json
 from appliance.engines.vllm import spawn
 from appliance.engines.vllm.client import ClientSeat, new_client
 from appliance.engines.vllm.cores import (
@@ -64,7 +65,6 @@ from appliance.engines.vllm.serving import (
     request_types,
     routes_of,
     serve_endpoint,
-    usage_from_json,
     vllm_app,
 )
 from appliance.engines.vllm.stats import StatsRecorder
@@ -317,14 +317,27 @@ class VLLMEngine:
 
     # -- requests --------------------------------------------------------------------------
 
-    async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Reply:
-        """Validate ``body`` with vLLM's request model and hand it to vLLM's serving layer."""
-        if self._engine is None:
+    async def serve(self, call: RouteCall, request: Request) -> Reply:
+        """Answer ``call`` as ``vllm serve`` does. One of the three OpenAI routes with its
+        parsed body goes straight to vLLM's serving object (validated with vLLM's request
+        model, no second parse); any other call goes through vLLM's own app for this engine:
+        its validation, its errors, its stream events."""
+        if self._engine is None or self._app is None:
             raise EngineError(f"model {self.spec.name!r} has no running engine")
-        handler = handler_of(self._state, endpoint, self.spec.name)
-        return await serve_endpoint(
-            handler, self._request_types, endpoint, body, request, self._error_reply
+        endpoint = call.endpoint
+        if endpoint is not None and call.parsed is not None:
+            handler = handler_of(self._state, endpoint, self.spec.name)
+            return await serve_endpoint(
+                handler, self._request_types, endpoint, call.parsed, request, self._error_reply
+            )
+        reply = await call_app(
+            self._app, call, client=request.scope.get("client"), server=request.scope.get("server")
         )
+        if self._engine.errored:
+            raise EngineError(f"model {self.spec.name!r}: engine died")
+        if isinstance(reply, JSONReply) and reply.status_code == 200:
+            reply.usage = usage_in_json(reply.body)
+        return reply
 
     # -- LoRA adapters ---------------------------------------------------------------------
 
@@ -368,20 +381,6 @@ class VLLMEngine:
     def routes(self) -> frozenset[str]:
         """The routes vLLM registered for this engine's tasks (``"POST /tokenize"``...)."""
         return self._routes
-
-    async def handle_route(self, call: RouteCall, request: Request) -> Reply:
-        """Answer ``call`` with vLLM's own app for this engine: its validation, its errors,
-        its stream events."""
-        if self._engine is None or self._app is None:
-            raise EngineError(f"model {self.spec.name!r} has no running engine")
-        reply = await call_app(
-            self._app, call, client=request.scope.get("client"), server=request.scope.get("server")
-        )
-        if self._engine.errored:
-            raise EngineError(f"model {self.spec.name!r}: engine died")
-        if isinstance(reply, JSONReply) and reply.status_code == 200:
-            reply.usage = usage_from_json(reply.body)
-        return reply
 
     def _error_reply(self, exc: Exception) -> JSONReply:
         """Map an exception from vLLM's serving layer with vLLM's own rules."""

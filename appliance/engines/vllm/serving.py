@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -13,7 +12,8 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 
-from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply, Usage
+from appliance.engines.base import Endpoint, JSONReply, Reply, StreamReply
+from appliance.engines.usage import Usage, usage_in_json
 from appliance.errors import InvalidRequestError, WrongTaskError
 
 log = logging.getLogger("appliance.engine")
@@ -90,18 +90,6 @@ def invalid_request(exc: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"{param}: {message}{more}" if param else message, param=param)
 
 
-def usage_from_json(body: bytes | memoryview) -> Usage | None:
-    try:
-        usage = json.loads(bytes(body)).get("usage") or {}
-        # OpenAI's names, or the Responses and Anthropic APIs' input/output names.
-        return Usage(
-            usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0,
-            usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0,
-        )
-    except (ValueError, AttributeError):
-        return None
-
-
 async def encode_stream(chunks: AsyncIterator[str]) -> AsyncIterator[bytes]:
     """vLLM yields ready-made SSE strings; encode each once, touch nothing else."""
     try:
@@ -154,7 +142,7 @@ async def serve_endpoint(
             return JSONReply(
                 status_code=response.status_code,
                 body=bytes(response.body),
-                usage=usage_from_json(response.body) if response.status_code == 200 else None,
+                usage=usage_in_json(response.body) if response.status_code == 200 else None,
             )
         if endpoint is Endpoint.CHAT:
             result = await handler.create_chat_completion(parsed, request)
