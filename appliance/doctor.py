@@ -25,6 +25,7 @@ from appliance.doctor_probes import (
     torch_cuda,
 )
 from appliance.engines.process_env import refuse_unsafe_environment
+from appliance.engines.vllm.media_env import check_video_loader_backend
 from appliance.errors import ConfigError
 from appliance.host.capacity import HostCapacity
 from appliance.host.catalogue_fit import Fit, fit_catalogue
@@ -235,10 +236,11 @@ def check_install() -> list[Finding]:
                 f"VLLM_WORKER_MULTIPROC_METHOD={method}: `appliance up` refuses it; unset it",
             )
         )
-    try:
-        refuse_unsafe_environment(os.environ)
-    except ConfigError as exc:
-        findings.append(Finding("environment", Status.FAIL, exc.message))
+    for check in (refuse_unsafe_environment, check_video_loader_backend):
+        try:
+            check(os.environ)
+        except ConfigError as exc:
+            findings.append(Finding("environment", Status.FAIL, exc.message))
     return findings
 
 

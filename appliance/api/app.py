@@ -38,6 +38,7 @@ from appliance.api.plan_routes import build_plan_router
 from appliance.api.request_limits import request_limits_of
 from appliance.api.status_page import StatusPage
 from appliance.api.stored_responses import ResponseOwners, forget_in_table, store_enabled
+from appliance.api.tokenizer_info import build_tokenizer_info_router
 from appliance.api.usage_routes import build_usage_router
 from appliance.api.vllm_routes import build_table_routes, build_vllm_router
 from appliance.appliance import Appliance
@@ -178,6 +179,7 @@ def create_app(
         )
     )
     app.include_router(build_table_routes(core.router, core.metrics, stored=stored))
+    app.include_router(build_tokenizer_info_router(core.router, access, core.metrics))
     app.include_router(
         build_ollama_router(
             access,

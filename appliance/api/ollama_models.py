@@ -1,5 +1,6 @@
 """Ollama's model-list routes (``/api/tags``, ``/ps``, ``/show``, ``/version``) and the ones
-that manage models (``/pull``, ``/delete``, ``/create``, ``/push``, ``/copy``).
+that manage models (``/pull``, ``/delete``: see ``ollama_manage``; ``/create``, ``/push``,
+``/copy``: refused, with what to do instead).
 
 They read the owner's model table (an HTTP worker passes them here). A model is listed under
 its catalogue name (Ollama adds ``:latest`` to a bare name; a request for ``NAME:latest`` is a
@@ -22,6 +23,7 @@ from fastapi.responses import JSONResponse
 
 from appliance.api.auth import Role, caller_is_admin, model_allowed, require_role
 from appliance.api.model_cards import vllm_card_fields
+from appliance.api.ollama_manage import build_ollama_manage_router
 from appliance.api.ollama_routes import ollama_error
 from appliance.api.ollama_schema import OLLAMA_API_VERSION, model_name
 from appliance.api.serving import read_json_object
@@ -179,27 +181,8 @@ def build_ollama_table_router(app: Appliance) -> APIRouter:
             }
         )
 
-    @api.post("/pull", summary="Ollama: pull (admin)")
-    async def pull(request: Request) -> JSONResponse:
-        """Admins pull a catalogue model's files with the hub pull; Ollama's registry is not
-        reachable from here."""
-        require_role(Role.ADMIN)(request)
-        return ollama_error(
-            "pull a catalogue model's files from the hub with `appliance models pull NAME` "
-            "(POST /admin/models/NAME/pull); Ollama's registry is not used",
-            501,
-        )
-
-    @api.delete("/delete", summary="Ollama: delete (admin)")
-    async def delete(request: Request) -> JSONResponse:
-        """Admins free a hub model's files with ``appliance models rm``."""
-        require_role(Role.ADMIN)(request)
-        return ollama_error(
-            "free a hub model's files with `appliance models rm NAME` "
-            "(DELETE /admin/models/NAME/files); the catalogue is models.yaml",
-            501,
-        )
-
+    # Admins: the hub pull and rm, streamed and answered Ollama's way.
+    api.include_router(build_ollama_manage_router(app))
     for route, why in _NOT_MAPPED.items():
         api.add_api_route(f"/{route}", _refusal(why), methods=["POST"], summary=f"Ollama: {route}")
     return api

@@ -156,12 +156,29 @@ class RouteCall:
 
 
 @dataclass(frozen=True)
+class SchedulerSnapshot:
+    """The scheduler's figures of one engine step, as one client received them, and when
+    (``time.monotonic()``: one clock for every process on the host, so the freshest of
+    several clients' snapshots is the one with the latest ``at``)."""
+
+    waiting: int
+    kv_cache_usage: float
+    at: float
+
+
+@dataclass(frozen=True)
 class EngineStats:
-    """A snapshot of an engine's own load, for metrics and the admin API."""
+    """A snapshot of an engine's own load, for metrics and the admin API.
+
+    ``scheduler``: the latest scheduler figures this client received (None: none yet, or not
+    a vLLM engine); with several clients, ``waiting`` and ``kv_cache_usage`` stay empty and the
+    freshest client's ``scheduler`` fills them (``appliance.supervisor.presenter``).
+    """
 
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float | None = None
+    scheduler: SchedulerSnapshot | None = None
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,22 @@ RESPONSE_ID_ROUTES: tuple[ModelRoute, ...] = (
 
 VERSION_PATH = "/version"
 
+# Routes vLLM registers only when an engine setting asks for them (``vllm serve --flag``),
+# with that setting. They name no model in a body: the query's ``model`` does, or else the one
+# model the caller may use that has the setting (as ``vllm serve``, one model, answers).
+TOKENIZER_INFO = ModelRoute("/tokenizer_info", "Tokenizer configuration and chat template", "GET")
+OPTIONAL_ROUTES: dict[ModelRoute, str] = {TOKENIZER_INFO: "enable_tokenizer_info_endpoint"}
+
+
+def route_enabled(engine: dict[str, object], route: ModelRoute) -> bool:
+    """Whether ``engine`` (a local entry's ``engine:`` settings) turns on ``route`` of
+    ``OPTIONAL_ROUTES``. Asked of the entry, not of vLLM's app: vLLM adds such a route to a
+    module-level router, so every app it builds later in the same process has it too."""
+    setting = OPTIONAL_ROUTES[route]
+    given = {key.replace("-", "_"): value for key, value in engine.items()}
+    return given.get(setting) is True
+
+
 # vLLM routes the appliance does not mount, each with the reason (the README lists them).
 NOT_MOUNTED: dict[str, str] = {
     "/v1/audio/transcriptions": "multipart upload; not mounted yet (no speech model tested)",
@@ -106,7 +122,7 @@ def wrong_route_message(model: str, path: str, routes: frozenset[str]) -> str:
 
 def is_model_route(path: str) -> bool:
     """Whether ``path`` is one of the model routes (which need a user key, like ``/v1``)."""
-    if path in _MODEL_PATHS:
+    if path in _MODEL_PATHS or path == TOKENIZER_INFO.path:
         return True
     return path.startswith("/v1/responses/")
 

@@ -67,6 +67,10 @@ class PullError(Exception):
     """A pull that cannot go on; ``str()`` is one line that says why and what to do."""
 
 
+class LocalSourceError(PullError):
+    """The entry is served from a local folder or file: nothing to pull (or to delete)."""
+
+
 @dataclass(frozen=True)
 class PlannedFile:
     """One file the pull needs: its path in the repository, its size, whether it is cached."""
@@ -140,9 +144,13 @@ def target_for_spec(spec: ModelSpec, base_dir: Path | None = None) -> PullTarget
     if not local.is_absolute() and base_dir is not None:
         local = base_dir / local
     if source.startswith(PACKAGE_PREFIX) or local.is_dir():
-        raise PullError(f"{spec.name} is loaded from a local folder ({source}): nothing to pull")
+        raise LocalSourceError(
+            f"{spec.name} is loaded from a local folder ({source}): nothing to pull"
+        )
     if local.is_file():
-        raise PullError(f"{spec.name} is loaded from a local file ({source}): nothing to pull")
+        raise LocalSourceError(
+            f"{spec.name} is loaded from a local file ({source}): nothing to pull"
+        )
     engine = {key.replace("-", "_"): value for key, value in spec.engine.items()}
     revision = engine.get("revision")
     download_dir = engine.get("download_dir")

@@ -66,11 +66,22 @@ class Presenter:
 
     def engine_stats(self, handle: ModelHandle) -> EngineStats | None:
         """The load of ``handle``'s engine (None without one): its own figures, with the
-        requests HTTP workers have in flight on it counted as running."""
-        if handle.engine is None:
+        requests HTTP workers have in flight on it counted as running, and waiting and
+        KV-cache usage from the freshest scheduler figures any HTTP process's client got
+        (each engine step's go to one client only)."""
+        engine = handle.engine
+        if engine is None:
             return None
         supervisor = self._supervisor
-        stats = handle.engine.stats()
+        stats = engine.stats()
+        snapshots = (stats.scheduler, supervisor.peer_scheduler(engine))
+        fresh = max((s for s in snapshots if s is not None), key=lambda s: s.at, default=None)
+        if fresh is not None:
+            # With one client these are the engine's own gauges; with several, the engine
+            # leaves them empty (its snapshot may be older than a worker's).
+            stats = dataclasses.replace(
+                stats, waiting=fresh.waiting, kv_cache_usage=fresh.kv_cache_usage, scheduler=fresh
+            )
         peers = supervisor.peer_running(handle.name) + supervisor.lending.worker_use(handle)[0]
         return dataclasses.replace(stats, running=stats.running + peers) if peers else stats
 

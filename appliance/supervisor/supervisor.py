@@ -31,7 +31,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from appliance.catalogue.schema import LocalModelSpec, ModelSpec
-from appliance.engines.base import Engine, EngineStats, TakesAdapters
+from appliance.engines.base import Engine, EngineStats, SchedulerSnapshot, TakesAdapters
 from appliance.errors import (
     ApplianceError,
     LifecycleError,
@@ -96,6 +96,8 @@ class Supervisor:
         # Requests other HTTP processes have in flight on a model's engine (issue 16: each
         # worker is a client of its own, whose requests this process's client does not see).
         self.peer_running: Callable[[str], int] = lambda name: 0
+        # The freshest scheduler figures other HTTP processes' clients got of an engine.
+        self.peer_scheduler: Callable[[Engine], SchedulerSnapshot | None] = lambda e: None
         # Every HTTP process admits requests by the same counters (see lending_board).
         self.board = LendingBoard.private()
         self._free_slots = list(range(ENTRY_SLOTS - 1, -1, -1))

@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 from typing import Any, Protocol
 
-from appliance.engines.base import Engine, EngineLink, TakesAdapters
+from appliance.engines.base import Engine, EngineLink, SchedulerSnapshot, TakesAdapters
 from appliance.errors import ApplianceError
 
 log = logging.getLogger("appliance")
@@ -44,6 +44,15 @@ class AttachedEngines:
     def held(self) -> list[str]:
         """The link ids this worker has a client of (the owner need not send them again)."""
         return list(self._engines)
+
+    def scheduler_snapshots(self) -> dict[str, tuple[str, SchedulerSnapshot]]:
+        """Each attached client's latest scheduler figures, by entry, with the link id."""
+        found = {}
+        for link_id, engine in self._engines.items():
+            snapshot = engine.stats().scheduler
+            if snapshot is not None:
+                found[self._entry_of[link_id]] = (link_id, snapshot)
+        return found
 
     def attached(self, link_id: str) -> Engine | None:
         """The client of ``link_id`` if this worker has one."""

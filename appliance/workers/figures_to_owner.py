@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from appliance.engines.base import EngineStepFigures
 from appliance.request_info import RequestInfo
 from appliance.workers.control import ControlClient, ControlError
+from appliance.workers.scheduler_figures import UnsentSnapshots
 
 ANSWERED_BY_OWNER = "answered_by_owner"
 
@@ -24,8 +25,17 @@ class FiguresToOwner:
     ``period`` seconds after they happen, so counting costs no round trip per request.
     """
 
-    def __init__(self, control: ControlClient, *, period: float = 0.2) -> None:
+    def __init__(
+        self,
+        control: ControlClient,
+        *,
+        period: float = 0.2,
+        schedulers: UnsentSnapshots | None = None,
+    ) -> None:
+        """``schedulers``: this worker's clients' scheduler figures, sent with each batch
+        when newer ones came (the owner shows the freshest client's gauges)."""
         self._control = control
+        self._schedulers = schedulers
         self._period = period
         self._requests: list[dict[str, Any]] = []
         self._gaps: defaultdict[str, list[float]] = defaultdict(list)
@@ -114,10 +124,16 @@ class FiguresToOwner:
         gaps, self._gaps = dict(self._gaps), defaultdict(list)
         steps, self._steps = dict(self._steps), defaultdict(list)
         waits, self._waits = dict(self._waits), defaultdict(list)
-        if requests or gaps or steps or waits:
+        schedulers = self._schedulers.take() if self._schedulers is not None else {}
+        if requests or gaps or steps or waits or schedulers:
             with contextlib.suppress(ControlError):
                 await self._control.call(
-                    "observe", requests=requests, gaps=gaps, steps=steps, waits=waits
+                    "observe",
+                    requests=requests,
+                    gaps=gaps,
+                    steps=steps,
+                    waits=waits,
+                    schedulers=schedulers,
                 )
 
 

@@ -47,6 +47,7 @@ from appliance.router import Router
 from appliance.supervisor.lending_board import KeyLimits
 from appliance.supervisor.states import ModelState
 from appliance.workers.control import ControlError, WorkerSession
+from appliance.workers.scheduler_figures import PeerSnapshots, snapshot_from
 
 
 def relayed(exc: ApplianceError) -> ControlError:
@@ -95,6 +96,9 @@ class OwnerService:
         # engine, where this process's client does not see them.
         self._in_workers: Counter[str] = Counter()
         router.supervisor.peer_running = lambda name: self._in_workers[name]
+        # The workers' clients' latest scheduler figures (vLLM gives each step's to one client).
+        self._peer_snapshots = PeerSnapshots()
+        router.supervisor.peer_scheduler = self._peer_snapshots.latest
         self._engine_metrics = engine_metrics
         self._keep_alive = keep_alive_in(router.supervisor)
 
@@ -206,7 +210,23 @@ class OwnerService:
             for model, steps in dict(args.get("steps", {})).items():
                 for step in steps:
                     self._engine_metrics.record_engine_step(str(model), step_from(step))
+        for entry, sent in dict(args.get("schedulers", {})).items():
+            self._offer_snapshot(str(entry), sent)
         return {}
+
+    def _offer_snapshot(self, entry: str, sent: Any) -> None:
+        """Keep a worker's scheduler figures of ``entry``'s engine if they are of the engine
+        it runs now (not of one a reload replaced) and fresher than those kept."""
+        snapshot = snapshot_from(sent) if isinstance(sent, dict) else None
+        if snapshot is None:
+            return
+        try:
+            engine = self._router.supervisor.get(entry).engine
+        except ApplianceError:
+            return  # removed from the catalogue meanwhile
+        encoded = self._encoded.get(engine) if engine is not None else None
+        if engine is not None and encoded is not None and encoded[0] == sent.get("link_id"):
+            self._peer_snapshots.offer(engine, snapshot)
 
     def links(self) -> list[dict[str, Any]]:
         """Every ready local engine that workers can attach to, as a lease describes it:

@@ -41,6 +41,7 @@ async def _serve(start: WorkerStart) -> None:
     from appliance.workers.control import ControlClient
     from appliance.workers.figures_to_owner import FiguresToOwner
     from appliance.workers.proxy import OwnerProxy
+    from appliance.workers.scheduler_figures import UnsentSnapshots
     from appliance.workers.worker_app import create_worker_app
 
     settings = start.settings
@@ -54,7 +55,10 @@ async def _serve(start: WorkerStart) -> None:
     control = ControlClient(
         start.control_path, start.token, start.index, {"flush": flush, "attach": attach}
     )
-    figures = FiguresToOwner(control)
+    # Sent with the figures: the gauges vLLM gave this worker's clients (see there).
+    figures = FiguresToOwner(
+        control, schedulers=UnsentSnapshots(lambda: engines.scheduler_snapshots())
+    )
     factory = EngineFactory(
         base_dir=settings.config_path.resolve().parent,
         cpu_kv_cache_gib=settings.cpu_kv_cache_gib,

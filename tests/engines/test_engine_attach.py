@@ -34,6 +34,7 @@ from appliance.engines.base import (
     EngineStats,
     JSONReply,
     RouteCall,
+    SchedulerSnapshot,
     StreamReply,
 )
 from appliance.engines.factory import EngineFactory
@@ -145,13 +146,21 @@ def test_with_several_clients_a_client_reports_only_its_own_requests() -> None:
 
     engine = VLLMEngine(tiny_spec(), argparse.Namespace(model=str(TINY)), clients=2)
     engine._engine = Client()
-    # Another client's step may have been the last to bring SchedulerStats: not reported.
+    # Another client's step may have been the last to bring SchedulerStats: not reported as
+    # the gauges, only as the snapshot with its time (the owner shows the freshest client's).
     engine._stats.record(SchedulerStats(num_running_reqs=5, num_waiting_reqs=2), None)
-    assert engine.stats() == EngineStats(running=3, waiting=0, kv_cache_usage=None)
+    at = engine._stats.snapshot.at if engine._stats.snapshot else -1.0
+    snapshot = SchedulerSnapshot(waiting=2, kv_cache_usage=0.0, at=at)
+    assert engine.stats() == EngineStats(
+        running=3, waiting=0, kv_cache_usage=None, scheduler=snapshot
+    )
     one = VLLMEngine(tiny_spec(), argparse.Namespace(model=str(TINY)))
     one._engine = Client()
     one._stats.record(SchedulerStats(num_running_reqs=5, num_waiting_reqs=2), None)
-    assert one.stats() == EngineStats(running=3, waiting=2, kv_cache_usage=0.0)
+    at = one._stats.snapshot.at if one._stats.snapshot else -1.0
+    assert one.stats() == EngineStats(
+        running=3, waiting=2, kv_cache_usage=0.0, scheduler=SchedulerSnapshot(2, 0.0, at)
+    )
     assert EngineFactory.link_of(one) is None
 
 

@@ -67,6 +67,40 @@ def test_fork_asked_for_by_the_operator_is_refused() -> None:
     assert environ == {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
+@pytest.mark.parametrize(
+    ("backend", "why"),
+    [
+        ("torchcodec", "names no video backend of this vLLM"),  # not in vLLM 0.32's registry
+        ("", "names no video backend of this vLLM"),
+        ("pynvvideocodec", "decodes on the GPU"),
+        ("deepstream", "names no video backend"),  # a GPU codec name vLLM has no loader for
+    ],
+)
+def test_a_video_backend_vllm_cannot_use_here_is_refused_at_start(backend: str, why: str) -> None:
+    environ = {"VLLM_VIDEO_LOADER_BACKEND": backend}
+    with pytest.raises(ConfigError, match=why) as refused:
+        prepare_process_environment(environ)
+    message = refused.value.message
+    assert "VLLM_VIDEO_LOADER_BACKEND" in message and "\n" not in message
+    assert "opencv" in message or "GPU" in message  # says what would do instead
+
+
+def test_a_cpu_video_backend_of_vllm_is_kept() -> None:
+    for backend in ("opencv", "opencv_dynamic"):
+        environ = {"VLLM_VIDEO_LOADER_BACKEND": backend}
+        prepare_process_environment(environ)
+        assert environ["VLLM_VIDEO_LOADER_BACKEND"] == backend
+
+
+def test_the_engine_factory_refuses_a_bad_video_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The factory is built at start (``Appliance``), in the owner and every HTTP worker."""
+    from appliance.engines.factory import EngineFactory
+
+    monkeypatch.setenv("VLLM_VIDEO_LOADER_BACKEND", "no-such-decoder")
+    with pytest.raises(ConfigError, match="'no-such-decoder' names no video backend"):
+        EngineFactory()
+
+
 # -- the spawn window --------------------------------------------------------------------------
 
 

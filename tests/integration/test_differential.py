@@ -368,6 +368,28 @@ def test_version_is_vllms(servers: Servers) -> None:
     assert ask(servers.appliance, "GET", "/version", None) == expected
 
 
+def test_tokenizer_info_is_vllms(servers: Servers) -> None:
+    """Issue 28: GET /tokenizer_info of the model whose engine: turns it on, named or not."""
+    expected = ask(servers.vllm[CHAT_MODEL], "GET", "/tokenizer_info", None)
+    assert expected.status == 200 and "chat_template" in expected.body, expected.body
+    theirs = dict(expected.body)
+    their_folder = theirs.pop("name_or_path", None)
+    for query in ("", f"?model={CHAT_MODEL}"):  # the one model that serves it, or named
+        got = ask(servers.appliance, "GET", "/tokenizer_info" + query, None)
+        assert got.status == 200, got.body
+        ours = dict(got.body)
+        folder = ours.pop("name_or_path", None)
+        # The same folder, or the model's name for a caller who is not an admin.
+        assert folder == CHAT_MODEL or os.path.realpath(folder) == os.path.realpath(their_folder)
+        assert ours == theirs
+    # MiniLM's vLLM app has the route too (vLLM adds it to a module-level router, and both
+    # apps live in one process), but its entry does not turn it on: refused, others served.
+    refused = ask(servers.appliance, "GET", f"/tokenizer_info?model={EMBED_MODEL}", None)
+    assert refused.status == 400
+    assert "enable_tokenizer_info_endpoint" in refused.body["error"]["message"]
+    assert ask(servers.appliance, "GET", "/tokenizer_info", None).status == 200
+
+
 def test_stored_response_lookup_answers_as_vllm_does(servers: Servers) -> None:
     for path, method in (
         ("/v1/responses/resp_0000", "GET"),

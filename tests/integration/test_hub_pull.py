@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import ollama
 import pytest
 from openai import OpenAI
 
@@ -223,6 +224,24 @@ def test_remote_pull_then_load_and_serve(mirror: HubMirror, tmp_path: Path) -> N
         assert code == 0 and f"{CHAT}: freed 26.8 MB" in printed, printed
         assert not (tmp_path / "hf/hub/models--test-org--tiny-llama").exists()
         assert on_disk(env, "pulled-chat").split()[-1] == "no"
+
+        # Ollama's own client, unchanged, does the same pull and rm (issue 28).
+        olla = ollama.Client(host=appliance.url, timeout=120)
+        statuses = [part.status for part in olla.pull("pulled-chat:latest", stream=True)]
+        assert statuses[0] == "pulling manifest" and statuses[-1] == "success", statuses
+        assert "pulling model.safetensors" in statuses and "pulling config.json" in statuses
+        assert "yes, 26.8 MB" in on_disk(env, "pulled-chat")
+        fetched = len(mirror.gets(CHAT, "model.safetensors"))
+        assert olla.pull("pulled-chat").status == "success"  # all there: nothing fetched
+        assert len(mirror.gets(CHAT, "model.safetensors")) == fetched
+        assert olla.delete("pulled-chat").status == "success"
+        assert on_disk(env, "pulled-chat").split()[-1] == "no"
+        with pytest.raises(ollama.ResponseError) as caught:
+            olla.delete("pulled-chat")
+        assert caught.value.status_code == 404
+        with pytest.raises(ollama.ResponseError) as caught:
+            olla.pull(GATED)
+        assert caught.value.status_code == 400 and "is gated" in caught.value.error
 
         # A model whose files are missing: the first request starts downloading -> loading ->
         # ready; meanwhile 503 with Retry-After, and the progress in models ps and /metrics.

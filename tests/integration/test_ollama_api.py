@@ -161,3 +161,19 @@ def test_client_sees_ollama_errors(olla: ollama.Client) -> None:
     assert caught.value.status_code == 501 and "alias" in caught.value.error
     # Others are still served after the refusals.
     assert olla.chat(model="tiny-chat", messages=MESSAGES, options=FEW).done
+
+
+def test_pull_and_delete_map_to_the_appliances_pull_and_rm(olla: ollama.Client) -> None:
+    """The shared appliance serves local folders: nothing to pull, never deleted (the hub
+    pull itself, through this client, is in test_hub_pull.py)."""
+    with pytest.raises(ollama.ResponseError) as caught:
+        olla.pull("tiny-chat")
+    assert caught.value.status_code == 400 and "nothing to pull" in caught.value.error
+    with pytest.raises(ollama.ResponseError) as caught:
+        olla.delete("tiny-chat")
+    assert caught.value.status_code == 400 and "never deleted" in caught.value.error
+    with pytest.raises(ollama.ResponseError) as caught:
+        olla.delete("no-such-model")
+    assert caught.value.status_code == 404
+    # Others are still served, and the model's files are where they were.
+    assert olla.chat(model="tiny-chat", messages=MESSAGES, options=FEW).done

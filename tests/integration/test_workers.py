@@ -241,6 +241,63 @@ def test_counts_are_exact_across_workers(appliance: ApplianceProcess) -> None:
     assert usage_after["completion_tokens"] - usage_before["completion_tokens"] == 30
 
 
+def test_the_engine_gauges_follow_the_client_with_the_latest_step(
+    appliance: ApplianceProcess,
+) -> None:
+    """vLLM gives each engine step's scheduler figures to one client (issue 26): a stream that
+    only worker 1 serves still shows in the owner's /metrics, and so does its end."""
+    kv = "appliance_engine_kv_cache_usage_ratio"
+    seen: list[float] = []
+    started = threading.Event()
+    problems: list[str] = []
+
+    def stream_on_worker_1() -> None:
+        body = {
+            "model": "tiny-chat",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 400,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        headers = {"Authorization": f"Bearer {USER}", **JSON}
+        try:
+            for _ in range(40):  # which process accepts a connection is the kernel's choice
+                with (
+                    httpx.Client(timeout=300) as client,
+                    client.stream(
+                        "POST", f"{appliance.url}/v1/chat/completions", json=body, headers=headers
+                    ) as reply,
+                ):
+                    if worker_of(reply) != "1":
+                        continue  # closed unread: the owner's client stops generating it
+                    started.set()
+                    for _line in reply.iter_lines():
+                        pass
+                    return
+            problems.append("no stream landed on worker 1")
+        finally:
+            started.set()
+
+    streamer = threading.Thread(target=stream_on_worker_1)
+    streamer.start()
+    started.wait(timeout=300)
+    while streamer.is_alive():
+        # Each scrape first has every worker send the latest figures its clients got.
+        seen.append(value(scrape(appliance), kv, model="tiny-chat"))
+    streamer.join()
+    assert not problems, problems
+    # Mid-stream, the owner's own client got no step's figures: only worker 1's show this.
+    assert max(seen, default=0.0) > 0, seen
+
+    # The stream's last step (its blocks freed) went to worker 1 too: the freshest wins.
+    def at_rest() -> bool:
+        now = scrape(appliance)
+        waiting = value(now, "appliance_engine_waiting_requests", model="tiny-chat")
+        return now.get((kv, (("model", "tiny-chat"),))) == 0.0 and waiting == 0
+
+    wait_until(at_rest, "the gauges show the stream's end")
+
+
 def _usage(appliance: ApplianceProcess, key: str) -> dict[str, int]:
     rows = httpx.get(
         f"{appliance.url}/admin/usage",

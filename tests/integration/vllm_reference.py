@@ -63,13 +63,15 @@ def write_template(workdir: Path) -> Path:
 
 def reference_chat() -> dict[str, Any]:
     """The tiny chat entry with settings that live in vLLM (tool calling, a chat template
-    file, structured outputs), which must reach the client as vLLM's own server applies them."""
+    file, structured outputs, /tokenizer_info), which must reach the client as vLLM's own
+    server applies them."""
     chat = tiny_chat(CHAT_MODEL)
     chat["engine"].update(
         enable_auto_tool_choice=True,
         tool_call_parser="pythonic",
         chat_template=TEMPLATE,
         structured_outputs_config=STRUCTURED_OUTPUTS,
+        enable_tokenizer_info_endpoint=True,
     )
     return chat
 
@@ -88,6 +90,7 @@ def chat_flags(template: Path) -> list[str]:
         str(template),
         "--structured-outputs-config",
         json.dumps(STRUCTURED_OUTPUTS),
+        "--enable-tokenizer-info-endpoint",
     ]
 
 

@@ -212,3 +212,12 @@ def test_doctor_fails_insecure_serialisation(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     failed = [f for f in check_install() if f.status is Status.FAIL]
     assert any("VLLM_ALLOW_INSECURE_SERIALIZATION" in f.detail for f in failed)
+
+
+def test_doctor_fails_a_video_backend_vllm_has_not_got(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `appliance up` refuses it (issue 26)."""
+    monkeypatch.setenv("VLLM_VIDEO_LOADER_BACKEND", "no-such-decoder")
+    failed = [f for f in check_install() if f.status is Status.FAIL]
+    assert any("VLLM_VIDEO_LOADER_BACKEND='no-such-decoder'" in f.detail for f in failed)
+    monkeypatch.setenv("VLLM_VIDEO_LOADER_BACKEND", "opencv")
+    assert not [f for f in check_install() if f.check == "environment"]

@@ -18,11 +18,13 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from appliance.api.openai_routes import build_model_list_router, build_openai_router
+from appliance.api.tokenizer_info import build_tokenizer_info_router
 from appliance.api.vllm_routes import build_table_routes, build_vllm_router, endpoint_label
 from appliance.engines.route_table import (
     ENGINE_ROUTES,
     MODEL_ROUTES,
     NOT_MOUNTED,
+    OPTIONAL_ROUTES,
     RESPONSE_ID_ROUTES,
     VERSION_PATH,
     is_model_route,
@@ -52,12 +54,12 @@ KINDS: dict[str, tuple[tuple[str, ...], Any]] = {
 }
 
 
-def _vllm_routes(tasks: tuple[str, ...], model_config: Any) -> set[tuple[str, str]]:
+def _vllm_routes(tasks: tuple[str, ...], model_config: Any, *flags: str) -> set[tuple[str, str]]:
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "unused"])
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "unused", *flags])
     app = build_app(args, tasks, model_config)  # type: ignore[arg-type]
     found = set()
     for route in app.routes:
@@ -69,7 +71,13 @@ def _vllm_routes(tasks: tuple[str, ...], model_config: Any) -> set[tuple[str, st
 
 @pytest.fixture(scope="module")
 def vllm_routes() -> dict[str, set[tuple[str, str]]]:
-    return {kind: _vllm_routes(*shape) for kind, shape in KINDS.items()}
+    routes = {kind: _vllm_routes(*shape) for kind, shape in KINDS.items()}
+    # The routes vLLM registers only when asked, each with its flag (issue 28).
+    for route, setting in OPTIONAL_ROUTES.items():
+        flag = "--" + setting.replace("_", "-")
+        routes[f"generate {flag}"] = _vllm_routes(*KINDS["generate"], flag)
+        assert (route.method, route.path) in routes[f"generate {flag}"], route.key
+    return routes
 
 
 def _appliance_routes() -> set[tuple[str, str]]:
@@ -78,6 +86,7 @@ def _appliance_routes() -> set[tuple[str, str]]:
     app.include_router(build_model_list_router(MagicMock()))
     app.include_router(build_vllm_router(MagicMock(), MagicMock()))
     app.include_router(build_table_routes(MagicMock(), MagicMock(), version="0"))
+    app.include_router(build_tokenizer_info_router(MagicMock(), MagicMock(), MagicMock()))
     return {
         (method, route.path)
         for route in app.routes
@@ -102,7 +111,7 @@ def test_every_mounted_model_route_is_one_vllm_registers(
     vllm_routes: dict[str, set[tuple[str, str]]],
 ) -> None:
     registered = set().union(*vllm_routes.values())
-    for route in (*MODEL_ROUTES, *RESPONSE_ID_ROUTES):
+    for route in (*MODEL_ROUTES, *RESPONSE_ID_ROUTES, *OPTIONAL_ROUTES):
         assert (route.method, route.path) in registered, f"{route.key}: vLLM has no such route"
     assert ("GET", VERSION_PATH) in registered
     for path in NOT_MOUNTED:
@@ -111,7 +120,7 @@ def test_every_mounted_model_route_is_one_vllm_registers(
 
 def test_the_route_table_is_what_is_mounted() -> None:
     mounted = _appliance_routes()
-    table = {(r.method, r.path) for r in (*MODEL_ROUTES, *RESPONSE_ID_ROUTES)}
+    table = {(r.method, r.path) for r in (*MODEL_ROUTES, *RESPONSE_ID_ROUTES, *OPTIONAL_ROUTES)}
     assert table | {("GET", VERSION_PATH), ("GET", "/v1/models")} == mounted
 
 
@@ -120,7 +129,7 @@ def test_the_readme_lists_every_mounted_route() -> None:
     section = text[text.index("### Endpoints") :]
     section = section[: section.index("\n## ")]
     listed = set(re.findall(r"`((?:GET|POST) /[^`]*)`", section))
-    for route in (*MODEL_ROUTES, *RESPONSE_ID_ROUTES):
+    for route in (*MODEL_ROUTES, *RESPONSE_ID_ROUTES, *OPTIONAL_ROUTES):
         assert route.key in listed, f"README's endpoint list lacks {route.key}"
     assert f"GET {VERSION_PATH}" in listed
     for path in NOT_MOUNTED:
@@ -131,6 +140,7 @@ def test_model_routes_outside_v1_need_a_user_key() -> None:
     for route in ENGINE_ROUTES:
         assert is_model_route(route.path)
     assert is_model_route("/v1/responses/resp_1/cancel")
+    assert is_model_route("/tokenizer_info")
     assert not is_model_route("/health")
 
 

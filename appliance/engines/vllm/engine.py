@@ -296,18 +296,21 @@ class VLLMEngine:
         go to one client only: the first with outputs in that step, else client 0
         (v1/core/sched/scheduler.py Scheduler.update_from_output, "Return stats to only one
         of the front-ends"). A client's latest snapshot may then be any age, so such a client
-        reports only what it knows: its own requests in flight. Per-step counts handed to the
-        figure sink stay exact summed over the clients (each step's go to exactly one), and
-        finished requests' times are each client's own.
+        reports as its own only its requests in flight, and its snapshot with the time it came
+        (``scheduler``): the owner shows the freshest of its clients'. Per-step counts handed
+        to the figure sink stay exact summed over the clients (each step's go to exactly one),
+        and finished requests' times are each client's own.
         """
         engine = self._engine
         unfinished = engine.get_num_unfinished_requests() if engine is not None else 0
+        snapshot = self._stats.snapshot
         if self._clients > 1:
-            return EngineStats(running=unfinished)
+            return EngineStats(running=unfinished, scheduler=snapshot)
         return EngineStats(
             running=unfinished,
             waiting=self._stats.waiting,
             kv_cache_usage=self._stats.kv_cache_usage,
+            scheduler=snapshot,
         )
 
     def link(self) -> EngineLink | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from appliance.engines.vllm.client import ClientSeat, new_client
 from appliance.engines.vllm.cores import EngineCores, launch_cores, refuse_with_several_clients
+from appliance.engines.vllm.media_env import check_video_loader_backend
 from appliance.engines.vllm.stats import StatsRecorder
 from appliance.errors import ConfigError
 
@@ -32,7 +33,8 @@ def prepare_process_environment(environ: MutableMapping[str, str]) -> None:
     """Set what vLLM must read before it is first imported: spawn, and PCI order for GPUs.
 
     Raises:
-        ConfigError: the operator asked for ``fork``, which cannot work here.
+        ConfigError: the operator asked for ``fork``, which cannot work here, or for a video
+            backend vLLM has not got or that decodes on the GPU (``media_env``).
     """
     method = environ.get("VLLM_WORKER_MULTIPROC_METHOD")
     if method not in (None, MULTIPROC_METHOD):
@@ -43,6 +45,8 @@ def prepare_process_environment(environ: MutableMapping[str, str]) -> None:
     environ["VLLM_WORKER_MULTIPROC_METHOD"] = MULTIPROC_METHOD
     # The inventory numbers GPUs as NVML does (PCI bus order); so must CUDA in the engines.
     environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    # After the variables above: this may import vLLM (only when the variable is set).
+    check_video_loader_backend(environ)
 
 
 def cpu_compile_environment(environ: Mapping[str, str]) -> dict[str, str]:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
-from appliance.engines.base import EngineFigureSink, EngineStepFigures, FinishedRequestTimes
+from appliance.engines.base import (
+    EngineFigureSink,
+    EngineStepFigures,
+    FinishedRequestTimes,
+    SchedulerSnapshot,
+)
 
 
 class StatsRecorder:
@@ -14,12 +21,22 @@ class StatsRecorder:
     requests' timings, the figures vLLM's own Prometheus logger would have exposed.
     """
 
-    def __init__(self, model: str = "", sink: EngineFigureSink | None = None) -> None:
+    def __init__(
+        self,
+        model: str = "",
+        sink: EngineFigureSink | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.running = 0
         self.waiting = 0
         self.kv_cache_usage: float | None = None
+        # The same figures with the time they came: with several clients, each step's go to
+        # one of them, and the owner shows the freshest client's.
+        self.snapshot: SchedulerSnapshot | None = None
         self._model = model
         self._sink = sink
+        self._clock = clock
 
     def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
         """Take one step's statistics from vLLM."""
@@ -27,6 +44,9 @@ class StatsRecorder:
             self.running = scheduler_stats.num_running_reqs
             self.waiting = scheduler_stats.num_waiting_reqs
             self.kv_cache_usage = scheduler_stats.kv_cache_usage
+            self.snapshot = SchedulerSnapshot(
+                waiting=self.waiting, kv_cache_usage=self.kv_cache_usage, at=self._clock()
+            )
         if self._sink is not None:
             figures = _step_figures(scheduler_stats, iteration_stats)
             if figures != _NO_FIGURES:

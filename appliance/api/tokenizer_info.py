@@ -1,0 +1,124 @@
+"""``GET /tokenizer_info``: vLLM's tokenizer configuration route, for the models whose
+``engine:`` sets ``enable_tokenizer_info_endpoint: true`` (``vllm serve
+--enable-tokenizer-info-endpoint``; vLLM registers the route only then).
+
+``vllm serve`` serves one model, so its route names none; here ``?model=NAME`` does, or, without
+it, the one model the caller's key may use that has the setting (lm-evaluation-harness's
+``tokenizer_backend=remote`` asks so). The request then takes the path of every model route
+(``ModelAccess.lease``: key and model list, load gate, quota, queue limit, load on demand) and
+the engine answers it with vLLM's own app. One difference, deliberate: for a caller who is not
+an admin, ``name_or_path`` (where the tokenizer was read from: a folder on this host) is the
+model's name, as ``/v1/models``' ``root`` is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from appliance.api.auth import Role, caller_is_admin, model_allowed, require_role
+from appliance.api.model_access import ModelAccess
+from appliance.api.replies import http_answer, until_disconnect
+from appliance.api.serving import endpoint_label
+from appliance.catalogue.schema import LocalModelSpec
+from appliance.engines.base import JSONReply, Reply, RouteCall
+from appliance.engines.route_table import OPTIONAL_ROUTES, TOKENIZER_INFO, route_enabled
+from appliance.errors import InvalidRequestError, WrongTaskError
+from appliance.metrics import Metrics
+from appliance.request_info import request_info
+from appliance.router import Router
+
+_SETTING = OPTIONAL_ROUTES[TOKENIZER_INFO]
+
+
+def build_tokenizer_info_router(router: Router, access: ModelAccess, metrics: Metrics) -> APIRouter:
+    """``GET /tokenizer_info`` over ``router``'s table; ``access`` admits each request."""
+    api = APIRouter(tags=["vLLM"])
+
+    def serving(request: Request) -> list[str]:
+        """The models the caller may use whose entry turns the route on (a remote backend's
+        answers for itself: it is asked only when named)."""
+        return [
+            handle.name
+            for handle in router.supervisor.handles()
+            if isinstance(handle.spec, LocalModelSpec)
+            and route_enabled(handle.spec.engine, TOKENIZER_INFO)
+            and model_allowed(request.scope, handle.name)
+        ]
+
+    def chosen(request: Request) -> str:
+        named = request.query_params.get("model")
+        if named:
+            return named
+        found = serving(request)
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise InvalidRequestError(
+                f"no model this key may use serves {TOKENIZER_INFO.path} (a model's engine: "
+                f"sets {_SETTING}: true)",
+                param="model",
+            )
+        raise InvalidRequestError(
+            f"several models serve {TOKENIZER_INFO.path}: name one, "
+            f"{TOKENIZER_INFO.path}?model=NAME ({', '.join(sorted(found))})",
+            param="model",
+        )
+
+    @api.get(
+        TOKENIZER_INFO.path,
+        summary=TOKENIZER_INFO.summary,
+        dependencies=[Depends(require_role(Role.USER))],
+        response_class=Response,
+    )
+    async def tokenizer_info(request: Request) -> Response:
+        """The tokenizer's configuration and chat template, as ``vllm serve`` answers it, of
+        ``?model=NAME`` (or the one model this key may use that serves it)."""
+        info = request_info(request.scope)
+        info.endpoint = endpoint_label(TOKENIZER_INFO.path)
+        lease = await access.lease(request, {"model": chosen(request)}, None)
+        release = contextlib.AsyncExitStack()
+        release.push_async_callback(lease.release)
+        async with release:
+            spec = router.supervisor.get(lease.entry).spec
+            routes = lease.engine.routes()
+            local = isinstance(spec, LocalModelSpec)
+            if (local and not route_enabled(spec.engine, TOKENIZER_INFO)) or (
+                routes is not None and TOKENIZER_INFO.key not in routes
+            ):
+                raise WrongTaskError(
+                    f"model {lease.model!r} does not serve {TOKENIZER_INFO.path}: its engine: "
+                    f"does not set {_SETTING}: true",
+                    param="model",
+                )
+            call = RouteCall(
+                route=TOKENIZER_INFO.key,
+                method="GET",
+                path=TOKENIZER_INFO.path,
+                request_id=request.headers.get("x-request-id"),
+            )
+            reply = await until_disconnect(lease.engine.serve(call, request), request)
+            if local and not caller_is_admin(request.scope):
+                reply = _without_host_paths(reply, lease.model)
+            return await http_answer(reply, contextlib.AsyncExitStack(), info, metrics)
+
+    return api
+
+
+def _without_host_paths(reply: Reply | None, model: str) -> Reply | None:
+    """vLLM's answer with ``name_or_path`` (a folder on this host) as the model's name."""
+    if not isinstance(reply, JSONReply) or reply.status_code != 200:
+        return reply
+    try:
+        body = json.loads(reply.body)
+    except ValueError:
+        return reply
+    where = body.get("name_or_path") if isinstance(body, dict) else None
+    if not isinstance(where, str) or not os.path.isabs(where):
+        return reply
+    body["name_or_path"] = model
+    return JSONReply(reply.status_code, json.dumps(body).encode(), headers=reply.headers)
