@@ -195,3 +195,64 @@ def test_serve_deploy_config_skips_entries_here() -> None:
     here = parse_model_spec({"name": "m", "source": "org/model"})
     assert isinstance(here, LocalModelSpec)
     assert serve_deploy_config([here], cluster, {})["applications"] == []
+
+
+README_GPU_ENTRIES = [
+    {
+        "name": "llama-3.1-8b",
+        "source": "meta-llama/Llama-3.1-8B-Instruct",
+        "task": "generate",
+        "engine": {"max_model_len": 8192},
+        "ray": {
+            "replicas": 4,
+            "accelerator": "gpu",
+            "resources": {"GPU": 1, "CPU": 2},
+            "router": "prefix_cache",
+        },
+    },
+    {
+        "name": "llama-3.1-70b",
+        "source": "meta-llama/Llama-3.1-70B-Instruct",
+        "task": "generate",
+        "engine": {"max_model_len": 8192},
+        "ray": {
+            "replicas": 1,
+            "accelerator": "gpu",
+            "accelerator_type": "H100",
+            "tensor_parallel_size": 8,
+            "pipeline_parallel_size": 2,
+            "resources": {"GPU": 1},
+            "strategy": "PACK",
+        },
+    },
+]
+
+
+@pytest.mark.parametrize("data", README_GPU_ENTRIES, ids=lambda d: d["name"])
+def test_the_readmes_gpu_entries_are_valid_ray_serve_llm_configs(data: dict[str, Any]) -> None:
+    llm = pytest.importorskip("ray.serve.llm")
+    parsed = parse_model_spec(data)
+    assert isinstance(parsed, LocalModelSpec)
+    config = llm.LLMConfig(**llm_config(parsed, parsed.source))
+    assert config.model_id == data["name"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_route_ray_does_not_serve_is_refused_naming_those_it_does(
+    anyio_backend: str,
+) -> None:
+    from starlette.requests import Request
+
+    from appliance.engines.base import RouteCall
+    from appliance.engines.ray import RayApps, RayEngine
+    from appliance.errors import NotSupportedError
+
+    cluster = CatalogueFile.model_validate({"ray": CLUSTER}).ray
+    assert cluster is not None
+    engine = RayEngine(spec(replicas=1), "org/model", RayApps(cluster))
+    assert engine.routes() == RAY_ROUTES
+    call = RouteCall(route="POST /v1/responses", method="POST", path="/v1/responses")
+    with pytest.raises(NotSupportedError, match="/v1/chat/completions"):
+        await engine.handle_route(call, Request({"type": "http", "headers": []}))
+    assert not engine.is_alive()  # not started: no app
