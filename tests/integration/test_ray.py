@@ -97,6 +97,9 @@ def ray_test(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayTest]:
         # the appliance and this test's driver all inherit these.
         env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        # Ray runs its workers at nice 15: on a busy test box they would get no CPU beside the
+        # other engines and take many minutes to start.
+        env.setenv("RAY_worker_niceness", "0")
         env.setenv("HF_HUB_OFFLINE", "1")
         env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         node = {

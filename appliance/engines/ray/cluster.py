@@ -6,8 +6,10 @@ here blocks (Ray's client API is synchronous); the engine runs them in a thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +55,20 @@ class AppInfo:
         ]
 
 
+@contextlib.contextmanager
+def _keeping_root_logging() -> Iterator[None]:
+    """Undo what Ray does to the root logger: ``ray.init`` adds a handler and Ray Serve LLM's
+    import replaces them all with its own JSON one, which would turn every appliance log line
+    into Ray's format."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers = handlers
+        root.setLevel(level)
+
+
 def _ray() -> Any:
     try:
         import ray
@@ -75,7 +91,7 @@ class RayServe:
     def connect(self) -> str:
         """Join the cluster as a driver and make sure Serve runs with its proxy on
         ``serve_host:serve_port`` (the head node only); the proxy's base URL."""
-        with self._lock:
+        with self._lock, _keeping_root_logging():
             if self._connected and self.proxy_url is not None:
                 return self.proxy_url
             ray = _ray()
@@ -150,13 +166,14 @@ class RayServe:
     def deploy(self, name: str, config: dict[str, Any], route_prefix: str) -> None:
         """Deploy (or update in place: same name, no duplicate) app ``name`` from one
         ``LLMConfig`` mapping, without waiting for it to become healthy."""
-        from ray import serve
-        from ray.serve.llm import LLMConfig, build_openai_app
+        with _keeping_root_logging():
+            from ray import serve
+            from ray.serve.llm import LLMConfig, build_openai_app
 
-        app = build_openai_app({"llm_configs": [LLMConfig(**config)]})
-        # serve.run waits for the app to be healthy; its non-waiting form is _run. The wait
-        # is the engine's (bounded, and visible as the model's loading state).
-        serve._run(app, name=name, route_prefix=route_prefix, _blocking=False)
+            app = build_openai_app({"llm_configs": [LLMConfig(**config)]})
+            # serve.run waits for the app to be healthy; its non-waiting form is _run. The
+            # wait is the engine's (bounded, and visible as the model's loading state).
+            serve._run(app, name=name, route_prefix=route_prefix, _blocking=False)
 
     def delete(self, name: str) -> None:
         """Delete app ``name`` and its replicas (waits until they are gone)."""

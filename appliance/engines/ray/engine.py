@@ -145,13 +145,6 @@ class RayEngine:
         app = self._app
         return app is not None and app.status not in FAILED_STATES
 
-    def replicas(self) -> list[dict[str, Any]]:
-        """The model's replicas at the last check: id, state, node, pid."""
-        app = self._app
-        if app is None:
-            return []
-        return [dataclasses.asdict(r) for r in app.running_replicas()]
-
     # -- requests --------------------------------------------------------------------------
 
     def _relayed(self) -> RemoteEngine:
