@@ -16,8 +16,8 @@ import re
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -48,7 +48,6 @@ class RayTest:
 
     cluster: Any
     appliance: ApplianceProcess
-    logs: Path  # the head node's log folder (Serve's replica logs are under serve/)
 
 
 def auth(key: str) -> dict[str, str]:
@@ -148,7 +147,7 @@ def ray_test(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayTest]:
             appliance = ApplianceProcess(workdir, [entry], ray=cluster_settings)
             appliance.start("--api-keys", str(keys), wait_ready=False)
             appliance.wait_ready(DEPLOY_SECONDS)
-            yield RayTest(cluster, appliance, Path(cluster.head_node.get_logs_dir_path()))
+            yield RayTest(cluster, appliance)
         finally:
             if appliance is not None:
                 appliance.stop()
@@ -178,27 +177,30 @@ def test_two_replicas_on_two_nodes_answer_as_vllm_does(
     assert ours["usage"] == theirs["usage"]
 
 
-def _calls_per_replica(logs: Path) -> dict[str, int]:
-    """Chat calls each model replica logged (Ray Serve's access log: ``CALL chat OK``)."""
-    counts = {}
-    for replica in model_replicas():
-        found = list((logs / "serve").glob(f"replica_*LLMServer*{replica['replica_id']}*.log"))
-        text = "".join(p.read_text(errors="replace") for p in found)
-        counts[replica["replica_id"]] = len(re.findall(r"CALL chat OK", text))
-    return counts
+def _ongoing(replica: dict[str, Any]) -> int:
+    """Requests the replica has in flight now, as its own actor counts them."""
+    actor = ray.get_actor(replica["actor_name"], namespace="serve")
+    return int(ray.get(actor.get_num_ongoing_requests.remote(), timeout=30))
 
 
 def test_requests_reach_both_replicas(ray_test: RayTest) -> None:
-    for _ in range(16):
-        answer = chat(ray_test.appliance)
-        assert answer.status_code == 200, answer.text
-    # Ray Serve's router picks the less busy of two replicas (at random when both are idle):
-    # sixteen requests leave one of two unused with odds of 2 in 65,536.
-    wait_until(
-        lambda: all(n > 0 for n in _calls_per_replica(ray_test.logs).values()),
-        f"both replicas logged chat calls: {_calls_per_replica(ray_test.logs)}",
-        timeout=60,
-    )
+    replicas = model_replicas()
+    seen = {r["replica_id"]: 0 for r in replicas}
+
+    def both_busy() -> bool:
+        for replica in replicas:
+            seen[replica["replica_id"]] = max(seen[replica["replica_id"]], _ongoing(replica))
+        return all(n > 0 for n in seen.values()) or all(f.done() for f in running)
+
+    # Long requests at once: Ray Serve's router sends each to the less busy of two replicas.
+    with ThreadPoolExecutor(8) as pool:
+        running = [
+            pool.submit(chat, ray_test.appliance, max_tokens=200, ignore_eos=True) for _ in range(8)
+        ]
+        wait_until(both_busy, f"both replicas had requests in flight: {seen}", timeout=600)
+        answers = [f.result() for f in running]
+    assert all(n > 0 for n in seen.values()), f"requests in flight per replica: {seen}"
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
 
 
 def test_a_killed_replica_is_replaced_while_requests_are_answered(ray_test: RayTest) -> None:
