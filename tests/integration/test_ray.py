@@ -27,6 +27,11 @@ import yaml
 from tests.integration.harness import MODELS_DIR, ApplianceProcess, free_port, wait_until
 from tests.integration.vllm_reference import CHAT_MODEL
 
+# Ray turns 127.0.0.1 into the host's interface address unless told this is no multi-host
+# cluster, and reads that once, when it is imported: so before the import, for this process
+# (the test's driver), the cluster's processes and the appliance (which inherit it). Nothing
+# here may listen past loopback.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray = pytest.importorskip("ray", reason="the extra .[ray] is not installed")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 serve = pytest.importorskip("ray.serve")
@@ -91,10 +96,6 @@ def state_of(appliance: ApplianceProcess) -> str:
 def ray_test(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayTest]:
     workdir = tmp_path_factory.mktemp("ray")
     with pytest.MonkeyPatch.context() as env:
-        # Ray resolves 127.0.0.1 to the host's interface address unless told it is not a
-        # multi-host cluster; nothing here may listen past loopback. The cluster's processes,
-        # the appliance and this test's driver all inherit these.
-        env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")
         # Ray runs its workers at nice 15: on a busy test box they would get no CPU beside the
         # other engines and take many minutes to start.
