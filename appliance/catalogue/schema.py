@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -25,112 +23,12 @@ from pydantic import (
     model_validator,
 )
 
+from appliance.catalogue.engine_settings import check_engine_keys
+from appliance.catalogue.file_settings import PlacementSettings, RegistryTrust
+from appliance.catalogue.ray_settings import RayCluster, RayEntry
+from appliance.catalogue.urls import check_backend_url
+
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
-
-# Engine settings the appliance derives from the entry itself; setting them in ``engine:``
-# would silently override placement (vLLM would take more memory, or other GPUs, than placed).
-RESERVED_ENGINE_KEYS: dict[str, str] = {
-    "model": "is set by the appliance from source",
-    "served_model_name": "is set by the appliance from name",
-    "tensor_parallel_size": "is set by the appliance from resources.tensor_parallel_size",
-    "runner": "is set by the appliance from task",
-    "gpu_memory_utilization": (
-        "is set by placement from resources.memory_gib or resources.memory_share"
-    ),
-    "kv_cache_memory_bytes": (
-        "would size the KV cache outside placement's budget; give resources.memory_gib instead"
-    ),
-    "device_ids": "is set by placement; pin GPUs with resources.devices",
-    "num_gpu_blocks_override": (
-        "would size the KV cache by block count, past placement's memory budget; give "
-        "resources.memory_gib instead"
-    ),
-}
-# vLLM's GPU video decoder (vllm/multimodal/video_decoders: requires_gpu=True).
-_GPU_VIDEO_BACKENDS = frozenset({"pynvvideocodec"})
-# Engine settings that would make vLLM use more GPUs than placement gives it; 1 is allowed.
-SINGLE_ENGINE_KEYS: dict[str, str] = {
-    "pipeline_parallel_size": (
-        "placement gives an engine resources.tensor_parallel_size GPUs; use tensor parallelism"
-    ),
-    "data_parallel_size": "run several entries (or replicas behind a backend_url) instead",
-    "data_parallel_size_local": "run several entries (or replicas behind a backend_url) instead",
-    "decode_context_parallel_size": "placement does not account for context parallelism",
-    "prefill_context_parallel_size": "placement does not account for context parallelism",
-}
-
-# `vllm serve` settings of its own HTTP server (FrontendArgs in vLLM's cli_args.py), which the
-# appliance's one server replaces: accepted, they would be silently ignored. Each names the
-# appliance's option for the same thing.
-SERVER_ONLY_ENGINE_KEYS: dict[str, str] = {
-    "host": "use `appliance up --host`",
-    "port": "use `appliance up --port`",
-    "uds": "the appliance listens on TCP (`appliance up --host/--port`)",
-    "grpc_port": "the appliance serves HTTP only",
-    "api_key": "use API keys (`appliance up --api-keys FILE`, APPLIANCE_API_KEYS)",
-    "allowed_origins": "use `appliance up --cors-origin`",
-    "allow_credentials": "use `appliance up --cors-origin` (CORS is the appliance's)",
-    "allowed_methods": "use `appliance up --cors-origin` (CORS is the appliance's)",
-    "allowed_headers": "use `appliance up --cors-origin` (CORS is the appliance's)",
-    "ssl_keyfile": "terminate TLS in a reverse proxy in front of the appliance",
-    "ssl_certfile": "terminate TLS in a reverse proxy in front of the appliance",
-    "ssl_ca_certs": "terminate TLS in a reverse proxy in front of the appliance",
-    "ssl_cert_reqs": "terminate TLS in a reverse proxy in front of the appliance",
-    "ssl_ciphers": "terminate TLS in a reverse proxy in front of the appliance",
-    "enable_ssl_refresh": "terminate TLS in a reverse proxy in front of the appliance",
-    "root_path": "the appliance's routes are at the root; a proxy may strip a prefix",
-    "middleware": "the appliance's middleware is fixed (keys, limits, request ids, logs)",
-    "uvicorn_log_level": "use `appliance up --log-level`",
-    "disable_uvicorn_access_log": "the appliance writes its own access log",
-    "disable_access_log_for_endpoints": "the appliance writes its own access log",
-    "enable_request_id_headers": "the appliance always returns X-Request-Id",
-    "disable_fastapi_docs": "the appliance's /docs follow its keys file (public: [docs])",
-    "enable_offline_docs": "the appliance's /docs are its own",
-    "enable_server_load_tracking": "the appliance's /metrics count requests in flight",
-    "data_parallel_supervisor_port": "the appliance runs one engine per entry",
-    "dp_supervisor_probe_interval_s": "the appliance runs one engine per entry",
-    "dp_supervisor_probe_timeout_s": "the appliance runs one engine per entry",
-    "dp_supervisor_probe_failure_threshold": "the appliance runs one engine per entry",
-}
-
-
-def _check_frontend_gpu(keys: dict[str, Any]) -> None:
-    """Refuse multimodal work on the GPU in the front-end processes.
-
-    vLLM runs GPU video decoding and device-side multimodal processing in every API process
-    (``mm_ipc_gpu_memory_gb``, ``vllm/multimodal/gpu_ipc_memory.py``): here that is the
-    appliance's own process and its HTTP workers, which have every GPU visible, so each
-    would make a CUDA context on the first GPU, outside placement.
-    """
-    why = (
-        "would run GPU multimodal work in the appliance's front-end processes (a CUDA "
-        "context on the first GPU, outside placement); decode on the CPU"
-    )
-    if float(keys.get("mm_ipc_gpu_memory_gb") or 0) > 0:
-        raise ValueError(f"engine setting 'mm_ipc_gpu_memory_gb' {why}")
-    if str(keys.get("mm_processor_device") or "auto") not in ("auto", "cpu"):
-        raise ValueError(f"engine setting 'mm_processor_device' {why}")
-    processor = keys.get("mm_processor_kwargs") or {}
-    if isinstance(processor, dict) and str(processor.get("device", "cpu")).split(":")[0] not in (
-        "cpu",
-    ):
-        raise ValueError(f"engine setting 'mm_processor_kwargs.device' {why}")
-    video = (keys.get("media_io_kwargs") or {}).get("video", {})
-    if isinstance(video, dict):
-        gpu_backend = {video.get("backend"), video.get("video_backend")} & _GPU_VIDEO_BACKENDS
-        on_cuda = str(video.get("device", "cpu")).startswith("cuda")
-        if gpu_backend or on_cuda:
-            raise ValueError(f"engine setting 'media_io_kwargs.video' {why}")
-
-
-def check_server_only_keys(keys: dict[str, Any]) -> None:
-    """Refuse ``vllm serve`` HTTP-server settings in ``engine:``, naming the appliance's own."""
-    for key, instead in SERVER_ONLY_ENGINE_KEYS.items():
-        if key in keys:
-            raise ValueError(
-                f"engine setting {key!r} is a setting of vllm serve's own HTTP server, which "
-                f"the appliance replaces: {instead}"
-            )
 
 
 class Task(str, enum.Enum):
@@ -174,37 +72,6 @@ class Resources(BaseModel):
         return self
 
 
-def check_backend_url(value: str) -> str:
-    """``value`` if it is scheme, host, port and an optional base path, without the final
-    slash; ``ValueError`` saying what is wrong otherwise.
-
-    Credentials, a query or a fragment are refused: the URL is shown to operators, logged and
-    health-checked, and none of them belongs in a base URL (a backend's key goes in an
-    environment variable, see ``RemoteSettings.api_key_env``).
-    """
-    if any(c.isspace() or not c.isprintable() for c in value) or "\\" in value:
-        raise ValueError("must not contain spaces, control characters or backslashes")
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"is not a valid URL ({exc})") from None
-    if parts.scheme not in ("http", "https") or not value.startswith(parts.scheme + "://"):
-        raise ValueError("must be an http:// or https:// URL")
-    if not parts.hostname:
-        raise ValueError("must name a host")
-    if "@" in parts.netloc:
-        raise ValueError("must not carry credentials (user:password@); use api_key_env")
-    if parts.query or "?" in value:
-        raise ValueError("must not have a query (?...)")
-    if parts.fragment or "#" in value:
-        raise ValueError("must not have a fragment (#...)")
-    if ".." in parts.path.split("/"):
-        raise ValueError("must not have '..' in its path")
-    del port  # parsed only to check it is a number in range
-    return value.rstrip("/")
-
-
 LOCAL_ONLY_FIELDS = (
     "source",
     "adapters",
@@ -215,6 +82,7 @@ LOCAL_ONLY_FIELDS = (
     "resources",
     "engine",
     "max_in_engine",
+    "ray",
 )
 """Fields of a local model that mean nothing for a remote backend (its server decides)."""
 REMOTE_ONLY_FIELDS = ("backend_url", "backend_model")
@@ -323,6 +191,13 @@ class LocalModelSpec(_EntryBase):
             "priority and fair share across keys (None: the engine's max_num_seqs)."
         ),
     )
+    ray: RayEntry | None = Field(
+        None,
+        description=(
+            "Run on the Ray cluster of the file's ray: through Ray Serve LLM (replicas, "
+            "autoscaling, several nodes) instead of on this host."
+        ),
+    )
 
     def adapter_names(self) -> list[str]:
         """The names of the LoRA adapters declared on this model."""
@@ -346,6 +221,22 @@ class LocalModelSpec(_EntryBase):
             )
         return value
 
+    @model_validator(mode="after")
+    def _ray_is_not_placed_here(self) -> LocalModelSpec:
+        if self.ray is None:
+            return self
+        if self.resources != Resources():
+            raise ValueError(
+                "resources places a model on this host's devices; a ray entry gives its "
+                "resources per engine worker in ray.resources"
+            )
+        if self.adapters:
+            raise ValueError(
+                "adapters are not served on ray entries (Ray Serve LLM loads LoRA adapters "
+                "from cloud storage only)"
+            )
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _needs_a_source(cls, data: Any) -> Any:
@@ -365,24 +256,13 @@ class LocalModelSpec(_EntryBase):
     @field_validator("engine")
     @classmethod
     def _check_engine_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        keys = {k.replace("-", "_"): v for k, v in value.items()}
-        for key, why in RESERVED_ENGINE_KEYS.items():
-            if key in keys:
-                raise ValueError(f"engine setting {key!r} {why}; remove it from engine")
-        check_server_only_keys(keys)
-        for key, why in SINGLE_ENGINE_KEYS.items():
-            if key in keys and keys[key] not in (None, 1, "1"):
-                raise ValueError(f"engine setting {key!r} is not supported: {why}")
-        _check_frontend_gpu(keys)
-        backend = keys.get("distributed_executor_backend")
-        if backend is not None and backend not in ("mp", "uni"):
-            raise ValueError(
-                f"engine setting distributed_executor_backend={backend!r} is not supported: "
-                "with it the engine chooses its GPUs itself (Ray placement groups) and the "
-                "appliance's placement cannot account for them; use 'mp' (the default), or "
-                "serve such a model with its own `vllm serve` and name it by backend_url"
-            )
-        return value
+        return check_engine_keys(value)
+
+
+def placed_here(spec: LocalModelSpec | RemoteModelSpec) -> bool:
+    """Whether ``spec`` runs on this host's devices: a local model without ``ray:`` (a Ray
+    entry runs on the Ray cluster, a remote one on its backend)."""
+    return isinstance(spec, LocalModelSpec) and spec.ray is None
 
 
 class RemoteModelSpec(_EntryBase):
@@ -468,75 +348,6 @@ def parse_model_spec_json(data: str | bytes) -> LocalModelSpec | RemoteModelSpec
     return _SPEC_ADAPTER.validate_json(data)
 
 
-class RegistryTrust(BaseModel):
-    """How far entries from the registry are trusted (models.yaml's ``registry_trust:``).
-
-    The registry is untrusted input: by default its entries may name hub ids and backend URLs
-    only, pass a short list of engine settings, and never load by themselves. Each field here
-    is the operator opening one thing more.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    autoload: bool = Field(
-        False, description="Registry entries keep their autoload and load_on_demand."
-    )
-    engine_settings: list[str] = Field(
-        default_factory=list,
-        description="Engine settings registry entries may use beyond the default allow-list.",
-    )
-    hub_orgs: list[str] | None = Field(
-        None, description="Only hub ids of these organisations (None: any organisation)."
-    )
-    backend_hosts: list[str] | None = Field(
-        None, description="Only backend_urls on these host names or addresses (None: any)."
-    )
-    backend_networks: list[IPv4Network | IPv6Network] = Field(
-        default_factory=list,
-        description=(
-            "Addresses otherwise refused to registry backends (loopback, link-local, cloud "
-            "metadata) that they may use, as networks such as 127.0.0.1/32."
-        ),
-    )
-    max_entries: int = Field(
-        1000, ge=1, description="A registry answer with more entries than this is refused."
-    )
-
-
-class Packing(str, enum.Enum):
-    """How placement chooses among the GPUs a model fits on."""
-
-    SPREAD = "spread"  # the emptiest GPUs first: a GPU per model while there are empty ones
-    PACK = "pack"  # the tightest fit first: keeps whole GPUs free for big models
-
-
-class PlacementSettings(BaseModel):
-    """How models are put on GPUs (``placement:`` in ``models.yaml``); read at start."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    packing: Packing = Field(Packing.SPREAD, description="spread (default) or pack.")
-    gpu_headroom_gib: float = Field(
-        1.0,
-        ge=0,
-        description=(
-            "GiB one engine takes on each of its GPUs outside its vLLM budget (its CUDA "
-            "context), which vLLM measures only after creating it."
-        ),
-    )
-    tp_headroom_gib: float = Field(
-        0.5, ge=0, description="More GiB per GPU for an engine spanning several (NCCL)."
-    )
-    sleep_host_budget_gib: float | None = Field(
-        None,
-        gt=0,
-        description=(
-            "Host RAM that level-1 sleeping models may fill with their weights "
-            "(default: a quarter of the host's memory)."
-        ),
-    )
-
-
 class CatalogueFile(BaseModel):
     """The whole ``models.yaml``."""
 
@@ -556,6 +367,9 @@ class CatalogueFile(BaseModel):
     )
     registry_trust: RegistryTrust = Field(default_factory=RegistryTrust)
     registry_ttl: float = Field(30.0, gt=0, description="Seconds a registry answer stays fresh.")
+    ray: RayCluster | None = Field(
+        None, description="The Ray cluster that entries with ray: run on (models.yaml only)."
+    )
     models: list[ModelSpec] = Field(default_factory=list)
 
     @field_validator("registry_url")
@@ -563,6 +377,17 @@ class CatalogueFile(BaseModel):
     def _check_registry_url(cls, value: str | None) -> str | None:
         # The same rules as a backend's: a token in the URL would be logged and shown.
         return None if value is None else check_backend_url(value)
+
+    @model_validator(mode="after")
+    def _ray_entries_have_a_cluster(self) -> CatalogueFile:
+        if self.ray is None:
+            for spec in self.models:
+                if isinstance(spec, LocalModelSpec) and spec.ray is not None:
+                    raise ValueError(
+                        f"model {spec.name!r}: has ray: but the file names no Ray cluster; "
+                        "add ray: {address: HOST:PORT} at the top of models.yaml"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> CatalogueFile:

@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from appliance.catalogue.schema import LocalModelSpec, ModelSpec, RegistryTrust, RemoteModelSpec
+from appliance.catalogue.file_settings import RegistryTrust
+from appliance.catalogue.schema import LocalModelSpec, ModelSpec, RemoteModelSpec
 from appliance.errors import ConfigError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -123,6 +124,10 @@ class RegistryGate:
         if isinstance(spec, RemoteModelSpec):
             await self._check_backend(spec)
             return spec  # nothing loads for a remote entry
+        if spec.ray is not None:
+            # A Ray deployment runs the entry's settings on the operator's cluster, and Ray's
+            # own API is code execution: only models.yaml may send an entry there.
+            raise _refuse(spec, "ray", "only models.yaml may run an entry on the Ray cluster")
         self._check_source(spec)
         self._check_engine(spec)
         if self._trust.autoload:

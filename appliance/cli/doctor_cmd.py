@@ -33,7 +33,7 @@ def doctor(
     each line should look like.
     """
     from appliance.catalogue.config_file import load_catalogue_file
-    from appliance.catalogue.schema import PlacementSettings
+    from appliance.catalogue.file_settings import PlacementSettings
     from appliance.doctor import Status, check_catalogue, check_gpus, check_install
     from appliance.host.inventory import cpu_inventory, scan_gpus
     from appliance.host.placement import PlacementPolicy

@@ -6,6 +6,7 @@ import typer
 
 from appliance.cli.adapters_cmd import adapters_app
 from appliance.cli.doctor_cmd import doctor
+from appliance.cli.export_cmd import export_app
 from appliance.cli.models_cmd import models_app
 from appliance.cli.plan_cmd import plan
 from appliance.cli.pull_cmd import pull
@@ -27,6 +28,7 @@ models_app.command("plan")(plan)
 app.add_typer(models_app, name="models")
 app.add_typer(adapters_app, name="adapters")
 app.command("usage")(usage)
+app.add_typer(export_app, name="export")
 
 
 def _add_registry() -> None:

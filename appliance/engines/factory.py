@@ -6,7 +6,9 @@ import importlib.util
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from appliance.catalogue.ray_settings import RayCluster
 from appliance.catalogue.schema import LocalModelSpec, ModelSpec
 from appliance.engines.base import Engine, EngineFigureSink, EngineLink, link_of
 from appliance.engines.process_env import refuse_unsafe_environment
@@ -14,6 +16,9 @@ from appliance.errors import ConfigError
 from appliance.host.inventory import DeviceKind, Inventory
 from appliance.host.placement import Allocation
 from appliance.hub.gguf import GgufCache, check_convertible, default_cache_dir, is_gguf
+
+if TYPE_CHECKING:
+    from appliance.engines.ray import RayApps
 
 PACKAGE_PREFIX = "package:"
 
@@ -120,9 +125,11 @@ class EngineFactory:
         cpu_kv_cache_gib: int = 1,
         figures: EngineFigureSink | None = None,
         gguf: GgufCache | None = None,
+        ray: RayCluster | None = None,
     ) -> None:
         """``gguf``: the cache where ``.gguf`` sources are converted (the fetcher converts; an
-        engine here is given the converted folder); default: the default cache folder."""
+        engine here is given the converted folder); default: the default cache folder.
+        ``ray``: the cluster of models.yaml's ``ray:``, where entries with ``ray:`` run."""
         from appliance.engines.vllm import EngineArgsBuilder, prepare_process_environment
 
         # Before anything imports vLLM: it reads these once, at import or first engine.
@@ -132,6 +139,7 @@ class EngineFactory:
         self._figures = figures  # vLLM's engine figures go here when --engine-metrics is on
         self._gguf = gguf or GgufCache(default_cache_dir())
         self._args = EngineArgsBuilder()
+        self.ray = _ray_apps(ray)
         # Client processes each engine core serves (``appliance up --workers``); set once the
         # host's devices are known, before any engine starts.
         self.clients = 1
@@ -174,7 +182,7 @@ class EngineFactory:
     def create(
         self,
         spec: ModelSpec,
-        allocation: Allocation,
+        allocation: Allocation | None,
         inventory: Inventory,
         *,
         clients: int | None = None,
@@ -186,6 +194,9 @@ class EngineFactory:
         """
         from appliance.engines.vllm import VLLMEngine, cpu_compile_environment
 
+        if isinstance(spec, LocalModelSpec) and spec.ray is not None:
+            return self._ray_engine(spec)
+        assert allocation is not None, "an engine on this host is placed first"
         env: dict[str, str] = {}
         utilization: float | None = None
         if inventory.kind is DeviceKind.GPU:
@@ -213,6 +224,13 @@ class EngineFactory:
             spec, args, env=env, figures=self._figures, clients=clients or self.clients
         )
 
+    def _ray_engine(self, spec: LocalModelSpec) -> Engine:
+        from appliance.engines.ray import RayEngine
+
+        if self.ray is None:
+            raise ConfigError(f"model {spec.name!r}: has ray: but models.yaml names no cluster")
+        return RayEngine(spec, self._served_source(spec), self.ray)
+
     @staticmethod
     def import_client_modules() -> None:
         """Import vLLM's client and serving modules now (an HTTP worker, before serving)."""
@@ -233,3 +251,12 @@ class EngineFactory:
         from appliance.engines.vllm import attach_engine
 
         return attach_engine(link, client_index, figures=self._figures)
+
+
+def _ray_apps(cluster: RayCluster | None) -> RayApps | None:
+    """What the Ray entries share, when models.yaml names a cluster (imports no Ray yet)."""
+    if cluster is None:
+        return None
+    from appliance.engines.ray import RayApps
+
+    return RayApps(cluster)

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from appliance.catalogue.schema import LocalModelSpec, ModelSpec
+from appliance.catalogue.schema import ModelSpec, placed_here
 from appliance.errors import ConfigError, LifecycleError
 from appliance.host.device_locks import DeviceLocks
 from appliance.host.device_release import DeviceRelease, Stoppable, engine_tree
@@ -123,7 +123,7 @@ class HostCapacity:
         Raises:
             ConfigError: one line naming the model, what it needs and what is free.
         """
-        local = [spec for spec in specs if isinstance(spec, LocalModelSpec)]
+        local = [spec for spec in specs if placed_here(spec)]
         for spec in local:
             try:
                 self._place(spec, [])

@@ -13,7 +13,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from appliance.catalogue.schema import LocalModelSpec, ModelSpec
+from appliance.catalogue.schema import ModelSpec, placed_here
 from appliance.host.capacity import HostCapacity
 from appliance.host.placement import Allocation, PlacementError
 
@@ -38,7 +38,7 @@ class ModelFit:
 def fit_catalogue(specs: Iterable[ModelSpec], capacity: HostCapacity) -> list[ModelFit]:
     """Place every local model of ``specs`` on ``capacity``'s host, autoload models first (in
     catalogue order, as ``appliance up`` does), then each other model beside them."""
-    local = [s for s in specs if isinstance(s, LocalModelSpec)]
+    local = [s for s in specs if placed_here(s)]
     kind = capacity.inventory.kind.value
     answers: dict[str, ModelFit] = {}
     for spec in local:

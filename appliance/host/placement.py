@@ -14,7 +14,8 @@ import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from appliance.catalogue.schema import ModelSpec, Packing, PlacementSettings
+from appliance.catalogue.file_settings import Packing, PlacementSettings
+from appliance.catalogue.schema import ModelSpec
 from appliance.errors import InsufficientResourcesError
 from appliance.host.inventory import Device, DeviceKind, Inventory
 

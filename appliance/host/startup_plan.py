@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from appliance.catalogue.schema import LocalModelSpec, ModelSpec
+from appliance.catalogue.schema import ModelSpec, placed_here
 from appliance.host.capacity import HostCapacity
 from appliance.host.placement import Allocation, Demand, PlacementError
 
@@ -35,7 +35,7 @@ class StartupPlan:
         a model that does not fit has no plan (its load then reports why)."""
         planned: dict[str, Allocation] = {}
         for spec in specs:
-            if not isinstance(spec, LocalModelSpec):
+            if not placed_here(spec):
                 continue
             try:
                 planned[spec.name] = capacity.place(spec, list(planned.values()))

@@ -28,8 +28,11 @@ class EngineMaker(Protocol):
         """Raise ``ConfigError`` if ``spec`` cannot be served."""
         ...
 
-    def create(self, spec: LocalModelSpec, allocation: Allocation, inventory: Inventory) -> Engine:
-        """A new engine for ``spec`` on ``allocation``."""
+    def create(
+        self, spec: LocalModelSpec, allocation: Allocation | None, inventory: Inventory
+    ) -> Engine:
+        """A new engine for ``spec`` on ``allocation`` (None: a Ray entry, placed off this
+        host)."""
         ...
 
     def adapter_source(self, model: str, name: str, source: str) -> str:

@@ -80,7 +80,8 @@ class Loading:
         spec = handle.local
         assert spec is not None, "only local models load"
         fetcher = self._fetcher
-        downloading = fetcher is not None and fetcher.missing(spec)
+        # A Ray entry's replicas fetch their own files, on the cluster's nodes.
+        downloading = fetcher is not None and spec.ray is None and fetcher.missing(spec)
         first = S.DOWNLOADING if downloading else S.LOADING
         handle.lifecycle.swap((S.UNLOADED, S.FAILED), first, reason)
         started = time.monotonic()
@@ -90,13 +91,18 @@ class Loading:
                 handle.download = DownloadProgress()
                 await fetcher.fetch(spec, handle.download)
                 handle.lifecycle.swap(S.DOWNLOADING, S.LOADING, "files downloaded")
-            demand = supervisor.capacity.demand(spec)
-            demand = supervisor.startup.follow(demand, supervisor.room.allocations(handle.name))
-            allocation = await self._make_room(handle, demand)
-            engine = self._engines.create(spec, allocation, supervisor.inventory)
-            async with supervisor.capacity.locks.hold(allocation.devices, DeviceChange.START):
-                supervisor.capacity.check_free(allocation)
+            if spec.ray is not None:
+                # It runs on the Ray cluster: nothing of this host is placed, locked or evicted.
+                engine = self._engines.create(spec, None, supervisor.inventory)
                 await engine.start()
+            else:
+                demand = supervisor.capacity.demand(spec)
+                demand = supervisor.startup.follow(demand, supervisor.room.allocations(handle.name))
+                allocation = await self._make_room(handle, demand)
+                engine = self._engines.create(spec, allocation, supervisor.inventory)
+                async with supervisor.capacity.locks.hold(allocation.devices, DeviceChange.START):
+                    supervisor.capacity.check_free(allocation)
+                    await engine.start()
         except BaseException as exc:
             handle.allocation = None
             cancelled = not isinstance(exc, Exception)

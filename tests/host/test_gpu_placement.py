@@ -11,11 +11,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from appliance.catalogue.schema import (
-    LocalModelSpec,
-    Packing,
-    PlacementSettings,
-)
+from appliance.catalogue.file_settings import Packing, PlacementSettings
+from appliance.catalogue.schema import LocalModelSpec
 from appliance.host.inventory import Device, DeviceKind, Inventory
 from appliance.host.placement import (
     Allocation,

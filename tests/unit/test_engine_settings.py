@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from appliance.catalogue.config_file import parse_catalogue
-from appliance.catalogue.schema import SERVER_ONLY_ENGINE_KEYS
+from appliance.catalogue.engine_settings import SERVER_ONLY_ENGINE_KEYS
 from appliance.engines.vllm import EngineArgsBuilder
 from appliance.errors import ConfigError
 

@@ -134,3 +134,28 @@ def test_only_one_package_imports_vllm() -> None:
     assert importers, f"nothing imports vLLM: is {VLLM_PACKAGE} still the one that does?"
     outside = [m for m in importers if m != VLLM_PACKAGE and not m.startswith(VLLM_PACKAGE + ".")]
     assert not outside, f"only {VLLM_PACKAGE} may import vLLM: {', '.join(outside)} do"
+
+
+RAY_PACKAGE = "appliance.engines.ray"  # the one package that may import Ray
+
+
+def _imports_top_level(path: Path, package: str) -> bool:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import) and any(
+            a.name.split(".")[0] == package for a in node.names
+        ):
+            return True
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").split(".")[0] == package
+        ):
+            return True
+    return False
+
+
+def test_only_one_package_imports_ray() -> None:
+    importers = sorted(module_name(p) for p in MODULES if _imports_top_level(p, "ray"))
+    assert importers, f"nothing imports Ray: is {RAY_PACKAGE} still the one that does?"
+    outside = [m for m in importers if m != RAY_PACKAGE and not m.startswith(RAY_PACKAGE + ".")]
+    assert not outside, f"only {RAY_PACKAGE} may import Ray: {', '.join(outside)} do"

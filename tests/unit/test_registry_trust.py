@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from appliance.catalogue.file_settings import RegistryTrust
 from appliance.catalogue.schema import (
     CatalogueFile,
     ModelSpec,
-    RegistryTrust,
     parse_model_spec,
 )
 from appliance.catalogue.trust import RegistryGate, UntrustedEntryError
