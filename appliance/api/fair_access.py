@@ -39,6 +39,9 @@ from appliance.supervisor.supervisor import Supervisor
 PROMPT_BYTES_PER_TOKEN = 4
 """A prompt's tokens, estimated from its body's size before any tokenizer has seen it."""
 
+VLLM_DEFAULT_PRIORITY = 0
+"""The ``priority`` of a vLLM request that names none (its protocol's default)."""
+
 PRIORITY_PATHS = frozenset(
     {
         "/v1/chat/completions",
@@ -145,8 +148,15 @@ class FairAccess:
             self._metrics.shed.labels(key, self._metrics.label(body.get("model"))).inc()
             raise
         local, gate = self._gate(lease.entry)
-        if local and request.url.path in PRIORITY_PATHS:
-            body["priority"] = priority  # what vLLM's own queue orders by, if it may
+        if (
+            local
+            and request.url.path in PRIORITY_PATHS
+            and body.get("priority", VLLM_DEFAULT_PRIORITY) != priority
+        ):
+            # What vLLM's own queue orders by, if it may. Only when it differs from what vLLM
+            # assumes anyway: a body changed for nothing would differ from what vLLM answers to
+            # the client's own (a validation error echoes the body it was given).
+            body["priority"] = priority
         model = self._metrics.label(lease.model)
         if gate is None:
             self._metrics.admitted.labels(key, model).inc()

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from appliance.api.app import create_app
 from appliance.api_keys import PRIORITY_LAST, ApiKey, AuthConfig
-from appliance.engines.base import Endpoint, JSONReply, Reply
+from appliance.engines.base import JSONReply, Reply, RouteCall
 from appliance.host.inventory import Inventory, cpu_inventory
 from appliance.host.placement import Allocation
 from appliance.settings import Settings
@@ -34,7 +34,7 @@ class RecordingEngine(EchoEngine):
         super().__init__()
         self.bodies: list[dict[str, Any]] = []
 
-    async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Any) -> Reply:
+    async def answer(self, call: RouteCall, body: dict[str, Any]) -> Reply:
         self.bodies.append(dict(body))
         answer = {"model": body["model"], "object": "text_completion", "echo": body["prompt"]}
         return JSONReply(200, json.dumps(answer).encode())

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from appliance.api.app import create_app
 from appliance.api_keys import ApiKey, AuthConfig
-from appliance.engines.base import Endpoint, JSONReply, Reply
+from appliance.engines.base import JSONReply, Reply, RouteCall
 from appliance.host.inventory import Inventory, cpu_inventory
 from appliance.host.placement import Allocation
 from appliance.settings import Settings
@@ -39,7 +39,7 @@ class SlowEngine(EchoEngine):
         self.order: list[str] = []
         self.held = asyncio.Event()
 
-    async def handle(self, endpoint: Endpoint, body: dict[str, Any], request: Any) -> Reply:
+    async def answer(self, call: RouteCall, body: dict[str, Any]) -> Reply:
         self.order.append(body["prompt"])
         if len(self.order) == 1:
             await self.held.wait()
