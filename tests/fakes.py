@@ -168,3 +168,19 @@ class FakeMaker:
 
     def adapter_source(self, model: str, name: str, source: str) -> str:
         return source
+
+
+class OneEngineMaker:
+    """Hands out the one ``engine`` it was given, for every entry (a test that watches it)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def validate(self, spec: ModelSpec) -> None:
+        pass
+
+    def create(self, spec: ModelSpec, allocation: Allocation, inventory: Inventory) -> Any:
+        return self.engine
+
+    def adapter_source(self, model: str, name: str, source: str) -> str:
+        return source

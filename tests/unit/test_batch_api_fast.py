@@ -18,10 +18,9 @@ from fastapi.testclient import TestClient
 from appliance.api.app import create_app
 from appliance.api_keys import PRIORITY_LAST, ApiKey, AuthConfig
 from appliance.engines.base import JSONReply, Reply, RouteCall
-from appliance.host.inventory import Inventory, cpu_inventory
-from appliance.host.placement import Allocation
+from appliance.host.inventory import cpu_inventory
 from appliance.settings import Settings
-from tests.unit.test_app_fast import EchoEngine
+from tests.fakes import EchoEngine, OneEngineMaker
 
 TEAM = "sk-team-0123456789abcdef0123456789"
 OTHER = "sk-other-0123456789abcdef0123456789"
@@ -38,20 +37,6 @@ class RecordingEngine(EchoEngine):
         self.bodies.append(dict(body))
         answer = {"model": body["model"], "object": "text_completion", "echo": body["prompt"]}
         return JSONReply(200, json.dumps(answer).encode())
-
-
-class RecordingMaker:
-    def __init__(self) -> None:
-        self.engine = RecordingEngine()
-
-    def validate(self, spec: Any) -> None:
-        pass
-
-    def create(self, spec: Any, allocation: Allocation, inventory: Inventory) -> RecordingEngine:
-        return self.engine
-
-    def adapter_source(self, model: str, name: str, source: str) -> str:
-        return source
 
 
 @pytest.fixture
@@ -71,7 +56,7 @@ def app(tmp_path: Path) -> Iterator[tuple[TestClient, RecordingEngine]]:
         status_page=False,
         usage_db=tmp_path / "usage.db",
     )
-    maker = RecordingMaker()
+    maker = OneEngineMaker(RecordingEngine())
     built = create_app(settings, engines=maker, inventory=cpu_inventory(4))
     with TestClient(built) as client:
         client.portal.call(built.state.appliance.supervisor.wait_autoload)  # type: ignore[union-attr]

@@ -18,10 +18,9 @@ from fastapi.testclient import TestClient
 from appliance.api.app import create_app
 from appliance.api_keys import ApiKey, AuthConfig
 from appliance.engines.base import JSONReply, Reply, RouteCall
-from appliance.host.inventory import Inventory, cpu_inventory
-from appliance.host.placement import Allocation
+from appliance.host.inventory import cpu_inventory
 from appliance.settings import Settings
-from tests.unit.test_app_fast import EchoEngine
+from tests.fakes import EchoEngine, OneEngineMaker
 
 KEYS = {
     "flood": "sk-flood-0123456789abcdef0123456789",
@@ -46,20 +45,6 @@ class SlowEngine(EchoEngine):
         return JSONReply(200, json.dumps({"model": body["model"]}).encode())
 
 
-class SlowMaker:
-    def __init__(self) -> None:
-        self.engine = SlowEngine()
-
-    def validate(self, spec: Any) -> None:
-        pass
-
-    def create(self, spec: Any, allocation: Allocation, inventory: Inventory) -> SlowEngine:
-        return self.engine
-
-    def adapter_source(self, model: str, name: str, source: str) -> str:
-        return source
-
-
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[tuple[TestClient, SlowEngine]]:
     config = tmp_path / "models.yaml"
@@ -79,7 +64,7 @@ def app(tmp_path: Path) -> Iterator[tuple[TestClient, SlowEngine]]:
         status_page=False,
         usage_db=tmp_path / "usage.db",
     )
-    maker = SlowMaker()
+    maker = OneEngineMaker(SlowEngine())
     built = create_app(settings, engines=maker, inventory=cpu_inventory(4))
     with TestClient(built) as client:
         client.portal.call(built.state.appliance.supervisor.wait_autoload)  # type: ignore[union-attr]
