@@ -12,6 +12,9 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 MODELS := .models/tiny-llama/config.json
 PORT ?= 8000
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): engines wait on I/O and start-up much of the time, so two
+# processes keep a 2-core machine busy; tests/conftest.py keeps tests that share an engine together.
+TEST_PROCESSES ?= 2
 PIP_ARGS ?=
 
 .PHONY: up test lint bench models venv clean browser
@@ -63,7 +66,7 @@ up: $(MODELS) $(SMOLLM2)
 	HF_HUB_OFFLINE=1 $(BIN)/appliance up --config models.yaml --port $(PORT) --conversion-cache .models/converted
 
 test: $(MODELS) $(SMOLLM2) browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The status-page test drives headless Chromium. Installed with apt where this user may (root
 # or password-less sudo); elsewhere the test skips and says how to install it.

@@ -42,25 +42,38 @@ def serving_appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appl
 
 
 @pytest.fixture(scope="session")
-def vllm_reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """``vllm serve`` of each of the shared appliance's models, by name -> base URL."""
-    workdir = tmp_path_factory.mktemp("vllm-reference")
+def vllm_chat_reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``vllm serve`` of the shared appliance's chat model (the tiny Llama): its base URL.
+    A fixture of its own so a module that needs only this one (federation, Ray) starts no
+    embedding server in its test process."""
+    workdir = tmp_path_factory.mktemp("vllm-chat-reference")
     template = write_template(workdir)
-    started: list[VLLMServer] = []
+    server = VLLMServer.start(
+        workdir, CHAT_MODEL, str(MODELS_DIR / "tiny-llama"), *chat_flags(template)
+    )
     try:
-        started.append(
-            VLLMServer.start(
-                workdir, CHAT_MODEL, str(MODELS_DIR / "tiny-llama"), *chat_flags(template)
-            )
-        )
-        started.append(VLLMServer.start(workdir, EMBED_MODEL, minilm_folder(), *EMBED_FLAGS))
-        for server in started:
-            # Two engines start at once: give them twice the time.
-            wait_until_ok(f"{server.url}/health", server.proc, server.log, 2 * START_DEADLINE)
-        yield {CHAT_MODEL: started[0].url, EMBED_MODEL: started[1].url}
+        wait_until_ok(f"{server.url}/health", server.proc, server.log, START_DEADLINE)
+        yield server.url
     finally:
-        for server in started:
-            server.stop()
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_embed_reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``vllm serve`` of the shared appliance's embedding model (MiniLM): its base URL."""
+    workdir = tmp_path_factory.mktemp("vllm-embed-reference")
+    server = VLLMServer.start(workdir, EMBED_MODEL, minilm_folder(), *EMBED_FLAGS)
+    try:
+        wait_until_ok(f"{server.url}/health", server.proc, server.log, START_DEADLINE)
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_reference(vllm_chat_reference: str, vllm_embed_reference: str) -> dict[str, str]:
+    """``vllm serve`` of each of the shared appliance's models, by name -> base URL."""
+    return {CHAT_MODEL: vllm_chat_reference, EMBED_MODEL: vllm_embed_reference}
 
 
 @pytest.fixture(scope="session")
