@@ -66,7 +66,7 @@ up: $(MODELS) $(SMOLLM2)
 	HF_HUB_OFFLINE=1 $(BIN)/appliance up --config models.yaml --port $(PORT) --conversion-cache .models/converted
 
 test: $(MODELS) $(SMOLLM2) browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_PROCESSES) $(PYTEST_ARGS)
 
 # The status-page test drives headless Chromium. Installed with apt where this user may (root
 # or password-less sudo); elsewhere the test skips and says how to install it.

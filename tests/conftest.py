@@ -1,47 +1,79 @@
 """How the suite is spread over pytest-xdist's processes (``make test`` runs two).
 
-Engines are slow to start, so tests that share one must run in the same process: every test
-that uses the shared appliance (``serving_appliance``) is in one group, and every other
-integration module is a group of its own (its module-scoped appliances start once). Unit tests
-have no group: they fill whichever process is free. Without xdist the groups mean nothing."""
+Engines are slow to start, so tests that share one must run in the same process: the modules
+that use the shared appliance (``serving_appliance``) are one group, every other module that
+starts engines is a group of its own (its module-scoped appliances start once), and unit tests
+have no group: they fill whichever process is free. The groups are made by a scheduler of our
+own (xdist's ``loadgroup`` marks do not work with pytest 9: xdist renames the test ids it
+schedules, which pytest 9 no longer lets a plugin do). Without xdist none of this matters."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-# The session-wide appliance: every test that uses it runs in one xdist process.
+# The modules on the session-wide appliance. A module that starts using it must be listed:
+# collection refuses it otherwise (it would start a second shared appliance in another process).
+SHARED_MODULES = frozenset(
+    {
+        "tests/integration/test_bad_input.py",
+        "tests/integration/test_differential.py",
+        "tests/integration/test_engine_processes.py",
+        "tests/integration/test_ollama_api.py",
+        "tests/integration/test_same_tokens_as_vllm.py",
+        "tests/integration/test_serving.py",
+    }
+)
 SHARED_FIXTURES = frozenset({"serving_appliance"})
 SHARED_GROUP = "serving-appliance"
 # Folders whose modules start real engines (module-scoped fixtures: keep a module together).
 ENGINE_FOLDERS = ("tests/integration/", "tests/engines/", "tests/hub/")
 
 
-def xdist_group_of(nodeid: str, fixturenames: list[str]) -> str | None:
-    """The group a test runs in: the shared appliance's, its module's, or none (a unit test,
-    scheduled on its own)."""
-    if SHARED_FIXTURES.intersection(fixturenames):
+def module_of(nodeid: str) -> str:
+    """The test file part of a test id."""
+    return nodeid.split("::", 1)[0]
+
+
+def group_of(nodeid: str) -> str:
+    """The unit of work a test is scheduled in: the shared appliance's group, its engine
+    module, or itself (a unit test)."""
+    module = module_of(nodeid)
+    if module in SHARED_MODULES:
         return SHARED_GROUP
-    if nodeid.startswith(ENGINE_FOLDERS):
-        return nodeid.split("::", 1)[0]
-    return None
+    if module.startswith(ENGINE_FOLDERS):
+        return module
+    return nodeid
 
 
+def rank_of(nodeid: str) -> int:
+    """Scheduling order: the shared appliance's chain first (the longest), then the other
+    engine modules, then the short unit tests that fill the gaps at the end."""
+    group = group_of(nodeid)
+    return 0 if group == SHARED_GROUP else 1 if group != nodeid else 2
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test with its xdist group, and put the shared appliance's tests first, then
-    the other engine modules, then unit tests: the longest chain starts first and the many
-    short unit tests fill the gaps at the end. A module with any test on the shared appliance
-    goes wholly into its group (its module fixtures start once). The sort is stable, so every
-    xdist process collects the same order (xdist requires it)."""
-    shared_modules = {
-        item.nodeid.split("::", 1)[0]
-        for item in items
-        if xdist_group_of(item.nodeid, list(item.fixturenames)) == SHARED_GROUP
-    }
-    rank: dict[str, int] = {}
+    """Refuse a module that uses the shared appliance without being listed, and sort the
+    tests by :func:`rank_of` (stable: every xdist process collects the same order)."""
     for item in items:
-        module = item.nodeid.split("::", 1)[0]
-        group = SHARED_GROUP if module in shared_modules else xdist_group_of(item.nodeid, [])
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
-        rank[item.nodeid] = 0 if group == SHARED_GROUP else 1 if group else 2
-    items.sort(key=lambda item: rank[item.nodeid])
+        module = module_of(item.nodeid)
+        if SHARED_FIXTURES.intersection(item.fixturenames) and module not in SHARED_MODULES:
+            raise pytest.UsageError(
+                f"{module} uses the shared appliance: add it to SHARED_MODULES in tests/conftest.py"
+            )
+    items.sort(key=lambda item: rank_of(item.nodeid))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's scope scheduler, with :func:`group_of` as the scope, in collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class EngineGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    config.option.loadscopereorder = False
+    return EngineGroupScheduling(config, log)
