@@ -6,6 +6,7 @@ rank process reports on a GPU box); no GPU is needed."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,22 @@ def test_the_record_round_trips_beside_the_catalogue(tmp_path: Path) -> None:
 
 
 def test_a_record_from_other_gpus_or_unreadable_is_not_used(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
 ) -> None:
+    # Read at the module's own logger: an earlier test (vLLM's import, the app's logging set-up)
+    # may have stopped "appliance" records from reaching the root logger caplog listens on.
+    log = tp_overheads.logger
+    was = log.level, log.disabled
+    log.addHandler(caplog.handler)
+    log.setLevel(logging.WARNING)
+    log.disabled = False
+
+    def restore() -> None:
+        log.removeHandler(caplog.handler)
+        log.setLevel(was[0])
+        log.disabled = was[1]
+
+    request.addfinalizer(restore)
     config = tmp_path / "models.yaml"
     path = tp_overheads.record_path(config)
     tp_overheads.save(path, TpOverhead(UUIDS, 2.0, 0.1, "on"))
