@@ -34,6 +34,7 @@ from appliance.engines.factory import EngineFactory
 from appliance.engines.process_env import harden_environment
 from appliance.engines.remote import RemoteBackends
 from appliance.errors import ConfigError
+from appliance.host import tp_overheads
 from appliance.host.capacity import HostCapacity
 from appliance.host.cpus import usable_cpus
 from appliance.host.device_release import DeviceRelease, PsutilProcesses
@@ -177,7 +178,11 @@ class Appliance:
             remotes=self.remotes,
             capacity=HostCapacity(
                 self.inventory,
-                policy=PlacementPolicy.from_settings(config.placement),
+                policy=tp_overheads.policy_for(
+                    PlacementPolicy.from_settings(config.placement),
+                    settings.config_path,
+                    self.inventory,
+                ),
                 default_share=settings.limits.default_memory_share,
                 cpu_default_gib=settings.limits.cpu_default_model_gib,
                 free_memory=self.gpus.free_gib if on_gpu else None,

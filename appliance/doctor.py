@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -31,6 +31,7 @@ from appliance.host.capacity import HostCapacity
 from appliance.host.catalogue_fit import Fit, fit_catalogue
 from appliance.host.inventory import GIB, Inventory, scan_gpus
 from appliance.host.placement import PlacementPolicy
+from appliance.host.tp_overheads import TpOverhead
 from appliance.supervisor.handle import SupervisorLimits
 
 # The oldest driver branch the CUDA 12.x user-space libraries of vllm==0.32.0's torch run on
@@ -180,17 +181,59 @@ def judge_owner_context(initialised: bool, uvm_open: bool) -> Finding:
     )
 
 
-def judge_tp_overheads(figures: Sequence[Mapping[str, Any]], policy: PlacementPolicy) -> Finding:
-    """NCCL across N GPUs (one rank per GPU, as a tensor-parallel engine runs) against what
-    placement reserves per GPU for a tensor-parallel engine: the largest rank decides."""
+def judge_tp_overheads(
+    figures: Sequence[Mapping[str, Any]], policy: PlacementPolicy, recorded: str | None = None
+) -> Finding:
+    """NCCL and vLLM's custom all-reduce across N GPUs (one rank per GPU, as a tensor-parallel
+    engine runs) against what placement holds per GPU for them (``tp_headroom_gib``): the
+    largest rank decides. ``recorded`` names where the measurement was written for placement
+    (``tp_overheads``); then a figure above the estimate is held by placement and passes."""
     world = len(figures)
+    check = f"tp overhead ({world} GPUs)"
     errors = [str(f["error"]) for f in figures if "error" in f]
     if errors:
-        return Finding(f"nccl overhead ({world} GPUs)", Status.FAIL, "; ".join(errors))
-    readings = [overhead_reading(int(f["nccl"]), int(f["nccl_device"])) for f in figures]
-    worst, how = max(readings)
-    finding = judge_headroom(worst / GIB, policy, "nccl", f"largest of {world} ranks, {how}")
-    return Finding(f"nccl overhead ({world} GPUs)", finding.status, finding.detail)
+        return Finding(check, Status.FAIL, "; ".join(errors))
+    worst, how, nccl, custom = _worst_rank(figures)
+    states = sorted({str(f.get("custom_ar_state", "not measured")) for f in figures})
+    detail = (
+        f"{worst / GIB:.2f} GiB per GPU measured (largest of {world} ranks, {how}: NCCL "
+        f"{nccl / GIB:.2f} + custom all-reduce {custom / GIB:.2f}, {' / '.join(states)}); "
+        f"placement.tp_headroom_gib is {policy.tp_headroom_gib:.2f} GiB"
+    )
+    if any(state.startswith("error") for state in states):
+        return Finding(
+            check,
+            Status.WARN,
+            detail + ": vLLM's workers may fail the same way; if they do, set "
+            "disable_custom_all_reduce: true in the entry's engine settings",
+        )
+    if worst / GIB <= policy.tp_headroom_gib:
+        return Finding(check, Status.OK, detail)
+    if recorded:
+        return Finding(
+            check, Status.OK, detail + f"; placement holds the measurement (recorded in {recorded})"
+        )
+    return Finding(check, Status.FAIL, detail + ": raise placement.tp_headroom_gib in models.yaml")
+
+
+def _worst_rank(figures: Sequence[Mapping[str, Any]]) -> tuple[int, str, int, int]:
+    """The rank whose collectives take most: (total bytes, how read, NCCL, custom all-reduce)."""
+    ranks = []
+    for f in figures:
+        nccl, how = overhead_reading(int(f["nccl"]), int(f["nccl_device"]))
+        custom, _ = overhead_reading(int(f.get("custom_ar", 0)), int(f.get("custom_ar_device", 0)))
+        ranks.append((nccl + custom, how, nccl, custom))
+    return max(ranks)
+
+
+def tp_measurement(figures: Sequence[Mapping[str, Any]], uuids: Sequence[str]) -> TpOverhead | None:
+    """What placement should hold per GPU for a tensor-parallel engine on these GPUs, from
+    the ranks' figures; None when a rank failed (nothing is recorded then)."""
+    if len(uuids) < 2 or len(figures) != len(uuids) or any("error" in f for f in figures):
+        return None
+    _, _, nccl, custom = _worst_rank(figures)
+    states = sorted({str(f.get("custom_ar_state", "not measured")) for f in figures})
+    return TpOverhead(tuple(uuids), nccl / GIB, custom / GIB, " / ".join(states))
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -244,8 +287,16 @@ def check_install() -> list[Finding]:
     return findings
 
 
-def check_gpus(policy: PlacementPolicy, *, measure: bool = True) -> list[Finding]:
-    """NVML's view, CUDA's totals, the driver, FlashInfer and the per-engine overheads."""
+def check_gpus(
+    policy: PlacementPolicy,
+    *,
+    measure: bool = True,
+    record: Callable[[TpOverhead], str] | None = None,
+) -> list[Finding]:
+    """NVML's view, CUDA's totals, the driver, FlashInfer and the per-engine overheads.
+
+    With 2+ GPUs the tensor-parallel overhead is measured across them and handed to
+    ``record`` (which writes it for placement and says where)."""
     scan = scan_gpus(os.environ)
     if scan.inventory is None:
         return [Finding("gpus", Status.WARN, f"no GPU: {scan.reason}; engines run on the CPU")]
@@ -304,7 +355,10 @@ def check_gpus(policy: PlacementPolicy, *, measure: bool = True) -> list[Finding
         findings.append(judge_headroom(nccl / GIB, policy, "nccl", how))
     uuids = [d.uuid for d in scan.inventory.devices if d.uuid][:8]
     if len(uuids) > 1:
-        findings.append(judge_tp_overheads(run_ranks(uuids), policy))
+        figures = run_ranks(uuids)
+        measured = tp_measurement(figures, uuids)
+        where = record(measured) if record and measured else None
+        findings.append(judge_tp_overheads(figures, policy, where))
     return findings
 
 

@@ -185,9 +185,21 @@ def run_ranks(uuids: list[str], timeout: float = 300.0) -> list[dict[str, Any]]:
     return figures
 
 
+def custom_all_reduce(rank: int, used: Callable[[], tuple[int, int]]) -> dict[str, Any]:
+    """vLLM's custom all-reduce on this rank, as its tensor-parallel workers build it (each
+    rank of a group reaches here together); a failure is reported, not raised."""
+    try:
+        from appliance.engines.vllm.collectives import custom_all_reduce_cost
+
+        return custom_all_reduce_cost(rank, used)
+    except Exception as exc:
+        return {"custom_ar": 0, "custom_ar_device": 0, "custom_ar_state": f"error: {exc!r}"}
+
+
 def nccl_rank(results: Any, rank: int, uuids: list[str], port: int) -> None:
-    """In a spawned child: rank ``rank`` of an NCCL group over ``uuids``; what NCCL costs on
-    this rank's GPU beyond its CUDA context, read as ``cuda_child`` reads it."""
+    """In a spawned child: rank ``rank`` of an NCCL group over ``uuids``; what NCCL and vLLM's
+    custom all-reduce cost on this rank's GPU beyond its CUDA context, read as ``cuda_child``
+    reads it."""
     try:
         import pynvml
         import torch
@@ -216,8 +228,10 @@ def nccl_rank(results: Any, rank: int, uuids: list[str], port: int) -> None:
         torch.cuda.synchronize()
         time.sleep(0.5)
         nccl, nccl_device = mine() - context, device_used() - before
+        figures: dict[str, Any] = {"rank": rank, "nccl": nccl, "nccl_device": nccl_device}
+        figures.update(custom_all_reduce(rank, lambda: (mine(), device_used())))
         dist.barrier()
         dist.destroy_process_group()
-        results.put({"rank": rank, "nccl": nccl, "nccl_device": nccl_device})
+        results.put(figures)
     except Exception as exc:  # reported, not raised: the parent prints it
         results.put({"rank": rank, "error": repr(exc)})

@@ -2,7 +2,8 @@
 
     python scripts/gpu_check.py --model Qwen/Qwen2.5-0.5B-Instruct [--gpu 0] [--port 8011]
 
-It runs `appliance doctor`, then starts a real appliance with two engines of one small model
+It runs `appliance doctor --config` on its catalogue (/dev/shm, overheads, whether the
+catalogue fits this host), then starts a real appliance with two engines of one small model
 on one GPU (both with sleep mode; two HTTP processes, so the engines have two clients),
 and checks, printing PASS or FAIL with the figures:
 
@@ -14,11 +15,15 @@ and checks, printing PASS or FAIL with the figures:
 4. placement: the engines' memory is on the chosen GPU and nowhere else (by pid where NVML
    lists ours, else by device totals, as inside a container);
 5. sleep: a greedy answer before, after a level-1 and after a level-2 sleep and wake is the
-   same, and each sleep frees memory on the GPU (device totals);
+   same, each sleep frees memory on the GPU (device totals), and what placement holds for
+   the sleeper covers what it still holds there;
 6. evict, then load on the same GPU at once: the reload starts and answers the same;
 7. every HTTP process serves: the owner and the worker each answer (the multi-client start);
 8. shutdown: SIGTERM exits 0, every process collected *before* it is gone, and the GPU's used
-   memory is back to what it was before the start.
+   memory is back to what it was before the start;
+9. with 2+ GPUs (--tp-gpus) a second appliance: one tensor-parallel engine with memory on
+   each of its GPUs, and (with --lora) an adapter that is listed and changes the answer;
+   then its shutdown, TP workers included. Skipped checks print SKIP.
 
 Exits 1 if any check fails. The README's GPU section says what the output should look like.
 Each judgement is a pure function, shown to fail on a simulated fault in tests/unit.
@@ -35,122 +40,34 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
+from gpu_check_judgements import (
+    SLACK_MIB,
+    judge_cuda_context,
+    judge_lora,
+    judge_placement,
+    judge_shutdown,
+    judge_sleep,
+    judge_sleep_residue,
+    judge_socket,
+    judge_spawned,
+    judge_tensor_parallel,
+    judge_workers,
+)
 
 PROMPT = "The three primary colours are"
 RESULTS: list[tuple[str, bool, str]] = []
-# What an engine's release may leave on the GPU beyond the baseline (driver bookkeeping).
-SLACK_MIB = 256
 
 
 def report(check: str, ok: bool, detail: str) -> None:
     """Record and print one check's outcome."""
     RESULTS.append((check, ok, detail))
     print(f"{'PASS' if ok else 'FAIL'}  {check}: {detail}", flush=True)
-
-
-# -- judgements (pure; tests/unit/test_gpu_check.py) ---------------------------------------
-
-
-def judge_spawned(
-    parents: Mapping[int, int], stacks: Mapping[int, str | None], aslr: int
-) -> tuple[bool, str]:
-    """Whether each process was exec'd (spawned) rather than forked from its parent.
-
-    ``parents`` maps pid -> parent pid, ``stacks`` pid -> the start of its ``[stack]``
-    mapping. fork copies the parent's address space, stack included, to the same address;
-    exec builds a fresh one at a random address (ASLR). With ASLR off nothing can be told.
-    """
-    if aslr == 0:
-        return False, "cannot tell: ASLR is off (kernel.randomize_va_space=0)"
-    forked = [
-        pid
-        for pid, parent in parents.items()
-        if stacks.get(pid) is not None and stacks.get(pid) == stacks.get(parent)
-    ]
-    return not forked, f"{len(parents)} processes below the appliance; forked: {forked or 'none'}"
-
-
-def judge_socket(
-    listening: set[str], held: Mapping[int, set[str]], titles: Mapping[int, str], port: int
-) -> tuple[bool, str]:
-    """No process but an HTTP worker may hold the API's listening socket."""
-    holders = [
-        pid
-        for pid, inodes in held.items()
-        if inodes & listening and not titles.get(pid, "").startswith("appliance: http worker")
-    ]
-    return bool(listening) and not holders, (
-        f"port {port} socket held by children other than HTTP workers: {holders or 'none'}"
-    )
-
-
-def judge_cuda_context(uvm_open: Mapping[int, bool], titles: Mapping[int, str]) -> tuple[bool, str]:
-    """Neither the owner nor an HTTP worker may have made a CUDA context (/dev/nvidia-uvm is
-    opened by CUDA's initialisation, not by NVML, which the owner uses for readings)."""
-    with_context = [f"{pid} ({titles.get(pid, '?')})" for pid, open_ in uvm_open.items() if open_]
-    return not with_context, f"CUDA initialised in: {with_context or 'none'}"
-
-
-def judge_placement(
-    rows: Iterable[tuple[int, str, int]],
-    ours: set[int],
-    uuid: str,
-    used_before: Mapping[str, int],
-    used_now: Mapping[str, int],
-    expected_mib: int,
-) -> tuple[bool, str]:
-    """The engines' memory is on GPU ``uuid`` only.
-
-    ``rows`` are NVML's (pid, GPU UUID, MiB). Where NVML lists our pids, they decide; inside
-    a container it lists host pids, and the device totals decide: ``uuid`` gained at least
-    ``expected_mib`` and no other GPU gained more than the slack.
-    """
-    rows = list(rows)
-    mine = [row for row in rows if row[0] in ours]
-    if mine:
-        elsewhere = [row for row in mine if row[1] != uuid]
-        return len(mine) >= 2 and not elsewhere, (
-            f"engine processes on the GPU: {[(pid, mib) for pid, _, mib in mine]}; "
-            f"on other GPUs: {elsewhere or 'none'}"
-        )
-    gained = {u: used_now.get(u, 0) - used_before.get(u, 0) for u in used_now}
-    others = {u: g for u, g in gained.items() if u != uuid and g > SLACK_MIB}
-    ok = gained.get(uuid, 0) >= expected_mib and not others
-    return ok, (
-        f"NVML lists none of our pids (a container?): by device totals, {uuid} gained "
-        f"{gained.get(uuid, 0)} MiB (expected {expected_mib}+), other GPUs: {others or 'none'}"
-    )
-
-
-def judge_workers(seen: Iterable[str], workers: int) -> tuple[bool, str]:
-    """Every HTTP process (the owner and each worker, all clients of the engines) answered."""
-    answered = sorted(set(seen))
-    return len(answered) == workers, f"answers from processes {answered} of {workers}"
-
-
-def judge_sleep(state: str | None, awake_mib: int, asleep_mib: int) -> tuple[bool, str]:
-    """A sleep leaves the model sleeping and the GPU's used memory lower."""
-    return state == "sleeping" and asleep_mib < awake_mib, (
-        f"state {state}, GPU memory {awake_mib} -> {asleep_mib} MiB"
-    )
-
-
-def judge_shutdown(
-    code: int | None, collected: set[int], alive: set[int], baseline_mib: int, after_mib: int
-) -> tuple[bool, str]:
-    """SIGTERM exits 0, every process collected before it is gone, the GPU's memory is back."""
-    leftover = sorted(collected & alive)
-    back = after_mib <= baseline_mib + SLACK_MIB
-    return code == 0 and not leftover and back, (
-        f"exit {code}; still running: {leftover or 'none'}; GPU memory {after_mib} MiB "
-        f"(before the start: {baseline_mib})"
-    )
 
 
 # -- readings ------------------------------------------------------------------------------
@@ -289,6 +206,11 @@ def gpu_uuid(index: int) -> tuple[str, int]:
 # -- the live run ----------------------------------------------------------------------------
 
 
+def skip(check: str, why: str) -> None:
+    """A check this run cannot make (printed, neither passed nor failed)."""
+    print(f"SKIP  {check}: {why}", flush=True)
+
+
 def wait_for(condition: Callable[[], bool], what: str, timeout: float) -> None:
     """Poll ``condition`` until it holds; raise after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -313,13 +235,30 @@ def model_status(client: httpx.Client, model: str) -> dict[str, Any]:
     return dict(reply.json())
 
 
-def sleep_cycle(client: httpx.Client, model: str, level: int, before: str, uuid: str) -> None:
-    awake = gpu_used()[uuid]
+def by_pid(ours: set[int]) -> dict[int, int]:
+    """MiB NVML lists for each of ``ours`` (none inside a container)."""
+    return {pid: mib for pid, _, mib in gpu_processes() if pid in ours}
+
+
+def sleep_cycle(
+    client: httpx.Client, model: str, level: int, before: str, uuid: str, ours: set[int]
+) -> None:
+    reserved = float(model_status(client, model).get("memory_gib") or 0.0)
+    awake, pids_awake = gpu_used()[uuid], by_pid(ours)
     started = time.monotonic()
     client.post(f"/admin/models/{model}/sleep", params={"level": level}).raise_for_status()
     slept = time.monotonic() - started
-    ok, detail = judge_sleep(model_status(client, model).get("state"), awake, gpu_used()[uuid])
+    status, asleep, pids_asleep = model_status(client, model), gpu_used()[uuid], by_pid(ours)
+    ok, detail = judge_sleep(status.get("state"), awake, asleep)
     report(f"sleep level {level}", ok, f"{detail} in {slept:.1f}s")
+    # The sleeper's processes are those whose memory the sleep lowered (the other engine's
+    # stay as they were); without our pids in NVML, device totals decide.
+    sleepers = [p for p, mib in pids_awake.items() if mib - pids_asleep.get(p, 0) > SLACK_MIB]
+    kept = sum(pids_asleep.get(p, 0) for p in sleepers) if sleepers else None
+    report(
+        f"what sleep level {level} leaves",
+        *judge_sleep_residue(status.get("memory_gib"), reserved, awake - asleep, kept),
+    )
     started = time.monotonic()
     client.post(f"/admin/models/{model}/wake").raise_for_status()
     woke = time.monotonic() - started
@@ -362,21 +301,63 @@ def check_tree(
     return set(tree)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct")
-    parser.add_argument("--gpu", type=int, default=0, help="NVML index of the GPU to use")
-    parser.add_argument("--port", type=int, default=8011)
-    parser.add_argument("--share", type=float, default=0.3, help="memory_share of each engine")
-    parser.add_argument(
-        "--workers", type=int, default=2, help="HTTP processes: 2+ checks the multi-client start"
-    )
-    args = parser.parse_args()
+class Run:
+    """One real appliance on ``catalogue``; ``stop`` ends it and judges its shutdown."""
 
-    doctor = subprocess.run([sys.executable, "-m", "appliance", "doctor"], check=False)
-    report("appliance doctor", doctor.returncode == 0, f"exit {doctor.returncode}")
+    def __init__(self, workdir: Path, name: str, catalogue: dict[str, Any], args: Any) -> None:
+        self.uuids: list[str] = []
+        self.baseline = gpu_used()
+        path = workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(catalogue))
+        self.log = (workdir / f"{name}.log").open("w")
+        print(f"starting the appliance ({name}; log: {workdir / name}.log)", flush=True)
+        command = [sys.executable, "-m", "appliance", "up", "--config", str(path), "--host"]
+        command += ["127.0.0.1", "--port", str(args.port), "--workers", str(args.workers)]
+        self.server = subprocess.Popen(
+            command,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=300)
+        self.collected: set[int] = set()
 
-    workdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    def ready(self, check: str) -> None:
+        def up() -> bool:
+            if self.server.poll() is not None:
+                raise RuntimeError(f"the appliance exited ({self.server.returncode}); see its log")
+            try:
+                return self.client.get("/ready").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        started = time.monotonic()
+        wait_for(up, "/ready", timeout=1200)
+        report(check, True, f"ready in {time.monotonic() - started:.0f}s")
+
+    def stop(self, check: str) -> None:
+        self.collected |= set(descendants(self.server.pid))  # before the stop: orphans are lost
+        self.server.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = self.server.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+            code = self.server.wait()
+
+        def used() -> int:
+            now = gpu_used()
+            return sum(now[u] for u in self.uuids)
+
+        base = sum(self.baseline[u] for u in self.uuids)
+        # The driver frees an exited process's memory a moment after it exits.
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: used() <= base + SLACK_MIB, "GPU memory", 30)
+        report(check, *judge_shutdown(code, self.collected, alive(self.collected), base, used()))
+        self.log.close()
+
+
+def first_run(workdir: Path, args: Any, uuid: str, total_mib: int) -> str:
+    """Two engines of one model on one GPU, two HTTP processes: the checks 1-8 above.
+    Returns check-a's greedy answer (the base answer the second run compares with)."""
     entry = {
         "source": args.model,
         "resources": {"memory_share": args.share, "devices": [args.gpu]},
@@ -384,33 +365,19 @@ def main() -> int:
     }
     catalogue = {"models": [{"name": "check-a", **entry}, {"name": "check-b", **entry}]}
     (workdir / "models.yaml").write_text(yaml.safe_dump(catalogue))
-    uuid, total_mib = gpu_uuid(args.gpu)
-    baseline = gpu_used()
-    log = (workdir / "appliance.log").open("w")
-    print(f"starting the appliance (log: {workdir / 'appliance.log'})", flush=True)
-    command = [sys.executable, "-m", "appliance", "up", "--config", str(workdir / "models.yaml")]
-    server = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(args.port), "--workers", str(args.workers)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    # The doctor with the catalogue: /dev/shm, overheads, and whether it fits this host.
+    doctor = subprocess.run(
+        [sys.executable, "-m", "appliance", "doctor", "--config", str(workdir / "models.yaml")],
+        check=False,
     )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=300)
-    collected: set[int] = set()
+    report("appliance doctor", doctor.returncode == 0, f"exit {doctor.returncode}")
+    run = Run(workdir, "one-gpu", catalogue, args)
+    run.uuids = [uuid]
+    before = ""
     try:
-
-        def ready() -> bool:
-            if server.poll() is not None:
-                raise RuntimeError(f"the appliance exited ({server.returncode}); see its log")
-            try:
-                return client.get("/ready").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        started = time.monotonic()
-        wait_for(ready, "/ready", timeout=1200)
-        report("two engines on one GPU", True, f"ready in {time.monotonic() - started:.0f}s")
-        collected = check_tree(server, args.port, uuid, total_mib, args.share, baseline)
-
+        run.ready("two engines on one GPU")
+        client = run.client
+        run.collected = check_tree(run.server, args.port, uuid, total_mib, args.share, run.baseline)
         before = answer(client, "check-a")
         report("greedy answer", bool(before), repr(before))
         seen = []
@@ -421,8 +388,8 @@ def main() -> int:
                 )
                 seen.append(reply.headers.get("X-Appliance-Worker", "?"))
         report("every HTTP process serves", *judge_workers(seen, args.workers))
-        sleep_cycle(client, "check-a", 1, before, uuid)
-        sleep_cycle(client, "check-a", 2, before, uuid)
+        sleep_cycle(client, "check-a", 1, before, uuid, run.collected)
+        sleep_cycle(client, "check-a", 2, before, uuid, run.collected)
         report("other engine untouched", answer(client, "check-b") == before, "check-b answers")
         # A stop, then at once a start on the same GPU: the release must be complete first.
         started = time.monotonic()
@@ -435,25 +402,88 @@ def main() -> int:
             f"unload + load in {time.monotonic() - started:.0f}s; answer "
             f"{'unchanged' if again == before else repr(again)}",
         )
-        collected |= set(descendants(server.pid))
     except Exception as exc:
         report("run", False, str(exc))
     finally:
-        collected |= set(descendants(server.pid))  # before the stop: orphans are lost after
-        server.send_signal(signal.SIGTERM)
-        try:
-            code: int | None = server.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            code = server.wait()
-        # The driver frees an exited process's memory a moment after it exits.
-        with contextlib.suppress(TimeoutError):
-            wait_for(lambda: gpu_used()[uuid] <= baseline[uuid] + SLACK_MIB, "GPU memory", 30)
-        report(
-            "shutdown",
-            *judge_shutdown(code, collected, alive(collected), baseline[uuid], gpu_used()[uuid]),
-        )
-        log.close()
+        run.stop("shutdown")
+    return before
+
+
+def second_run(workdir: Path, args: Any, gpus: list[tuple[int, str, int]], base: str) -> None:
+    """One engine over ``gpus`` (tensor parallel with 2+) serving ``args.lora`` as an adapter:
+    its memory on each GPU, the adapter's answer, and a shutdown that leaves no TP worker."""
+    tp = len(gpus)
+    entry: dict[str, Any] = {
+        "name": "check-tp",
+        "source": args.model,
+        "resources": {
+            "memory_share": args.share,
+            "tensor_parallel_size": tp,
+            "devices": [index for index, _, _ in gpus],
+        },
+        "engine": {"max_model_len": 2048},
+    }
+    if args.lora:
+        entry["adapters"] = [{"name": "check-lora", "source": args.lora}]
+    run = Run(workdir, "second", {"models": [entry]}, args)
+    run.uuids = [uuid for _, uuid, _ in gpus]
+    try:
+        run.ready(f"one engine over {tp} GPU(s)" + (" with a LoRA adapter" if args.lora else ""))
+        run.collected = set(descendants(run.server.pid))
+        if tp > 1:
+            got = answer(run.client, "check-tp")
+            expected = int(args.share * min(total for _, _, total in gpus) * 0.9)
+            readings = (gpu_processes(), run.collected, run.uuids, run.baseline, gpu_used())
+            tp_ok, tp_detail = judge_tensor_parallel(*readings, expected, got)
+            report(f"tensor parallel over {tp} GPUs", tp_ok, tp_detail)
+        if args.lora:
+            listed = [m["id"] for m in run.client.get("/v1/models").json()["data"]]
+            report(
+                "LoRA", *judge_lora(listed, "check-lora", base, answer(run.client, "check-lora"))
+            )
+    except Exception as exc:
+        report("second run", False, str(exc))
+    finally:
+        run.stop("shutdown" + (" (tensor parallel: no worker left)" if tp > 1 else ""))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct")
+    parser.add_argument("--gpu", type=int, default=0, help="NVML index of the GPU to use")
+    parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--share", type=float, default=0.3, help="memory_share of each engine")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="HTTP processes: 2+ checks the multi-client start"
+    )
+    parser.add_argument(
+        "--tp-gpus",
+        default="",
+        help="NVML indices for the tensor-parallel check, e.g. 0,1 (default: the first two GPUs "
+        "when there are 2+; 'none' skips it)",
+    )
+    parser.add_argument(
+        "--lora", default="", help="a LoRA adapter of --model (hub id or PEFT folder) to check"
+    )
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    uuid, total_mib = gpu_uuid(args.gpu)
+    base = first_run(workdir, args, uuid, total_mib)
+    count = len(gpu_used())
+    if args.tp_gpus == "none":
+        indices = []
+    elif args.tp_gpus:
+        indices = [int(i) for i in args.tp_gpus.split(",")]
+    else:
+        indices = [0, 1] if count > 1 else []
+    if len(indices) < 2:
+        skip("tensor parallel", "one GPU on this box (or --tp-gpus none)")
+    if not args.lora:
+        skip("LoRA", "no --lora adapter given")
+    if len(indices) > 1 or args.lora:
+        chosen = indices if len(indices) > 1 else [args.gpu]
+        second_run(workdir, args, [(i, *gpu_uuid(i)) for i in chosen], base)
     failed = [check for check, ok, _ in RESULTS if not ok]
     print(f"\n{len(RESULTS) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0

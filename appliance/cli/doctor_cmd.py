@@ -35,6 +35,7 @@ def doctor(
     from appliance.catalogue.config_file import load_catalogue_file
     from appliance.catalogue.file_settings import PlacementSettings
     from appliance.doctor import Status, check_catalogue, check_gpus, check_install
+    from appliance.host import tp_overheads
     from appliance.host.inventory import cpu_inventory, scan_gpus
     from appliance.host.placement import PlacementPolicy
     from appliance.settings import Settings
@@ -48,10 +49,22 @@ def doctor(
         except ConfigError as exc:
             out.print(f"[red]{config}: {exc.message}[/]; using the default placement settings")
     policy = PlacementPolicy.from_settings(settings)
-    findings = [*check_install(), *check_gpus(policy, measure=measure)]
+
+    def record(measured: tp_overheads.TpOverhead) -> str:
+        # Beside the catalogue, where `appliance up --config` reads it back for placement.
+        path = tp_overheads.record_path(config)
+        try:
+            tp_overheads.save(path, measured)
+        except OSError as exc:
+            out.print(f"[yellow]cannot record the tensor-parallel overhead in {path}: {exc}[/]")
+            return ""
+        return str(path)
+
+    findings = [*check_install(), *check_gpus(policy, measure=measure, record=record)]
     if models:
         scan = scan_gpus(os.environ)
         inventory = scan.inventory or cpu_inventory(Settings().cpu_memory_budget_gib)
+        policy = tp_overheads.policy_for(policy, config, inventory)
         findings.extend(check_catalogue(models, inventory, policy))
     table = Table("check", "", "what was seen")
     colour = {Status.OK: "green", Status.WARN: "yellow", Status.FAIL: "red"}

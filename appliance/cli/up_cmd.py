@@ -85,6 +85,12 @@ def up(
         help="Seconds a model stays loaded (or awake) before it may be evicted for another; "
         "stops on-demand loads from evicting each other in a loop.",
     ),
+    device_release: float = typer.Option(
+        _LIMITS.device_release_seconds,
+        min=0,
+        help="Seconds a stopped GPU engine's devices stay locked waiting for its processes to "
+        "exit and its memory to come back; a stop not done by then fails in one line.",
+    ),
     api_keys: Path | None = typer.Option(
         None,
         "--api-keys",
@@ -266,6 +272,7 @@ def up(
             restart_backoff_seconds=restart_backoff,
             max_queue=max_queue,
             min_resident_seconds=min_resident,
+            device_release_seconds=device_release,
         ),
         "log_prompts": log_prompts,
         "usage_db": usage_db,

@@ -32,11 +32,16 @@ class PlacementPolicy:
     ``headroom_gib`` is what one engine takes on a GPU outside its vLLM budget (its CUDA
     context, the memory vLLM measures only after creating it); ``tp_headroom_gib`` is added
     per GPU when the engine spans several (NCCL's buffers). Neither applies on the CPU.
+    ``measured_tp_gib`` is what ``appliance doctor`` measured a tensor-parallel rank to take
+    (NCCL and vLLM's custom all-reduce, across ``measured_world`` GPUs: ``tp_overheads``); it
+    raises ``tp_headroom_gib`` for engines of that many GPUs or fewer, never lowers it.
     """
 
     packing: Packing = Packing.SPREAD
     headroom_gib: float = 1.0
     tp_headroom_gib: float = 0.5
+    measured_tp_gib: float = 0.0
+    measured_world: int = 0
 
     @classmethod
     def from_settings(cls, settings: PlacementSettings) -> PlacementPolicy:
@@ -47,7 +52,17 @@ class PlacementPolicy:
         """GiB one engine takes per device outside its share."""
         if kind is not DeviceKind.GPU:
             return 0.0
-        return self.headroom_gib + (self.tp_headroom_gib if tensor_parallel_size > 1 else 0.0)
+        if tensor_parallel_size <= 1:
+            return self.headroom_gib
+        return self.headroom_gib + self.tp_headroom_for(tensor_parallel_size)
+
+    def tp_headroom_for(self, tensor_parallel_size: int) -> float:
+        """GiB per GPU a ``tensor_parallel_size``-GPU engine takes for its collectives: the
+        estimate, or the measurement when one covers that many GPUs and is larger (NCCL's
+        buffers grow with the peers, so a measurement over N GPUs covers fewer)."""
+        if 1 < tensor_parallel_size <= self.measured_world:
+            return max(self.tp_headroom_gib, self.measured_tp_gib)
+        return self.tp_headroom_gib
 
 
 # Exact arithmetic and best fit: what placement did before it knew vLLM's headroom; kept for

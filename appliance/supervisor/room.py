@@ -121,11 +121,13 @@ class Room:
 
     @staticmethod
     def weights_gib(handle: ModelHandle) -> float:
-        """What a level-1 sleep of ``handle`` puts in host RAM: its weights, else its share."""
+        """What a level-1 sleep of ``handle`` puts in host RAM: its weights, else what it
+        holds on all its GPUs (each tensor-parallel rank pins its own shard, as
+        ``host_gib_for_sleep`` counts; one GPU's share would under-count by the TP size)."""
         weights = weights_of(handle.engine)
         if weights is not None:
             return weights
-        return handle.allocation.memory_gib if handle.allocation is not None else 0.0
+        return sum(handle.allocation.reserved_gib) if handle.allocation is not None else 0.0
 
     def plan_load(self, handle: ModelHandle, spec: LocalModelSpec) -> LoadPlan:
         """Where ``handle`` would go if loaded now, which models would sleep and which would be

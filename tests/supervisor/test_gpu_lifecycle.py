@@ -490,3 +490,22 @@ def test_a_tensor_parallel_sleep_without_weight_sizes_counts_every_gpus_share() 
         assert sup.get("tp").state is S.READY
 
     run(body, devices=4, host_budget=50.0)
+
+
+def test_making_room_by_sleep_counts_every_tp_ranks_weights_without_weight_sizes() -> None:
+    """The planner choosing whom to sleep for a load counts host RAM as the sleep itself
+    does: 4 x (20 + 1.5) GiB for a TP=4 engine with no weight sizes (HF_HUB_OFFLINE), over the
+    50 GiB budget, so it evicts instead of planning a sleep the budget then refuses."""
+
+    async def body(sup: Supervisor, maker: RecordingMaker) -> None:
+        tp = entry("tp", evictable=True, resources={"tensor_parallel_size": 4, "memory_gib": 20})
+        big = entry(
+            "big", autoload=False, resources={"tensor_parallel_size": 4, "memory_share": 0.9}
+        )
+        await sup.start([tp, big])
+        await sup.wait_autoload()
+        sup.get("tp").engine.weights = None  # type: ignore[union-attr]
+        await sup.load("big")
+        assert sup.get("big").state is S.READY and sup.get("tp").state is S.UNLOADED
+
+    run(body, devices=4, host_budget=50.0)

@@ -197,7 +197,7 @@ def test_nccl_across_gpus_is_judged_by_its_largest_rank() -> None:
     policy = PlacementPolicy()  # 1.0 + 0.5 GiB per GPU for a tensor-parallel engine
     ranks = [{"rank": r, "nccl": int(0.4 * gib), "nccl_device": int(0.4 * gib)} for r in range(4)]
     ok = judge_tp_overheads(ranks, policy)
-    assert ok.check == "nccl overhead (4 GPUs)" and ok.status is Status.OK
+    assert ok.check == "tp overhead (4 GPUs)" and ok.status is Status.OK
     # Rank 3's GPU: NCCL's buffers for 4 peers over PCIe take more than is reserved; read in a
     # container (no pid of ours listed), from the device's totals.
     ranks[3] = {"rank": 3, "nccl": 0, "nccl_device": int(1.7 * gib)}

@@ -136,3 +136,51 @@ def test_every_http_process_must_answer(check: ModuleType) -> None:
     assert check.judge_workers(["0", "1", "1", "0"], 2)[0]
     ok, detail = check.judge_workers(["0", "0", "0"], 2)  # the worker never attached
     assert not ok and "['0'] of 2" in detail
+
+
+def test_tensor_parallel_needs_memory_on_each_of_its_gpus(check: ModuleType) -> None:
+    ours = {CORE_A, WORKER, HTTP}
+    both = [(CORE_A, GPU0, 12000), (WORKER, GPU1, 12000)]
+    ok, detail = check.judge_tensor_parallel(both, ours, [GPU0, GPU1], {}, {}, 10000, "Red")
+    assert ok and "by pid" in detail and "short: none" in detail
+    # tensor_parallel_size ignored: one worker, everything on gpu0, nothing on gpu1.
+    one = [(CORE_A, GPU0, 24000)]
+    ok, detail = check.judge_tensor_parallel(one, ours, [GPU0, GPU1], {}, {}, 10000, "Red")
+    assert not ok and f"short: {{'{GPU1}': 0}}" in detail
+    assert not check.judge_tensor_parallel(both, ours, [GPU0, GPU1], {}, {}, 10000, "")[0]
+    # In a container (NVML lists host pids): each GPU's gain decides.
+    host_pids = [(481516, GPU0, 12000), (481517, GPU1, 12000)]
+    before = {GPU0: 500, GPU1: 500}
+    gained = {GPU0: 12500, GPU1: 12500}
+    ok, detail = check.judge_tensor_parallel(
+        host_pids, ours, [GPU0, GPU1], before, gained, 10000, "R"
+    )
+    assert ok and "by device totals" in detail
+    lopsided = {GPU0: 24500, GPU1: 500}
+    args = (host_pids, ours, [GPU0, GPU1], before, lopsided, 10000, "R")
+    assert not check.judge_tensor_parallel(*args)[0]
+
+
+def test_lora_must_be_listed_and_change_the_answer(check: ModuleType) -> None:
+    listed = ["check-tp", "check-lora"]
+    ok, detail = check.judge_lora(listed, "check-lora", " red, blue", " RED! BLUE!")
+    assert ok and "differs from" in detail
+    # The engine answered the adapter's name with the base weights (LoRA not applied).
+    ok, detail = check.judge_lora(listed, "check-lora", " red, blue", " red, blue")
+    assert not ok and "EQUALS" in detail
+    ok, detail = check.judge_lora(["check-tp"], "check-lora", " red, blue", " RED!")
+    assert not ok and "NOT listed" in detail
+
+
+def test_what_placement_holds_for_a_sleeper_must_cover_what_it_keeps(check: ModuleType) -> None:
+    # By pid: the sleeper's processes still hold 1.6 GiB; placement measured and holds 1.62.
+    ok, detail = check.judge_sleep_residue(1.62, 24.7, 22000, 1640)
+    assert ok and "its pids hold 1640 MiB" in detail
+    # The fault: placement assumes only its 1 GiB headroom stays, the sleeper keeps 2.4 GiB.
+    ok, detail = check.judge_sleep_residue(1.0, 24.7, 22000, 2450)
+    assert not ok and "placement holds 1024 MiB" in detail
+    # In a container: reservation (24.7 GiB = 25292 MiB) less what the sleep freed.
+    ok, detail = check.judge_sleep_residue(1.0, 24.7, 22000, None)
+    assert not ok and "3292 MiB" in detail
+    assert check.judge_sleep_residue(3.3, 24.7, 22000, None)[0]
+    assert not check.judge_sleep_residue(None, 24.7, 22000, None)[0]
