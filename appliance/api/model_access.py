@@ -49,12 +49,15 @@ QuotaCheck = Callable[[str | None, int], None]
 class Lease:
     """A model lent to one request: ``model`` is the name its engine serves it under (an
     alias becomes its model's name), ``entry`` the table entry whose engine and queue it
-    uses; ``release`` gives it back (once the answer, or the stream, has gone out)."""
+    uses; ``release`` gives it back (once the answer, or the stream, has gone out).
+    ``changed_body``: admission set a field of the request's body the engine must see (the
+    key's ``priority``), so the client's own bytes no longer say it all."""
 
     model: str
     entry: str
     engine: Engine
     release: Callable[[], Awaitable[None]]
+    changed_body: bool = False
 
 
 class ModelAccess(Protocol):
@@ -70,7 +73,7 @@ class ModelAccess(Protocol):
         """Check ``body``'s ``model`` may be used by this caller now (with what the request
         may ``cost``: its sequences against the key's rate, their tokens against its quota),
         then borrow its engine for ``endpoint`` (None: any route the engine serves; the route
-        checks it)."""
+        checks it). A field it sets in ``body`` it says in the lease (``changed_body``)."""
         ...
 
 

@@ -187,12 +187,10 @@ class ModelServing:
         screened = await self._screen.check(body, admin=admin) if hooks.screened else None
         cost = check_request(path, body, self._limits)
         changed = hooks.before_lease(request, body)
-        before = dict(body)
         # The three OpenAI routes name their endpoint: the lease checks the model serves it.
         lease = await self._access.lease(request, body, endpoint, cost)
-        # The lease may set fields the engine must see (the key's ``priority``): the client's
-        # bytes no longer say it all.
-        changed = changed or body != before
+        # The lease may have set fields the engine must see (the key's ``priority``).
+        changed = changed or lease.changed_body
         release = contextlib.AsyncExitStack()
         release.push_async_callback(lease.release)
         try:

@@ -39,7 +39,7 @@ class SlowEngine(EchoEngine):
         self.held = asyncio.Event()
 
     async def answer(self, call: RouteCall, body: dict[str, Any]) -> Reply:
-        self.order.append(body["prompt"])
+        self.order.append(str(body.get("prompt")))
         if len(self.order) == 1:
             await self.held.wait()
         return JSONReply(200, json.dumps({"model": body["model"]}).encode())
@@ -101,3 +101,19 @@ def test_a_key_passes_a_floods_backlog_and_priority_passes_both(
     metrics = client.get("/metrics", headers={"Authorization": f"Bearer {KEYS['ops']}"}).text
     assert 'appliance_key_admitted_total{key="flood",model="one"} 6.0' in metrics
     assert 'appliance_key_queue_wait_seconds_count{key="chat",model="one"} 1.0' in metrics
+
+
+def test_a_keys_priority_reaches_a_raw_route_and_a_default_one_leaves_its_bytes_alone(
+    app: tuple[TestClient, SlowEngine],
+) -> None:
+    client, engine = app
+    client.portal.call(engine.held.set)  # type: ignore[union-attr]
+    raw = b'{"model": "one",  "input": "hi"}'
+    for key in ("urgent", "chat"):
+        headers = {"Authorization": f"Bearer {KEYS[key]}", "Content-Type": "application/json"}
+        assert client.post("/v1/responses", content=raw, headers=headers).status_code == 200
+    urgent, chat = engine.calls[-2:]
+    # The urgent key's priority differs from vLLM's default: the body is re-encoded with it.
+    assert json.loads(urgent.body) == {"model": "one", "input": "hi", "priority": -1}
+    # The chat key's is vLLM's default: the client's own bytes go on, as they came.
+    assert chat.body == raw
