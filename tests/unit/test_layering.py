@@ -50,6 +50,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "appliance.supervisor.states",
             "appliance.supervisor.lending_board",
             "appliance.supervisor.fair_queue",
+            "appliance.supervisor.load_gate",
+            "appliance.supervisor.sliding_window",
         ),
     ),
     ("engines", ("appliance.engines", "appliance.hub")),
