@@ -174,7 +174,7 @@ def create_app(
             screen=screen,
         )
     )
-    app.include_router(build_table_routes(core.router, core.metrics, stored=stored))
+    app.include_router(build_table_routes(core.router, access, core.metrics, stored=stored))
     app.include_router(build_tokenizer_info_router(core.router, access, core.metrics))
     app.include_router(
         build_ollama_router(

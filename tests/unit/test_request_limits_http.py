@@ -148,3 +148,21 @@ def test_a_stored_response_is_its_keys_alone(
     client.post("/v1/responses", json={"model": "chat", "input": "third"}, headers=A)
     assert client.get(f"/v1/responses/{rid}", headers=A).status_code == 404
     assert rid not in maker.made[0].store
+
+
+def test_a_stored_response_read_is_lent_its_model_as_any_model_request(
+    app_and_maker: tuple[TestClient, StoringMaker],
+) -> None:
+    client, _ = app_and_maker
+    registry = client.app.state.appliance.metrics.registry  # type: ignore[attr-defined]
+
+    def admitted() -> float:
+        labels = {"key": "alice", "model": "chat"}
+        return registry.get_sample_value("appliance_key_admitted_total", labels) or 0.0
+
+    rid = client.post("/v1/responses", json={"model": "chat", "input": "mine"}, headers=A)
+    before = admitted()
+    got = client.get(f"/v1/responses/{rid.json()['id']}", headers=A)
+    assert got.status_code == 200 and got.json()["output"] == "mine"
+    # Through the same lease as every model request (its key's place in the model's queue).
+    assert admitted() == before + 1
