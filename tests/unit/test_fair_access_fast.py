@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from appliance.api.app import create_app
-from appliance.api_keys import ApiKey, AuthConfig
+from appliance.api_keys import ApiKey
 from appliance.engines.base import JSONReply, Reply, RouteCall
 from appliance.host.inventory import cpu_inventory
-from appliance.settings import Settings
 from tests.fakes import EchoEngine, OneEngineMaker
+from tests.unit.fast_app import fast_settings
 
 KEYS = {
     "flood": "sk-flood-0123456789abcdef0123456789",
@@ -47,23 +46,14 @@ class SlowEngine(EchoEngine):
 
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[tuple[TestClient, SlowEngine]]:
-    config = tmp_path / "models.yaml"
     entry = {"name": "one", "source": "org/one", "resources": {"memory_gib": 1}}
-    config.write_text(yaml.safe_dump({"models": [{**entry, "max_in_engine": 1}]}))
     keys = [
         ApiKey.model_validate({"name": "flood", "key": KEYS["flood"]}),
         ApiKey.model_validate({"name": "chat", "key": KEYS["chat"]}),
         ApiKey.model_validate({"name": "urgent", "key": KEYS["urgent"], "priority": -1}),
         ApiKey.model_validate({"name": "ops", "key": KEYS["ops"], "role": "admin"}),
     ]
-    settings = Settings(
-        config_path=config,
-        cpu_memory_budget_gib=4,
-        allowed_hosts=["*"],
-        auth=AuthConfig(keys=keys),
-        status_page=False,
-        usage_db=tmp_path / "usage.db",
-    )
+    settings = fast_settings(tmp_path, [{**entry, "max_in_engine": 1}], keys)
     maker = OneEngineMaker(SlowEngine())
     built = create_app(settings, engines=maker, inventory=cpu_inventory(4))
     with TestClient(built) as client:

@@ -11,15 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from appliance.api.app import create_app
-from appliance.api_keys import ApiKey, AuthConfig
+from appliance.api_keys import ApiKey
 from appliance.catalogue.schema import LocalModelSpec
 from appliance.errors import ModelNotFoundError
 from appliance.host.inventory import cpu_inventory
-from appliance.settings import Settings
 from appliance.supervisor.load_gate import (
     LoadGate,
     LoadRateLimitedError,
@@ -27,6 +25,7 @@ from appliance.supervisor.load_gate import (
     OnDemandLimits,
 )
 from appliance.supervisor.states import ModelState
+from tests.unit.fast_app import fast_settings
 from tests.unit.test_app_fast import EchoMaker
 
 LOADER = "sk-loader-0123456789abcdef"
@@ -118,23 +117,12 @@ def test_a_load_evict_loop_hits_the_per_minute_cap() -> None:
 def test_the_gate_is_met_through_every_routes_lease(tmp_path: Path) -> None:
     """The app lends through the gate: an OpenAI route and a vLLM one (``/tokenize``) are
     refused for a key that may not load, and nothing loads; a key that may load loads it."""
-    config = tmp_path / "models.yaml"
     entry = {"name": "lazy", "source": "org/lazy", "resources": {"memory_gib": 1}}
-    config.write_text(
-        yaml.safe_dump({"models": [{**entry, "autoload": False, "load_on_demand": True}]})
-    )
     keys = [
         ApiKey.model_validate({"name": "loader", "key": LOADER}),
         ApiKey.model_validate({"name": "stay", "key": NO_LOAD, "may_load": False}),
     ]
-    settings = Settings(
-        config_path=config,
-        cpu_memory_budget_gib=4,
-        allowed_hosts=["*"],
-        auth=AuthConfig(keys=keys),
-        status_page=False,
-        usage_db=tmp_path / "usage.db",
-    )
+    settings = fast_settings(tmp_path, [{**entry, "autoload": False, "load_on_demand": True}], keys)
     app = create_app(settings, engines=EchoMaker(), inventory=cpu_inventory(4))
     body = {"model": "lazy", "prompt": "hi"}
     with TestClient(app) as client:
