@@ -65,6 +65,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "appliance.config_problems",
             "appliance.admin_key",
             "appliance.runtime_dir",
+            "appliance.sqlite_file",
             "appliance.supervisor",  # the package itself (its __init__)
             "appliance",
         ),
