@@ -47,6 +47,7 @@ from appliance.router import Router
 from appliance.settings import Settings, default_http_workers
 from appliance.supervisor.handle import EngineMaker
 from appliance.supervisor.lending_board import LendingBoard
+from appliance.supervisor.load_gate import LoadGate
 from appliance.supervisor.states import ModelState
 from appliance.supervisor.supervisor import Supervisor
 from appliance.usage.ledger import UsageLedger
@@ -214,7 +215,9 @@ class Appliance:
             registry=self.metrics.registry,
             model_label=self.metrics.model_label,
         )
-        self.router = Router(self.catalogue, self.supervisor)
+        # One gate for every model route: its caps count on-demand loads whatever route asked.
+        on_demand = LoadGate(self.supervisor, settings.on_demand)
+        self.router = Router(self.catalogue, self.supervisor, load_gate=on_demand)
         self.registry: RegistryPoller | None = None
         self.registry_gate = RegistryGate(config.registry_trust)
         if config.registry_url is not None:

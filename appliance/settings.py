@@ -14,6 +14,7 @@ from appliance.engines.remote import RemoteSettings
 from appliance.hub.gguf import default_cache_dir
 from appliance.supervisor.fair_queue import FairShareSettings
 from appliance.supervisor.handle import SupervisorLimits
+from appliance.supervisor.load_gate import OnDemandLimits
 from appliance.usage.quotas import QuotaConfig
 
 
@@ -24,16 +25,6 @@ def _default_cpu_budget_gib() -> float:
     except (ValueError, OSError):
         return 8.0
     return round(total / 2**30 / 2, 1)
-
-
-class OnDemandLimits(BaseModel):
-    """How many on-demand loads may run, and start, across the whole appliance."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_concurrent_loads: int = Field(1, ge=1, description="On-demand loads running at once.")
-    loads_per_minute: int = Field(6, ge=1, description="On-demand loads started per minute.")
-    retry_after_seconds: float = Field(10.0, gt=0, description="Retry-After when refused.")
 
 
 class FanOutLimits(BaseModel):

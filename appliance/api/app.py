@@ -25,7 +25,6 @@ from appliance.api.fair_access import fair_access_of, in_table
 from appliance.api.forwarded import NameTheWorker, TrustWorkers
 from appliance.api.health_routes import build_health_router
 from appliance.api.hub_routes import build_hub_router
-from appliance.api.load_gate import LoadGate
 from appliance.api.metrics_routes import build_metrics_router
 from appliance.api.middleware import RequestContextMiddleware
 from appliance.api.model_access import TableAccess
@@ -131,15 +130,12 @@ def create_app(
     )
     app.state.appliance = core
     register_error_handlers(app)
-    # One gate for every model route: its caps count on-demand loads whatever route asked.
-    load_gate = LoadGate(core.router, settings.on_demand)
     app.include_router(build_health_router(core.supervisor))
     # One set of key limits, shared with the HTTP workers' admissions.
     key_limits = key_limits_of(settings.auth, board=core.supervisor.board)
     table_access = TableAccess(
         core.router,
         core.metrics,
-        load_gate=load_gate,
         check_quota=core.usage.check_quota,
         key_limits=key_limits,
     )
@@ -178,7 +174,7 @@ def create_app(
             screen=screen,
         )
     )
-    app.include_router(build_table_routes(core.router, core.metrics, stored=stored))
+    app.include_router(build_table_routes(core.router, access, core.metrics, stored=stored))
     app.include_router(build_tokenizer_info_router(core.router, access, core.metrics))
     app.include_router(
         build_ollama_router(

@@ -33,7 +33,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from appliance.api.auth_backoff import AuthBackoff, client_of
 from appliance.api.error_handlers import appliance_error_response
 from appliance.api.peer import is_loopback, peer_address
-from appliance.api.rate_limit import Clock
 from appliance.api_keys import (
     PRIORITY_LAST,
     ApiKey,
@@ -52,6 +51,7 @@ from appliance.errors import (
 )
 from appliance.request_info import INFO_KEY, RequestInfo
 from appliance.supervisor.lending_board import KeyLimits, LendingBoard
+from appliance.supervisor.sliding_window import Clock
 
 log = logging.getLogger("appliance.auth")
 

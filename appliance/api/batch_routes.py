@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -32,6 +33,7 @@ BATCH_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/emb
 _WINDOW = re.compile(r"^(\d+)([smh])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
 MAX_METADATA_PAIRS = 16
+Owned = TypeVar("Owned")
 
 
 def _window_seconds(window: Any, settings: BatchSettings) -> float:
@@ -122,6 +124,17 @@ def _peer_of(request: Request) -> dict[str, Any]:
     return {"client": list(client) if client else None, "host": request.headers.get("host")}
 
 
+def owned(
+    request: Request, find: Callable[[str, str], Owned | None], kind: str, oid: Any, param: str
+) -> Owned:
+    """The caller's ``kind`` of id ``oid`` (``find(owner, id)``); 404 naming ``param`` if the
+    caller has none of that id (another key's is none of its own)."""
+    found = find(key_name(request.scope), oid) if isinstance(oid, str) else None
+    if found is None:
+        raise NotFoundError(f"no {kind} {oid!r}", param=param)
+    return found
+
+
 def batch_runner_of(settings: Settings) -> BatchRunner:
     """The batch runner over the store beside the usage database (``batches.db`` and the
     folder ``batch-files``), sending lines as their keys (by the keys' secrets)."""
@@ -166,21 +179,15 @@ def build_batch_router(runner: BatchRunner, settings: BatchSettings, router: Rou
         record = store.add_file(owner, upload.filename or "input.jsonl", purpose, data)
         return JSONResponse(record.to_openai())
 
-    def owned_file(request: Request, file_id: str) -> Any:
-        record = store.file(key_name(request.scope), file_id)
-        if record is None:
-            raise NotFoundError(f"no file {file_id!r}", param="file_id")
-        return record
-
     @api.get("/files/{file_id}", summary="A file's details")
     async def retrieve_file(request: Request, file_id: str) -> JSONResponse:
         """The file, as OpenAI describes it."""
-        return JSONResponse(owned_file(request, file_id).to_openai())
+        return JSONResponse(owned(request, store.file, "file", file_id, "file_id").to_openai())
 
     @api.get("/files/{file_id}/content", summary="A file's content")
     async def file_content(request: Request, file_id: str) -> Response:
         """The file's bytes (a batch's output and error files are JSONL)."""
-        record = owned_file(request, file_id)
+        record = owned(request, store.file, "file", file_id, "file_id")
         return Response(store.content(record), media_type="application/octet-stream")
 
     @api.post("/batches", summary="Create a batch")
@@ -206,9 +213,7 @@ def build_batch_router(runner: BatchRunner, settings: BatchSettings, router: Rou
             )
         file_id = body.get("input_file_id")
         owner = key_name(request.scope)
-        record = store.file(owner, file_id) if isinstance(file_id, str) else None
-        if record is None:
-            raise NotFoundError(f"no file {file_id!r}", param="input_file_id")
+        record = owned(request, store.file, "file", file_id, "input_file_id")
         if record.purpose != "batch":
             raise InvalidRequestError(
                 f"file {file_id!r} has purpose {record.purpose!r}, not 'batch'",
@@ -228,21 +233,15 @@ def build_batch_router(runner: BatchRunner, settings: BatchSettings, router: Rou
         runner.launch(batch.id)
         return JSONResponse(batch.to_openai())
 
-    def owned_batch(request: Request, batch_id: str) -> Any:
-        record = store.batch(key_name(request.scope), batch_id)
-        if record is None:
-            raise NotFoundError(f"no batch {batch_id!r}", param="batch_id")
-        return record
-
     @api.get("/batches/{batch_id}", summary="A batch")
     async def retrieve_batch(request: Request, batch_id: str) -> JSONResponse:
         """The batch, with its progress (``request_counts``)."""
-        return JSONResponse(owned_batch(request, batch_id).to_openai())
+        return JSONResponse(owned(request, store.batch, "batch", batch_id, "batch_id").to_openai())
 
     @api.post("/batches/{batch_id}/cancel", summary="Cancel a batch")
     async def cancel_batch(request: Request, batch_id: str) -> JSONResponse:
         """Stop the batch: lines not yet sent are not run; it ends ``cancelled``."""
-        owned_batch(request, batch_id)
+        owned(request, store.batch, "batch", batch_id, "batch_id")
         record = runner.cancel(key_name(request.scope), batch_id)
         return JSONResponse(record.to_openai() if record else {})
 

@@ -19,6 +19,7 @@ Metrics, per key and model: ``appliance_key_queue_wait_seconds``, ``appliance_ke
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -157,6 +158,7 @@ class FairAccess:
             # assumes anyway: a body changed for nothing would differ from what vLLM answers to
             # the client's own (a validation error echoes the body it was given).
             body["priority"] = priority
+            lease.changed_body = True
         model = self._metrics.label(lease.model)
         if gate is None:
             self._metrics.admitted.labels(key, model).inc()
@@ -184,7 +186,7 @@ class FairAccess:
             gate.leave(ticket)
             await inner_release()
 
-        return Lease(model=lease.model, entry=lease.entry, engine=lease.engine, release=release)
+        return dataclasses.replace(lease, release=release)
 
     async def _charge(self, request: Request, cost: RequestCost) -> float:
         """What the request costs in the fair share: its sequences times its prompt's

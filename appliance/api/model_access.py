@@ -24,7 +24,6 @@ from appliance.api.auth import (
     check_model_allowed,
     may_load_on_demand,
 )
-from appliance.api.load_gate import LoadGate
 from appliance.api.request_limits import RequestCost
 from appliance.engines.base import Endpoint, Engine, model_card_of
 from appliance.engines.remote import DETAIL_SCOPE
@@ -49,12 +48,15 @@ QuotaCheck = Callable[[str | None, int], None]
 class Lease:
     """A model lent to one request: ``model`` is the name its engine serves it under (an
     alias becomes its model's name), ``entry`` the table entry whose engine and queue it
-    uses; ``release`` gives it back (once the answer, or the stream, has gone out)."""
+    uses; ``release`` gives it back (once the answer, or the stream, has gone out).
+    ``changed_body``: admission set a field of the request's body the engine must see (the
+    key's ``priority``), so the client's own bytes no longer say it all."""
 
     model: str
     entry: str
     engine: Engine
     release: Callable[[], Awaitable[None]]
+    changed_body: bool = False
 
 
 class ModelAccess(Protocol):
@@ -70,7 +72,7 @@ class ModelAccess(Protocol):
         """Check ``body``'s ``model`` may be used by this caller now (with what the request
         may ``cost``: its sequences against the key's rate, their tokens against its quota),
         then borrow its engine for ``endpoint`` (None: any route the engine serves; the route
-        checks it)."""
+        checks it). A field it sets in ``body`` it says in the lease (``changed_body``)."""
         ...
 
 
@@ -92,15 +94,15 @@ def admit_model_request(
     body: dict[str, Any],
     router: Router,
     *,
-    load_gate: LoadGate | None,
     check_quota: QuotaCheck | None,
     cost: RequestCost | None = None,
     key_limits: Mapping[str, KeyLimits] | None = None,
 ) -> tuple[str, str]:
     """What every model route checks before it borrows an engine, for ``body``'s ``model``:
-    the caller's key may use it (by any of its names), may start a load it would start, and
-    is within its quota. Returns ``(model, entry)``: the name the engine serves it under (an
-    alias becomes its model's name, as ``vllm serve --served-model-name NAME ALIAS`` answers;
+    the caller's key may use it (by any of its names) and is within its quota (whether it
+    may start a load it would start, the lending checks: ``Router.engine_for``). Returns
+    ``(model, entry)``: the name the engine serves it under (an alias becomes its model's
+    name, as ``vllm serve --served-model-name NAME ALIAS`` answers;
     an adapter keeps its own), used for labels, usage and the engine; and the table entry
     whose engine, load gate and queue it uses. An unknown name passes through: the route's
     engine lookup answers 404.
@@ -126,8 +128,6 @@ def admit_model_request(
     limits = key_limits.get(key) if key_limits and key is not None else None
     if limits is not None and cost.sequences > 1:
         _charge_sequences(limits, key, cost.sequences)
-    if load_gate is not None:
-        load_gate.check(entry, may_load=may_load_on_demand(request.scope))
     return model, entry
 
 
@@ -173,13 +173,11 @@ class TableAccess:
         router: Router,
         metrics: Metrics,
         *,
-        load_gate: LoadGate | None = None,
         check_quota: QuotaCheck | None = None,
         key_limits: Mapping[str, KeyLimits] | None = None,
     ) -> None:
         self._router = router
         self._metrics = metrics
-        self._load_gate = load_gate
         self._check_quota = check_quota
         self._key_limits = key_limits
 
@@ -190,23 +188,24 @@ class TableAccess:
         endpoint: Endpoint | None,
         cost: RequestCost | None = None,
     ) -> Lease:
-        """Admit (``admit_model_request``), then borrow the engine from the supervisor."""
+        """Admit (``admit_model_request``), then borrow the engine from the supervisor (which
+        refuses a load on demand this key may not start now)."""
         model, entry = admit_model_request(
             request,
             body,
             self._router,
-            load_gate=self._load_gate,
             check_quota=self._check_quota,
             cost=cost,
             key_limits=self._key_limits,
         )
         held = contextlib.AsyncExitStack()
         asked = time.perf_counter()
+        may_load = may_load_on_demand(request.scope)
         try:
             engine = await held.enter_async_context(
-                self._router.engine_for(entry, endpoint)
+                self._router.engine_for(entry, endpoint, may_load=may_load)
                 if endpoint is not None
-                else self._router.any_engine_for(entry)
+                else self._router.any_engine_for(entry, may_load=may_load)
             )
         except ModelFailedError as exc:
             if caller_is_admin(request.scope):

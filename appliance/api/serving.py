@@ -6,13 +6,17 @@ request limits), resolves the model once into a ``Lease`` (``ModelAccess``: key'
 load gate, quota, queue limit, on-demand wait), hands the engine one ``RouteCall``, and sends
 the reply back with its usage, metrics and stream handling (``replies``), the model held until
 the answer has gone out. What a route does beyond that (stored responses, Ollama's shapes and
-``keep_alive``) it says through ``ServeHooks``.
+``keep_alive``) it says through ``ServeHooks``. A request that names its model outside a JSON
+body (``/tokenizer_info?model=``, a stored response's holder) is lent it by the same lease
+(``ModelServing.lend_named``), then asks and answers through the ``Held``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -22,7 +26,12 @@ from appliance.api.auth import caller_is_admin
 from appliance.api.body_screen import BodyScreen
 from appliance.api.model_access import Lease, ModelAccess
 from appliance.api.replies import http_answer, until_disconnect
-from appliance.api.request_limits import RequestLimits, check_request, default_request_limits
+from appliance.api.request_limits import (
+    RequestCost,
+    RequestLimits,
+    check_request,
+    default_request_limits,
+)
 from appliance.api.stream_usage import ask_for_usage
 from appliance.engines.base import Endpoint, Engine, Reply, RouteCall, endpoint_of
 from appliance.engines.route_table import wrong_route_message
@@ -135,6 +144,27 @@ class ServeHooks:
 
 _NO_HOOKS = ServeHooks()
 
+GENERATES_NOTHING = RequestCost(max_tokens=0)
+"""What a request that names its model outside a body may cost: it generates no tokens (a
+tokenizer's configuration, a stored response read back)."""
+
+
+@dataclass
+class Held:
+    """A model lent to one request (``lease``), held until ``release`` closes."""
+
+    lease: Lease
+    release: contextlib.AsyncExitStack
+
+    async def ask(self, call: RouteCall, request: Request) -> Reply | None:
+        """The engine's reply to ``call`` (None: the client left first); on any failure the
+        model is given back."""
+        try:
+            return await until_disconnect(self.lease.engine.serve(call, request), request)
+        except BaseException:
+            await self.release.aclose()
+            raise
+
 
 def check_serves(engine: Engine, model: str, route: str) -> None:
     """Refuse (400) a route that ``engine`` does not serve, naming those it does."""
@@ -187,14 +217,11 @@ class ModelServing:
         screened = await self._screen.check(body, admin=admin) if hooks.screened else None
         cost = check_request(path, body, self._limits)
         changed = hooks.before_lease(request, body)
-        before = dict(body)
         # The three OpenAI routes name their endpoint: the lease checks the model serves it.
-        lease = await self._access.lease(request, body, endpoint, cost)
-        # The lease may set fields the engine must see (the key's ``priority``): the client's
-        # bytes no longer say it all.
-        changed = changed or body != before
-        release = contextlib.AsyncExitStack()
-        release.push_async_callback(lease.release)
+        held = await self.lend(request, body, endpoint, cost)
+        lease, release = held.lease, held.release
+        # The lease may have set fields the engine must see (the key's ``priority``).
+        changed = changed or lease.changed_body
         try:
             done = await hooks.leased(request, lease)
             if done is not None:
@@ -217,7 +244,7 @@ class ModelServing:
             call = self._call(request, route, path, body, raw, info.stream, changed, screened)
             if endpoint is None:
                 check_serves(lease.engine, lease.model, route)
-            reply = await until_disconnect(lease.engine.serve(call, request), request)
+            reply = await held.ask(call, request)
         except BaseException:
             await release.aclose()
             hooks.failed()
@@ -229,6 +256,41 @@ class ModelServing:
         if answer is not None:
             return answer
         return await http_answer(reply, release, info, self._metrics, hidden_usage=hidden_usage)
+
+    async def lend(
+        self,
+        request: Request,
+        body: dict[str, Any],
+        endpoint: Endpoint | None = None,
+        cost: RequestCost | None = None,
+    ) -> Held:
+        """Lease ``body``'s model to the request (``ModelAccess.lease``: key's model list, load
+        gate, quota, queue limit, on-demand wait), held until the ``Held``'s release closes."""
+        lease = await self._access.lease(request, body, endpoint, cost)
+        release = contextlib.AsyncExitStack()
+        release.push_async_callback(lease.release)
+        return Held(lease, release)
+
+    async def lend_named(
+        self, request: Request, model: str, *, check: Callable[[Lease], None] | None = None
+    ) -> Held:
+        """``lend`` for a request that names ``model`` outside a JSON body and generates
+        nothing (``GET /tokenizer_info?model=``, a stored response read from its holder).
+        ``check`` raises if the lent model may not answer it (its engine lacks the route):
+        the model is given back first."""
+        held = await self.lend(request, {"model": model}, None, GENERATES_NOTHING)
+        if check is not None:
+            try:
+                check(held.lease)
+            except BaseException:
+                await held.release.aclose()
+                raise
+        return held
+
+    async def answer(self, request: Request, held: Held, reply: Reply | None) -> Response:
+        """Send ``reply`` (which ``held.ask`` got) back as the HTTP answer, its usage and
+        metrics noted; the model is given back once it has gone out."""
+        return await http_answer(reply, held.release, request_info(request.scope), self._metrics)
 
     @staticmethod
     def _call(

@@ -27,10 +27,10 @@ from typing import Any
 from starlette.types import Scope
 
 from appliance.api.auth import KEY_SCOPE
-from appliance.api.rate_limit import Clock
 from appliance.errors import ApplianceError
 from appliance.router import Router
 from appliance.settings import StoredResponseLimits
+from appliance.supervisor.sliding_window import Clock
 
 STORE_ENV = "VLLM_ENABLE_RESPONSES_API_STORE"
 RESPONSES_PATH = "/v1/responses"

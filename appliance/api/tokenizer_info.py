@@ -5,10 +5,10 @@
 ``vllm serve`` serves one model, so its route names none; here ``?model=NAME`` does, or, without
 it, the one model the caller's key may use that has the setting (lm-evaluation-harness's
 ``tokenizer_backend=remote`` asks so). The request then takes the path of every model route
-(``ModelAccess.lease``: key and model list, load gate, quota, queue limit, load on demand) and
-the engine answers it with vLLM's own app. One difference, deliberate: for a caller who is not
-an admin, ``name_or_path`` (where the tokenizer was read from: a folder on this host) is the
-model's name, as ``/v1/models``' ``root`` is.
+(``ModelServing.lend_named``: key and model list, load gate, quota, queue limit, load on
+demand) and the engine answers it with vLLM's own app. One difference, deliberate: for a caller
+who is not an admin, ``name_or_path`` (where the tokenizer was read from: a folder on this
+host) is the model's name, as ``/v1/models``' ``root`` is.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from appliance.api.auth import Role, caller_is_admin, model_allowed, require_role
-from appliance.api.model_access import ModelAccess
-from appliance.api.replies import http_answer, until_disconnect
-from appliance.api.serving import endpoint_label
+from appliance.api.model_access import Lease, ModelAccess
+from appliance.api.serving import ModelServing, endpoint_label
 from appliance.catalogue.schema import LocalModelSpec
 from appliance.engines.base import JSONReply, Reply, RouteCall
 from appliance.engines.route_table import OPTIONAL_ROUTES, TOKENIZER_INFO, route_enabled
-from appliance.errors import InvalidRequestError, WrongTaskError
+from appliance.errors import ApplianceError, InvalidRequestError, WrongTaskError
 from appliance.metrics import Metrics
 from appliance.request_info import request_info
 from appliance.router import Router
@@ -38,8 +37,9 @@ _SETTING = OPTIONAL_ROUTES[TOKENIZER_INFO]
 def build_tokenizer_info_router(router: Router, access: ModelAccess, metrics: Metrics) -> APIRouter:
     """``GET /tokenizer_info`` over ``router``'s table; ``access`` admits each request."""
     api = APIRouter(tags=["vLLM"])
+    serving = ModelServing(access, metrics)
 
-    def serving(request: Request) -> list[str]:
+    def serving_it(request: Request) -> list[str]:
         """The models the caller may use whose entry turns the route on (a remote backend's
         answers for itself: it is asked only when named)."""
         return [
@@ -54,7 +54,7 @@ def build_tokenizer_info_router(router: Router, access: ModelAccess, metrics: Me
         named = request.query_params.get("model")
         if named:
             return named
-        found = serving(request)
+        found = serving_it(request)
         if len(found) == 1:
             return found[0]
         if not found:
@@ -78,33 +78,38 @@ def build_tokenizer_info_router(router: Router, access: ModelAccess, metrics: Me
     async def tokenizer_info(request: Request) -> Response:
         """The tokenizer's configuration and chat template, as ``vllm serve`` answers it, of
         ``?model=NAME`` (or the one model this key may use that serves it)."""
-        info = request_info(request.scope)
-        info.endpoint = endpoint_label(TOKENIZER_INFO.path)
-        lease = await access.lease(request, {"model": chosen(request)}, None)
-        release = contextlib.AsyncExitStack()
-        release.push_async_callback(lease.release)
-        async with release:
-            spec = router.supervisor.get(lease.entry).spec
-            routes = lease.engine.routes()
-            local = isinstance(spec, LocalModelSpec)
-            if (local and not route_enabled(spec.engine, TOKENIZER_INFO)) or (
-                routes is not None and TOKENIZER_INFO.key not in routes
-            ):
-                raise WrongTaskError(
-                    f"model {lease.model!r} does not serve {TOKENIZER_INFO.path}: its engine: "
-                    f"does not set {_SETTING}: true",
-                    param="model",
-                )
-            call = RouteCall(
-                route=TOKENIZER_INFO.key,
-                method="GET",
-                path=TOKENIZER_INFO.path,
-                request_id=request.headers.get("x-request-id"),
+        request_info(request.scope).endpoint = endpoint_label(TOKENIZER_INFO.path)
+        held = await serving.lend_named(request, chosen(request), check=serves_tokenizer_info)
+        call = RouteCall(
+            route=TOKENIZER_INFO.key,
+            method="GET",
+            path=TOKENIZER_INFO.path,
+            request_id=request.headers.get("x-request-id"),
+        )
+        reply = await held.ask(call, request)
+        if not caller_is_admin(request.scope) and on_this_host(held.lease.entry):
+            reply = _without_host_paths(reply, held.lease.model)
+        return await serving.answer(request, held, reply)
+
+    def on_this_host(entry: str) -> bool:
+        """Whether ``entry`` is a local model (one gone from the table since counts as one:
+        its paths are this host's)."""
+        with contextlib.suppress(ApplianceError):
+            return isinstance(router.supervisor.get(entry).spec, LocalModelSpec)
+        return True
+
+    def serves_tokenizer_info(lease: Lease) -> None:
+        """Refuse (400) a model whose engine does not serve the route."""
+        spec = router.supervisor.get(lease.entry).spec
+        routes = lease.engine.routes()
+        if (
+            isinstance(spec, LocalModelSpec) and not route_enabled(spec.engine, TOKENIZER_INFO)
+        ) or (routes is not None and TOKENIZER_INFO.key not in routes):
+            raise WrongTaskError(
+                f"model {lease.model!r} does not serve {TOKENIZER_INFO.path}: its engine: "
+                f"does not set {_SETTING}: true",
+                param="model",
             )
-            reply = await until_disconnect(lease.engine.serve(call, request), request)
-            if local and not caller_is_admin(request.scope):
-                reply = _without_host_paths(reply, lease.model)
-            return await http_answer(reply, contextlib.AsyncExitStack(), info, metrics)
 
     return api
 

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from appliance.api.auth import Role, model_allowed, require_role
 from appliance.api.body_screen import BodyScreen
 from appliance.api.model_access import Lease, ModelAccess
-from appliance.api.replies import http_answer, until_disconnect
+from appliance.api.replies import http_answer
 from appliance.api.request_limits import RequestLimits
 from appliance.api.serving import (
     DOC_BODY,
@@ -36,7 +36,12 @@ from appliance.engines.route_table import (
     VERSION_PATH,
     ModelRoute,
 )
-from appliance.errors import ApplianceError, ModelNotFoundError
+from appliance.errors import (
+    ApplianceError,
+    ModelNotFoundError,
+    QuotaExceededError,
+    WrongTaskError,
+)
 from appliance.metrics import Metrics
 from appliance.request_info import request_info
 from appliance.router import Router
@@ -145,17 +150,20 @@ def _stored_ok(reply: Reply | None) -> bool:
 
 def build_table_routes(
     router: Router,
+    access: ModelAccess,
     metrics: Metrics,
     *,
     version: str | None = None,
     stored: ResponseOwners | None = None,
 ) -> APIRouter:
     """The vLLM routes that name no model and so need the whole table: the stored-response
-    routes (``RESPONSE_ID_ROUTES``) and ``/version`` (vLLM's version, ``version``: None reads it
-    when asked). ``stored``: whose each stored response is (None: the store is off); a caller
-    gets 404 for a response not its own, and only the engine holding it is asked."""
+    routes (``RESPONSE_ID_ROUTES``; ``access`` admits each model asked, as for every model
+    request) and ``/version`` (vLLM's version, ``version``: None reads it when asked).
+    ``stored``: whose each stored response is (None: the store is off); a caller gets 404 for
+    a response not its own, and only the engine holding it is asked."""
     api = APIRouter(tags=["vLLM"])
     user = [Depends(require_role(Role.USER))]
+    serving = ModelServing(access, metrics)
 
     async def serve_stored_response(request: Request, route: ModelRoute) -> Response:
         """A route about a stored response names no model: ask each ready local model that
@@ -168,6 +176,12 @@ def build_table_routes(
         if stored is not None:
             response_id = str(request.path_params.get("response_id"))
             holder = stored.check(response_id, caller_of(request.scope))
+
+        def serves_route(lease: Lease) -> None:
+            routes = lease.engine.routes()
+            if routes is None or route.key not in routes:
+                raise WrongTaskError(f"model {lease.model!r} does not serve {route.path}")
+
         last: Reply | None = None
         for handle in router.supervisor.handles():
             if handle.state is not ModelState.READY or not model_allowed(
@@ -176,27 +190,23 @@ def build_table_routes(
                 continue
             if holder is not None and handle.name != holder:
                 continue
-            release = contextlib.AsyncExitStack()
             try:
-                try:
-                    engine = await release.enter_async_context(router.any_engine_for(handle.name))
-                except ApplianceError:
-                    continue  # it stopped being ready (or is full) since it was listed
-                routes = engine.routes()
-                if routes is None or route.key not in routes:
-                    await release.aclose()
-                    continue
-                reply = await until_disconnect(engine.serve(call, request), request)
-            except BaseException:
-                await release.aclose()
-                raise
+                held = await serving.lend_named(request, handle.name, check=serves_route)
+            except QuotaExceededError:
+                raise  # the key's own, whichever model it asks
+            except ApplianceError:
+                # It does not serve the route, or it stopped being ready (or is full) since
+                # it was listed.
+                continue
+            reply = await held.ask(call, request)
             if isinstance(reply, JSONReply) and reply.status_code == 404:
-                await release.aclose()
+                await held.release.aclose()
                 last = reply
                 continue
             info.model = handle.name
-            return await http_answer(reply, release, info, metrics)
+            return await serving.answer(request, held, reply)
         if last is not None:
+            info.model = None  # no model knew it
             return await http_answer(last, contextlib.AsyncExitStack(), info, metrics)
         raise ModelNotFoundError(
             f"no ready model that this key may use holds response "

@@ -8,18 +8,17 @@ after a restart the runner redoes only the lines with no result (``pending_lines
 
 from __future__ import annotations
 
-import contextlib
 import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from appliance.errors import ConfigError
+from appliance.sqlite_file import SQLiteFile
 
 SCHEMA_VERSION = 1
 
@@ -168,27 +167,9 @@ class BatchStore:
         self.files_dir = files_dir
         try:
             files_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with self._connect() as db:
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                if version not in (0, SCHEMA_VERSION):
-                    raise ConfigError(
-                        f"{db_path}: batch database has layout {version}; this appliance "
-                        f"knows layout {SCHEMA_VERSION}"
-                    )
-                db.execute("PRAGMA journal_mode=WAL")
-                db.executescript(_SCHEMA)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except (sqlite3.Error, OSError) as exc:
-            raise ConfigError(f"{db_path}: cannot open the batch database: {exc}") from None
-
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=10)
-        try:
-            with db:  # one transaction: committed on success, rolled back on error
-                yield db
-        finally:
-            db.close()
+        except OSError as exc:
+            raise ConfigError(f"{files_dir}: cannot make the batch files' folder: {exc}") from None
+        self._file = SQLiteFile(db_path, _SCHEMA, SCHEMA_VERSION, "batch database")
 
     # -- files -----------------------------------------------------------------------------
 
@@ -202,7 +183,7 @@ class BatchStore:
         partial = path.with_suffix(".part")
         partial.write_bytes(data)
         partial.replace(path)
-        with self._connect() as db:
+        with self._file.connect() as db:
             db.execute(
                 "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)",
                 (record.id, owner, filename, purpose, record.bytes, record.created_at),
@@ -211,7 +192,7 @@ class BatchStore:
 
     def file(self, owner: str, file_id: str) -> FileRecord | None:
         """``owner``'s file ``file_id``; None if there is none (or it is someone else's)."""
-        with self._connect() as db:
+        with self._file.connect() as db:
             row = db.execute(
                 "SELECT id, owner, filename, purpose, bytes, created_at FROM files "
                 "WHERE id = ? AND owner = ?",
@@ -221,7 +202,7 @@ class BatchStore:
 
     def files_of(self, owner: str) -> int:
         """How many files ``owner`` keeps."""
-        with self._connect() as db:
+        with self._file.connect() as db:
             return int(
                 db.execute("SELECT COUNT(*) FROM files WHERE owner = ?", (owner,)).fetchone()[0]
             )
@@ -259,7 +240,7 @@ class BatchStore:
             created_at=now,
             times={"expires_at": now + int(window_seconds)},
         )
-        with self._connect() as db:
+        with self._file.connect() as db:
             seq = db.execute("SELECT COALESCE(MAX(created_seq), 0) + 1 FROM batches").fetchone()[0]
             db.execute(
                 "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?)",
@@ -311,7 +292,7 @@ class BatchStore:
 
     def batch(self, owner: str | None, batch_id: str) -> BatchRecord | None:
         """``owner``'s batch ``batch_id`` (None as owner: anyone's, for the runner)."""
-        with self._connect() as db:
+        with self._file.connect() as db:
             row = db.execute(
                 f"SELECT {self._BATCH_COLUMNS} FROM batches WHERE id = ? "
                 "AND (? IS NULL OR owner = ?)",
@@ -321,7 +302,7 @@ class BatchStore:
 
     def batches_of(self, owner: str, *, after: str | None, limit: int) -> list[BatchRecord]:
         """``owner``'s batches, newest first, from just past ``after`` (an id) on."""
-        with self._connect() as db:
+        with self._file.connect() as db:
             start = None
             if after is not None:
                 found = db.execute(
@@ -338,7 +319,7 @@ class BatchStore:
     def unfinished(self) -> list[str]:
         """The ids of every batch not finished (what the runner resumes after a restart)."""
         finished = tuple(status.value for status in FINISHED)
-        with self._connect() as db:
+        with self._file.connect() as db:
             rows = db.execute(
                 "SELECT id FROM batches WHERE status NOT IN (?, ?, ?, ?) ORDER BY created_seq",
                 finished,
@@ -357,7 +338,7 @@ class BatchStore:
         """Move ``batch_id`` to ``status`` (stamping its time) unless it is in one of
         ``unless``; False if it was."""
         now = int(time.time())
-        with self._connect() as db:
+        with self._file.connect() as db:
             row = db.execute(
                 "SELECT status, times FROM batches WHERE id = ?", (batch_id,)
             ).fetchone()
@@ -377,7 +358,7 @@ class BatchStore:
 
     def record(self, batch_id: str, line: int, *, ok: bool, result: dict[str, Any]) -> bool:
         """Keep line ``line``'s result; False (and nothing changed) if it has one already."""
-        with self._connect() as db:
+        with self._file.connect() as db:
             cursor = db.execute(
                 "INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?)",
                 (batch_id, line, int(ok), json.dumps(result, ensure_ascii=False)),
@@ -386,13 +367,13 @@ class BatchStore:
 
     def answered_lines(self, batch_id: str) -> set[int]:
         """The lines of ``batch_id`` that have a result."""
-        with self._connect() as db:
+        with self._file.connect() as db:
             rows = db.execute("SELECT line FROM results WHERE batch_id = ?", (batch_id,))
             return {row[0] for row in rows}
 
     def results(self, batch_id: str) -> list[tuple[bool, str]]:
         """Every recorded result of ``batch_id`` in line order: (ok, the result's JSON)."""
-        with self._connect() as db:
+        with self._file.connect() as db:
             rows = db.execute(
                 "SELECT ok, result FROM results WHERE batch_id = ? ORDER BY line", (batch_id,)
             ).fetchall()

@@ -8,14 +8,12 @@ threads the ledger flushes on.
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import astuple, dataclass
 from datetime import date
 from pathlib import Path
 
-from appliance.errors import ConfigError
+from appliance.sqlite_file import SQLiteFile
 
 # Bumped when the table layout changes; kept in SQLite's own ``user_version`` header field.
 SCHEMA_VERSION = 1
@@ -84,29 +82,7 @@ class UsageStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with self._connect() as db:
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                if version not in (0, SCHEMA_VERSION):
-                    raise ConfigError(
-                        f"{path}: usage database has layout {version}; this appliance "
-                        f"knows layout {SCHEMA_VERSION}"
-                    )
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute(_SCHEMA)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.Error as exc:
-            raise ConfigError(f"{path}: cannot open the usage database: {exc}") from None
-
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=10)
-        try:
-            with db:  # one transaction: committed on success, rolled back on error
-                yield db
-        finally:
-            db.close()
+        self._file = SQLiteFile(path, _SCHEMA, SCHEMA_VERSION, "usage database")
 
     def add(self, deltas: Mapping[UsageKey, Counts]) -> None:
         """Add ``deltas`` to the stored rows, all in one transaction."""
@@ -116,7 +92,7 @@ class UsageStore:
             (day.isoformat(), key, model, *astuple(counts))
             for (day, key, model), counts in deltas.items()
         ]
-        with self._connect() as db:
+        with self._file.connect() as db:
             db.executemany(_ADD, rows)
 
     def totals(self, *, since: date | None = None, key: str | None = None) -> list[UsageRow]:
@@ -127,7 +103,7 @@ class UsageStore:
             "GROUP BY key, model ORDER BY key, model"
         )
         first = since.isoformat() if since is not None else ""
-        with self._connect() as db:
+        with self._file.connect() as db:
             found = db.execute(query, (first, key, key)).fetchall()
         return [UsageRow(k, m, Counts(r, e, p, c)) for k, m, r, e, p, c in found]
 
@@ -137,6 +113,6 @@ class UsageStore:
             "SELECT key, day, SUM(prompt_tokens + completion_tokens) FROM usage "
             "WHERE day >= ? GROUP BY key, day"
         )
-        with self._connect() as db:
+        with self._file.connect() as db:
             found = db.execute(query, (since.isoformat(),)).fetchall()
         return {(k, date.fromisoformat(d)): int(n) for k, d, n in found}

@@ -27,9 +27,9 @@ from appliance.api.auth_backoff import AuthBackoff, client_of
 from appliance.api.auth_file import describe_open, load_auth_config
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.middleware import RequestContextMiddleware
-from appliance.api.rate_limit import SlidingWindow
 from appliance.errors import ConfigError
 from appliance.supervisor.lending_board import KeyLimits
+from appliance.supervisor.sliding_window import SlidingWindow
 
 USER_KEY = "sk-user-0123456789abcdef0123456789"
 ADMIN_KEY = "sk-admin-0123456789abcdef0123456789"

@@ -12,15 +12,14 @@ from typing import Any
 
 import openai
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from appliance.api.app import create_app
-from appliance.api_keys import PRIORITY_LAST, ApiKey, AuthConfig
+from appliance.api_keys import PRIORITY_LAST, ApiKey
 from appliance.engines.base import JSONReply, Reply, RouteCall
 from appliance.host.inventory import cpu_inventory
-from appliance.settings import Settings
 from tests.fakes import EchoEngine, OneEngineMaker
+from tests.unit.fast_app import fast_settings
 
 TEAM = "sk-team-0123456789abcdef0123456789"
 OTHER = "sk-other-0123456789abcdef0123456789"
@@ -41,21 +40,12 @@ class RecordingEngine(EchoEngine):
 
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[tuple[TestClient, RecordingEngine]]:
-    config = tmp_path / "models.yaml"
     entry = {"name": "tiny", "source": "org/tiny", "resources": {"memory_gib": 1}}
-    config.write_text(yaml.safe_dump({"models": [entry]}))
     keys = [
         ApiKey.model_validate({"name": "team", "key": TEAM, "priority": 3}),
         ApiKey.model_validate({"name": "other", "key": OTHER}),
     ]
-    settings = Settings(
-        config_path=config,
-        cpu_memory_budget_gib=4,
-        allowed_hosts=["*"],
-        auth=AuthConfig(keys=keys),
-        status_page=False,
-        usage_db=tmp_path / "usage.db",
-    )
+    settings = fast_settings(tmp_path, [entry], keys)
     maker = OneEngineMaker(RecordingEngine())
     built = create_app(settings, engines=maker, inventory=cpu_inventory(4))
     with TestClient(built) as client:

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from appliance.api.app import create_app
-from appliance.api_keys import ApiKey, AuthConfig
+from appliance.api_keys import ApiKey
 from appliance.engines.base import JSONReply, Reply, RouteCall
 from appliance.host.inventory import cpu_inventory
-from appliance.settings import Settings
 from tests.fakes import EchoEngine, OneEngineMaker
+from tests.unit.fast_app import fast_settings
 
 KEYS = {
     "flood": "sk-flood-0123456789abcdef0123456789",
@@ -39,7 +38,7 @@ class SlowEngine(EchoEngine):
         self.held = asyncio.Event()
 
     async def answer(self, call: RouteCall, body: dict[str, Any]) -> Reply:
-        self.order.append(body["prompt"])
+        self.order.append(str(body.get("prompt")))
         if len(self.order) == 1:
             await self.held.wait()
         return JSONReply(200, json.dumps({"model": body["model"]}).encode())
@@ -47,23 +46,14 @@ class SlowEngine(EchoEngine):
 
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[tuple[TestClient, SlowEngine]]:
-    config = tmp_path / "models.yaml"
     entry = {"name": "one", "source": "org/one", "resources": {"memory_gib": 1}}
-    config.write_text(yaml.safe_dump({"models": [{**entry, "max_in_engine": 1}]}))
     keys = [
         ApiKey.model_validate({"name": "flood", "key": KEYS["flood"]}),
         ApiKey.model_validate({"name": "chat", "key": KEYS["chat"]}),
         ApiKey.model_validate({"name": "urgent", "key": KEYS["urgent"], "priority": -1}),
         ApiKey.model_validate({"name": "ops", "key": KEYS["ops"], "role": "admin"}),
     ]
-    settings = Settings(
-        config_path=config,
-        cpu_memory_budget_gib=4,
-        allowed_hosts=["*"],
-        auth=AuthConfig(keys=keys),
-        status_page=False,
-        usage_db=tmp_path / "usage.db",
-    )
+    settings = fast_settings(tmp_path, [{**entry, "max_in_engine": 1}], keys)
     maker = OneEngineMaker(SlowEngine())
     built = create_app(settings, engines=maker, inventory=cpu_inventory(4))
     with TestClient(built) as client:
@@ -101,3 +91,19 @@ def test_a_key_passes_a_floods_backlog_and_priority_passes_both(
     metrics = client.get("/metrics", headers={"Authorization": f"Bearer {KEYS['ops']}"}).text
     assert 'appliance_key_admitted_total{key="flood",model="one"} 6.0' in metrics
     assert 'appliance_key_queue_wait_seconds_count{key="chat",model="one"} 1.0' in metrics
+
+
+def test_a_keys_priority_reaches_a_raw_route_and_a_default_one_leaves_its_bytes_alone(
+    app: tuple[TestClient, SlowEngine],
+) -> None:
+    client, engine = app
+    client.portal.call(engine.held.set)  # type: ignore[union-attr]
+    raw = b'{"model": "one",  "input": "hi"}'
+    for key in ("urgent", "chat"):
+        headers = {"Authorization": f"Bearer {KEYS[key]}", "Content-Type": "application/json"}
+        assert client.post("/v1/responses", content=raw, headers=headers).status_code == 200
+    urgent, chat = engine.calls[-2:]
+    # The urgent key's priority differs from vLLM's default: the body is re-encoded with it.
+    assert json.loads(urgent.body) == {"model": "one", "input": "hi", "priority": -1}
+    # The chat key's is vLLM's default: the client's own bytes go on, as they came.
+    assert chat.body == raw

@@ -321,7 +321,7 @@ class _FailedRouter:
 
         return Target(model, model, (model,)) if model in self.catalogue else None
 
-    def engine_for(self, model: str, endpoint: Any) -> Any:
+    def engine_for(self, model: str, endpoint: Any, *, may_load: bool | None = None) -> Any:
         from appliance.errors import ModelFailedError
 
         raise ModelFailedError(f"model {model!r} failed: /srv/secret/weights missing")

@@ -50,6 +50,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "appliance.supervisor.states",
             "appliance.supervisor.lending_board",
             "appliance.supervisor.fair_queue",
+            "appliance.supervisor.load_gate",
+            "appliance.supervisor.sliding_window",
         ),
     ),
     ("engines", ("appliance.engines", "appliance.hub")),
@@ -63,6 +65,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "appliance.config_problems",
             "appliance.admin_key",
             "appliance.runtime_dir",
+            "appliance.sqlite_file",
             "appliance.supervisor",  # the package itself (its __init__)
             "appliance",
         ),

@@ -1,54 +1,68 @@
 """On-demand loads: a key that may not load, too many loads at once, too many a minute.
 
 The supervisor is a table of states here (the gate only reads states); time is a fake clock.
+The last test meets the gate through the whole app, as requests do.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
-from appliance.api.load_gate import (
+from appliance.api.app import create_app
+from appliance.api_keys import ApiKey
+from appliance.catalogue.schema import LocalModelSpec
+from appliance.errors import ModelNotFoundError
+from appliance.host.inventory import cpu_inventory
+from appliance.supervisor.load_gate import (
     LoadGate,
     LoadRateLimitedError,
     LoadRefusedError,
     OnDemandLimits,
 )
-from appliance.catalogue.catalogue import Catalogue
-from appliance.catalogue.registry_client import CatalogueSource
-from appliance.catalogue.schema import LocalModelSpec, RemoteModelSpec
 from appliance.supervisor.states import ModelState
+from tests.unit.fast_app import fast_settings
+from tests.unit.test_app_fast import EchoMaker
+
+LOADER = "sk-loader-0123456789abcdef"
+NO_LOAD = "sk-noload-0123456789abcdef"
 
 
 @dataclass
 class Handle:
     name: str
     state: ModelState
+    local: LocalModelSpec | None  # None: a remote entry
 
 
 class Supervisor:
+    """The model table: an on-demand entry per state given, one that is not on demand
+    (``fixed``, unloaded) and a remote one."""
+
     def __init__(self, **states: ModelState) -> None:
-        self.table = {name: Handle(name, state) for name, state in states.items()}
+        self.table = {
+            name: Handle(name, state, on_demand(name, True)) for name, state in states.items()
+        }
+        self.table["fixed"] = Handle("fixed", ModelState.UNLOADED, on_demand("fixed", False))
+        self.table["remote"] = Handle("remote", ModelState.READY, None)
 
     def get(self, name: str) -> Handle:
+        if name not in self.table:
+            raise ModelNotFoundError(f"no {name!r}")
         return self.table[name]
 
     def handles(self) -> list[Handle]:
         return list(self.table.values())
 
 
-class Router:
-    def __init__(self, supervisor: Supervisor) -> None:
-        specs = [
-            LocalModelSpec(name=n, source=f"org/{n}", load_on_demand=True, autoload=False)
-            for n in supervisor.table
-        ]
-        specs.append(LocalModelSpec(name="fixed", source="org/fixed"))
-        specs.append(RemoteModelSpec(name="remote", backend_url="http://box-a:8000"))
-        self.catalogue = Catalogue(specs, CatalogueSource.FILE)
-        self.supervisor = supervisor
+def on_demand(name: str, load_on_demand: bool) -> LocalModelSpec:
+    return LocalModelSpec(
+        name=name, source=f"org/{name}", load_on_demand=load_on_demand, autoload=False
+    )
 
 
 class Clock:
@@ -60,7 +74,7 @@ class Clock:
 
 
 def gate(supervisor: Supervisor, clock: Clock, **limits: Any) -> LoadGate:
-    return LoadGate(Router(supervisor), OnDemandLimits(**limits), clock=clock)  # type: ignore[arg-type]
+    return LoadGate(supervisor, OnDemandLimits(**limits), clock=clock)  # type: ignore[arg-type]
 
 
 def test_a_key_that_may_not_load_is_refused_with_retry_after() -> None:
@@ -73,7 +87,7 @@ def test_a_key_that_may_not_load_is_refused_with_retry_after() -> None:
     loads.check("b", may_load=False)  # loaded: nothing to start
     loads.check("remote", may_load=False)
     loads.check("fixed", may_load=False)
-    loads.check("unknown", may_load=False)  # the route's 404
+    loads.check("unknown", may_load=False)  # the lending's 404
 
 
 def test_loads_at_once_are_capped() -> None:
@@ -98,3 +112,29 @@ def test_a_load_evict_loop_hits_the_per_minute_cap() -> None:
     assert "3 on-demand loads" in caught.value.message
     clock.now += 60
     loads.check("b", may_load=True)
+
+
+def test_the_gate_is_met_through_every_routes_lease(tmp_path: Path) -> None:
+    """The app lends through the gate: an OpenAI route and a vLLM one (``/tokenize``) are
+    refused for a key that may not load, and nothing loads; a key that may load loads it."""
+    entry = {"name": "lazy", "source": "org/lazy", "resources": {"memory_gib": 1}}
+    keys = [
+        ApiKey.model_validate({"name": "loader", "key": LOADER}),
+        ApiKey.model_validate({"name": "stay", "key": NO_LOAD, "may_load": False}),
+    ]
+    settings = fast_settings(tmp_path, [{**entry, "autoload": False, "load_on_demand": True}], keys)
+    app = create_app(settings, engines=EchoMaker(), inventory=cpu_inventory(4))
+    body = {"model": "lazy", "prompt": "hi"}
+    with TestClient(app) as client:
+        supervisor = app.state.appliance.supervisor
+        for path in ("/v1/completions", "/tokenize"):
+            refused = client.post(path, json=body, headers={"Authorization": f"Bearer {NO_LOAD}"})
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "load_refused"
+            assert refused.headers["retry-after"]
+        assert supervisor.get("lazy").state is ModelState.UNLOADED
+        loaded = client.post(
+            "/v1/completions", json=body, headers={"Authorization": f"Bearer {LOADER}"}
+        )
+        assert loaded.status_code == 200, loaded.text
+        assert supervisor.get("lazy").state is ModelState.READY

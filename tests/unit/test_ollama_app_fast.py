@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from appliance.api.app import create_app
-from appliance.api_keys import ApiKey, AuthConfig
+from appliance.api_keys import ApiKey
 from appliance.engines.base import Endpoint, JSONReply, Reply, RouteCall, StreamReply
 from appliance.host.inventory import cpu_inventory
-from appliance.settings import Settings
 from tests.fakes import EchoEngine
+from tests.unit.fast_app import fast_settings
 from tests.unit.test_app_fast import EchoMaker
 
 ADMIN = {"Authorization": "Bearer sk-ops-0123456789"}
@@ -66,10 +65,8 @@ class Maker(EchoMaker):
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    config = tmp_path / "models.yaml"
     entry = {"name": "chat", "source": "org/chat", "resources": {"memory_gib": 1}}
     pinned = {"name": "pinned", "source": "org/pinned", "resources": {"memory_gib": 1}}
-    config.write_text(yaml.safe_dump({"models": [{**entry, "load_on_demand": True}, pinned]}))
     keys = [
         ApiKey.model_validate({"name": "ops", "key": ADMIN["Authorization"][7:], "role": "admin"}),
         ApiKey.model_validate({"name": "loader", "key": LOADER["Authorization"][7:]}),
@@ -77,14 +74,7 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
             {"name": "noload", "key": NO_LOAD["Authorization"][7:], "may_load": False}
         ),
     ]
-    settings = Settings(
-        config_path=config,
-        cpu_memory_budget_gib=4,
-        allowed_hosts=["*"],
-        auth=AuthConfig(keys=keys),
-        status_page=False,
-        usage_db=tmp_path / "usage.db",
-    )
+    settings = fast_settings(tmp_path, [{**entry, "load_on_demand": True}, pinned], keys)
     app = create_app(settings, engines=Maker(), inventory=cpu_inventory(4))
     with TestClient(app) as test_client:
         supervisor = app.state.appliance.supervisor

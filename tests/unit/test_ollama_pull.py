@@ -10,16 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 from huggingface_hub import constants
 
 from appliance.api.app import create_app
 from appliance.api.ollama_manage import ollama_pull_status
-from appliance.api_keys import ApiKey, AuthConfig
+from appliance.api_keys import ApiKey
 from appliance.host.inventory import cpu_inventory
-from appliance.settings import Settings
 from tests.hub_mirror import HubMirror, MirroredRepo
+from tests.unit.fast_app import fast_settings
 from tests.unit.test_app_fast import EchoMaker
 
 ADMIN = {"Authorization": "Bearer sk-ops-0123456789"}
@@ -56,27 +55,17 @@ def client(tmp_path: Path, mirror: HubMirror) -> Iterator[TestClient]:
     local folder); an admin key and a user key."""
     folder = tmp_path / "weights"
     folder.mkdir()
-    config = tmp_path / "models.yaml"
     res = {"resources": {"memory_gib": 1}}
     models = [
         {"name": "tiny", "source": REPO, "autoload": False, **res},
         {"name": "loaded", "source": LOADED, **res},
         {"name": "folder", "source": str(folder), "autoload": False, **res},
     ]
-    config.write_text(yaml.safe_dump({"models": models}))
     keys = [
         ApiKey.model_validate({"name": "ops", "key": ADMIN["Authorization"][7:], "role": "admin"}),
         ApiKey.model_validate({"name": "user", "key": USER["Authorization"][7:]}),
     ]
-    settings = Settings(
-        config_path=config,
-        cpu_memory_budget_gib=4,
-        allowed_hosts=["*"],
-        auth=AuthConfig(keys=keys),
-        status_page=False,
-        usage_db=tmp_path / "usage.db",
-        disk_reserve_gib=0,
-    )
+    settings = fast_settings(tmp_path, models, keys, disk_reserve_gib=0)
     app = create_app(settings, engines=EchoMaker(), inventory=cpu_inventory(4))
     with TestClient(app) as test_client:
         supervisor = app.state.appliance.supervisor

@@ -9,16 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from appliance.api.app import create_app
-from appliance.api_keys import ApiKey, AuthConfig
+from appliance.api_keys import ApiKey
 from appliance.engines.base import JSONReply, Reply, RouteCall
 from appliance.host.inventory import Inventory, cpu_inventory
 from appliance.host.placement import Allocation
-from appliance.settings import Settings
 from tests.fakes import EchoEngine
+from tests.unit.fast_app import fast_settings
 
 A = {"Authorization": "Bearer sk-alice-0123456789"}
 B = {"Authorization": "Bearer sk-bob-0123456789"}
@@ -79,24 +78,14 @@ def app_and_maker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[TestClient, StoringMaker]]:
     monkeypatch.setenv("VLLM_ENABLE_RESPONSES_API_STORE", "1")
-    config = tmp_path / "models.yaml"
     entry = {"name": "chat", "source": "org/chat", "resources": {"memory_gib": 1}}
-    config.write_text(yaml.safe_dump({"models": [entry]}))
     keys = [
         ApiKey.model_validate(
             {"name": "alice", "key": "sk-alice-0123456789", "requests_per_minute": 10}
         ),
         ApiKey.model_validate({"name": "bob", "key": "sk-bob-0123456789"}),
     ]
-    settings = Settings(
-        config_path=config,
-        cpu_memory_budget_gib=4,
-        allowed_hosts=["*"],
-        auth=AuthConfig(keys=keys),
-        status_page=False,
-        usage_db=tmp_path / "usage.db",
-        stored_responses={"max_per_key": 2},
-    )
+    settings = fast_settings(tmp_path, [entry], keys, stored_responses={"max_per_key": 2})
     maker = StoringMaker()
     app = create_app(settings, engines=maker, inventory=cpu_inventory(4))
     with TestClient(app) as client:
@@ -148,3 +137,21 @@ def test_a_stored_response_is_its_keys_alone(
     client.post("/v1/responses", json={"model": "chat", "input": "third"}, headers=A)
     assert client.get(f"/v1/responses/{rid}", headers=A).status_code == 404
     assert rid not in maker.made[0].store
+
+
+def test_a_stored_response_read_is_lent_its_model_as_any_model_request(
+    app_and_maker: tuple[TestClient, StoringMaker],
+) -> None:
+    client, _ = app_and_maker
+    registry = client.app.state.appliance.metrics.registry  # type: ignore[attr-defined]
+
+    def admitted() -> float:
+        labels = {"key": "alice", "model": "chat"}
+        return registry.get_sample_value("appliance_key_admitted_total", labels) or 0.0
+
+    rid = client.post("/v1/responses", json={"model": "chat", "input": "mine"}, headers=A)
+    before = admitted()
+    got = client.get(f"/v1/responses/{rid.json()['id']}", headers=A)
+    assert got.status_code == 200 and got.json()["output"] == "mine"
+    # Through the same lease as every model request (its key's place in the model's queue).
+    assert admitted() == before + 1

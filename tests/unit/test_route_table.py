@@ -85,7 +85,7 @@ def _appliance_routes() -> set[tuple[str, str]]:
     app.include_router(build_openai_router(MagicMock(), MagicMock()))
     app.include_router(build_model_list_router(MagicMock()))
     app.include_router(build_vllm_router(MagicMock(), MagicMock()))
-    app.include_router(build_table_routes(MagicMock(), MagicMock(), version="0"))
+    app.include_router(build_table_routes(MagicMock(), MagicMock(), MagicMock(), version="0"))
     app.include_router(build_tokenizer_info_router(MagicMock(), MagicMock(), MagicMock()))
     return {
         (method, route.path)
@@ -153,7 +153,7 @@ def test_metrics_label_of_a_route() -> None:
 def test_the_docs_describe_the_new_routes() -> None:
     app = FastAPI()
     app.include_router(build_vllm_router(MagicMock(), MagicMock()))
-    app.include_router(build_table_routes(MagicMock(), MagicMock(), version="0"))
+    app.include_router(build_table_routes(MagicMock(), MagicMock(), MagicMock(), version="0"))
     paths = app.openapi()["paths"]
     assert "requestBody" in paths["/tokenize"]["post"]
     assert "/v1/responses/{response_id}" in paths and "/version" in paths

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from appliance.api.app import create_app
-from appliance.api_keys import ApiKey, AuthConfig
+from appliance.api_keys import ApiKey
 from appliance.engines.base import JSONReply, Reply, RouteCall
 from appliance.engines.route_table import TOKENIZER_INFO, route_enabled
 from appliance.host.inventory import cpu_inventory
-from appliance.settings import Settings
+from tests.unit.fast_app import fast_settings
 from tests.unit.test_app_fast import EchoEngine, EchoMaker
 
 ADMIN = {"Authorization": "Bearer sk-ops-0123456789"}
@@ -49,7 +48,6 @@ class Maker(EchoMaker):
 
 def app_with(tmp_path: Path, *enabled: str) -> Any:
     """Models info, other and plain; those in ``enabled`` set the engine setting."""
-    config = tmp_path / "models.yaml"
     models = [
         {
             "name": name,
@@ -59,21 +57,13 @@ def app_with(tmp_path: Path, *enabled: str) -> Any:
         }
         for name in ("info", "other", "plain")
     ]
-    config.write_text(yaml.safe_dump({"models": models}))
     keys = [
         ApiKey.model_validate({"name": "ops", "key": ADMIN["Authorization"][7:], "role": "admin"}),
         ApiKey.model_validate(
             {"name": "user", "key": USER["Authorization"][7:], "models": ["info", "plain"]}
         ),
     ]
-    settings = Settings(
-        config_path=config,
-        cpu_memory_budget_gib=4,
-        allowed_hosts=["*"],
-        auth=AuthConfig(keys=keys),
-        status_page=False,
-        usage_db=tmp_path / "usage.db",
-    )
+    settings = fast_settings(tmp_path, models, keys)
     return create_app(settings, engines=Maker(), inventory=cpu_inventory(4))
 
 
