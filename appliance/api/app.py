@@ -19,6 +19,7 @@ from appliance.api.auth_file import describe_open
 from appliance.api.batch_routes import batch_runner_of, build_batch_router
 from appliance.api.body_screen import BodyScreen
 from appliance.api.cross_site import CrossSiteGuard
+from appliance.api.default_model import table_default_model
 from appliance.api.docs_page import build_docs_router
 from appliance.api.error_handlers import register_error_handlers
 from appliance.api.fair_access import fair_access_of, in_table
@@ -172,6 +173,7 @@ def create_app(
             limits=limits,
             stored=stored,
             screen=screen,
+            default_model=table_default_model(core.router),
         )
     )
     app.include_router(build_table_routes(core.router, access, core.metrics, stored=stored))

@@ -23,10 +23,11 @@ log = logging.getLogger("appliance.api")
 OLLAMA_PREFIX = "/api/"
 
 
-def _body(
+def error_body(
     path: str, message: str, error_type: str, code: str | int | None, param: str | None = None
 ) -> dict[str, object]:
-    """The error body for a request to ``path``: Ollama's shape under ``/api/``."""
+    """The error body for a request to ``path``: Ollama's shape under ``/api/``, else the
+    OpenAI envelope (the middleware's own refusals use it too: 413, 408, 500)."""
     if path.startswith(OLLAMA_PREFIX):
         return {"error": message}
     return envelope(message, error_type, code, param)
@@ -40,7 +41,7 @@ def appliance_error_response(exc: ApplianceError, path: str = "") -> JSONRespons
     elif exc.status_code in (429, 503):
         headers["Retry-After"] = "1"
     return JSONResponse(
-        _body(path, exc.message, exc.error_type, exc.code, exc.param),
+        error_body(path, exc.message, exc.error_type, exc.code, exc.param),
         status_code=exc.status_code,
         headers=headers,
     )
@@ -57,7 +58,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
     message = first.get("msg", "invalid request")
     return JSONResponse(
-        _body(
+        error_body(
             request.url.path,
             f"{param}: {message}" if param else message,
             "invalid_request_error",
@@ -74,7 +75,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return JSONResponse(
-        _body(request.url.path, str(exc.detail), error_type, code),
+        error_body(request.url.path, str(exc.detail), error_type, code),
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
     )
@@ -83,7 +84,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error: %r", exc, exc_info=exc)
     return JSONResponse(
-        _body(
+        error_body(
             request.url.path,
             "internal error; see the appliance's log",
             "internal_error",

@@ -16,7 +16,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.errors import BodyTimeoutError, BodyTooLargeError, envelope
+from appliance.api.error_handlers import error_body
+from appliance.errors import BodyTimeoutError, BodyTooLargeError
 from appliance.logs import request_id_var
 from appliance.request_info import INFO_KEY, RequestInfo, RequestObserver
 
@@ -76,24 +77,24 @@ class RequestContextMiddleware:
             too_big = self._declared_too_big(scope)
             if too_big:
                 status = 413
-                await self._send_error(send, 413, too_big, id_header)
+                await self._send_error(send, scope, 413, too_big, id_header)
                 started = True
             else:
                 await self.app(scope, self._limited(receive), send_wrapper)
         except _BodyTooLarge as exc:
             if not started:
                 status = 413
-                await self._send_error(send, 413, str(exc), id_header)
+                await self._send_error(send, scope, 413, str(exc), id_header)
         except _BodyTooSlow as exc:
             if not started:
                 status = 408
-                await self._send_error(send, 408, str(exc), id_header)
+                await self._send_error(send, scope, 408, str(exc), id_header)
         except Exception:
             log.exception("unhandled error while serving %s", logged_path(scope.get("path")))
             if not started:
                 status = 500
                 await self._send_error(
-                    send, 500, "internal error; see the appliance's log", id_header
+                    send, scope, 500, "internal error; see the appliance's log", id_header
                 )
         finally:
             seconds = time.perf_counter() - info.started
@@ -141,11 +142,13 @@ class RequestContextMiddleware:
 
     @staticmethod
     async def _send_error(
-        send: Send, status: int, message: str, id_header: tuple[bytes, bytes]
+        send: Send, scope: Scope, status: int, message: str, id_header: tuple[bytes, bytes]
     ) -> None:
         code = {413: "body_too_large", 408: "body_timeout"}.get(status, "internal_error")
         kind = "invalid_request_error" if status in (408, 413) else "internal_error"
-        body = json.dumps(envelope(message, kind, code)).encode()
+        # In the route family's shape: an Ollama client reads ``{"error": "..."}``.
+        shaped = error_body(str(scope.get("path", "")), message, kind, code)
+        body = json.dumps(shaped).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -20,13 +20,14 @@ import os
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from appliance.api.auth import Role, caller_is_admin, model_allowed, require_role
+from appliance.api.auth import Role, caller_is_admin, require_role
+from appliance.api.default_model import callers_models, sole_model
 from appliance.api.model_access import Lease, ModelAccess
 from appliance.api.serving import ModelServing, endpoint_label
 from appliance.catalogue.schema import LocalModelSpec
 from appliance.engines.base import JSONReply, Reply, RouteCall
 from appliance.engines.route_table import OPTIONAL_ROUTES, TOKENIZER_INFO, route_enabled
-from appliance.errors import ApplianceError, InvalidRequestError, WrongTaskError
+from appliance.errors import ApplianceError, WrongTaskError
 from appliance.metrics import Metrics
 from appliance.request_info import request_info
 from appliance.router import Router
@@ -39,34 +40,23 @@ def build_tokenizer_info_router(router: Router, access: ModelAccess, metrics: Me
     api = APIRouter(tags=["vLLM"])
     serving = ModelServing(access, metrics)
 
-    def serving_it(request: Request) -> list[str]:
-        """The models the caller may use whose entry turns the route on (a remote backend's
-        answers for itself: it is asked only when named)."""
-        return [
-            handle.name
-            for handle in router.supervisor.handles()
-            if isinstance(handle.spec, LocalModelSpec)
-            and route_enabled(handle.spec.engine, TOKENIZER_INFO)
-            and model_allowed(request.scope, handle.name)
-        ]
-
     def chosen(request: Request) -> str:
         named = request.query_params.get("model")
         if named:
             return named
-        found = serving_it(request)
-        if len(found) == 1:
-            return found[0]
-        if not found:
-            raise InvalidRequestError(
-                f"no model this key may use serves {TOKENIZER_INFO.path} (a model's engine: "
-                f"sets {_SETTING}: true)",
-                param="model",
-            )
-        raise InvalidRequestError(
-            f"several models serve {TOKENIZER_INFO.path}: name one, "
-            f"{TOKENIZER_INFO.path}?model=NAME ({', '.join(sorted(found))})",
-            param="model",
+        # Those the caller may use whose entry turns the route on (a remote backend answers
+        # for itself: it is asked only when named).
+        found = [
+            handle.name
+            for handle in callers_models(router, request)
+            if isinstance(handle.spec, LocalModelSpec)
+            and route_enabled(handle.spec.engine, TOKENIZER_INFO)
+        ]
+        return sole_model(
+            found,
+            TOKENIZER_INFO.path,
+            name_it=f"{TOKENIZER_INFO.path}?model=NAME",
+            none_why=f"a model's engine: sets {_SETTING}: true",
         )
 
     @api.get(

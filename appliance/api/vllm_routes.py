@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 
 from appliance.api.auth import Role, model_allowed, require_role
 from appliance.api.body_screen import BodyScreen
+from appliance.api.default_model import DefaultModel
 from appliance.api.model_access import Lease, ModelAccess
 from appliance.api.replies import http_answer
 from appliance.api.request_limits import RequestLimits
@@ -32,6 +33,7 @@ from appliance.api.stored_responses import RESPONSES_PATH, ResponseOwners, calle
 from appliance.engines.base import JSONReply, Reply, RouteCall
 from appliance.engines.route_table import (
     ENGINE_ROUTES,
+    MODEL_OPTIONAL_PATHS,
     RESPONSE_ID_ROUTES,
     VERSION_PATH,
     ModelRoute,
@@ -68,12 +70,14 @@ def build_vllm_router(
     limits: RequestLimits | None = None,
     stored: ResponseOwners | None = None,
     screen: BodyScreen | None = None,
+    default_model: DefaultModel | None = None,
 ) -> APIRouter:
     """The routes of ``route_table.ENGINE_ROUTES``: ``access`` admits each request and lends
     it its model's engine; ``limits``: what one request may ask for (default: the settings'
     defaults); ``stored``: the owners of stored responses (None: the store is off, or this
     process passes requests that use it to the owner); ``screen`` checks each body first
-    (default: ``BodyScreen()``)."""
+    (default: ``BodyScreen()``); ``default_model``: the model of a request to one of
+    ``MODEL_OPTIONAL_PATHS`` that names none (None: such a body is refused, 400)."""
     api = APIRouter(tags=["vLLM"])
     user = [Depends(require_role(Role.USER))]
     serving = ModelServing(access, metrics, log_prompts=log_prompts, limits=limits, screen=screen)
@@ -83,7 +87,10 @@ def build_vllm_router(
         keeps = stored is not None and route.path == RESPONSES_PATH
         hooks = _StoredResponse(stored) if stored is not None and keeps else ServeHooks()
         label = endpoint_label(route.path)
-        raw = await request.body()
+        raw: bytes | None = await request.body()
+        if default_model is not None and _names_no_model(route, body):
+            body["model"] = await default_model(request, route.key)
+            raw = None  # the engine gets the body with the model filled in
         return await serving.serve(request, route.key, body, raw=raw, label=label, hooks=hooks)
 
     def add_model_route(route: ModelRoute) -> None:
@@ -104,6 +111,11 @@ def build_vllm_router(
     for route in ENGINE_ROUTES:
         add_model_route(route)
     return api
+
+
+def _names_no_model(route: ModelRoute, body: dict[str, Any]) -> bool:
+    """Whether ``body`` leaves out a ``model`` that ``route`` lets a client leave out."""
+    return route.path in MODEL_OPTIONAL_PATHS and body.get("model") is None
 
 
 class _StoredResponse(ServeHooks):

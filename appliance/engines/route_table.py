@@ -63,6 +63,11 @@ ENGINE_ROUTES: tuple[ModelRoute, ...] = (
 
 MODEL_ROUTES: tuple[ModelRoute, ...] = OPENAI_ROUTES + ENGINE_ROUTES
 
+# Routes whose ``model`` vLLM takes as optional (one model per ``vllm serve``) and that clients
+# written for ``vllm serve`` call without one (lm-evaluation-harness's remote tokenizer): a
+# body that names none goes to the one model the caller may use (``api.default_model``).
+MODEL_OPTIONAL_PATHS = frozenset({"/tokenize", "/detokenize"})
+
 # Routes about a stored response: no ``model`` in them, so every engine that may hold the
 # response is asked in turn.
 RESPONSE_ID_ROUTES: tuple[ModelRoute, ...] = (

@@ -58,6 +58,18 @@ class PassToOwner(Exception):
     """The model is not served by an engine this worker can reach: the owner answers."""
 
 
+async def pass_to_owner(request: Request) -> NoReturn:
+    """Give ``request`` to the owner (its body read here, kept for the owner to read)."""
+    request.scope[BODY_SCOPE] = await request.body()
+    raise PassToOwner
+
+
+async def owner_chooses_model(request: Request, route: str) -> str:
+    """``DefaultModel`` in a worker: only the owner sees the whole table, so a body that
+    names no model is the owner's to answer."""
+    await pass_to_owner(request)
+
+
 @dataclass(frozen=True)
 class KnownName:
     """What a worker learnt of a requested name from the owner's lease, to admit the next
@@ -163,8 +175,7 @@ class WorkerAccess:
         return Lease(model=known.model, entry=known.entry, engine=engine, release=release)
 
     async def _pass_to_owner(self, request: Request) -> NoReturn:
-        request.scope[BODY_SCOPE] = await request.body()
-        raise PassToOwner
+        await pass_to_owner(request)
 
     async def _lease_from_owner(
         self, request: Request, asked: str, endpoint: Endpoint | None, cost: RequestCost

@@ -47,7 +47,7 @@ from appliance.workers.attached_engines import AttachedEngines
 from appliance.workers.control import ControlClient, ControlError
 from appliance.workers.figures_to_owner import ANSWERED_BY_OWNER, FiguresToOwner, Settling
 from appliance.workers.proxy import OwnerProxy
-from appliance.workers.worker_access import PassToOwner, WorkerAccess
+from appliance.workers.worker_access import PassToOwner, WorkerAccess, owner_chooses_model
 
 _OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
@@ -134,7 +134,12 @@ def create_worker_app(
     )
     local.include_router(
         build_vllm_router(  # type: ignore[arg-type]
-            access, figures, log_prompts=settings.log_prompts, limits=limits, screen=screen
+            access,
+            figures,
+            log_prompts=settings.log_prompts,
+            limits=limits,
+            screen=screen,
+            default_model=owner_chooses_model,
         )
     )
 

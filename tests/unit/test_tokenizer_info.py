@@ -22,6 +22,7 @@ from tests.unit.test_app_fast import EchoEngine, EchoMaker
 
 ADMIN = {"Authorization": "Bearer sk-ops-0123456789"}
 USER = {"Authorization": "Bearer sk-user-0123456789"}  # may use "info" and "plain" only
+SOLO = {"Authorization": "Bearer sk-solo-0123456789"}  # may use "plain" only
 FOLDER = "/srv/models/info"
 
 
@@ -32,7 +33,7 @@ class TokenizerEngine(EchoEngine):
     calls: list[RouteCall]
 
     def routes(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({"POST /tokenize", TOKENIZER_INFO.key})
+        return frozenset({"POST /tokenize", "POST /detokenize", TOKENIZER_INFO.key})
 
     async def serve(self, call: RouteCall, request: Any) -> Reply:
         self.calls = [*getattr(self, "calls", []), call]
@@ -61,6 +62,9 @@ def app_with(tmp_path: Path, *enabled: str) -> Any:
         ApiKey.model_validate({"name": "ops", "key": ADMIN["Authorization"][7:], "role": "admin"}),
         ApiKey.model_validate(
             {"name": "user", "key": USER["Authorization"][7:], "models": ["info", "plain"]}
+        ),
+        ApiKey.model_validate(
+            {"name": "solo", "key": SOLO["Authorization"][7:], "models": ["plain"]}
         ),
     ]
     settings = fast_settings(tmp_path, models, keys)
@@ -128,3 +132,36 @@ def test_the_setting_is_read_from_the_entry() -> None:
     assert route_enabled({"enable-tokenizer-info-endpoint": True}, TOKENIZER_INFO)
     assert not route_enabled({"enable_tokenizer_info_endpoint": "yes"}, TOKENIZER_INFO)
     assert not route_enabled({}, TOKENIZER_INFO)
+
+
+# --- /tokenize and /detokenize without a model (lm-eval's remote tokenizer sends none) -------
+
+
+def test_tokenize_without_a_model_goes_to_the_keys_one_model(client: TestClient) -> None:
+    supervisor = client.app.state.appliance.supervisor  # type: ignore[attr-defined]
+    body = {"prompt": "hello", "add_special_tokens": False}
+    got = client.post("/tokenize", json=body, headers=SOLO)
+    assert got.status_code == 200, got.text
+    call = supervisor.get("plain").engine.calls[-1]
+    # The engine is told the model, as vllm serve's one model answers a body without one.
+    assert call.route == "POST /tokenize"
+    assert json.loads(call.body) == {**body, "model": "plain"}
+    # A body with "model": null is one without a model too (vLLM's field is optional).
+    nulled = client.post("/tokenize", json={**body, "model": None}, headers=SOLO)
+    assert nulled.status_code == 200, nulled.text
+
+
+def test_tokenize_without_a_model_with_several_names_the_choice(client: TestClient) -> None:
+    for path in ("/tokenize", "/detokenize"):
+        got = client.post(path, json={"prompt": "hello", "tokens": [1]}, headers=USER)
+        assert got.status_code == 400, got.text
+        error = got.json()["error"]
+        assert error["param"] == "model" and "info, plain" in error["message"], error
+    # A named model is still served.
+    named = client.post("/tokenize", json={"model": "info", "prompt": "hi"}, headers=USER)
+    assert named.status_code == 200, named.text
+
+
+def test_only_tokenize_and_detokenize_may_leave_the_model_out(client: TestClient) -> None:
+    got = client.post("/pooling", json={"input": "hello"}, headers=SOLO)
+    assert got.status_code == 400 and got.json()["error"]["param"] == "model", got.text
