@@ -102,9 +102,6 @@ def ray_test(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayTest]:
         env.setenv("RAY_worker_niceness", "0")
         env.setenv("HF_HUB_OFFLINE", "1")
         env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-        # As the appliance's own CPU engines (engines/vllm/spawn.py cpu_compile_environment):
-        # vllm-cpu's AOT compile cache never loads back, so each replica would compile anew.
-        env.setenv("VLLM_USE_AOT_COMPILE", os.environ.get("VLLM_USE_AOT_COMPILE", "0"))
         node = {
             "num_cpus": 4,  # fewer and Ray Serve LLM's ingress replica never schedules
             "resources": {"test_slot": 1},

