@@ -9,6 +9,7 @@ schedules, which pytest 9 no longer lets a plugin do). Without xdist none of thi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from typing import Any
 
 import pytest
@@ -25,7 +26,9 @@ SHARED_MODULES = frozenset(
         "tests/integration/test_serving.py",
     }
 )
-SHARED_FIXTURES = frozenset({"serving_appliance"})
+SHARED_FIXTURES = frozenset(
+    {"serving_appliance", "vllm_reference", "vllm_chat_reference", "vllm_embed_reference"}
+)
 SHARED_GROUP = "serving-appliance"
 # Folders whose modules start real engines (module-scoped fixtures: keep a module together).
 ENGINE_FOLDERS = ("tests/integration/", "tests/engines/", "tests/hub/")
@@ -65,6 +68,43 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 f"{module} uses the shared appliance: add it to SHARED_MODULES in tests/conftest.py"
             )
     items.sort(key=lambda item: rank_of(item.nodeid))
+
+
+# What stops the shared modules' engines, and whether they have been stopped.
+_SHARED_STOPS = pytest.StashKey[list[Callable[[], object]]]()
+_SHARED_ENDED = pytest.StashKey[bool]()
+
+
+def stop_when_the_shared_modules_end(config: pytest.Config, stop: Callable[[], object]) -> None:
+    """Call ``stop`` once the last test of :data:`SHARED_MODULES` in this process has run
+    (they run one after another: one unit of work, first in order), rather than at the end of
+    the session: their engines would hold memory while the rest of the suite runs."""
+    config.stash.setdefault(_SHARED_STOPS, []).append(stop)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, None, None]:
+    """After the last shared test's own teardown, stop the shared engines."""
+    yield
+    if module_of(item.nodeid) not in SHARED_MODULES:
+        return
+    if nextitem is not None and module_of(nextitem.nodeid) in SHARED_MODULES:
+        return
+    for stop in reversed(item.config.stash.get(_SHARED_STOPS, [])):
+        stop()
+    item.config.stash[_SHARED_STOPS] = []
+    item.config.stash[_SHARED_ENDED] = True
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Refuse a shared test scheduled after the shared engines were stopped (it would get a
+    stopped appliance): the grouping above went wrong."""
+    if item.config.stash.get(_SHARED_ENDED, False) and SHARED_FIXTURES.intersection(
+        item.fixturenames
+    ):
+        raise pytest.UsageError(f"{item.nodeid}: the shared engines were already stopped")
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:

@@ -1,5 +1,10 @@
 """Shared, slow fixtures: real appliances with real vLLM engines, and vLLM's own servers as
-the reference (each started once per session, when a module first needs it)."""
+the reference.
+
+The session-wide ones (the shared appliance and its references) serve only the modules listed
+in ``tests/conftest.py``'s ``SHARED_MODULES``, which run one after another in one process;
+they are stopped as soon as the last of those has run (``stop_when_the_shared_modules_end``),
+so their engines do not hold memory while the rest of the suite runs beside them."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from tests.conftest import stop_when_the_shared_modules_end
 from tests.integration.harness import (
     MODELS_DIR,
     START_DEADLINE,
@@ -29,7 +35,9 @@ from tests.integration.vllm_reference import (
 
 
 @pytest.fixture(scope="session")
-def serving_appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApplianceProcess]:
+def serving_appliance(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApplianceProcess]:
     """The default shape of models.yaml: a tiny chat model and MiniLM, both autoloaded; the
     chat model with the settings vLLM's reference server gets (tool calling, a template file,
     structured outputs), so the differential tests run here too."""
@@ -37,16 +45,14 @@ def serving_appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appl
     write_template(workdir)
     # Two HTTP workers (issue 16): every module on this appliance runs across both.
     appliance = ApplianceProcess(workdir, [reference_chat(), minilm()]).start("--workers", "2")
+    stop_when_the_shared_modules_end(request.config, appliance.stop)
     yield appliance
     appliance.stop()
 
 
-@pytest.fixture(scope="session")
-def vllm_chat_reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``vllm serve`` of the shared appliance's chat model (the tiny Llama): its base URL.
-    A fixture of its own so a module that needs only this one (federation, Ray) starts no
-    embedding server in its test process."""
-    workdir = tmp_path_factory.mktemp("vllm-chat-reference")
+def chat_reference(workdir: Path) -> Iterator[str]:
+    """``vllm serve`` of the shared appliance's chat model (the tiny Llama), started in
+    ``workdir``: its base URL while it runs."""
     template = write_template(workdir)
     server = VLLMServer.start(
         workdir, CHAT_MODEL, str(MODELS_DIR / "tiny-llama"), *chat_flags(template)
@@ -59,12 +65,34 @@ def vllm_chat_reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
 
 
 @pytest.fixture(scope="session")
-def vllm_embed_reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def vllm_chat_reference(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The shared modules' ``vllm serve`` of the chat model: its base URL."""
+    running = chat_reference(tmp_path_factory.mktemp("vllm-chat-reference"))
+    url = next(running)
+    stop_when_the_shared_modules_end(request.config, running.close)
+    yield url
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def module_chat_reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A ``vllm serve`` of the chat model for one module outside the shared ones (federation,
+    Ray): it runs in whichever process runs that module, and only while it does."""
+    yield from chat_reference(tmp_path_factory.mktemp("vllm-chat-reference"))
+
+
+@pytest.fixture(scope="session")
+def vllm_embed_reference(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """``vllm serve`` of the shared appliance's embedding model (MiniLM): its base URL."""
     workdir = tmp_path_factory.mktemp("vllm-embed-reference")
     server = VLLMServer.start(workdir, EMBED_MODEL, minilm_folder(), *EMBED_FLAGS)
     try:
         wait_until_ok(f"{server.url}/health", server.proc, server.log, START_DEADLINE)
+        stop_when_the_shared_modules_end(request.config, server.stop)
         yield server.url
     finally:
         server.stop()

@@ -223,9 +223,9 @@ def test_b_fails_fast_while_a_is_down_and_recovers(
     assert (200, r.json()["choices"][0]["text"]) == expected
 
 
-def test_vllm_own_server_as_a_backend(workdir: Path, vllm_chat_reference: str) -> None:
+def test_vllm_own_server_as_a_backend(workdir: Path, module_chat_reference: str) -> None:
     # The session's reference `vllm serve` of the tiny chat model, behind a remote entry.
-    backend = vllm_chat_reference
+    backend = module_chat_reference
     proxy = ApplianceProcess(
         workdir, [{"name": "vllm-chat", "backend_url": backend, "backend_model": CHAT_MODEL}]
     )

@@ -158,7 +158,7 @@ def ray_test(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayTest]:
 
 
 def test_two_replicas_on_two_nodes_answer_as_vllm_does(
-    ray_test: RayTest, vllm_chat_reference: str
+    ray_test: RayTest, module_chat_reference: str
 ) -> None:
     replicas = model_replicas()
     assert len(replicas) == 2, replicas
@@ -167,7 +167,7 @@ def test_two_replicas_on_two_nodes_answer_as_vllm_does(
     answer = chat(ray_test.appliance)
     assert answer.status_code == 200, answer.text
     reference = httpx.post(
-        f"{vllm_chat_reference}/v1/chat/completions",
+        f"{module_chat_reference}/v1/chat/completions",
         json={"model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 8, "temperature": 0},
         timeout=300,
     )
